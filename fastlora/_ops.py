@@ -1,0 +1,76 @@
+"""The Triton path of ``lora_linear`` as ``torch.library`` custom ops with autograd.
+
+Custom ops (with fake implementations) let ``torch.compile(fullgraph=True)`` trace the
+layer without a graph break. Saved for backward: x, T = drop(x) A^T (fp32 ``[M, r]``)
+and the dropout seed; never the mask, a dropped copy of x, or anything ``M x N``.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import kernels
+
+
+@torch.library.custom_op("fastlora::lora_linear_fwd", mutates_args=())
+def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                    dropout_p: float, seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x ``[M, K]``, weight ``[N, K]``; returns y ``[M, N]`` (x's dtype), T ``[M, r]`` fp32."""
+    s = int(seed)
+    t = kernels.lora_shrink(x, lora_A, dropout_p, s)
+    y = kernels.fused_linear(x, weight.t(), kernels.LowRank(t, lora_B.t(), scaling), bias)
+    return y, t
+
+
+@lora_linear_fwd.register_fake
+def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    return (x.new_empty((x.shape[0], weight.shape[0])),
+            x.new_empty((x.shape[0], lora_A.shape[0]), dtype=torch.float32))
+
+
+@torch.library.custom_op("fastlora::lora_linear_bwd", mutates_args=())
+def lora_linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                    lora_A: torch.Tensor, lora_B: torch.Tensor, t: torch.Tensor,
+                    scaling: float, dropout_p: float, seed: torch.Tensor, need_dx: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (dx ``[M, K]`` or empty, dA ``[r, K]``, dB ``[N, r]``) in their inputs' dtypes."""
+    s = int(seed)
+    ds, db = kernels.lora_dy(dy, lora_B, t, scaling)
+    da = kernels.lora_da(ds, x, lora_A.dtype, dropout_p, s)
+    if need_dx:
+        low = kernels.LowRank(ds, lora_A, 1.0 / (1.0 - dropout_p), dropout_p, s)
+        dx = kernels.fused_linear(dy, weight, low, out_dtype=x.dtype)
+    else:
+        dx = x.new_empty((0,))
+    return dx, da.to(lora_A.dtype), db.to(lora_B.dtype)
+
+
+@lora_linear_bwd.register_fake
+def _(dy, x, weight, lora_A, lora_B, t, scaling, dropout_p, seed, need_dx):
+    dx = x.new_empty(x.shape) if need_dx else x.new_empty((0,))
+    return dx, torch.empty_like(lora_A), torch.empty_like(lora_B)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed = inputs
+    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], seed)
+    ctx.scaling, ctx.dropout_p = scaling, dropout_p
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _backward(ctx, dy, _dt):
+    x, weight, lora_A, lora_B, t, seed = ctx.saved_tensors
+    need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
+    dx = da = db = dweight = dbias = None
+    if need_x or need_a or need_bb:
+        dx, da, db = lora_linear_bwd(dy, x, weight, lora_A, lora_B, t, ctx.scaling,
+                                     ctx.dropout_p, seed, need_x)
+    if need_w:  # a trainable base weight is unusual: plain PyTorch, no fusion
+        dweight = (dy.t().to(weight.dtype) @ x.to(weight.dtype))
+    if need_b:
+        dbias = dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+    return (dx if need_x else None), dweight, dbias, (da if need_a else None), \
+        (db if need_bb else None), None, None, None
+
+
+lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)

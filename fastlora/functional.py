@@ -1,0 +1,104 @@
+"""Functional ops: argument checks, autocast, backend choice (see ``fastlora.backend``)."""
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from . import backend, reference
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check_float(name: str, t, kernel: bool) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} has dtype {t.dtype}; a floating-point tensor is required")
+    if kernel and t.dtype not in _KERNEL_DTYPES:
+        raise TypeError(f"{name} has dtype {t.dtype}, which the Triton kernels do not support "
+                        "(float16, bfloat16, float32); use FASTLORA_BACKEND=torch")
+
+
+def _check_lora_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, kernel: bool):
+    named = {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B}
+    if bias is not None:
+        named["bias"] = bias
+    for name, t in named.items():
+        _check_float(name, t, kernel)
+    devices = {name: t.device for name, t in named.items()}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"tensors are on different devices: {devices}")
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (features last)")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [out_features, in_features], got shape {tuple(weight.shape)}")
+    n, k = weight.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} features but weight expects {k} (weight shape {tuple(weight.shape)})")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+    if lora_A.dim() != 2 or lora_A.shape[1] != k:
+        raise ValueError(f"lora_A must be [r, {k}], got shape {tuple(lora_A.shape)}")
+    if lora_B.dim() != 2 or lora_B.shape[0] != n:
+        raise ValueError(f"lora_B must be [{n}, r], got shape {tuple(lora_B.shape)}")
+    if lora_A.shape[0] != lora_B.shape[1]:
+        raise ValueError(f"rank mismatch: lora_A has rank {lora_A.shape[0]}, lora_B has rank {lora_B.shape[1]}")
+    if lora_A.shape[0] == 0:
+        raise ValueError("LoRA rank must be at least 1")
+    if x.dtype != weight.dtype:
+        raise TypeError(f"x ({x.dtype}) and weight ({weight.dtype}) must have the same dtype "
+                        "(outside autocast, as for F.linear)")
+    if lora_A.dtype != lora_B.dtype:
+        raise TypeError(f"lora_A ({lora_A.dtype}) and lora_B ({lora_B.dtype}) must have the same dtype")
+    if not isinstance(scaling, numbers.Real) or isinstance(scaling, bool):
+        raise TypeError(f"scaling must be a real number, got {type(scaling).__name__}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+
+
+def _autocast(device_type: str, *tensors):
+    """Cast floating tensors to the autocast dtype when autocast is on, as F.linear would."""
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+
+
+def _seed(seed: int | None, generator: torch.Generator | None) -> torch.Tensor:
+    """The dropout seed as a CPU int64 scalar tensor (a tensor, so compile does not specialize)."""
+    if seed is not None:
+        return torch.tensor(int(seed), dtype=torch.int64)
+    device = generator.device if generator is not None else "cpu"
+    return torch.randint(0, 2**31 - 1, (), generator=generator, device=device,
+                         dtype=torch.int64).cpu()
+
+
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, *,
+                dropout_p: float = 0.0, training: bool = False, seed: int | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias + scaling * dropout(x) @ lora_A.T @ lora_B.T`` (PEFT's LoRA).
+
+    x ``[..., K]``; weight ``[N, K]``; bias ``[N]`` or None; lora_A ``[r, K]``; lora_B
+    ``[N, r]``. x and weight share a dtype (fp16/bf16/fp32); the adapter may be fp32 over a
+    16-bit base: the LoRA branch then runs in fp32, as PEFT's. Returns ``[..., N]`` in x's
+    dtype. Dropout (LoRA branch only) applies when ``training``; its mask comes from
+    ``seed`` (or one drawn from ``generator`` / torch's default generator) and is never
+    stored: the backward regenerates it.
+    """
+    x, weight, bias, lora_A, lora_B = _autocast(x.device.type if isinstance(x, torch.Tensor) else "cpu",
+                                                x, weight, bias, lora_A, lora_B)
+    which = backend.choose(x) if isinstance(x, torch.Tensor) else "torch"
+    _check_lora_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, which == "triton")
+    p = float(dropout_p) if training else 0.0
+    if which == "torch":
+        return reference.lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=p,
+                                     training=training, generator=generator)
+    from . import _ops
+
+    lead = x.shape[:-1]
+    seed_t = _seed(seed, generator) if p > 0.0 else torch.zeros((), dtype=torch.int64)
+    y, _ = _ops.lora_linear_fwd(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B,
+                                float(scaling), p, seed_t)
+    return y.view(*lead, weight.shape[0])

@@ -1,0 +1,159 @@
+"""LoRA backward pieces that the fused linear kernel does not cover.
+
+* ``_lora_dy_kernel``: one pass over dY gives ``dS = s dY B`` ``[M, r]`` and
+  ``dB = s dY^T T`` ``[N, r]``;
+* ``_lora_da_kernel``: ``dA = dS^T drop(x)`` ``[r, K]``, the dropout mask regenerated.
+
+Both reduce across programs with fp32 atomics into zeroed buffers.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import configs, dropout_keep, m_bucket, prune_by_m, rank_block
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter: a few splits, so the tests exercise the atomic reductions
+
+
+_DY_CONFIGS = configs(
+    [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+     for bm, bn, w, s in [(16, 128, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 3)]],
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}),
+)
+
+
+@triton.autotune(configs=_DY_CONFIGS, key=["M_BUCKET", "N", "R"], reset_to_zero=["ds_ptr", "db_ptr"],
+                 prune_configs_by={"early_config_prune": prune_by_m})
+@triton.jit
+def _lora_dy_kernel(dy_ptr, b_ptr, t_ptr, ds_ptr, db_ptr, M, N, R, M_BUCKET,
+                    stride_dym, stride_dyn, stride_bn, stride_br, stride_tm, stride_tr,
+                    scale, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dY ``[M, N]``, B ``[N, R]`` (adapter dtype: the dots run in it), T ``[M, R]`` fp32;
+    dS ``[M, R]`` and dB ``[N, R]`` are contiguous fp32 accumulators.
+
+    Grid: (row tiles, column splits, rank tiles); split j visits column tiles j, j + splits...
+    """
+    splits = tl.num_programs(1)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ranks = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_in = rows < M
+    rank_in = ranks < R
+    t = tl.load(t_ptr + rows[:, None] * stride_tm + ranks[None, :] * stride_tr,
+                mask=row_in[:, None] & rank_in[None, :], other=0.0)
+    ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for n0 in range(tl.program_id(1) * BLOCK_N, N, splits * BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        col_in = cols < N
+        dy = tl.load(dy_ptr + rows[:, None] * stride_dym + cols[None, :] * stride_dyn,
+                     mask=row_in[:, None] & col_in[None, :], other=0.0)
+        b = tl.load(b_ptr + cols[:, None] * stride_bn + ranks[None, :] * stride_br,
+                    mask=col_in[:, None] & rank_in[None, :], other=0.0)
+        dy = dy.to(b.dtype)
+        ds = tl.dot(dy, b, ds)
+        db = tl.dot(tl.trans(dy), t.to(b.dtype))
+        tl.atomic_add(db_ptr + cols[:, None] * R + ranks[None, :], db * scale,
+                      mask=col_in[:, None] & rank_in[None, :])
+    tl.atomic_add(ds_ptr + rows[:, None] * R + ranks[None, :], ds * scale,
+                  mask=row_in[:, None] & rank_in[None, :])
+
+
+_DA_CONFIGS = configs(
+    [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+     for bm, bk, w, s in [(64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3)]],
+    triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}),
+)
+
+
+@triton.autotune(configs=_DA_CONFIGS, key=["M_BUCKET", "K", "R", "DROPOUT"], reset_to_zero=["da_ptr"])
+@triton.jit
+def _lora_da_kernel(ds_ptr, x_ptr, da_ptr, M, K, R, M_BUCKET,
+                    stride_dsm, stride_dsr, stride_xm, stride_xk,
+                    seed, dropout_p, keep_scale,
+                    DOT_DTYPE: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """dS ``[M, R]`` fp32, x ``[M, K]``; dA ``[R, K]`` a contiguous fp32 accumulator.
+
+    The dot runs in DOT_DTYPE, the adapter's dtype (PEFT casts x to it).
+    Grid: (column tiles, row splits, rank tiles); split j visits row tiles j, j + splits...
+    """
+    splits = tl.num_programs(1)
+    cols = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    ranks = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
+    col_in = cols < K
+    rank_in = ranks < R
+    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    for m0 in range(tl.program_id(1) * BLOCK_M, M, splits * BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        row_in = rows < M
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+                    mask=row_in[:, None] & col_in[None, :], other=0.0)
+        if DROPOUT:
+            x = tl.where(dropout_keep(seed, rows, cols, K, dropout_p), x, 0.0)
+        ds = tl.load(ds_ptr + rows[:, None] * stride_dsm + ranks[None, :] * stride_dsr,
+                     mask=row_in[:, None] & rank_in[None, :], other=0.0)
+        acc = tl.dot(tl.trans(ds).to(DOT_DTYPE), x.to(DOT_DTYPE), acc)
+    if DROPOUT:
+        acc *= keep_scale
+    tl.atomic_add(da_ptr + ranks[:, None] * K + cols[None, :], acc,
+                  mask=rank_in[:, None] & col_in[None, :])
+
+
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+def _splits(tiles: int, other_tiles: int, device: torch.device) -> int:
+    """How many programs share a reduction: enough for about two waves of the GPU."""
+    return max(1, min(tiles, triton.cdiv(2 * _sm_count(device), max(other_tiles, 1))))
+
+
+def lora_dy(dy: torch.Tensor, lora_B: torch.Tensor, t: torch.Tensor, scaling: float
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dS, dB) = (s dY B, s dY^T T)`` as fp32: dy ``[M, N]``, lora_B ``[N, r]``, t ``[M, r]``."""
+    m, n = dy.shape
+    r = lora_B.shape[1]
+    ds = torch.zeros((m, r), dtype=torch.float32, device=dy.device)
+    db = torch.zeros((n, r), dtype=torch.float32, device=dy.device)
+    if m == 0:
+        return ds, db
+    block_r = rank_block(r)
+    rank_tiles = triton.cdiv(r, block_r)
+
+    def grid(meta):
+        row_tiles = triton.cdiv(m, meta["BLOCK_M"])
+        splits = _splits(triton.cdiv(n, meta["BLOCK_N"]), row_tiles * rank_tiles, dy.device)
+        return (row_tiles, splits, rank_tiles)
+
+    _lora_dy_kernel[grid](
+        dy, lora_B, t, ds, db, m, n, r, m_bucket(m),
+        dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), t.stride(0), t.stride(1),
+        scaling, BLOCK_R=block_r)
+    return ds, db
+
+
+def lora_da(ds: torch.Tensor, x: torch.Tensor, adapter_dtype: torch.dtype,
+            dropout_p: float = 0.0, seed: int = 0) -> torch.Tensor:
+    """``dS^T drop(x)`` as fp32 ``[r, K]``: ds ``[M, r]`` fp32, x ``[M, K]``."""
+    m, k = x.shape
+    r = ds.shape[1]
+    da = torch.zeros((r, k), dtype=torch.float32, device=x.device)
+    if m == 0:
+        return da
+    block_r = rank_block(r)
+    rank_tiles = triton.cdiv(r, block_r)
+
+    def grid(meta):
+        col_tiles = triton.cdiv(k, meta["BLOCK_K"])
+        splits = _splits(triton.cdiv(m, meta["BLOCK_M"]), col_tiles * rank_tiles, x.device)
+        return (col_tiles, splits, rank_tiles)
+
+    _lora_da_kernel[grid](
+        ds, x, da, m, k, r, m_bucket(m), ds.stride(0), ds.stride(1), x.stride(0), x.stride(1),
+        seed, dropout_p, 1.0 / (1.0 - dropout_p),
+        DOT_DTYPE=_TL_DTYPES[adapter_dtype], DROPOUT=dropout_p > 0.0, BLOCK_R=block_r)
+    return da

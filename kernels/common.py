@@ -1,0 +1,61 @@
+"""Helpers shared by the kernels: grouped tile order, in-kernel dropout, autotune configs."""
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def rank_block(r: int) -> int:
+    """Rank tile: r padded to a power of two, at least 16 (``tl.dot``), at most 64."""
+    return min(max(16, next_pow2(r)), 64)
+
+
+def m_bucket(m: int) -> int:
+    """Autotune key for the row count: tuning once per power of two, not once per M."""
+    return min(next_pow2(m), 8192)
+
+
+def configs(gpu: list[triton.Config], interp: triton.Config) -> list[triton.Config]:
+    """The GPU autotune configs, or the single small one the interpreter runs."""
+    return [interp] if interpreting() else gpu
+
+
+def prune_by_m(configs, named_args, **kwargs):
+    """Drop configs whose BLOCK_M is far above M (decode shapes), keeping at least one."""
+    cap = max(16, next_pow2(named_args["M"]))
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= cap]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"])]
+
+
+@triton.jit
+def grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    """Map a linear program id to (tile_m, tile_n), GROUP_M row tiles at a time (L2 reuse)."""
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    tile_m = first_m + (pid % width) % size_m
+    tile_n = (pid % width) // size_m
+    return tile_m, tile_n
+
+
+@triton.jit
+def dropout_keep(seed, rows, cols, n_cols, p):
+    """Keep-mask [len(rows), len(cols)] of dropout on a ``[*, n_cols]`` input.
+
+    Element (i, j) is kept when Philox uniform #(i * n_cols + j) of ``seed`` is >= p, so a
+    kernel that regenerates the mask for any tile of the same input gets the same bits.
+    ``rows`` and ``cols`` are int64 vectors (offsets beyond 2**31 are fine).
+    """
+    offsets = rows[:, None] * n_cols + cols[None, :]
+    return tl.rand(seed, offsets) >= p

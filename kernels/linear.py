@@ -1,0 +1,113 @@
+"""Fused linear: ``out = a @ b + scale * keep * (l @ lb) + bias`` in one pass.
+
+One kernel family for the forward (``y = x W^T + s T B^T + bias``) and the input gradient
+(``dx = dy W + keep * (dS A) / (1 - p)``): the low-rank term and the bias are added in the
+epilogue, before the single store of the output, so no ``M x N`` LoRA temporary exists.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import configs, dropout_keep, grouped_tile, m_bucket, prune_by_m, rank_block
+
+_CONFIGS = configs(
+    [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                   num_warps=w, num_stages=s)
+     for bm, bn, bk, w, s in [
+         (128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (64, 256, 64, 4, 4), (128, 64, 64, 4, 4),
+         (64, 128, 64, 4, 4), (32, 128, 128, 4, 4), (16, 64, 128, 4, 5), (16, 32, 256, 4, 4)]],
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}),
+)
+
+
+@triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "N", "K", "R", "HAS_LORA", "DROPOUT"],
+                 prune_configs_by={"early_config_prune": prune_by_m})
+@triton.jit
+def _lora_linear_kernel(a_ptr, b_ptr, l_ptr, lb_ptr, bias_ptr, out_ptr, M, N, K, R, M_BUCKET,
+                        stride_am, stride_ak, stride_bk, stride_bn, stride_lm, stride_lr,
+                        stride_lbr, stride_lbn, stride_om, stride_on,
+                        scale, seed, dropout_p,
+                        HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
+                        BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """a ``[M, K]`` and b ``[K, N]`` (same 16/32-bit float dtype), l ``[M, R]`` fp32,
+    lb ``[R, N]`` (adapter dtype; the low-rank dot runs in it), bias ``[N]``, out ``[M, N]``.
+
+    Accumulates in fp32; with DROPOUT the low-rank term is masked by the keep-mask of an
+    ``[M, N]`` input (the dx pass, where N is the layer's K).
+    """
+    tile_m, tile_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N),
+                                  GROUP_M)
+    rows = tile_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tile_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_in = rows < M
+    col_in = cols < N
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak
+    b_ptrs = b_ptr + ks[:, None] * stride_bk + cols[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_in = ks < K - k0
+        a = tl.load(a_ptrs, mask=row_in[:, None] & k_in[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_in[:, None] & col_in[None, :], other=0.0)
+        acc = tl.dot(a, b, acc)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    if HAS_LORA:
+        low = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            ranks = r0 + tl.arange(0, BLOCK_R)
+            rank_in = ranks < R
+            lt = tl.load(l_ptr + rows[:, None] * stride_lm + ranks[None, :] * stride_lr,
+                         mask=row_in[:, None] & rank_in[None, :], other=0.0)
+            lb = tl.load(lb_ptr + ranks[:, None] * stride_lbr + cols[None, :] * stride_lbn,
+                         mask=rank_in[:, None] & col_in[None, :], other=0.0)
+            low = tl.dot(lt.to(lb.dtype), lb, low)
+        if DROPOUT:
+            low = tl.where(dropout_keep(seed, rows, cols, N, dropout_p), low, 0.0)
+        acc += scale * low
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_in, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on,
+             acc.to(out_ptr.dtype.element_ty), mask=row_in[:, None] & col_in[None, :])
+
+
+@dataclass
+class LowRank:
+    """The epilogue term ``scale * keep * (l @ lb)``: l ``[M, r]`` fp32, lb ``[r, N]``.
+
+    ``dropout_p > 0`` masks it with the keep-mask of seed ``seed`` for an ``[M, N]`` input.
+    """
+    l: torch.Tensor
+    lb: torch.Tensor
+    scale: float
+    dropout_p: float = 0.0
+    seed: int = 0
+
+
+def fused_linear(a: torch.Tensor, b: torch.Tensor, low: LowRank | None = None,
+                 bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None
+                 ) -> torch.Tensor:
+    """``a @ b (+ low-rank term) (+ bias)``: a ``[M, K]``, b ``[K, N]`` (any strides)."""
+    m, k = a.shape
+    n = b.shape[1]
+    out = torch.empty((m, n), dtype=out_dtype or a.dtype, device=a.device)
+    if m == 0 or n == 0:
+        return out
+    has_lora = low is not None
+    if low is None:  # placeholders: HAS_LORA=False never reads them
+        low = LowRank(l=a, lb=b, scale=0.0)
+    r = low.l.shape[1] if has_lora else 0
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    _lora_linear_kernel[grid](
+        a, b, low.l, low.lb, bias if bias is not None else out, out, m, n, k, r, m_bucket(m),
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), low.l.stride(0), low.l.stride(1),
+        low.lb.stride(0), low.lb.stride(1), out.stride(0), out.stride(1),
+        low.scale, low.seed, low.dropout_p,
+        HAS_LORA=has_lora, HAS_BIAS=bias is not None, DROPOUT=has_lora and low.dropout_p > 0.0,
+        BLOCK_R=rank_block(max(r, 1)))
+    return out

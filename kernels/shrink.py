@@ -1,0 +1,65 @@
+"""Shrink: ``T = drop(x) @ A^T`` (fp32 ``[M, r]``), dropout drawn in-kernel, mask never stored."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import configs, dropout_keep, m_bucket, prune_by_m, rank_block
+
+_CONFIGS = configs(
+    [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+     for bm, bk, w, s in [(16, 256, 4, 3), (64, 128, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3)]],
+    triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}),
+)
+
+
+@triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "K", "R", "DROPOUT"],
+                 prune_configs_by={"early_config_prune": prune_by_m})
+@triton.jit
+def _lora_shrink_kernel(x_ptr, a_ptr, t_ptr, M, K, R, M_BUCKET,
+                        stride_xm, stride_xk, stride_ar, stride_ak, stride_tm, stride_tr,
+                        seed, dropout_p, keep_scale,
+                        DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """x ``[M, K]`` (any float), A ``[R, K]`` (adapter dtype), T ``[M, R]`` fp32.
+
+    Grid: (row tiles, rank tiles). The dot runs in A's dtype, as PEFT casts x to it.
+    """
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ranks = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_in = rows < M
+    rank_in = ranks < R
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        col_in = cols < K
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+                    mask=row_in[:, None] & col_in[None, :], other=0.0)
+        if DROPOUT:
+            x = tl.where(dropout_keep(seed, rows, cols, K, dropout_p), x, 0.0)
+        a = tl.load(a_ptr + ranks[None, :] * stride_ar + cols[:, None] * stride_ak,
+                    mask=col_in[:, None] & rank_in[None, :], other=0.0)
+        acc += tl.dot(x.to(a.dtype), a)
+    if DROPOUT:
+        acc *= keep_scale
+    tl.store(t_ptr + rows[:, None] * stride_tm + ranks[None, :] * stride_tr, acc,
+             mask=row_in[:, None] & rank_in[None, :])
+
+
+def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float = 0.0,
+                seed: int = 0) -> torch.Tensor:
+    """``drop(x) @ lora_A.T`` as fp32 ``[M, r]``; x ``[M, K]``, lora_A ``[r, K]``."""
+    m, k = x.shape
+    r = lora_A.shape[0]
+    t = torch.empty((m, r), dtype=torch.float32, device=x.device)
+    if m == 0:
+        return t
+    block_r = rank_block(r)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(r, block_r))  # noqa: E731
+    _lora_shrink_kernel[grid](
+        x, lora_A, t, m, k, r, m_bucket(m),
+        x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), t.stride(0), t.stride(1),
+        seed, dropout_p, 1.0 / (1.0 - dropout_p),
+        DROPOUT=dropout_p > 0.0, BLOCK_R=block_r)
+    return t
