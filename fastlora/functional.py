@@ -10,14 +10,21 @@ from . import backend, reference
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _check_float(name: str, t, kernel: bool) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+def _check_float(name: str, t: torch.Tensor, kernel: bool) -> None:
     if not t.is_floating_point():
         raise TypeError(f"{name} has dtype {t.dtype}; a floating-point tensor is required")
     if kernel and t.dtype not in _KERNEL_DTYPES:
         raise TypeError(f"{name} has dtype {t.dtype}, which the Triton kernels do not support "
                         "(float16, bfloat16, float32); use FASTLORA_BACKEND=torch")
+
+
+def _check_devices(**named) -> None:
+    for name, t in named.items():
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    devices = {name: t.device for name, t in named.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"tensors are on different devices: {devices}")
 
 
 def _check_lora_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, kernel: bool):
@@ -26,9 +33,6 @@ def _check_lora_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, kernel
         named["bias"] = bias
     for name, t in named.items():
         _check_float(name, t, kernel)
-    devices = {name: t.device for name, t in named.items()}
-    if len(set(devices.values())) > 1:
-        raise ValueError(f"tensors are on different devices: {devices}")
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension (features last)")
     if weight.dim() != 2:
@@ -59,7 +63,8 @@ def _check_lora_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, kernel
 
 def _autocast(device_type: str, *tensors):
     """Cast floating tensors to the autocast dtype when autocast is on, as F.linear would."""
-    if not torch.is_autocast_enabled(device_type):
+    available = getattr(torch.amp, "is_autocast_available", lambda d: d in ("cpu", "cuda"))
+    if not available(device_type) or not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
@@ -87,9 +92,9 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     ``seed`` (or one drawn from ``generator`` / torch's default generator) and is never
     stored: the backward regenerates it.
     """
-    x, weight, bias, lora_A, lora_B = _autocast(x.device.type if isinstance(x, torch.Tensor) else "cpu",
-                                                x, weight, bias, lora_A, lora_B)
-    which = backend.choose(x) if isinstance(x, torch.Tensor) else "torch"
+    _check_devices(x=x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
+    x, weight, bias, lora_A, lora_B = _autocast(x.device.type, x, weight, bias, lora_A, lora_B)
+    which = backend.choose(x)
     _check_lora_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, which == "triton")
     p = float(dropout_p) if training else 0.0
     if which == "torch":

@@ -1,8 +1,9 @@
 """Fused linear: ``out = a @ b + scale * keep * (l @ lb) + bias`` in one pass.
 
 One kernel family for the forward (``y = x W^T + s T B^T + bias``) and the input gradient
-(``dx = dy W + keep * (dS A) / (1 - p)``): the low-rank term and the bias are added in the
-epilogue, before the single store of the output, so no ``M x N`` LoRA temporary exists.
+(``dx = dy W + keep * (dS A) / (1 - p)``): the low-rank term and the bias are added to the
+tile's accumulator before the single store of the output, so no ``M x N`` LoRA temporary
+exists.
 """
 from __future__ import annotations
 
@@ -46,19 +47,10 @@ def _lora_linear_kernel(a_ptr, b_ptr, l_ptr, lb_ptr, bias_ptr, out_ptr, M, N, K,
     cols = tile_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_in = rows < M
     col_in = cols < N
-    ks = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak
-    b_ptrs = b_ptr + ks[:, None] * stride_bk + cols[None, :] * stride_bn
+    # The low-rank term goes in first, so that a single [BLOCK_M, BLOCK_N] accumulator is
+    # live at a time (an epilogue would hold a second one next to the GEMM's: spills).
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_in = ks < K - k0
-        a = tl.load(a_ptrs, mask=row_in[:, None] & k_in[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_in[:, None] & col_in[None, :], other=0.0)
-        acc = tl.dot(a, b, acc)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
     if HAS_LORA:
-        low = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for r0 in range(0, R, BLOCK_R):
             ranks = r0 + tl.arange(0, BLOCK_R)
             rank_in = ranks < R
@@ -66,10 +58,20 @@ def _lora_linear_kernel(a_ptr, b_ptr, l_ptr, lb_ptr, bias_ptr, out_ptr, M, N, K,
                          mask=row_in[:, None] & rank_in[None, :], other=0.0)
             lb = tl.load(lb_ptr + ranks[:, None] * stride_lbr + cols[None, :] * stride_lbn,
                          mask=rank_in[:, None] & col_in[None, :], other=0.0)
-            low = tl.dot(lt.to(lb.dtype), lb, low)
+            acc = tl.dot(lt.to(lb.dtype), lb, acc)
         if DROPOUT:
-            low = tl.where(dropout_keep(seed, rows, cols, N, dropout_p), low, 0.0)
-        acc += scale * low
+            acc = tl.where(dropout_keep(seed, rows, cols, N, dropout_p), acc, 0.0)
+        acc *= scale
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak
+    b_ptrs = b_ptr + ks[:, None] * stride_bk + cols[None, :] * stride_bn
+    for k0 in range(0, K, BLOCK_K):
+        k_in = ks < K - k0
+        a = tl.load(a_ptrs, mask=row_in[:, None] & k_in[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_in[:, None] & col_in[None, :], other=0.0)
+        acc = tl.dot(a, b, acc)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_in, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on,

@@ -1,0 +1,81 @@
+"""What ``python -m fastlora check-kernels`` compiles: every kernel, in the dtype and flag
+variants the launchers use, with every autotune config.
+
+Signatures name each argument's Triton type. As Triton does at run time for contiguous
+LLM-sized tensors, unit strides are specialized to 1 and pointers, other strides and the
+N/K sizes are marked divisible by 16."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import triton.language as tl
+
+from . import backward, linear, shrink
+
+
+@dataclass(frozen=True)
+class AotVariant:
+    """One compilation of ``kernel``: argument types, constexpr values, a label."""
+    kernel: object  # the @triton.autotune-wrapped kernel
+    label: str
+    types: dict[str, str]
+    constexprs: dict[str, object] = field(default_factory=dict)
+    gemm: bool = True  # must use tensor cores
+
+    def attrs(self) -> dict:
+        names = self.kernel.fn.arg_names
+        aligned = [n for n, t in self.types.items()
+                   if t.startswith("*") or n.startswith("stride_") or n in ("N", "K")]
+        return {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+
+
+def _shrink(x: str, a: str, dropout: bool) -> AotVariant:
+    types = dict(x_ptr=f"*{x}", a_ptr=f"*{a}", t_ptr="*fp32", M="i32", K="i32", R="i32",
+                 M_BUCKET="i32", stride_xm="i32", stride_ar="i32", stride_tm="i32",
+                 seed="i32", dropout_p="fp32", keep_scale="fp32")
+    const = dict(stride_xk=1, stride_ak=1, stride_tr=1, DROPOUT=dropout, BLOCK_R=16)
+    return AotVariant(shrink._lora_shrink_kernel, f"x={x} A={a} dropout={dropout}", types, const)
+
+
+def _linear(ab: str, lb: str, bias: bool, dropout: bool, label: str,
+            unit_strides: tuple[str, ...]) -> AotVariant:
+    strides = ["stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_lm", "stride_lr",
+               "stride_lbr", "stride_lbn", "stride_om", "stride_on"]
+    types = dict(a_ptr=f"*{ab}", b_ptr=f"*{ab}", l_ptr="*fp32", lb_ptr=f"*{lb}", bias_ptr=f"*{ab}",
+                 out_ptr=f"*{ab}", M="i32", N="i32", K="i32", R="i32", M_BUCKET="i32",
+                 scale="fp32", seed="i32", dropout_p="fp32",
+                 **{n: "i32" for n in strides if n not in unit_strides})
+    const = dict(HAS_LORA=True, HAS_BIAS=bias, DROPOUT=dropout, BLOCK_R=16,
+                 **{n: 1 for n in unit_strides})
+    return AotVariant(linear._lora_linear_kernel, label, types, const)
+
+
+def _dy(dy: str, b: str) -> AotVariant:
+    types = dict(dy_ptr=f"*{dy}", b_ptr=f"*{b}", t_ptr="*fp32", ds_ptr="*fp32", db_ptr="*fp32",
+                 M="i32", N="i32", R="i32", M_BUCKET="i32", stride_dym="i32", stride_bn="i32",
+                 stride_tm="i32", scale="fp32")
+    const = dict(stride_dyn=1, stride_br=1, stride_tr=1, BLOCK_R=16)
+    return AotVariant(backward._lora_dy_kernel, f"dy={dy} B={b}", types, const)
+
+
+def _da(x: str, dot) -> AotVariant:
+    types = dict(ds_ptr="*fp32", x_ptr=f"*{x}", da_ptr="*fp32", M="i32", K="i32", R="i32",
+                 M_BUCKET="i32", stride_dsm="i32", stride_xm="i32", seed="i32",
+                 dropout_p="fp32", keep_scale="fp32")
+    const = dict(stride_dsr=1, stride_xk=1, DOT_DTYPE=dot, DROPOUT=True, BLOCK_R=16)
+    return AotVariant(backward._lora_da_kernel, f"x={x} dot={dot}", types, const)
+
+
+VARIANTS: list[AotVariant] = [
+    _shrink("bf16", "fp32", True),
+    _shrink("fp16", "fp16", False),
+    # forward: a = x, b = W^T, l = T, lb = B^T; dx: a = dy, b = W, l = dS, lb = A
+    _linear("bf16", "fp32", True, False, "forward bf16, fp32 adapter, bias",
+            ("stride_ak", "stride_bk", "stride_lr", "stride_lbr", "stride_on")),
+    _linear("bf16", "bf16", False, True, "dx bf16, bf16 adapter, dropout",
+            ("stride_ak", "stride_bn", "stride_lr", "stride_lbn", "stride_on")),
+    _dy("bf16", "fp32"),
+    _dy("fp16", "fp16"),
+    _da("bf16", tl.float32),
+    _da("bf16", tl.bfloat16),
+]
