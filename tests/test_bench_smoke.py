@@ -1,0 +1,33 @@
+"""The layer benchmark compares like with like: its four implementations agree (CPU, tiny)."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from bench_layer import make_impls  # noqa: E402
+from common import saved_bytes  # noqa: E402
+
+
+@pytest.mark.parametrize("adapter_dtype", [torch.float32, torch.float16])
+def test_benchmarked_implementations_agree(adapter_dtype, device):
+    impls = make_impls(64, 48, 8, 0.0, torch.float16, adapter_dtype, device=device)
+    x = torch.randn(19, 64, device=device, dtype=torch.float16)
+    outs = {name: fn(x).float() for name, (fn, _) in impls.items()}
+    lora_delta = (outs["eager"] - outs["F.linear"]).abs().max()
+    assert lora_delta > 1e-2  # the adapter is non-zero, so the comparison means something
+    for name in ("peft", "fastlora"):
+        assert torch.allclose(outs[name], outs["eager"], atol=2e-2, rtol=1e-2), name
+
+
+def test_fastlora_saves_no_more_than_x_and_t(device):
+    impls = make_impls(64, 48, 8, 0.1, torch.float32, torch.float32, device=device)
+    x = torch.randn(19, 64, device=device, requires_grad=True)
+    fn, _ = impls["fastlora"]
+    saved = saved_bytes(lambda: fn(x))
+    x_bytes, t_bytes = x.numel() * 4, 19 * 8 * 4
+    weights = sum(t.numel() * t.element_size() for t in (impls["peft"][0].base_layer.weight,
+                                                         *impls["peft"][1]))
+    assert saved <= x_bytes + t_bytes + weights + 64  # + the seed
+    assert saved < saved_bytes(lambda: impls["peft"][0](x))
