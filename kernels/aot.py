@@ -33,7 +33,8 @@ def _shrink(x: str, a: str, dropout: bool) -> AotVariant:
     types = dict(x_ptr=f"*{x}", a_ptr=f"*{a}", t_ptr="*fp32", M="i32", K="i32", R="i32",
                  M_BUCKET="i32", stride_xm="i32", stride_ar="i32", stride_tm="i32",
                  seed="i32", dropout_p="fp32", keep_scale="fp32")
-    const = dict(stride_xk=1, stride_ak=1, stride_tr=1, DROPOUT=dropout, BLOCK_R=16)
+    const = dict(stride_xk=1, stride_ak=1, stride_tr=1, DROPOUT=dropout, BLOCK_R=16,
+                 PRECISION="tf32")
     return AotVariant(shrink._lora_shrink_kernel, f"x={x} A={a} dropout={dropout}", types, const)
 
 
@@ -45,7 +46,7 @@ def _linear(ab: str, lb: str, bias: bool, dropout: bool, label: str,
                  out_ptr=f"*{ab}", M="i32", N="i32", K="i32", R="i32", M_BUCKET="i32",
                  scale="fp32", seed="i32", dropout_p="fp32",
                  **{n: "i32" for n in strides if n not in unit_strides})
-    const = dict(HAS_LORA=True, HAS_BIAS=bias, DROPOUT=dropout, BLOCK_R=16,
+    const = dict(HAS_LORA=True, HAS_BIAS=bias, DROPOUT=dropout, BLOCK_R=16, PRECISION="tf32",
                  **{n: 1 for n in unit_strides})
     return AotVariant(linear._lora_linear_kernel, label, types, const)
 
@@ -54,7 +55,7 @@ def _dy(dy: str, b: str) -> AotVariant:
     types = dict(dy_ptr=f"*{dy}", b_ptr=f"*{b}", t_ptr="*fp32", ds_ptr="*fp32", db_ptr="*fp32",
                  M="i32", N="i32", R="i32", M_BUCKET="i32", stride_dym="i32", stride_bn="i32",
                  stride_tm="i32", scale="fp32")
-    const = dict(stride_dyn=1, stride_br=1, stride_tr=1, BLOCK_R=16)
+    const = dict(stride_dyn=1, stride_br=1, stride_tr=1, BLOCK_R=16, PRECISION="tf32")
     return AotVariant(backward._lora_dy_kernel, f"dy={dy} B={b}", types, const)
 
 
@@ -62,7 +63,8 @@ def _da(x: str, dot) -> AotVariant:
     types = dict(ds_ptr="*fp32", x_ptr=f"*{x}", da_ptr="*fp32", M="i32", K="i32", R="i32",
                  M_BUCKET="i32", stride_dsm="i32", stride_xm="i32", seed="i32",
                  dropout_p="fp32", keep_scale="fp32")
-    const = dict(stride_dsr=1, stride_xk=1, DOT_DTYPE=dot, DROPOUT=True, BLOCK_R=16)
+    const = dict(stride_dsr=1, stride_xk=1, DOT_DTYPE=dot, DROPOUT=True, BLOCK_R=16,
+                 PRECISION="tf32")
     return AotVariant(backward._lora_da_kernel, f"x={x} dot={dot}", types, const)
 
 

@@ -4,7 +4,7 @@
   ``dB = s dY^T T`` ``[N, r]``;
 * ``_lora_da_kernel``: ``dA = dS^T drop(x)`` ``[r, K]``, the dropout mask regenerated.
 
-Both reduce across programs with fp32 atomics into zeroed buffers.
+Both reduce across programs with fp32 atomics into buffers a config pre-hook zeroes.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import configs, dropout_keep, m_bucket, prune_by_m, rank_block
+from .common import configs, fp32_precision, dropout_keep, m_bucket, prune_by_m, rank_block
 
 
 def _sm_count(device: torch.device) -> int:
@@ -25,15 +25,17 @@ _DY_CONFIGS = configs(
     [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
      for bm, bn, w, s in [(16, 128, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 3)]],
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}),
+    zero=("ds_ptr", "db_ptr"),
 )
 
 
-@triton.autotune(configs=_DY_CONFIGS, key=["M_BUCKET", "N", "R"], reset_to_zero=["ds_ptr", "db_ptr"],
+@triton.autotune(configs=_DY_CONFIGS, key=["M_BUCKET", "N", "R"],
                  prune_configs_by={"early_config_prune": prune_by_m})
 @triton.jit
 def _lora_dy_kernel(dy_ptr, b_ptr, t_ptr, ds_ptr, db_ptr, M, N, R, M_BUCKET,
                     stride_dym, stride_dyn, stride_bn, stride_br, stride_tm, stride_tr,
-                    scale, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    scale, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dY ``[M, N]``, B ``[N, R]`` (adapter dtype: the dots run in it), T ``[M, R]`` fp32;
     dS ``[M, R]`` and dB ``[N, R]`` are contiguous fp32 accumulators.
 
@@ -55,8 +57,8 @@ def _lora_dy_kernel(dy_ptr, b_ptr, t_ptr, ds_ptr, db_ptr, M, N, R, M_BUCKET,
         b = tl.load(b_ptr + cols[:, None] * stride_bn + ranks[None, :] * stride_br,
                     mask=col_in[:, None] & rank_in[None, :], other=0.0)
         dy = dy.to(b.dtype)
-        ds = tl.dot(dy, b, ds)
-        db = tl.dot(tl.trans(dy), t.to(b.dtype))
+        ds = tl.dot(dy, b, ds, input_precision=PRECISION)
+        db = tl.dot(tl.trans(dy), t.to(b.dtype), input_precision=PRECISION)
         tl.atomic_add(db_ptr + cols[:, None] * R + ranks[None, :], db * scale,
                       mask=col_in[:, None] & rank_in[None, :])
     tl.atomic_add(ds_ptr + rows[:, None] * R + ranks[None, :], ds * scale,
@@ -67,15 +69,17 @@ _DA_CONFIGS = configs(
     [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
      for bm, bk, w, s in [(64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3)]],
     triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}),
+    zero=("da_ptr",),
 )
 
 
-@triton.autotune(configs=_DA_CONFIGS, key=["M_BUCKET", "K", "R", "DROPOUT"], reset_to_zero=["da_ptr"])
+@triton.autotune(configs=_DA_CONFIGS, key=["M_BUCKET", "K", "R", "DROPOUT"])
 @triton.jit
 def _lora_da_kernel(ds_ptr, x_ptr, da_ptr, M, K, R, M_BUCKET,
                     stride_dsm, stride_dsr, stride_xm, stride_xk,
                     seed, dropout_p, keep_scale,
                     DOT_DTYPE: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr,
+                    PRECISION: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """dS ``[M, R]`` fp32, x ``[M, K]``; dA ``[R, K]`` a contiguous fp32 accumulator.
 
@@ -97,7 +101,7 @@ def _lora_da_kernel(ds_ptr, x_ptr, da_ptr, M, K, R, M_BUCKET,
             x = tl.where(dropout_keep(seed, rows, cols, K, dropout_p), x, 0.0)
         ds = tl.load(ds_ptr + rows[:, None] * stride_dsm + ranks[None, :] * stride_dsr,
                      mask=row_in[:, None] & rank_in[None, :], other=0.0)
-        acc = tl.dot(tl.trans(ds).to(DOT_DTYPE), x.to(DOT_DTYPE), acc)
+        acc = tl.dot(tl.trans(ds).to(DOT_DTYPE), x.to(DOT_DTYPE), acc, input_precision=PRECISION)
     if DROPOUT:
         acc *= keep_scale
     tl.atomic_add(da_ptr + ranks[:, None] * K + cols[None, :], acc,
@@ -117,10 +121,10 @@ def lora_dy(dy: torch.Tensor, lora_B: torch.Tensor, t: torch.Tensor, scaling: fl
     """``(dS, dB) = (s dY B, s dY^T T)`` as fp32: dy ``[M, N]``, lora_B ``[N, r]``, t ``[M, r]``."""
     m, n = dy.shape
     r = lora_B.shape[1]
-    ds = torch.zeros((m, r), dtype=torch.float32, device=dy.device)
-    db = torch.zeros((n, r), dtype=torch.float32, device=dy.device)
+    ds = torch.empty((m, r), dtype=torch.float32, device=dy.device)
+    db = torch.empty((n, r), dtype=torch.float32, device=dy.device)
     if m == 0:
-        return ds, db
+        return ds, db.zero_()
     block_r = rank_block(r)
     rank_tiles = triton.cdiv(r, block_r)
 
@@ -132,7 +136,7 @@ def lora_dy(dy: torch.Tensor, lora_B: torch.Tensor, t: torch.Tensor, scaling: fl
     _lora_dy_kernel[grid](
         dy, lora_B, t, ds, db, m, n, r, m_bucket(m),
         dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), t.stride(0), t.stride(1),
-        scaling, BLOCK_R=block_r)
+        scaling, BLOCK_R=block_r, PRECISION=fp32_precision())
     return ds, db
 
 
@@ -141,9 +145,9 @@ def lora_da(ds: torch.Tensor, x: torch.Tensor, adapter_dtype: torch.dtype,
     """``dS^T drop(x)`` as fp32 ``[r, K]``: ds ``[M, r]`` fp32, x ``[M, K]``."""
     m, k = x.shape
     r = ds.shape[1]
-    da = torch.zeros((r, k), dtype=torch.float32, device=x.device)
+    da = torch.empty((r, k), dtype=torch.float32, device=x.device)
     if m == 0:
-        return da
+        return da.zero_()
     block_r = rank_block(r)
     rank_tiles = triton.cdiv(r, block_r)
 
@@ -155,5 +159,6 @@ def lora_da(ds: torch.Tensor, x: torch.Tensor, adapter_dtype: torch.dtype,
     _lora_da_kernel[grid](
         ds, x, da, m, k, r, m_bucket(m), ds.stride(0), ds.stride(1), x.stride(0), x.stride(1),
         seed, dropout_p, 1.0 / (1.0 - dropout_p),
-        DOT_DTYPE=_TL_DTYPES[adapter_dtype], DROPOUT=dropout_p > 0.0, BLOCK_R=block_r)
+        DOT_DTYPE=_TL_DTYPES[adapter_dtype], DROPOUT=dropout_p > 0.0, BLOCK_R=block_r,
+        PRECISION=fp32_precision())
     return da

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 import triton
 import triton.language as tl
 
@@ -10,6 +11,13 @@ import triton.language as tl
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def fp32_precision() -> str:
+    """``tl.dot`` precision for fp32 operands, following PyTorch's matmul setting:
+    full fp32 under ``torch.set_float32_matmul_precision("highest")`` (the default), TF32
+    tensor cores otherwise. 16-bit operands ignore it."""
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
 def next_pow2(n: int) -> int:
@@ -26,9 +34,22 @@ def m_bucket(m: int) -> int:
     return min(next_pow2(m), 8192)
 
 
-def configs(gpu: list[triton.Config], interp: triton.Config) -> list[triton.Config]:
-    """The GPU autotune configs, or the single small one the interpreter runs."""
-    return [interp] if interpreting() else gpu
+def configs(gpu: list[triton.Config], interp: triton.Config, zero: tuple[str, ...] = ()
+            ) -> list[triton.Config]:
+    """The GPU autotune configs, or the single small one the interpreter runs.
+
+    ``zero`` names accumulator arguments that every launch (autotuning runs included)
+    must find zeroed: a per-config pre-hook zeroes them, which unlike ``reset_to_zero``
+    also covers the launch that follows autotuning on every Triton version.
+    """
+    chosen = [interp] if interpreting() else gpu
+    if zero:
+        def hook(nargs):
+            for name in zero:
+                nargs[name].zero_()
+        for config in chosen:
+            config.pre_hook = hook
+    return chosen
 
 
 def prune_by_m(configs, named_args, **kwargs):

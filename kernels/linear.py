@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import configs, dropout_keep, grouped_tile, m_bucket, prune_by_m, rank_block
+from .common import configs, fp32_precision, dropout_keep, grouped_tile, m_bucket, prune_by_m, rank_block
 
 _CONFIGS = configs(
     [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
@@ -33,7 +33,8 @@ def _lora_linear_kernel(a_ptr, b_ptr, l_ptr, lb_ptr, bias_ptr, out_ptr, M, N, K,
                         stride_lbr, stride_lbn, stride_om, stride_on,
                         scale, seed, dropout_p,
                         HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
-                        BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """a ``[M, K]`` and b ``[K, N]`` (same 16/32-bit float dtype), l ``[M, R]`` fp32,
     lb ``[R, N]`` (adapter dtype; the low-rank dot runs in it), bias ``[N]``, out ``[M, N]``.
@@ -58,7 +59,7 @@ def _lora_linear_kernel(a_ptr, b_ptr, l_ptr, lb_ptr, bias_ptr, out_ptr, M, N, K,
                          mask=row_in[:, None] & rank_in[None, :], other=0.0)
             lb = tl.load(lb_ptr + ranks[:, None] * stride_lbr + cols[None, :] * stride_lbn,
                          mask=rank_in[:, None] & col_in[None, :], other=0.0)
-            acc = tl.dot(lt.to(lb.dtype), lb, acc)
+            acc = tl.dot(lt.to(lb.dtype), lb, acc, input_precision=PRECISION)
         if DROPOUT:
             acc = tl.where(dropout_keep(seed, rows, cols, N, dropout_p), acc, 0.0)
         acc *= scale
@@ -69,7 +70,7 @@ def _lora_linear_kernel(a_ptr, b_ptr, l_ptr, lb_ptr, bias_ptr, out_ptr, M, N, K,
         k_in = ks < K - k0
         a = tl.load(a_ptrs, mask=row_in[:, None] & k_in[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_in[:, None] & col_in[None, :], other=0.0)
-        acc = tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     if HAS_BIAS:
@@ -111,5 +112,5 @@ def fused_linear(a: torch.Tensor, b: torch.Tensor, low: LowRank | None = None,
         low.lb.stride(0), low.lb.stride(1), out.stride(0), out.stride(1),
         low.scale, low.seed, low.dropout_p,
         HAS_LORA=has_lora, HAS_BIAS=bias is not None, DROPOUT=has_lora and low.dropout_p > 0.0,
-        BLOCK_R=rank_block(max(r, 1)))
+        BLOCK_R=rank_block(max(r, 1)), PRECISION=fp32_precision())
     return out

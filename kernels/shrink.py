@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import configs, dropout_keep, m_bucket, prune_by_m, rank_block
+from .common import configs, fp32_precision, dropout_keep, m_bucket, prune_by_m, rank_block
 
 _CONFIGS = configs(
     [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
@@ -20,7 +20,7 @@ _CONFIGS = configs(
 def _lora_shrink_kernel(x_ptr, a_ptr, t_ptr, M, K, R, M_BUCKET,
                         stride_xm, stride_xk, stride_ar, stride_ak, stride_tm, stride_tr,
                         seed, dropout_p, keep_scale,
-                        DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr,
+                        DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """x ``[M, K]`` (any float), A ``[R, K]`` (adapter dtype), T ``[M, R]`` fp32.
 
@@ -40,7 +40,7 @@ def _lora_shrink_kernel(x_ptr, a_ptr, t_ptr, M, K, R, M_BUCKET,
             x = tl.where(dropout_keep(seed, rows, cols, K, dropout_p), x, 0.0)
         a = tl.load(a_ptr + ranks[None, :] * stride_ar + cols[:, None] * stride_ak,
                     mask=col_in[:, None] & rank_in[None, :], other=0.0)
-        acc += tl.dot(x.to(a.dtype), a)
+        acc += tl.dot(x.to(a.dtype), a, input_precision=PRECISION)
     if DROPOUT:
         acc *= keep_scale
     tl.store(t_ptr + rows[:, None] * stride_tm + ranks[None, :] * stride_tr, acc,
@@ -61,5 +61,5 @@ def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float = 0.0,
         x, lora_A, t, m, k, r, m_bucket(m),
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), t.stride(0), t.stride(1),
         seed, dropout_p, 1.0 / (1.0 - dropout_p),
-        DROPOUT=dropout_p > 0.0, BLOCK_R=block_r)
+        DROPOUT=dropout_p > 0.0, BLOCK_R=block_r, PRECISION=fp32_precision())
     return t
