@@ -1,0 +1,168 @@
+"""``save_adapter``: write an :class:`Adapter` as a PEFT directory, a diffusers file or a kohya file.
+
+Alpha is always written explicitly, so every format reloads with the same per-layer scales:
+
+* ``peft``: ``adapter_config.json`` (``r`` / ``lora_alpha`` = the most common rank / alpha,
+  ``rank_pattern`` / ``alpha_pattern`` for the other layers) plus ``adapter_model.safetensors``
+  with keys ``base_model.model.<name>.lora_A.weight`` and the same config in its
+  ``lora_adapter_metadata`` header entry.
+* ``diffusers``: one ``.safetensors`` file with keys ``<name>.lora_A.weight``; the config in
+  ``lora_adapter_metadata``, its keys prefixed per component (``transformer.r``) when every
+  layer name starts with a diffusers component.
+* ``kohya``: one ``.safetensors`` file with ``<kohya name>.lora_down.weight`` / ``.lora_up.weight``
+  / ``.alpha`` (= scale * rank: kohya has no rsLoRA) / ``.dora_scale``; ``ss_network_*`` header
+  entries, and ``fastlora_module_names`` mapping kohya names back to dotted ones.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .adapter import Adapter, AdapterLayer, alpha_for_scale
+from .errors import AdapterFormatError
+from .files import PEFT_CONFIG, PEFT_WEIGHTS, write_json, write_safetensors
+from .metadata import DIFFUSERS_METADATA_KEY, KOHYA_ALPHA_KEY, KOHYA_DIM_KEY, NAME_MAP_KEY, pattern_value
+from .names import PEFT_PREFIX, kohya_name, split_component
+
+SAVE_FORMATS = ("peft", "diffusers", "kohya")
+
+
+def save_adapter(adapter: Adapter, path: str | os.PathLike, format: str = "peft") -> None:
+    """Write ``adapter`` to ``path``: a directory for ``peft``, a ``.safetensors`` file otherwise."""
+    if format not in SAVE_FORMATS:
+        raise ValueError(f"format must be one of {SAVE_FORMATS}, got {format!r}")
+    if not adapter.layers:
+        raise AdapterFormatError(f"{path}: the adapter has no layers")
+    if format != "kohya":
+        _check_dora_everywhere(adapter, path)
+    path = Path(path)
+    if format == "peft":
+        path.mkdir(parents=True, exist_ok=True)
+        config = {**_lora_config(adapter.layers), **adapter.config}
+        write_safetensors(_peft_tensors(adapter.layers, PEFT_PREFIX), path / PEFT_WEIGHTS, _header(config))
+        write_json(config, path / PEFT_CONFIG)
+        return
+    if path.is_dir():
+        raise AdapterFormatError(f"{path}: is a directory; the {format} format is a single .safetensors file")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if format == "diffusers":
+        write_safetensors(_peft_tensors(adapter.layers, ""), path, _header(_diffusers_config(adapter)))
+    else:
+        tensors, metadata = _kohya_contents(adapter.layers, path)
+        write_safetensors(tensors, path, metadata)
+
+
+def _check_dora_everywhere(adapter: Adapter, path) -> None:
+    missing = [n for n, layer in adapter.layers.items() if layer.magnitude is None]
+    if adapter.use_dora and missing:
+        raise AdapterFormatError(f"{path}: PEFT's use_dora covers every layer, but {missing[0]!r} "
+                                 "has no DoRA magnitude")
+
+
+def _header(config: dict[str, Any]) -> dict[str, str]:
+    return {"format": "pt", DIFFUSERS_METADATA_KEY: json.dumps(config)}
+
+
+def _up_weight(layer: AdapterLayer) -> torch.Tensor:
+    """B as the file stores it: ``[N, r]``, or ``[N, r, 1, ...]`` for a convolution."""
+    return layer.B.reshape(*layer.B.shape, *[1] * (layer.A.dim() - 2))
+
+
+def _peft_tensors(layers: dict[str, AdapterLayer], prefix: str) -> dict[str, torch.Tensor]:
+    """PEFT keys; a missing ``lora_B.bias`` is written as zeros when another layer has one."""
+    any_bias = any(layer.bias is not None for layer in layers.values())
+    tensors = {}
+    for name, layer in layers.items():
+        key = f"{prefix}{name}"
+        tensors[f"{key}.lora_A.weight"] = layer.A
+        tensors[f"{key}.lora_B.weight"] = _up_weight(layer)
+        if any_bias:
+            tensors[f"{key}.lora_B.bias"] = layer.bias if layer.bias is not None \
+                else layer.B.new_zeros(layer.B.shape[0])
+        if layer.magnitude is not None:
+            shape = [1, -1, *[1] * (layer.A.dim() - 2)] if layer.is_conv else [-1]
+            tensors[f"{key}.lora_magnitude_vector"] = layer.magnitude.reshape(shape)
+    return tensors
+
+
+def _most_common(values) -> Any:
+    return Counter(values).most_common(1)[0][0]
+
+
+def _json_number(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else value
+
+
+def _patterns(values: dict[str, Any], default: Any) -> dict[str, Any]:
+    """The shortest PEFT pattern dict giving each name its value: names whose value differs from
+    ``default``, longest first (PEFT takes the first match); every name when a shorter name's
+    pattern would also catch a longer one."""
+    ordered = sorted(values.items(), key=lambda item: -len(item[0]))
+    for pattern in ({n: v for n, v in ordered if v != default}, dict(ordered)):
+        if all(pattern_value(pattern, n, default) == v for n, v in values.items()):
+            return pattern
+    raise AdapterFormatError(f"module names {sorted(values)} cannot be told apart by PEFT patterns")
+
+
+def _lora_config(layers: dict[str, AdapterLayer]) -> dict[str, Any]:
+    """A PEFT LoraConfig dict reproducing every layer's rank and scale (names as given)."""
+    rslora = all(layer.rslora for layer in layers.values())
+    ranks = {name: layer.rank for name, layer in layers.items()}
+    alphas = {name: _json_number(layer.alpha if layer.rslora == rslora
+                                 else alpha_for_scale(layer.scale, layer.rank, rslora))
+              for name, layer in layers.items()}
+    r, alpha = _most_common(ranks.values()), _most_common(alphas.values())
+    return {
+        "peft_type": "LORA", "r": r, "lora_alpha": alpha,
+        "rank_pattern": _patterns(ranks, r), "alpha_pattern": _patterns(alphas, alpha),
+        "target_modules": sorted(layers), "use_rslora": rslora,
+        "use_dora": any(layer.magnitude is not None for layer in layers.values()),
+        "lora_bias": any(layer.bias is not None for layer in layers.values()),
+        "lora_dropout": 0.0, "bias": "none", "inference_mode": True,
+    }
+
+
+def _diffusers_config(adapter: Adapter) -> dict[str, Any]:
+    """A plain LoRA config, or one per component with keys prefixed ``<component>.``."""
+    groups: dict[str, dict[str, AdapterLayer]] = {}
+    for name, layer in adapter.layers.items():
+        component, relative = split_component(name)
+        groups.setdefault(component, {})[relative] = layer
+    if "" in groups:
+        return {**_lora_config(adapter.layers), **adapter.config}
+    return {f"{component}.{key}": value for component, layers in groups.items()
+            for key, value in _lora_config(layers).items()}
+
+
+def _kohya_contents(layers: dict[str, AdapterLayer], path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    tensors, names = {}, {}
+    for name, layer in layers.items():
+        if layer.bias is not None:
+            raise AdapterFormatError(f"{path}: layer {name!r} has a lora_B bias, which kohya files cannot hold")
+        kohya = kohya_name(name)
+        if kohya in names:
+            raise AdapterFormatError(f"{path}: layers {names[kohya]!r} and {name!r} share kohya name {kohya!r}")
+        names[kohya] = name
+        alpha = alpha_for_scale(layer.scale, layer.rank, False)
+        exact = torch.tensor(alpha, dtype=torch.float32).item() == alpha
+        tensors[f"{kohya}.lora_down.weight"] = layer.A
+        tensors[f"{kohya}.lora_up.weight"] = _up_weight(layer)
+        tensors[f"{kohya}.alpha"] = torch.tensor(alpha, dtype=torch.float32 if exact else torch.float64)
+        if layer.magnitude is not None:
+            tensors[f"{kohya}.dora_scale"] = layer.magnitude.reshape(-1, *[1] * (layer.A.dim() - 1))
+    ranks = {layer.rank for layer in layers.values()}
+    alphas = {float(tensors[f"{k}.alpha"]) for k in names}
+    metadata = {
+        "ss_network_module": "networks.lora",
+        KOHYA_DIM_KEY: str(ranks.pop()) if len(ranks) == 1 else "Dynamic",
+        KOHYA_ALPHA_KEY: str(_json_number(alphas.pop())) if len(alphas) == 1 else "Dynamic",
+    }
+    renamed = {kohya: name for kohya, name in names.items() if kohya != name}
+    if renamed:
+        metadata[NAME_MAP_KEY] = json.dumps(renamed)
+    return tensors, metadata
