@@ -74,3 +74,80 @@ def _backward(ctx, dy, _dt):
 
 
 lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("fastlora::dora_norm", mutates_args=())
+def dora_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+              scaling: float) -> torch.Tensor:
+    """``||weight + scaling * lora_B @ lora_A||`` per row, fp32 ``[N]``, no ``N x K`` buffer."""
+    return kernels.dora_norm(weight, lora_A, lora_B, scaling)
+
+
+@dora_norm.register_fake
+def _(weight, lora_A, lora_B, scaling):
+    return weight.new_empty((weight.shape[0],), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastlora::dora_linear_fwd", mutates_args=())
+def dora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                    g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``g * (x W^T + s T B^T) + bias``, g ``[N]`` fp32; returns y and T = x A^T (fp32)."""
+    t = kernels.lora_shrink(x, lora_A)
+    y = kernels.fused_linear(x, weight.t(), kernels.LowRank(t, lora_B.t(), scaling), bias, g_out=g)
+    return y, t
+
+
+@dora_linear_fwd.register_fake
+def _(x, weight, bias, lora_A, lora_B, scaling, g):
+    return (x.new_empty((x.shape[0], weight.shape[0])),
+            x.new_empty((x.shape[0], lora_A.shape[0]), dtype=torch.float32))
+
+
+@torch.library.custom_op("fastlora::dora_linear_bwd", mutates_args=())
+def dora_linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                    bias: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                    t: torch.Tensor, y: torch.Tensor, g: torch.Tensor, scaling: float,
+                    need_dx: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LoRA backward of ``g * dY`` plus ``dg = colsum(dY * (Y - bias)) / g``, one pass over dY.
+
+    Returns (dx or empty, dA, dB, dg ``[N]`` fp32).
+    """
+    ds, db, dg = kernels.lora_dy(dy, lora_B, t, scaling, kernels.DoraBackward(g, y, bias))
+    da = kernels.lora_da(ds, x, lora_A.dtype)
+    if need_dx:
+        dx = kernels.fused_linear(dy, weight, kernels.LowRank(ds, lora_A, 1.0), out_dtype=x.dtype,
+                                  g_in=g)
+    else:
+        dx = x.new_empty((0,))
+    return dx, da.to(lora_A.dtype), db.to(lora_B.dtype), dg / g
+
+
+@dora_linear_bwd.register_fake
+def _(dy, x, weight, bias, lora_A, lora_B, t, y, g, scaling, need_dx):
+    dx = x.new_empty(x.shape) if need_dx else x.new_empty((0,))
+    return dx, torch.empty_like(lora_A), torch.empty_like(lora_B), torch.empty_like(g)
+
+
+def _dora_setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, scaling, g = inputs
+    ctx.save_for_backward(x, weight, bias, lora_A, lora_B, output[1], output[0], g)
+    ctx.scaling = scaling
+
+
+def _dora_backward(ctx, dy, _dt):
+    x, weight, bias, lora_A, lora_B, t, y, g = ctx.saved_tensors
+    need_x, need_w, need_b, need_a, need_bb, _, need_g = ctx.needs_input_grad
+    dx = da = db = dg = dweight = dbias = None
+    if need_x or need_a or need_bb or need_g:
+        dx, da, db, dg = dora_linear_bwd(dy, x, weight, bias, lora_A, lora_B, t, y, g,
+                                         ctx.scaling, need_x)
+    if need_w:  # the norm is detached: W's gradient is that of g * x W^T
+        dweight = (dy.float() * g).t().to(weight.dtype) @ x.to(weight.dtype)
+    if need_b:
+        dbias = dy.sum(0, dtype=torch.float32).to(bias.dtype)
+    return (dx if need_x else None), dweight, dbias, (da if need_a else None), \
+        (db if need_bb else None), None, (dg if need_g else None)
+
+
+dora_linear_fwd.register_autograd(_dora_backward, setup_context=_dora_setup_context)

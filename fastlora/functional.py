@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numbers
+import warnings
 
 import torch
 
@@ -106,4 +107,75 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     seed_t = _seed(seed, generator) if p > 0.0 else torch.zeros((), dtype=torch.int64)
     y, _ = _ops.lora_linear_fwd(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B,
                                 float(scaling), p, seed_t)
+    return y.view(*lead, weight.shape[0])
+
+
+def _check_magnitude(magnitude, weight, kernel: bool) -> None:
+    _check_float("magnitude", magnitude, kernel)
+    if tuple(magnitude.shape) != (weight.shape[0],):
+        raise ValueError(f"magnitude must have shape ({weight.shape[0]},), got {tuple(magnitude.shape)}")
+    if magnitude.device != weight.device:
+        raise ValueError(f"magnitude is on {magnitude.device}, weight on {weight.device}")
+
+
+def dora_weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                     scaling: float) -> torch.Tensor:
+    """``||weight + scaling * lora_B @ lora_A||`` per output row, fp32 ``[N]``, detached.
+
+    The Triton path never forms ``lora_B @ lora_A`` (``N x K``): it uses
+    ``||W||^2 + 2s rowsum(B * (W A^T)) + s^2 rowsum((B (A A^T)) * B)``.
+    """
+    _check_devices(weight=weight, lora_A=lora_A, lora_B=lora_B)
+    which = backend.choose(weight)
+    with torch.no_grad():
+        if which == "torch":
+            w = weight.to(lora_A.dtype)
+            return reference.dora_weight_norm(w.float(), lora_A.float(), lora_B.float(), scaling)
+        from . import _ops
+
+        return _ops.dora_norm(weight, lora_A.detach(), lora_B.detach(), float(scaling))
+
+
+_warned_dora_dropout = False
+
+
+def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                magnitude: torch.Tensor, *, dropout_p: float = 0.0, training: bool = False,
+                seed: int | None = None, generator: torch.Generator | None = None,
+                weight_norm: torch.Tensor | None = None) -> torch.Tensor:
+    """PEFT's DoRA Linear: ``g * (x W^T + s x A^T B^T) + bias``, ``g = magnitude / ||W + s B A||``.
+
+    Shapes as ``lora_linear``, magnitude ``[N]``. The row norm is detached (as in the paper
+    and PEFT); pass ``weight_norm`` (from ``dora_weight_norm``) to reuse a cached one. The
+    base bias stays outside the factor. In training with dropout PEFT computes
+    ``x W^T + bias + (g - 1) xd W^T + g s xd A^T B^T`` (xd = dropped x, so two base
+    GEMMs): that case runs the PyTorch reference (``fastlora.reference.dora_linear``) and
+    warns once; every other case runs the fused kernels (Triton backend): the norm without
+    an ``N x K`` buffer, the factor applied to the GEMM's accumulator, and a backward that
+    saves x, T, the output and g, and gets ``d magnitude`` from the same pass over dY.
+    """
+    global _warned_dora_dropout
+    _check_devices(x=x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
+    x, weight, bias, lora_A, lora_B = _autocast(x.device.type, x, weight, bias, lora_A, lora_B)
+    which = backend.choose(x)
+    _check_lora_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, which == "triton")
+    _check_magnitude(magnitude, weight, which == "triton")
+    p = float(dropout_p) if training else 0.0
+    if which == "triton" and p > 0.0 and not _warned_dora_dropout:
+        warnings.warn("fastlora.dora_linear: DoRA with dropout in training runs the PyTorch "
+                      "reference (PEFT's two base GEMMs); it is not fused", stacklevel=2)
+        _warned_dora_dropout = True
+    if which == "torch" or p > 0.0:
+        return reference.dora_linear(x, weight, bias, lora_A, lora_B, scaling, magnitude,
+                                     dropout_p=p, training=training, generator=generator,
+                                     weight_norm=weight_norm)
+    from . import _ops
+
+    if weight_norm is None:
+        weight_norm = _ops.dora_norm(weight, lora_A.detach(), lora_B.detach(), float(scaling))
+    g = (magnitude.float() / weight_norm.detach().float()).contiguous()
+    lead = x.shape[:-1]
+    y, _ = _ops.dora_linear_fwd(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B,
+                                float(scaling), g)
     return y.view(*lead, weight.shape[0])

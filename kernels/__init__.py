@@ -2,9 +2,11 @@
 
 Imports neither ``fastlora.nn`` nor ``peft``. Launchers take 2-D tensors of any strides.
 """
-from .backward import lora_da, lora_dy
+from .backward import DoraBackward, lora_da, lora_dy
+from .dora import dora_norm
 from .dropout import dropout_mask
 from .linear import LowRank, fused_linear
 from .shrink import lora_shrink
 
-__all__ = ["LowRank", "dropout_mask", "fused_linear", "lora_da", "lora_dy", "lora_shrink"]
+__all__ = ["DoraBackward", "LowRank", "dora_norm", "dropout_mask", "fused_linear", "lora_da",
+           "lora_dy", "lora_shrink"]

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import triton.language as tl
 
-from . import backward, linear, shrink
+from . import backward, dora, linear, shrink
 
 
 @dataclass(frozen=True)
@@ -39,24 +39,28 @@ def _shrink(x: str, a: str, dropout: bool) -> AotVariant:
 
 
 def _linear(ab: str, lb: str, bias: bool, dropout: bool, label: str,
-            unit_strides: tuple[str, ...]) -> AotVariant:
+            unit_strides: tuple[str, ...], scale_out: bool = False,
+            scale_in: bool = False) -> AotVariant:
     strides = ["stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_lm", "stride_lr",
                "stride_lbr", "stride_lbn", "stride_om", "stride_on"]
     types = dict(a_ptr=f"*{ab}", b_ptr=f"*{ab}", l_ptr="*fp32", lb_ptr=f"*{lb}", bias_ptr=f"*{ab}",
-                 out_ptr=f"*{ab}", M="i32", N="i32", K="i32", R="i32", M_BUCKET="i32",
-                 scale="fp32", seed="i32", dropout_p="fp32",
+                 g_ptr="*fp32", out_ptr=f"*{ab}", M="i32", N="i32", K="i32", R="i32",
+                 M_BUCKET="i32", scale="fp32", seed="i32", dropout_p="fp32",
                  **{n: "i32" for n in strides if n not in unit_strides})
-    const = dict(HAS_LORA=True, HAS_BIAS=bias, DROPOUT=dropout, BLOCK_R=16, PRECISION="tf32",
+    const = dict(HAS_LORA=True, HAS_BIAS=bias, DROPOUT=dropout, SCALE_OUT=scale_out,
+                 SCALE_IN=scale_in, BLOCK_R=16, PRECISION="tf32",
                  **{n: 1 for n in unit_strides})
     return AotVariant(linear._lora_linear_kernel, label, types, const)
 
 
-def _dy(dy: str, b: str) -> AotVariant:
+def _dy(dy: str, b: str, dora: bool) -> AotVariant:
     types = dict(dy_ptr=f"*{dy}", b_ptr=f"*{b}", t_ptr="*fp32", ds_ptr="*fp32", db_ptr="*fp32",
+                 g_ptr="*fp32", y_ptr=f"*{dy}", bias_ptr=f"*{dy}", dg_ptr="*fp32",
                  M="i32", N="i32", R="i32", M_BUCKET="i32", stride_dym="i32", stride_bn="i32",
-                 stride_tm="i32", scale="fp32")
-    const = dict(stride_dyn=1, stride_br=1, stride_tr=1, BLOCK_R=16, PRECISION="tf32")
-    return AotVariant(backward._lora_dy_kernel, f"dy={dy} B={b}", types, const)
+                 stride_tm="i32", stride_ym="i32", scale="fp32")
+    const = dict(stride_dyn=1, stride_br=1, stride_tr=1, stride_yn=1, DORA=dora, HAS_BIAS=dora,
+                 BLOCK_R=16, PRECISION="tf32")
+    return AotVariant(backward._lora_dy_kernel, f"dy={dy} B={b} dora={dora}", types, const)
 
 
 def _da(x: str, dot) -> AotVariant:
@@ -68,6 +72,13 @@ def _da(x: str, dot) -> AotVariant:
     return AotVariant(backward._lora_da_kernel, f"x={x} dot={dot}", types, const)
 
 
+def _dora_norm(w: str, a: str) -> AotVariant:
+    types = dict(w_ptr=f"*{w}", a_ptr=f"*{a}", wa_ptr="*fp32", sq_ptr="*fp32", N="i32", K="i32",
+                 R="i32", stride_wn="i32", stride_ar="i32")
+    const = dict(stride_wk=1, stride_ak=1, BLOCK_R=16, PRECISION="tf32")
+    return AotVariant(dora._dora_norm_kernel, f"W={w} A={a}", types, const)
+
+
 VARIANTS: list[AotVariant] = [
     _shrink("bf16", "fp32", True),
     _shrink("fp16", "fp16", False),
@@ -76,8 +87,14 @@ VARIANTS: list[AotVariant] = [
             ("stride_ak", "stride_bk", "stride_lr", "stride_lbr", "stride_on")),
     _linear("bf16", "bf16", False, True, "dx bf16, bf16 adapter, dropout",
             ("stride_ak", "stride_bn", "stride_lr", "stride_lbn", "stride_on")),
-    _dy("bf16", "fp32"),
-    _dy("fp16", "fp16"),
+    _linear("bf16", "fp32", True, False, "DoRA forward, fp32 adapter",
+            ("stride_ak", "stride_bk", "stride_lr", "stride_lbr", "stride_on"), scale_out=True),
+    _linear("bf16", "fp32", False, False, "DoRA dx, fp32 adapter",
+            ("stride_ak", "stride_bn", "stride_lr", "stride_lbn", "stride_on"), scale_in=True),
+    _dy("bf16", "fp32", False),
+    _dy("fp16", "fp16", False),
+    _dy("bf16", "fp32", True),
+    _dora_norm("bf16", "fp32"),
     _da("bf16", tl.float32),
     _da("bf16", tl.bfloat16),
 ]

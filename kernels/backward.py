@@ -8,6 +8,8 @@ Both reduce across programs with fp32 atomics into buffers a config pre-hook zer
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -25,19 +27,24 @@ _DY_CONFIGS = configs(
     [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
      for bm, bn, w, s in [(16, 128, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 3)]],
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}),
-    zero=("ds_ptr", "db_ptr"),
+    zero=("ds_ptr", "db_ptr", "dg_ptr"),
 )
 
 
-@triton.autotune(configs=_DY_CONFIGS, key=["M_BUCKET", "N", "R"],
+@triton.autotune(configs=_DY_CONFIGS, key=["M_BUCKET", "N", "R", "DORA"],
                  prune_configs_by={"early_config_prune": prune_by_m})
 @triton.jit
-def _lora_dy_kernel(dy_ptr, b_ptr, t_ptr, ds_ptr, db_ptr, M, N, R, M_BUCKET,
-                    stride_dym, stride_dyn, stride_bn, stride_br, stride_tm, stride_tr,
-                    scale, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _lora_dy_kernel(dy_ptr, b_ptr, t_ptr, ds_ptr, db_ptr, g_ptr, y_ptr, bias_ptr, dg_ptr,
+                    M, N, R, M_BUCKET, stride_dym, stride_dyn, stride_bn, stride_br,
+                    stride_tm, stride_tr, stride_ym, stride_yn, scale,
+                    DORA: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
+                    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dY ``[M, N]``, B ``[N, R]`` (adapter dtype: the dots run in it), T ``[M, R]`` fp32;
     dS ``[M, R]`` and dB ``[N, R]`` are contiguous fp32 accumulators.
+
+    DORA: the LoRA gradients are those of ``g * dY`` (g ``[N]`` fp32), and the same pass
+    over dY accumulates ``dg * g = colsum(dY * (Y - bias))`` into dg ``[N]`` fp32 from the
+    saved output Y ``[M, N]``.
 
     Grid: (row tiles, column splits, rank tiles); split j visits column tiles j, j + splits...
     """
@@ -56,6 +63,14 @@ def _lora_dy_kernel(dy_ptr, b_ptr, t_ptr, ds_ptr, db_ptr, M, N, R, M_BUCKET,
                      mask=row_in[:, None] & col_in[None, :], other=0.0)
         b = tl.load(b_ptr + cols[:, None] * stride_bn + ranks[None, :] * stride_br,
                     mask=col_in[:, None] & rank_in[None, :], other=0.0)
+        if DORA:
+            y = tl.load(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn,
+                        mask=row_in[:, None] & col_in[None, :], other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                y -= tl.load(bias_ptr + cols, mask=col_in, other=0.0).to(tl.float32)[None, :]
+            if tl.program_id(2) == 0:
+                tl.atomic_add(dg_ptr + cols, tl.sum(dy.to(tl.float32) * y, axis=0), mask=col_in)
+            dy = dy.to(tl.float32) * tl.load(g_ptr + cols, mask=col_in, other=0.0)[None, :]
         dy = dy.to(b.dtype)
         ds = tl.dot(dy, b, ds, input_precision=PRECISION)
         db = tl.dot(tl.trans(dy), t.to(b.dtype), input_precision=PRECISION)
@@ -108,6 +123,15 @@ def _lora_da_kernel(ds_ptr, x_ptr, da_ptr, M, K, R, M_BUCKET,
                   mask=rank_in[:, None] & col_in[None, :])
 
 
+@dataclass
+class DoraBackward:
+    """What the DoRA backward reads besides dY: g ``[N]`` fp32, the output Y ``[M, N]``
+    and the bias ``[N]`` (or None)."""
+    g: torch.Tensor
+    y: torch.Tensor
+    bias: torch.Tensor | None
+
+
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
@@ -116,15 +140,18 @@ def _splits(tiles: int, other_tiles: int, device: torch.device) -> int:
     return max(1, min(tiles, triton.cdiv(2 * _sm_count(device), max(other_tiles, 1))))
 
 
-def lora_dy(dy: torch.Tensor, lora_B: torch.Tensor, t: torch.Tensor, scaling: float
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(dS, dB) = (s dY B, s dY^T T)`` as fp32: dy ``[M, N]``, lora_B ``[N, r]``, t ``[M, r]``."""
+def lora_dy(dy: torch.Tensor, lora_B: torch.Tensor, t: torch.Tensor, scaling: float,
+            dora: DoraBackward | None = None) -> tuple[torch.Tensor, ...]:
+    """``(dS, dB) = (s dY' B, s dY'^T T)`` as fp32, dY' = dY (or ``g * dY`` with DoRA, which
+    also returns ``colsum(dY * (Y - bias))`` ``[N]``): dy ``[M, N]``, lora_B ``[N, r]``,
+    t ``[M, r]``."""
     m, n = dy.shape
     r = lora_B.shape[1]
     ds = torch.empty((m, r), dtype=torch.float32, device=dy.device)
     db = torch.empty((n, r), dtype=torch.float32, device=dy.device)
+    dg = torch.empty((n if dora is not None else 1,), dtype=torch.float32, device=dy.device)
     if m == 0:
-        return ds, db.zero_()
+        return (ds, db.zero_()) + ((dg.zero_(),) if dora is not None else ())
     block_r = rank_block(r)
     rank_tiles = triton.cdiv(r, block_r)
 
@@ -133,11 +160,14 @@ def lora_dy(dy: torch.Tensor, lora_B: torch.Tensor, t: torch.Tensor, scaling: fl
         splits = _splits(triton.cdiv(n, meta["BLOCK_N"]), row_tiles * rank_tiles, dy.device)
         return (row_tiles, splits, rank_tiles)
 
+    g, y, bias = (dora.g, dora.y, dora.bias) if dora is not None else (dg, dy, None)
     _lora_dy_kernel[grid](
-        dy, lora_B, t, ds, db, m, n, r, m_bucket(m),
+        dy, lora_B, t, ds, db, g, y, bias if bias is not None else dg, dg, m, n, r, m_bucket(m),
         dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), t.stride(0), t.stride(1),
-        scaling, BLOCK_R=block_r, PRECISION=fp32_precision())
-    return ds, db
+        y.stride(0), y.stride(1), scaling,
+        DORA=dora is not None, HAS_BIAS=bias is not None, BLOCK_R=block_r,
+        PRECISION=fp32_precision())
+    return (ds, db) + ((dg,) if dora is not None else ())
 
 
 def lora_da(ds: torch.Tensor, x: torch.Tensor, adapter_dtype: torch.dtype,

@@ -1,9 +1,10 @@
-"""Fused linear: ``out = a @ b + scale * keep * (l @ lb) + bias`` in one pass.
+"""Fused linear: ``out = g_out * (a @ (g_in * b) + scale * keep * (l @ lb)) + bias``, one pass.
 
 One kernel family for the forward (``y = x W^T + s T B^T + bias``) and the input gradient
 (``dx = dy W + keep * (dS A) / (1 - p)``): the low-rank term and the bias are added to the
 tile's accumulator before the single store of the output, so no ``M x N`` LoRA temporary
-exists.
+exists. DoRA adds the column factor ``g``: on the output columns in the forward
+(``g_out``), on dY's columns (the reduction dimension, ``g_in``) in the dx pass.
 """
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ _CONFIGS = configs(
                    num_warps=w, num_stages=s)
      for bm, bn, bk, w, s in [
          (128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (64, 256, 64, 4, 4), (128, 64, 64, 4, 4),
-         (64, 128, 64, 4, 4), (32, 128, 128, 4, 4), (16, 64, 128, 4, 5), (16, 32, 256, 4, 4)]],
+         (64, 128, 64, 4, 4), (32, 128, 128, 4, 4), (16, 64, 128, 4, 5), (16, 32, 256, 4, 4),
+         # decode (M <= 16): N / BLOCK_N programs must fill the GPU to stream W at full bandwidth
+         (16, 16, 512, 4, 3)]],
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}),
 )
 
@@ -28,11 +31,12 @@ _CONFIGS = configs(
 @triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "N", "K", "R", "HAS_LORA", "DROPOUT"],
                  prune_configs_by={"early_config_prune": prune_by_m})
 @triton.jit
-def _lora_linear_kernel(a_ptr, b_ptr, l_ptr, lb_ptr, bias_ptr, out_ptr, M, N, K, R, M_BUCKET,
+def _lora_linear_kernel(a_ptr, b_ptr, l_ptr, lb_ptr, bias_ptr, g_ptr, out_ptr, M, N, K, R, M_BUCKET,
                         stride_am, stride_ak, stride_bk, stride_bn, stride_lm, stride_lr,
                         stride_lbr, stride_lbn, stride_om, stride_on,
                         scale, seed, dropout_p,
                         HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
+                        SCALE_OUT: tl.constexpr, SCALE_IN: tl.constexpr,
                         BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
@@ -40,7 +44,8 @@ def _lora_linear_kernel(a_ptr, b_ptr, l_ptr, lb_ptr, bias_ptr, out_ptr, M, N, K,
     lb ``[R, N]`` (adapter dtype; the low-rank dot runs in it), bias ``[N]``, out ``[M, N]``.
 
     Accumulates in fp32; with DROPOUT the low-rank term is masked by the keep-mask of an
-    ``[M, N]`` input (the dx pass, where N is the layer's K).
+    ``[M, N]`` input (the dx pass, where N is the layer's K). g ``[N]`` (SCALE_OUT) or
+    ``[K]`` (SCALE_IN) is fp32.
     """
     tile_m, tile_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N),
                                   GROUP_M)
@@ -70,9 +75,14 @@ def _lora_linear_kernel(a_ptr, b_ptr, l_ptr, lb_ptr, bias_ptr, out_ptr, M, N, K,
         k_in = ks < K - k0
         a = tl.load(a_ptrs, mask=row_in[:, None] & k_in[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_in[:, None] & col_in[None, :], other=0.0)
+        if SCALE_IN:
+            g_in = tl.load(g_ptr + k0 + ks, mask=k_in, other=0.0)
+            a = (a.to(tl.float32) * g_in[None, :]).to(b.dtype)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
+    if SCALE_OUT:
+        acc *= tl.load(g_ptr + cols, mask=col_in, other=0.0)[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_in, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on,
@@ -93,9 +103,13 @@ class LowRank:
 
 
 def fused_linear(a: torch.Tensor, b: torch.Tensor, low: LowRank | None = None,
-                 bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None
+                 bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None, *,
+                 g_out: torch.Tensor | None = None, g_in: torch.Tensor | None = None
                  ) -> torch.Tensor:
-    """``a @ b (+ low-rank term) (+ bias)``: a ``[M, K]``, b ``[K, N]`` (any strides)."""
+    """``g_out * (a @ (g_in * b) + low-rank term) + bias``: a ``[M, K]``, b ``[K, N]`` (any
+    strides), the optional DoRA factors g_out ``[N]`` / g_in ``[K]`` contiguous fp32."""
+    if g_out is not None and g_in is not None:
+        raise ValueError("fused_linear takes g_out or g_in, not both")
     m, k = a.shape
     n = b.shape[1]
     out = torch.empty((m, n), dtype=out_dtype or a.dtype, device=a.device)
@@ -106,11 +120,14 @@ def fused_linear(a: torch.Tensor, b: torch.Tensor, low: LowRank | None = None,
         low = LowRank(l=a, lb=b, scale=0.0)
     r = low.l.shape[1] if has_lora else 0
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    g = g_out if g_out is not None else g_in
     _lora_linear_kernel[grid](
-        a, b, low.l, low.lb, bias if bias is not None else out, out, m, n, k, r, m_bucket(m),
+        a, b, low.l, low.lb, bias if bias is not None else out, g if g is not None else out, out,
+        m, n, k, r, m_bucket(m),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), low.l.stride(0), low.l.stride(1),
         low.lb.stride(0), low.lb.stride(1), out.stride(0), out.stride(1),
         low.scale, low.seed, low.dropout_p,
         HAS_LORA=has_lora, HAS_BIAS=bias is not None, DROPOUT=has_lora and low.dropout_p > 0.0,
+        SCALE_OUT=g_out is not None, SCALE_IN=g_in is not None,
         BLOCK_R=rank_block(max(r, 1)), PRECISION=fp32_precision())
     return out

@@ -1,0 +1,72 @@
+"""DoRA's row norm ``||W + s B A||`` per output row, without forming ``B A`` (``N x K``).
+
+``||W + sBA||^2 = ||W||^2 + 2s rowsum(B * (W A^T)) + s^2 rowsum((B (A A^T)) * B)``: one
+pass over W gives ``||W||^2`` and ``W A^T`` (``[N, r]``, on tensor cores); the rest is
+``N x r`` and ``r x r`` work.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import configs, fp32_precision, rank_block
+
+_CONFIGS = configs(
+    [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+     for bn, bk, w, s in [(32, 256, 4, 3), (64, 128, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3)]],
+    triton.Config({"BLOCK_N": 32, "BLOCK_K": 32}),
+)
+
+
+@triton.autotune(configs=_CONFIGS, key=["N", "K", "R"])
+@triton.jit
+def _dora_norm_kernel(w_ptr, a_ptr, wa_ptr, sq_ptr, N, K, R,
+                      stride_wn, stride_wk, stride_ar, stride_ak,
+                      BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """W ``[N, K]`` (any float), A ``[R, K]`` (adapter dtype: the dot runs in it);
+    writes ``W A^T`` to wa ``[N, R]`` and ``rowsum(W^2)`` to sq ``[N]``, both contiguous fp32.
+
+    Grid: (row tiles, rank tiles); rank tile 0 also sums the squares.
+    """
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ranks = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_in = rows < N
+    rank_in = ranks < R
+    acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+    sq = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        col_in = cols < K
+        w = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :] * stride_wk,
+                    mask=row_in[:, None] & col_in[None, :], other=0.0)
+        a = tl.load(a_ptr + ranks[None, :] * stride_ar + cols[:, None] * stride_ak,
+                    mask=col_in[:, None] & rank_in[None, :], other=0.0)
+        acc = tl.dot(w.to(a.dtype), a, acc, input_precision=PRECISION)
+        wf = w.to(tl.float32)
+        sq += tl.sum(wf * wf, axis=1)
+    tl.store(wa_ptr + rows[:, None] * R + ranks[None, :], acc,
+             mask=row_in[:, None] & rank_in[None, :])
+    if tl.program_id(1) == 0:
+        tl.store(sq_ptr + rows, sq, mask=row_in)
+
+
+def dora_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+              scaling: float) -> torch.Tensor:
+    """``||weight + scaling * lora_B @ lora_A||`` per row, fp32 ``[N]``; weight ``[N, K]``
+    (any strides, e.g. a transposed Conv1D weight), lora_A ``[r, K]``, lora_B ``[N, r]``."""
+    n, k = weight.shape
+    r = lora_A.shape[0]
+    wa = torch.empty((n, r), dtype=torch.float32, device=weight.device)
+    sq = torch.empty((n,), dtype=torch.float32, device=weight.device)
+    block_r = rank_block(r)
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(r, block_r))  # noqa: E731
+    _dora_norm_kernel[grid](weight, lora_A, wa, sq, n, k, r, weight.stride(0), weight.stride(1),
+                            lora_A.stride(0), lora_A.stride(1), BLOCK_R=block_r,
+                            PRECISION=fp32_precision())
+    a = lora_A.float()
+    b = lora_B.float()
+    cross = (b * wa).sum(1)
+    quad = ((b @ (a @ a.t())) * b).sum(1)
+    return (sq + (2.0 * scaling) * cross + (scaling * scaling) * quad).clamp_min(0.0).sqrt()
