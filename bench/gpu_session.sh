@@ -25,6 +25,8 @@ step layer benchmark bf16 adapters
 python3 bench/bench_layer.py --out "$OUT" --adapter-dtype bf16 $quick >>"$LOG" 2>&1
 step layer benchmark fp32 adapters
 python3 bench/bench_layer.py --out "$OUT" --adapter-dtype fp32 --quick >>"$LOG" 2>&1
+step DoRA benchmark
+python3 bench/bench_dora.py --out "$OUT" $quick >>"$LOG" 2>&1
 if [ -f bench/bench_model.py ]; then
   step model benchmark
   python3 bench/bench_model.py --out "$OUT" $quick >>"$LOG" 2>&1

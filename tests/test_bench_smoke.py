@@ -31,3 +31,13 @@ def test_fastlora_saves_no_more_than_x_and_t(device):
                                                          *impls["peft"][1]))
     assert saved <= x_bytes + t_bytes + weights + 64  # + the seed
     assert saved < saved_bytes(lambda: impls["peft"][0](x))
+
+
+def test_dora_benchmark_implementations_agree(device):
+    from bench_dora import make_impls as make_dora_impls
+
+    impls = make_dora_impls(64, 48, 8, torch.float32, torch.float32, device=device)
+    x = torch.randn(19, 64, device=device)
+    peft_out = impls["peft-dora"][0](x)
+    assert torch.allclose(impls["fastlora-dora"][0](x), peft_out, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(impls["fastlora-lora"][0](x), peft_out, atol=1e-4)
