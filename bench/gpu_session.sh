@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # One device call does it all: install this checkout offline, run the test suite on the GPU
-# (bf16 included), then every benchmark; logs and results go to $OUT (8 files at most).
-#   run: bash bench/gpu_session.sh            (QUICK=1 for the short benchmark grid)
+# (bf16 included), then every benchmark. $OUT gets session.log and results.tgz (JSON and
+# markdown of each benchmark), re-packed after every step so a timeout still returns them.
+#   OUT=/some/dir bash bench/gpu_session.sh      (QUICK=1: the short benchmark grids)
 set -uo pipefail
 OUT=${OUT:-bench/results/session}
+RES=$(mktemp -d)
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 LOG="$OUT/session.log"
 quick=${QUICK:+--quick}
 step() { echo "=== $* ($(date -u +%T))" | tee -a "$LOG"; }
+pack() { tar -czf "$OUT/results.tgz" -C "$RES" . ; }
 
 step environment
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
@@ -21,15 +24,13 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . >>"$LOG" 2>&1 || {
 step gpu tests
 timeout 1200 python3 -m pytest -q -x -p no:cacheprovider tests 2>&1 | tail -40 >>"$LOG"
 
-step layer benchmark bf16 adapters
-python3 bench/bench_layer.py --out "$OUT" --adapter-dtype bf16 $quick >>"$LOG" 2>&1
-step layer benchmark fp32 adapters
-python3 bench/bench_layer.py --out "$OUT" --adapter-dtype fp32 --quick >>"$LOG" 2>&1
-step DoRA benchmark
-python3 bench/bench_dora.py --out "$OUT" $quick >>"$LOG" 2>&1
-if [ -f bench/bench_model.py ]; then
-  step model benchmark
-  python3 bench/bench_model.py --out "$OUT" $quick >>"$LOG" 2>&1
-fi
+for bench in "bench_layer.py --adapter-dtype bf16 $quick" "bench_layer.py --adapter-dtype fp32 --quick" \
+             "bench_dora.py $quick" "bench_multi.py $quick" "bench_model.py $quick"; do
+  script=${bench%% *}
+  [ -f "bench/$script" ] || continue
+  step "$bench"
+  python3 bench/$bench --out "$RES" >>"$LOG" 2>&1
+  pack
+done
 step done
-ls -la "$OUT" >>"$LOG"
+ls -la "$RES" >>"$LOG"
