@@ -102,7 +102,8 @@ def _lora_da_kernel(ds_ptr, x_ptr, da_ptr, M, K, R, M_BUCKET,
     Grid: (column tiles, row splits, rank tiles); split j visits row tiles j, j + splits...
     """
     splits = tl.num_programs(1)
-    cols = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    col0 = tl.program_id(0) * BLOCK_K
+    cols = col0.to(tl.int64) + tl.arange(0, BLOCK_K)
     ranks = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
     col_in = cols < K
     rank_in = ranks < R
@@ -113,7 +114,7 @@ def _lora_da_kernel(ds_ptr, x_ptr, da_ptr, M, K, R, M_BUCKET,
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
                     mask=row_in[:, None] & col_in[None, :], other=0.0)
         if DROPOUT:
-            x = tl.where(dropout_keep(seed, rows, cols, K, dropout_p), x, 0.0)
+            x = tl.where(dropout_keep(seed, rows, col0, K, dropout_p, BLOCK_K), x, 0.0)
         ds = tl.load(ds_ptr + rows[:, None] * stride_dsm + ranks[None, :] * stride_dsr,
                      mask=row_in[:, None] & rank_in[None, :], other=0.0)
         acc = tl.dot(tl.trans(ds).to(DOT_DTYPE), x.to(DOT_DTYPE), acc, input_precision=PRECISION)

@@ -71,12 +71,16 @@ def grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def dropout_keep(seed, rows, cols, n_cols, p):
-    """Keep-mask [len(rows), len(cols)] of dropout on a ``[*, n_cols]`` input.
+def dropout_keep(seed, rows, col0, n_cols, p, BLOCK_C: tl.constexpr):
+    """Keep-mask [len(rows), BLOCK_C] of dropout on a ``[*, n_cols]`` input, for columns
+    ``col0 .. col0 + BLOCK_C`` (col0 a multiple of 4).
 
-    Element (i, j) is kept when Philox uniform #(i * n_cols + j) of ``seed`` is >= p, so a
-    kernel that regenerates the mask for any tile of the same input gets the same bits.
-    ``rows`` and ``cols`` are int64 vectors (offsets beyond 2**31 are fine).
+    One Philox call gives four uniforms: call #(i * ceil(n_cols / 4) + j // 4) of ``seed``
+    serves columns j..j+3 of row i, so any tile of the same input regenerates the same
+    bits at a quarter of the cost of one call per element. An element is kept when its
+    uniform is >= p. ``rows`` is an int64 vector (offsets beyond 2**31 are fine).
     """
-    offsets = rows[:, None] * n_cols + cols[None, :]
-    return tl.rand(seed, offsets) >= p
+    groups = rows[:, None] * ((n_cols + 3) // 4) + (col0 // 4 + tl.arange(0, BLOCK_C // 4))[None, :]
+    r0, r1, r2, r3 = tl.randint4x(seed, groups)
+    bits = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (rows.shape[0], BLOCK_C))
+    return tl.random.uint_to_uniform_float(bits) >= p

@@ -12,7 +12,7 @@ from .common import dropout_keep
 def _dropout_mask_kernel(out_ptr, M, K, seed, p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
-    keep = dropout_keep(seed, rows, cols, K, p)
+    keep = dropout_keep(seed, rows, tl.program_id(1) * BLOCK_K, K, p, BLOCK_K)
     inside = (rows < M)[:, None] & (cols < K)[None, :]
     tl.store(out_ptr + rows[:, None] * K + cols[None, :], keep.to(tl.int8), mask=inside)
 

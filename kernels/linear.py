@@ -66,7 +66,7 @@ def _lora_linear_kernel(a_ptr, b_ptr, l_ptr, lb_ptr, bias_ptr, g_ptr, out_ptr, M
                          mask=rank_in[:, None] & col_in[None, :], other=0.0)
             acc = tl.dot(lt.to(lb.dtype), lb, acc, input_precision=PRECISION)
         if DROPOUT:
-            acc = tl.where(dropout_keep(seed, rows, cols, N, dropout_p), acc, 0.0)
+            acc = tl.where(dropout_keep(seed, rows, tile_n * BLOCK_N, N, dropout_p, BLOCK_N), acc, 0.0)
         acc *= scale
     ks = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak

@@ -37,7 +37,7 @@ def _lora_shrink_kernel(x_ptr, a_ptr, t_ptr, M, K, R, M_BUCKET,
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
                     mask=row_in[:, None] & col_in[None, :], other=0.0)
         if DROPOUT:
-            x = tl.where(dropout_keep(seed, rows, cols, K, dropout_p), x, 0.0)
+            x = tl.where(dropout_keep(seed, rows, k0, K, dropout_p, BLOCK_K), x, 0.0)
         a = tl.load(a_ptr + ranks[None, :] * stride_ar + cols[:, None] * stride_ak,
                     mask=col_in[:, None] & rank_in[None, :], other=0.0)
         acc += tl.dot(x.to(a.dtype), a, input_precision=PRECISION)
