@@ -19,11 +19,14 @@ The fast path (see ``_fast_forward``):
   ``sum_i s_i x A_i^T B_i^T`` and costs no extra pass over the ``M x N`` output;
 * several active adapters with active dropout (PEFT draws an independent mask per
   adapter) or mixed adapter dtypes: the first adapter fused, each further one added in
-  plain PyTorch exactly as PEFT does (same input cast chain, its own ``nn.Dropout``).
+  plain PyTorch exactly as PEFT does (same input cast chain, its own ``nn.Dropout``);
+* one active DoRA adapter: ``fastlora.dora_linear``, its row norm cached on the layer
+  while W, A, B and the scale are unchanged (so inference costs what LoRA costs).
 
 Anything the fast path cannot reproduce exactly goes to PEFT's own ``forward`` at call
 time: merged or disabled adapters, ``adapter_names`` mixed batches, extra forward
-arguments, LoRA variants (DoRA, aLoRA, ...) and ``lora_bias``, forward hooks on the base
+arguments, LoRA variants other than DoRA (aLoRA, ...), a DoRA adapter active together
+with others, ``lora_bias``, forward hooks on the base
 layer (accelerate offload, DeepSpeed), input/weight dtype mismatches outside autocast
 (PEFT raises its own error there), dtypes the kernels lack. What can be known at patch
 time is decided there: such layers are not patched and the ``PatchReport`` says why.
@@ -38,7 +41,8 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
-from .functional import lora_linear
+from .dora_cache import DoraNormCache
+from .functional import dora_linear, lora_linear
 
 __all__ = ["LayerReport", "PatchReport", "is_patched", "patch", "unpatch"]
 
@@ -109,13 +113,14 @@ def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return peft_forward(self, x, *args, **kwargs)
     adapter_dtype = self.lora_A[names[0]].weight.dtype
     variants = getattr(self, "lora_variant", {})  # PEFT < 0.16: DoRA flagged in use_dora only
-    use_dora = getattr(self, "use_dora", {})
     lora_bias = getattr(self, "lora_bias", {})
     same_dtype = True
     dropping = False
+    dora = False
     for a in names:
-        if a in variants or use_dora.get(a, False) or lora_bias.get(a, False):
+        if lora_bias.get(a, False) or (a in variants and not _is_dora(self, a)):
             return peft_forward(self, x, *args, **kwargs)
+        dora = dora or _is_dora(self, a)
         drop = self.lora_dropout[a]
         if type(drop) is nn.Dropout:
             if drop.training and drop.p > 0.0:
@@ -133,6 +138,10 @@ def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             return peft_forward(self, x, *args, **kwargs)  # PEFT would not cast x: its error
 
     first = names[0]
+    if dora:
+        if len(names) > 1:  # the DoRA factor rescales the running sum of several adapters
+            return peft_forward(self, x, *args, **kwargs)
+        return _dora_forward(self, first, x, weight, bias)
     if len(names) == 1 or (same_dtype and not dropping):
         if len(names) == 1:
             lora_A = self.lora_A[first].weight
@@ -162,6 +171,21 @@ def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             continue
         result = result + self.lora_B[a](lora_A(self.lora_dropout[a](xl))) * self.scaling[a]
     return result.to(result_dtype)
+
+
+def _dora_forward(self, a: str, x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+    """One active DoRA adapter: ``fastlora.dora_linear`` with the row norm from the layer's
+    cache (valid while W, A, B and the scale are unchanged)."""
+    lora_A = self.lora_A[a].weight
+    lora_B = self.lora_B[a].weight
+    scaling = self.scaling[a]
+    norms = self.__dict__.get("_fastlora_dora_norms")
+    norm = norms.get(a, weight, lora_A, lora_B, scaling) if norms is not None else None
+    drop = self.lora_dropout[a]
+    p = drop.p if (type(drop) is nn.Dropout and drop.training) else 0.0
+    return dora_linear(x, weight, bias, lora_A, lora_B, scaling,
+                       self.lora_magnitude_vector[a].weight, dropout_p=p, training=p > 0.0,
+                       weight_norm=norm)
 
 
 def _reduce_ex(self, protocol):
@@ -407,12 +431,24 @@ def _variant_name(variant) -> str:
             "Arrow": "Arrow"}.get(name, name)
 
 
-def _adapter_problem(layer, a: str) -> str | None:
+def _is_dora(layer, a: str) -> bool:
+    """Whether adapter ``a`` is a DoRA Linear adapter (PEFT >= 0.16: a lora_variant entry;
+    older PEFT: the use_dora flag)."""
     variants = getattr(layer, "lora_variant", {})
     if a in variants:
+        return type(variants[a]).__name__ == "DoraLinearVariant"
+    return bool(getattr(layer, "use_dora", {}).get(a, False))
+
+
+def _adapter_problem(layer, a: str) -> str | None:
+    variants = getattr(layer, "lora_variant", {})
+    if a in variants and not _is_dora(layer, a):
         return f"adapter '{a}' is a {_variant_name(variants[a])} adapter (LoRA variant)"
-    if getattr(layer, "use_dora", {}).get(a, False):
-        return f"adapter '{a}' is a DoRA adapter (LoRA variant)"
+    if _is_dora(layer, a):
+        problem = _param_problem(f"adapter '{a}' DoRA magnitude",
+                                 layer.lora_magnitude_vector[a].weight)
+        if problem:
+            return problem
     if getattr(layer, "lora_bias", {}).get(a, False):
         return f"adapter '{a}' has lora_bias=True (lora_B has a bias)"
     for part in ("lora_A", "lora_B"):
@@ -528,8 +564,12 @@ def patch(model: nn.Module, *, adapters: str | Iterable[str] | None = None,
                 entry.notes.insert(0, "already patched")
             else:
                 layer.__class__ = _patched_class(cls)
+                layer._fastlora_dora_norms = DoraNormCache()
+            if any(_is_dora(layer, a) for a in entry.adapters):
+                entry.notes.append("DoRA (row norm cached; PEFT's forward while another "
+                                   "adapter is active with it)")
         elif cls in _PATCHED_CLASSES.values():  # patched earlier, unsupported now: restore
-            layer.__class__ = cls._fastlora_original_class
+            _restore(layer)
         entries.append(entry)
     report = PatchReport(entries)
     if verbose:
@@ -545,6 +585,11 @@ def unpatch(model: nn.Module) -> list[str]:
     for name, module in model.named_modules():
         cls = type(module)
         if cls in _PATCHED_CLASSES.values():
-            module.__class__ = cls._fastlora_original_class
+            _restore(module)
             restored.append(name or cls._fastlora_original_class.__name__)
     return restored
+
+
+def _restore(layer: nn.Module) -> None:
+    layer.__class__ = type(layer)._fastlora_original_class
+    layer.__dict__.pop("_fastlora_dora_norms", None)

@@ -581,34 +581,6 @@ def test_input_dtype_casting_disabled(device, fused_calls):
 
 # -------------------------------------------------------------- what is not patched
 
-def test_dora_not_patched_and_same_output(device, fused_calls):
-    model, ref = peft_pair("llama", device=device, use_dora=True)
-    report = patch(model)
-    assert report.patched == [] and len(report.not_patched) == len(lora_layers(model))
-    assert all("DoRA" in why for why in report.not_patched.values())
-    assert "NOT patched" in str(report) and "DoRA" in str(report)
-    assert not any(is_patched(m) for m in model.modules())
-    x = ids(device)
-    assert_close(model(x).logits, ref(x).logits, what="logits")
-    assert fused_calls == []
-
-
-def test_dora_adapter_beside_a_plain_one(device, fused_calls):
-    model, ref = _single_layer(device)
-    dora = LoraConfig(r=4, lora_alpha=8, target_modules=["0"], init_lora_weights=False, use_dora=True)
-    add_adapter((model, ref), "dora", dora)
-    report = patch(model)  # every adapter must be accelerable: not patched
-    assert report.patched == [] and "'dora'" in next(iter(report.not_patched.values()))
-    report = patch(model, adapters=["default"])  # judged on 'default' only
-    assert len(report.patched) == 1 and "DoRA" in " ".join(report.layers[0].notes)
-    x = torch.randn(3, 32, device=device)
-    for name in ("dora", "default"):
-        model.set_adapter(name)
-        ref.set_adapter(name)
-        assert_close(model(x), ref(x), what=name)
-    assert len(fused_calls) == 1, "the DoRA adapter runs PEFT's forward, 'default' the fused op"
-
-
 def test_lora_bias_embedding_and_unsupported_base(device, fused_calls):
     model, ref = peft_pair("llama", device=device, lora_bias=True, target_modules=["q_proj", "k_proj"])
     add_adapter((model, ref), "emb", lora_config(target_modules=["embed_tokens", "v_proj"]))
