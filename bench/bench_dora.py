@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_layer import MS, RANKS, SHAPES, measure  # noqa: E402
+from bench_layer import MS, RANKS, SHAPES, compare  # noqa: E402
 from common import environment, markdown_table, write_results  # noqa: E402
 
 
@@ -58,16 +58,8 @@ def main(argv=None) -> int:
     rows = []
     for (k, n), m, r in itertools.product(shapes, ms, ranks):
         impls = make_impls(k, n, r, torch.bfloat16, adapter_dtype)
-        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        dy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
-        results = {name: measure(fn, params, x, dy) for name, (fn, params) in impls.items()}
-        for name, res in results.items():
-            row = dict(K=k, N=n, M=m, r=r, adapter=args.adapter_dtype, impl=name, **res)
-            for ref in ("peft-dora", "fastlora-lora"):
-                row[f"fwd/{ref}"] = res["fwd_ms"] / results[ref]["fwd_ms"]
-                row[f"fwd_bwd/{ref}"] = res["fwd_bwd_ms"] / results[ref]["fwd_bwd_ms"]
-            rows.append(row)
-            print(row, flush=True)
+        rows += compare(impls, m, k, n, ("peft-dora", "fastlora-lora"), r=r,
+                        adapter=args.adapter_dtype)
     columns = ["K", "N", "M", "r", "adapter", "impl", "fwd_ms", "bwd_ms", "fwd_bwd_ms",
                "fwd/peft-dora", "fwd/fastlora-lora", "fwd_bwd/peft-dora",
                "fwd_bwd/fastlora-lora", "peak_mb", "saved_mb"]

@@ -62,7 +62,7 @@ def measure(fn, params, x, dy):
     y = fn(x)
     bwd = do_bench(lambda: y.backward(dy, retain_graph=True), grad_to_none=grads,
                    return_mode="median")
-    del y
+    y = None  # free the graph before the next measurements
     both = do_bench(lambda: fn(x).backward(dy), grad_to_none=grads, return_mode="median")
     peak = peak_bytes(lambda: fn(x).backward(dy))
     saved = saved_bytes(lambda: fn(x))
@@ -70,23 +70,30 @@ def measure(fn, params, x, dy):
                 saved_mb=saved / 2**20)
 
 
+def compare(impls, m, k, n, refs, **fields) -> list[dict]:
+    """Measure every implementation on one [m, k] bf16 input; one row each, with the time
+    ratios to each of ``refs`` measured in the same run."""
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+    results = {name: measure(fn, params, x, dy) for name, (fn, params) in impls.items()}
+    rows = []
+    for name, res in results.items():
+        row = dict(K=k, N=n, M=m, **fields, impl=name, **res)
+        for ref in refs:
+            row[f"fwd/{ref}"] = res["fwd_ms"] / results[ref]["fwd_ms"]
+            row[f"fwd_bwd/{ref}"] = res["fwd_bwd_ms"] / results[ref]["fwd_bwd_ms"]
+        rows.append(row)
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                       for k, v in row.items()), flush=True)
+    return rows
+
+
 def run(shapes, ms, ranks, dropouts, adapter_dtype):
     rows = []
     for (k, n), m, r, p in itertools.product(shapes, ms, ranks, dropouts):
-        dtype = torch.bfloat16
-        impls = make_impls(k, n, r, p, dtype, adapter_dtype)
-        x = torch.randn(m, k, device="cuda", dtype=dtype, requires_grad=True)
-        dy = torch.randn(m, n, device="cuda", dtype=dtype)
-        results = {name: measure(fn, params, x, dy) for name, (fn, params) in impls.items()}
-        for name, res in results.items():
-            row = dict(K=k, N=n, M=m, r=r, p=p, adapter=str(adapter_dtype).split(".")[-1],
-                       impl=name, **res)
-            for ref in ("F.linear", "eager", "peft"):
-                row[f"fwd/{ref}"] = res["fwd_ms"] / results[ref]["fwd_ms"]
-                row[f"fwd_bwd/{ref}"] = res["fwd_bwd_ms"] / results[ref]["fwd_bwd_ms"]
-            rows.append(row)
-            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                           for k, v in row.items()), flush=True)
+        impls = make_impls(k, n, r, p, torch.bfloat16, adapter_dtype)
+        rows += compare(impls, m, k, n, ("F.linear", "eager", "peft"), r=r, p=p,
+                        adapter=str(adapter_dtype).split(".")[-1])
     return rows
 
 

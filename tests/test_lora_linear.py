@@ -41,12 +41,14 @@ def reference_grads(args, dy, scaling, **kw):
     return y, [a.grad if a is not None and a.requires_grad else None for a in args64]
 
 
-def check(args, scaling, dtype, **kw):
+def check(args, scaling, dtype, mask=None, **kw):
+    """Output and every gradient against the reference; ``mask`` is the dropout mask the
+    kernels draw for ``kw``'s seed, replayed in the reference."""
     y = fastlora.lora_linear(*args, scaling, **kw)
     assert y.dtype == args[0].dtype
     dy = torch.randn_like(y)
     y.backward(dy)
-    y_ref, grads_ref = reference_grads(args, dy, scaling, **kw)
+    y_ref, grads_ref = reference_grads(args, dy, scaling, dropout_mask=mask, **kw)
     assert_close(y, y_ref, dtype, "output")
     for name, a, g_ref in zip(["x", "weight", "bias", "lora_A", "lora_B"], args, grads_ref):
         if g_ref is not None:
@@ -107,16 +109,9 @@ P = 0.3
 
 
 def test_dropout_matches_reference_with_same_mask(device):
-    args = make(300, 130, 70, 16, torch.float32, device=device)
     mask = dropout_mask(1234, 300, 130, P, device=device)
-    y = fastlora.lora_linear(*args, 0.7, dropout_p=P, training=True, seed=1234)
-    dy = torch.randn_like(y)
-    y.backward(dy)
-    y_ref, grads = reference_grads(args, dy, 0.7, dropout_p=P, training=True, dropout_mask=mask)
-    assert_close(y, y_ref, torch.float32, "output")
-    for name, t, g in zip(["x", "weight", "bias", "lora_A", "lora_B"], args, grads):
-        if g is not None:
-            assert_close(t.grad, g, torch.float32, f"grad {name}")
+    check(make(300, 130, 70, 16, torch.float32, device=device), 0.7, torch.float32, mask=mask,
+          dropout_p=P, training=True, seed=1234)
 
 
 def test_dropout_deterministic_per_seed(device):
@@ -244,11 +239,4 @@ def test_bad_scalars_raise(device):
 def test_gpu_bf16_llm_sizes(m, k, n, r, p, adapter_dtype):
     args = make(m, k, n, r, torch.bfloat16, adapter_dtype=adapter_dtype, device="cuda")
     mask = dropout_mask(11, m, k, p, device="cuda") if p else None
-    y = fastlora.lora_linear(*args, 2.0, dropout_p=p, training=True, seed=11)
-    dy = torch.randn_like(y)
-    y.backward(dy)
-    y_ref, grads = reference_grads(args, dy, 2.0, dropout_p=p, training=True, dropout_mask=mask)
-    assert_close(y, y_ref, torch.bfloat16, "output")
-    for name, t, g in zip(["x", "weight", "bias", "lora_A", "lora_B"], args, grads):
-        if g is not None:
-            assert_close(t.grad, g, torch.bfloat16, f"grad {name}")
+    check(args, 2.0, torch.bfloat16, mask=mask, dropout_p=p, training=True, seed=11)
