@@ -21,10 +21,13 @@ The fast path (see ``_fast_forward``):
   adapter) or mixed adapter dtypes: the first adapter fused, each further one added in
   plain PyTorch exactly as PEFT does (same input cast chain, its own ``nn.Dropout``);
 * one active DoRA adapter: ``fastlora.dora_linear``, its row norm cached on the layer
-  while W, A, B and the scale are unchanged (so inference costs what LoRA costs).
+  while W, A, B and the scale are unchanged (so inference costs what LoRA costs);
+* ``adapter_names`` mixed batches (a different adapter per sequence, ``"__base__"`` for
+  none): ``fastlora.multi.peft_mixed_batch_forward``, one fused pass for all rows, DoRA
+  adapters included (which PEFT refuses).
 
 Anything the fast path cannot reproduce exactly goes to PEFT's own ``forward`` at call
-time: merged or disabled adapters, ``adapter_names`` mixed batches, extra forward
+time: merged or disabled adapters, extra forward
 arguments, LoRA variants other than DoRA (aLoRA, ...), a DoRA adapter active together
 with others, ``lora_bias``, forward hooks on the base
 layer (accelerate offload, DeepSpeed), input/weight dtype mismatches outside autocast
@@ -43,6 +46,7 @@ from torch import nn
 
 from .dora_cache import DoraNormCache
 from .functional import dora_linear, lora_linear
+from .multi import peft_mixed_batch_forward
 
 __all__ = ["LayerReport", "PatchReport", "is_patched", "patch", "unpatch"]
 
@@ -88,6 +92,10 @@ def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     own forward (no data-dependent Python), so torch.compile traces it without a break.
     """
     peft_forward = type(self)._fastlora_original_class.forward
+    if not args and kwargs.keys() == {"adapter_names"} and kwargs["adapter_names"] is not None:
+        # a mixed batch: PEFT's model-level hook has already rejected unknown names
+        names = kwargs["adapter_names"]
+        return peft_mixed_batch_forward(self, x, names, known_adapters=names)
     if args or kwargs or self.disable_adapters or self.merged:
         return peft_forward(self, x, *args, **kwargs)
     base = self.base_layer

@@ -65,3 +65,40 @@ def dora_linear(x, weight, bias, lora_A, lora_B, scaling, magnitude, *, dropout_
         base = result - bias if bias is not None else result
     lora = F.linear(F.linear(xl, lora_A), lora_B)
     return (result + (g - 1) * base + g * lora * scaling).to(x.dtype)
+
+
+def multi_lora_linear(x, weight, bias, bank, adapter_index, *, training: bool = False,
+                      dropout_mask: torch.Tensor | None = None,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """Multi-adapter linear, a loop over the adapters present: every row is exactly
+    ``lora_linear`` / ``dora_linear`` for its adapter, -1 rows the base layer. Reads the
+    index on the host (an oracle, not a fast path).
+
+    x ``[..., K]``, weight ``[N, K]``, bias ``[N]`` or None, bank a
+    ``fastlora.multi.PackedAdapters``, adapter_index ``[...]`` (one per row, -1 = base).
+
+    In training, rows of adapter i see dropout ``bank.dropout[i]``; ``dropout_mask`` (bool,
+    x's shape) replaces the random masks, so a test can replay a kernel's mask.
+    """
+    k, n = weight.shape[1], weight.shape[0]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    index = adapter_index.reshape(-1).to(torch.int64)
+    mask = dropout_mask.reshape(-1, k) if dropout_mask is not None else None
+    y = F.linear(x2, weight, bias)
+    offsets, ranks, scales = (bank.offsets.tolist(), bank.ranks.tolist(), bank.scales.tolist())
+    dora = bank.is_dora.tolist() if bank.is_dora is not None else [False] * len(ranks)
+    for a in sorted(set(index.tolist()) - {-1}):
+        rows = (index == a).nonzero().squeeze(1)
+        lora_A = bank.A[offsets[a]:offsets[a] + ranks[a]]
+        lora_B = bank.B[offsets[a]:offsets[a] + ranks[a]].t()
+        p = bank.dropout[a] if training and bank.dropout is not None else 0.0
+        kw = dict(dropout_p=p, training=training and p > 0.0, generator=generator,
+                  dropout_mask=mask[rows] if mask is not None else None)
+        if dora[a]:
+            part = dora_linear(x2[rows], weight, bias, lora_A, lora_B, scales[a],
+                                         bank.magnitude[a], weight_norm=bank.weight_norm[a], **kw)
+        else:
+            part = lora_linear(x2[rows], weight, bias, lora_A, lora_B, scales[a], **kw)
+        y = y.index_copy(0, rows, part.to(y.dtype))
+    return y.view(*lead, n)

@@ -6,7 +6,12 @@ from .backward import DoraBackward, lora_da, lora_dy
 from .dora import dora_norm
 from .dropout import dropout_mask
 from .linear import LowRank, fused_linear
+from .multi_backward import multi_lora_da, multi_lora_dy
+from .multi_linear import MultiLowRank, multi_fused_linear
+from .multi_meta import RowGroups, group_rows
+from .multi_shrink import multi_lora_shrink
 from .shrink import lora_shrink
 
-__all__ = ["DoraBackward", "LowRank", "dora_norm", "dropout_mask", "fused_linear", "lora_da",
-           "lora_dy", "lora_shrink"]
+__all__ = ["DoraBackward", "LowRank", "MultiLowRank", "RowGroups", "dora_norm", "dropout_mask",
+           "fused_linear", "group_rows", "lora_da", "lora_dy", "lora_shrink", "multi_fused_linear",
+           "multi_lora_da", "multi_lora_dy", "multi_lora_shrink"]

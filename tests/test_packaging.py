@@ -1,5 +1,6 @@
 """kernels/ installs as fastlora.kernels and never as a top-level ``kernels`` module."""
 import importlib.metadata
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -17,8 +18,11 @@ def test_kernels_import_as_fastlora_kernels():
 
 
 def test_wheel_holds_only_the_fastlora_package(tmp_path):
+    src = tmp_path / "src"  # a copy, so the build leaves no build/ folder in the checkout
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info",
+                                                            "__pycache__", ".pytest_cache"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                    "-q", "-w", str(tmp_path), str(ROOT)], check=True, timeout=600)
+                    "-q", "-w", str(tmp_path), str(src)], check=True, timeout=600)
     wheel = next(tmp_path.glob("fastlora-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "fastlora/kernels/linear.py" in names

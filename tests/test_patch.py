@@ -526,17 +526,25 @@ def test_set_and_delete_adapter(device, fused_calls):
     assert_close(model(x).logits, ref(x).logits, what="after delete")
 
 
-def test_adapter_names_mixed_batch_uses_peft(device, fused_calls):
+def test_adapter_names_mixed_batch_is_fused(device, fused_calls, monkeypatch):
     model, ref = peft_pair("llama", device=device)
     add_adapter((model, ref), "b", lora_config(r=2))
     for m in (model, ref):
         m.eval()
     patch(model)
-    x = ids(device)
-    names = ["default", "b"]
+    mixed = []
+    real = PATCH_MODULE.peft_mixed_batch_forward
+    monkeypatch.setattr(PATCH_MODULE, "peft_mixed_batch_forward",
+                        lambda *a, **kw: mixed.append(a[2]) or real(*a, **kw))
+    x = torch.cat([ids(device, seed) for seed in (1, 2)])[:3]  # 3 sequences
+    names = ["default", "b", "__base__"]
     out, exp = model(x, adapter_names=names).logits, ref(x, adapter_names=names).logits
-    assert fused_calls == []
+    assert fused_calls == [] and len(mixed) == len(lora_layers(model))
     assert_close(out, exp, what="mixed batch")
+    with pytest.raises(ValueError):
+        model(x, adapter_names=["default", "nope", "b"])
+    kw = dict(max_new_tokens=3, do_sample=False, adapter_names=names)
+    assert torch.equal(model.generate(input_ids=x, **kw), ref.generate(input_ids=x, **kw))
 
 
 @pytest.mark.parametrize("kind", ["torch", "accelerate"])
