@@ -36,6 +36,7 @@ time is decided there: such layers are not patched and the ``PatchReport`` says 
 """
 from __future__ import annotations
 
+import contextlib
 import copyreg
 import logging
 from dataclasses import dataclass, field
@@ -63,6 +64,13 @@ def _peft_lora():
     except ImportError as e:  # pragma: no cover - peft is an optional dependency
         raise ImportError("fastlora.patch needs PEFT: pip install 'fastlora[peft]'") from e
     return lora_layer, BaseTunerLayer
+
+
+def _lora_tuner_class() -> type:
+    """PEFT's LoRA tuner class (``LoraModel``)."""
+    from peft.tuners.lora.model import LoraModel
+
+    return LoraModel
 
 
 def _conv1d_class():
@@ -221,20 +229,46 @@ _PATCHED_CLASSES: dict[type, type] = {}
 
 
 def _patched_class(original_class: type) -> type:
+    """The cached subclass of a PEFT LoRA layer class (``forward`` fused) or of a LoRA
+    tuner class (``_enable_peft_forward_hooks`` taking mixed batches in training too)."""
     cls = _PATCHED_CLASSES.get(original_class)
     if cls is None:
         name = f"FastLora{original_class.__name__}"
+        tuner = hasattr(original_class, "_enable_peft_forward_hooks")
+        override = ({"_enable_peft_forward_hooks": _tuner_forward_hooks} if tuner
+                    else {"forward": _fast_forward})
         cls = type(name, (original_class,), {
-            "forward": _fast_forward,
+            **override,
             "__reduce_ex__": _reduce_ex,
             "__module__": __name__,
             "__qualname__": name,
-            "__doc__": f"{original_class.__qualname__} with its forward fused by fastlora "
-                       "(fastlora.patch); everything else is PEFT's.",
+            "__doc__": f"{original_class.__qualname__} with {next(iter(override))} from "
+                       "fastlora (fastlora.patch); everything else is PEFT's.",
             "_fastlora_original_class": original_class,
         })
         _PATCHED_CLASSES[original_class] = cls
     return cls
+
+
+def _tuner_forward_hooks(self, *args, **kwargs):
+    """PEFT's context that routes ``adapter_names`` to the layers refuses them in training
+    mode (PEFT's layers cannot train a mixed batch); the patched layers can, so in
+    training PEFT's checks run with the tuner object (only it) flagged as in eval."""
+    original = type(self)._fastlora_original_class._enable_peft_forward_hooks
+    if kwargs.get("adapter_names") is None or not self.training:
+        return original(self, *args, **kwargs)
+    return _training_mixed_batch(self, original(self, *args, **kwargs))
+
+
+@contextlib.contextmanager
+def _training_mixed_batch(tuner: nn.Module, hooks):
+    with contextlib.ExitStack() as stack:
+        tuner.training = False
+        try:
+            stack.enter_context(hooks)
+        finally:
+            tuner.training = True
+        yield
 
 
 def is_patched(module: nn.Module) -> bool:
@@ -580,6 +614,11 @@ def patch(model: nn.Module, *, adapters: str | Iterable[str] | None = None,
             _restore(layer)
         entries.append(entry)
     report = PatchReport(entries)
+    if report.patched:
+        for module in model.modules():  # the LoRA tuner: mixed batches in training too
+            if (isinstance(module, _lora_tuner_class())
+                    and type(module) not in _PATCHED_CLASSES.values()):
+                module.__class__ = _patched_class(type(module))
     if verbose:
         logger.info("%s", report)
     if not report.all_patched:
@@ -588,13 +627,15 @@ def patch(model: nn.Module, *, adapters: str | Iterable[str] | None = None,
 
 
 def unpatch(model: nn.Module) -> list[str]:
-    """Restore PEFT's classes on every layer ``patch`` changed; returns their names."""
+    """Restore PEFT's classes on every layer (and the tuner) ``patch`` changed; returns the
+    names of the LoRA layers restored."""
     restored = []
     for name, module in model.named_modules():
         cls = type(module)
         if cls in _PATCHED_CLASSES.values():
             _restore(module)
-            restored.append(name or cls._fastlora_original_class.__name__)
+            if not isinstance(module, _lora_tuner_class()):
+                restored.append(name or cls._fastlora_original_class.__name__)
     return restored
 
 

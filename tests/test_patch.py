@@ -713,3 +713,25 @@ def test_compile_single_layer_fullgraph(dropout, device):
             layer.eval()
             assert rel_err(layer(x), y) > 1e-4
         assert layer.lora_A["default"].weight.grad.abs().max() > 0
+
+
+def test_adapter_names_mixed_batch_trains(device):
+    """PEFT refuses adapter_names in training mode; a patched model trains a mixed batch,
+    each sequence's gradient reaching its own adapter only."""
+    model, ref = peft_pair("llama", device=device)
+    add_adapter((model, ref), "b", lora_config(r=2))
+    patch(model)
+    for n, p in model.named_parameters():  # add_adapter leaves a new adapter frozen
+        p.requires_grad_("lora_" in n)
+    x = ids(device)
+    names = ["b", "__base__"]
+    model.train()
+    with pytest.raises(ValueError, match="training mode"):
+        ref.train()(x, adapter_names=names)
+    out = model(x, adapter_names=names, labels=x)
+    assert_close(out.logits, ref.eval()(x, adapter_names=names).logits, what="train-mode logits")
+    out.loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if "lora_" in n}
+    assert all(g is None or g.abs().max() == 0 for n, g in grads.items() if ".default." in n)
+    assert all(g is not None and g.abs().max() > 0 for n, g in grads.items() if ".b." in n)
+    assert model.base_model.training  # the tuner's flag is restored
