@@ -84,3 +84,24 @@ def dropout_keep(seed, rows, col0, n_cols, p, BLOCK_C: tl.constexpr):
     r0, r1, r2, r3 = tl.randint4x(seed, groups)
     bits = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (rows.shape[0], BLOCK_C))
     return tl.random.uint_to_uniform_float(bits) >= p
+
+
+@triton.jit
+def shrink_tile(x_ptr, rows, row_in, stride_xm, stride_xk, a_ptr, a_rows, rank_in,
+                stride_ar, stride_ak, K, seed, dropout_p, DROPOUT: tl.constexpr,
+                PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``keep(x[rows]) @ A[a_rows]^T`` for one tile, fp32 ``[len(rows), len(a_rows)]``
+    (the 1 / (1 - p) factor is the caller's). ``rows``/``a_rows`` are int64 row numbers of
+    x ``[*, K]`` and A ``[*, K]``; the dot runs in A's dtype, as PEFT casts x to it."""
+    acc = tl.zeros((rows.shape[0], a_rows.shape[0]), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        col_in = cols < K
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+                    mask=row_in[:, None] & col_in[None, :], other=0.0)
+        if DROPOUT:
+            x = tl.where(dropout_keep(seed, rows, k0, K, dropout_p, BLOCK_K), x, 0.0)
+        a = tl.load(a_ptr + a_rows[None, :] * stride_ar + cols[:, None] * stride_ak,
+                    mask=col_in[:, None] & rank_in[None, :], other=0.0)
+        acc = tl.dot(x.to(a.dtype), a, acc, input_precision=PRECISION)
+    return acc

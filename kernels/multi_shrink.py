@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import configs, dropout_keep, fp32_precision, m_bucket, prune_by_m, rank_block
+from .common import configs, fp32_precision, m_bucket, prune_by_m, rank_block, shrink_tile
 from .multi_meta import RowGroups, adapters_pow2, segment_tile, segment_tiles
 
 _CONFIGS = configs(
@@ -48,20 +48,12 @@ def _multi_shrink_kernel(x_ptr, a_ptr, s_ptr, perm_ptr, seg_ptr, off_ptr, rank_p
     rank_in = ranks < rank
     a_rows = tl.load(off_ptr + adapter).to(tl.int64) + ranks
     scale = tl.load(scale_ptr + adapter)
+    p = 0.0
     if DROPOUT:
         p = tl.load(p_ptr + adapter)
         scale = scale / (1.0 - p)
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        col_in = cols < K
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
-                    mask=row_in[:, None] & col_in[None, :], other=0.0)
-        if DROPOUT:
-            x = tl.where(dropout_keep(seed, rows, k0, K, p, BLOCK_K), x, 0.0)
-        a = tl.load(a_ptr + a_rows[None, :] * stride_am + cols[:, None] * stride_ak,
-                    mask=col_in[:, None] & rank_in[None, :], other=0.0)
-        acc = tl.dot(x.to(a.dtype), a, acc, input_precision=PRECISION)
+    acc = shrink_tile(x_ptr, rows, row_in, stride_xm, stride_xk, a_ptr, a_rows, rank_in,
+                      stride_am, stride_ak, K, seed, p, DROPOUT, PRECISION, BLOCK_K)
     tl.store(s_ptr + pos[:, None].to(tl.int64) * stride_sm + ranks[None, :] * stride_sr,
              acc * scale, mask=row_in[:, None] & rank_in[None, :])
 

@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import configs, fp32_precision, dropout_keep, m_bucket, prune_by_m, rank_block
+from .common import configs, m_bucket, prune_by_m, rank_block, shrink_tile, fp32_precision
 
 _CONFIGS = configs(
     [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
@@ -30,17 +30,9 @@ def _lora_shrink_kernel(x_ptr, a_ptr, t_ptr, M, K, R, M_BUCKET,
     ranks = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_in = rows < M
     rank_in = ranks < R
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        col_in = cols < K
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
-                    mask=row_in[:, None] & col_in[None, :], other=0.0)
-        if DROPOUT:
-            x = tl.where(dropout_keep(seed, rows, k0, K, dropout_p, BLOCK_K), x, 0.0)
-        a = tl.load(a_ptr + ranks[None, :] * stride_ar + cols[:, None] * stride_ak,
-                    mask=col_in[:, None] & rank_in[None, :], other=0.0)
-        acc += tl.dot(x.to(a.dtype), a, input_precision=PRECISION)
+    acc = shrink_tile(x_ptr, rows, row_in, stride_xm, stride_xk, a_ptr, ranks.to(tl.int64),
+                      rank_in, stride_ar, stride_ak, K, seed, dropout_p, DROPOUT, PRECISION,
+                      BLOCK_K)
     if DROPOUT:
         acc *= keep_scale
     tl.store(t_ptr + rows[:, None] * stride_tm + ranks[None, :] * stride_tr, acc,
