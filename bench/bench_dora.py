@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_layer import MS, RANKS, SHAPES, compare  # noqa: E402
-from common import environment, markdown_table, write_results  # noqa: E402
+from common import environment, write_results  # noqa: E402
 
 
 def make_impls(k, n, r, dtype, adapter_dtype, device="cuda"):
@@ -63,11 +63,9 @@ def main(argv=None) -> int:
     columns = ["K", "N", "M", "r", "adapter", "impl", "fwd_ms", "bwd_ms", "fwd_bwd_ms",
                "fwd/peft-dora", "fwd/fastlora-lora", "fwd_bwd/peft-dora",
                "fwd_bwd/fastlora-lora", "peak_mb", "saved_mb"]
-    table = ("Times are do_bench medians (ms); ratios are time / reference time in the same "
-             "run. fastlora-dora saves x, T, the output and g; PEFT rebuilds W + sBA.\n\n"
-             + markdown_table(rows, columns))
-    path = write_results(args.out, f"dora-{args.adapter_dtype}", environment(), rows, table)
-    print(f"wrote {path} and {path.with_suffix('.md')}")
+    preamble = ("Times are do_bench medians (ms); ratios are time / reference time in the same "
+                "run. fastlora-dora saves x, T, the output and g; PEFT rebuilds W + sBA.")
+    write_results(args.out, f"dora-{args.adapter_dtype}", environment(), rows, columns, preamble)
     return 0
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, markdown_table, peak_bytes, saved_bytes, write_results  # noqa: E402
+from common import environment, peak_bytes, print_row, saved_bytes, write_results  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (K, N)
 MS = [1, 16, 128, 2048, 8192]
@@ -83,8 +83,7 @@ def compare(impls, m, k, n, refs, **fields) -> list[dict]:
             row[f"fwd/{ref}"] = res["fwd_ms"] / results[ref]["fwd_ms"]
             row[f"fwd_bwd/{ref}"] = res["fwd_bwd_ms"] / results[ref]["fwd_bwd_ms"]
         rows.append(row)
-        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                       for k, v in row.items()), flush=True)
+        print_row(row)
     return rows
 
 
@@ -115,12 +114,10 @@ def main(argv=None) -> int:
     columns = ["K", "N", "M", "r", "p", "adapter", "impl", "fwd_ms", "bwd_ms", "fwd_bwd_ms",
                "fwd/F.linear", "fwd/eager", "fwd/peft", "fwd_bwd/F.linear", "fwd_bwd/peft",
                "peak_mb", "saved_mb"]
-    table = ("Times are medians of triton.testing.do_bench (ms); ratios are time / reference "
-             "time in the same run (below 1 is faster). saved_mb: bytes autograd keeps for "
-             "backward (fastlora: x and T = drop(x) A^T in fp32, never the dropout mask).\n\n"
-             + markdown_table(rows, columns))
-    path = write_results(args.out, f"layer-{args.adapter_dtype}", environment(), rows, table)
-    print(f"wrote {path} and {path.with_suffix('.md')}")
+    preamble = ("Times are medians of triton.testing.do_bench (ms); ratios are time / reference "
+                "time in the same run (below 1 is faster). saved_mb: bytes autograd keeps for "
+                "backward (fastlora: x and T = drop(x) A^T in fp32, never the dropout mask).")
+    write_results(args.out, f"layer-{args.adapter_dtype}", environment(), rows, columns, preamble)
     return 0
 
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, markdown_table, write_results  # noqa: E402
+from common import environment, print_row, write_results  # noqa: E402
 
 DECODE_MS = [1, 16, 64, 256]
 PREFILL_MS = [1024, 8192]
@@ -146,8 +146,7 @@ def measure(layer, bank, index, kind, rank_name, bandwidth) -> list[dict]:
                    **{"bound/time": bound / ms, "time/F.linear": ms / times["F.linear"],
                       "time/peft": ms / times["peft-mixed"], "time/loop": ms / times["loop"]})
         rows.append(row)
-        print(" ".join(f"{c}={v:.4g}" if isinstance(v, float) else f"{c}={v}"
-                       for c, v in row.items()), flush=True)
+        print_row(row)
     return rows
 
 
@@ -172,14 +171,12 @@ def main(argv=None) -> int:
     env = environment() | {"copy_GBps": bandwidth / 1e9}
     columns = ["K", "N", "M", "adapters", "present", "assignment", "ranks", "impl", "ms",
                "bound_ms", "bound/time", "time/F.linear", "time/peft", "time/loop"]
-    table = ("Forward of one bf16 layer with a different adapter per row. Times: medians of "
-             "triton.testing.do_bench (ms); fastlora-graph: the same call replayed from a CUDA "
-             "graph. bound_ms: bytes of W + the adapters present + x + y at the measured "
-             f"copy bandwidth ({bandwidth / 1e9:.0f} GB/s); bound/time near 1 is at the "
-             "memory-traffic bound. present: distinct adapters in the batch.\n\n"
-             + markdown_table(rows, columns))
-    path = write_results(args.out, "multi", env, rows, table)
-    print(f"wrote {path} and {path.with_suffix('.md')}")
+    preamble = ("Forward of one bf16 layer with a different adapter per row. Times: medians of "
+                "triton.testing.do_bench (ms); fastlora-graph: the same call replayed from a CUDA "
+                "graph. bound_ms: bytes of W + the adapters present + x + y at the measured "
+                f"copy bandwidth ({bandwidth / 1e9:.0f} GB/s); bound/time near 1 is at the "
+                "memory-traffic bound. present: distinct adapters in the batch.")
+    write_results(args.out, "multi", env, rows, columns, preamble)
     return 0
 
 

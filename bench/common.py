@@ -44,8 +44,10 @@ def peak_bytes(fn) -> int:
     return torch.cuda.max_memory_allocated() - start
 
 
-def write_results(out_dir: str | Path, stem: str, env: dict, rows: list[dict], table: str) -> Path:
-    """Write ``<stem>-<gpu>-<date>.json`` and ``.md``; returns the JSON path."""
+def write_results(out_dir: str | Path, stem: str, env: dict, rows: list[dict],
+                  columns: list[str], preamble: str) -> Path:
+    """Write ``<stem>-<gpu>-<date>.json`` and ``.md`` (environment, preamble, a table of
+    ``columns``), say where; returns the JSON path."""
     gpu = re.sub(r"[^A-Za-z0-9]+", "-", env["gpu"] or "cpu").strip("-").lower()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -53,8 +55,15 @@ def write_results(out_dir: str | Path, stem: str, env: dict, rows: list[dict], t
     path.write_text(json.dumps({"env": env, "rows": rows}, indent=1))
     header = (f"GPU: {env['gpu']}, torch {env['torch']}, triton {env['triton']}, "
               f"date {env['date']}\n\n")
-    path.with_suffix(".md").write_text(header + table)
+    path.with_suffix(".md").write_text(header + preamble + "\n\n" + markdown_table(rows, columns))
+    print(f"wrote {path} and {path.with_suffix('.md')}")
     return path
+
+
+def print_row(row: dict) -> None:
+    """One measured row as ``key=value`` pairs, as it is measured."""
+    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+          flush=True)
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
