@@ -58,17 +58,26 @@ def _setup_context(ctx, inputs, output):
     ctx.bias_dtype = bias.dtype if bias is not None else None
 
 
+def _base_grads(dy, x, weight, bias_dtype, need_w: bool, need_b: bool, g=None):
+    """Gradients of the frozen-by-default base: weight (of ``g * x W^T`` when g is given;
+    a trainable base weight is unusual: plain PyTorch, no fusion) and bias."""
+    dweight = dbias = None
+    if need_w:
+        dy_w = dy if g is None else dy.float() * g
+        dweight = dy_w.t().to(weight.dtype) @ x.to(weight.dtype)
+    if need_b:
+        dbias = dy.sum(0, dtype=torch.float32).to(bias_dtype)
+    return dweight, dbias
+
+
 def _backward(ctx, dy, _dt):
     x, weight, lora_A, lora_B, t, seed = ctx.saved_tensors
     need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
-    dx = da = db = dweight = dbias = None
+    dx = da = db = None
     if need_x or need_a or need_bb:
         dx, da, db = lora_linear_bwd(dy, x, weight, lora_A, lora_B, t, ctx.scaling,
                                      ctx.dropout_p, seed, need_x)
-    if need_w:  # a trainable base weight is unusual: plain PyTorch, no fusion
-        dweight = (dy.t().to(weight.dtype) @ x.to(weight.dtype))
-    if need_b:
-        dbias = dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+    dweight, dbias = _base_grads(dy, x, weight, ctx.bias_dtype, need_w, need_b)
     return (dx if need_x else None), dweight, dbias, (da if need_a else None), \
         (db if need_bb else None), None, None, None
 
@@ -138,14 +147,13 @@ def _dora_setup_context(ctx, inputs, output):
 def _dora_backward(ctx, dy, _dt):
     x, weight, bias, lora_A, lora_B, t, y, g = ctx.saved_tensors
     need_x, need_w, need_b, need_a, need_bb, _, need_g = ctx.needs_input_grad
-    dx = da = db = dg = dweight = dbias = None
+    dx = da = db = dg = None
     if need_x or need_a or need_bb or need_g:
         dx, da, db, dg = dora_linear_bwd(dy, x, weight, bias, lora_A, lora_B, t, y, g,
                                          ctx.scaling, need_x)
-    if need_w:  # the norm is detached: W's gradient is that of g * x W^T
-        dweight = (dy.float() * g).t().to(weight.dtype) @ x.to(weight.dtype)
-    if need_b:
-        dbias = dy.sum(0, dtype=torch.float32).to(bias.dtype)
+    # the norm is detached: W's gradient is that of g * x W^T
+    dweight, dbias = _base_grads(dy, x, weight, bias.dtype if bias is not None else None,
+                                 need_w, need_b, g)
     return (dx if need_x else None), dweight, dbias, (da if need_a else None), \
         (db if need_bb else None), None, (dg if need_g else None)
 

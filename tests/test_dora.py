@@ -40,6 +40,11 @@ def test_output_and_grads(shape, dtype, bias, device):
     check(with_magnitude(make(*shape, dtype, bias=bias, device=device), 0.5), 0.5, dtype)
 
 
+def test_trainable_base_weight(device):
+    x, w, b, a, bb, m = with_magnitude(make(37, 70, 48, 8, torch.float32, device=device), 0.5)
+    check([x, w.requires_grad_(), b, a, bb, m], 0.5, torch.float32)
+
+
 def test_fp32_adapter_over_fp16_base(device):
     args = make(300, 130, 70, 16, torch.float16, adapter_dtype=torch.float32, device=device)
     check(with_magnitude(args, 2.0), 2.0, torch.float16)
