@@ -62,6 +62,16 @@ def _check_lora_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, kernel
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
 
 
+def _prepare(x, weight, bias, lora_A, lora_B, scaling, dropout_p, **others):
+    """Checks (``others``: further tensors that must share the device), autocast and
+    backend choice shared by the LoRA ops; returns the cast tensors and the backend."""
+    _check_devices(x=x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B, **others)
+    x, weight, bias, lora_A, lora_B = _autocast(x.device.type, x, weight, bias, lora_A, lora_B)
+    which = backend.choose(x)
+    _check_lora_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, which == "triton")
+    return x, weight, bias, lora_A, lora_B, which
+
+
 def _autocast(device_type: str, *tensors):
     """Cast floating tensors to the autocast dtype when autocast is on, as F.linear would."""
     available = getattr(torch.amp, "is_autocast_available", lambda d: d in ("cpu", "cuda"))
@@ -93,10 +103,8 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     ``seed`` (or one drawn from ``generator`` / torch's default generator) and is never
     stored: the backward regenerates it.
     """
-    _check_devices(x=x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
-    x, weight, bias, lora_A, lora_B = _autocast(x.device.type, x, weight, bias, lora_A, lora_B)
-    which = backend.choose(x)
-    _check_lora_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, which == "triton")
+    x, weight, bias, lora_A, lora_B, which = _prepare(x, weight, bias, lora_A, lora_B, scaling,
+                                                      dropout_p)
     p = float(dropout_p) if training else 0.0
     if which == "torch":
         return reference.lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=p,
@@ -114,8 +122,6 @@ def _check_magnitude(magnitude, weight, kernel: bool) -> None:
     _check_float("magnitude", magnitude, kernel)
     if tuple(magnitude.shape) != (weight.shape[0],):
         raise ValueError(f"magnitude must have shape ({weight.shape[0]},), got {tuple(magnitude.shape)}")
-    if magnitude.device != weight.device:
-        raise ValueError(f"magnitude is on {magnitude.device}, weight on {weight.device}")
 
 
 def dora_weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
@@ -156,10 +162,8 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     saves x, T, the output and g, and gets ``d magnitude`` from the same pass over dY.
     """
     global _warned_dora_dropout
-    _check_devices(x=x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
-    x, weight, bias, lora_A, lora_B = _autocast(x.device.type, x, weight, bias, lora_A, lora_B)
-    which = backend.choose(x)
-    _check_lora_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, which == "triton")
+    x, weight, bias, lora_A, lora_B, which = _prepare(x, weight, bias, lora_A, lora_B, scaling,
+                                                      dropout_p, magnitude=magnitude)
     _check_magnitude(magnitude, weight, which == "triton")
     p = float(dropout_p) if training else 0.0
     if which == "triton" and p > 0.0 and not _warned_dora_dropout:

@@ -134,9 +134,10 @@ def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     dropping = False
     dora = False
     for a in names:
-        if lora_bias.get(a, False) or (a in variants and not _is_dora(self, a)):
+        is_dora = _is_dora(self, a)
+        if lora_bias.get(a, False) or (a in variants and not is_dora):
             return peft_forward(self, x, *args, **kwargs)
-        dora = dora or _is_dora(self, a)
+        dora = dora or is_dora
         drop = self.lora_dropout[a]
         if type(drop) is nn.Dropout:
             if drop.training and drop.p > 0.0:

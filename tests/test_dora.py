@@ -105,6 +105,8 @@ def test_bad_magnitude_raises(device):
         fastlora.dora_linear(x, w, b, a, bb, 0.5, m[:-1])
     with pytest.raises(TypeError, match="magnitude"):
         fastlora.dora_linear(x, w, b, a, bb, 0.5, m.detach().long())
+    with pytest.raises(ValueError, match="different devices"):
+        fastlora.dora_linear(x, w, b, a, bb, 0.5, m.detach().to("meta"))
 
 
 # ---------------------------------------------------------------- nn.DoraLinear
