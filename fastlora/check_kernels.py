@@ -3,7 +3,8 @@
 ``python -m fastlora check-kernels --target sm_80 --target sm_90`` prints one row per
 (kernel, variant, config, target): shared memory, registers, spilled/stack bytes and the
 tensor-core instruction found, and exits non-zero on a compile failure, a GEMM kernel
-without tensor-core instructions, or shared memory over the target's limit.
+without tensor-core instructions, or shared memory over the target's limit. A kernel built
+for one architecture (the sm_90 TMA kernel) is reported skipped on the others.
 """
 from __future__ import annotations
 
@@ -31,8 +32,11 @@ class Row:
     spill: int = 0
     mma: str = ""
     error: str = ""
+    skipped: str = ""
 
     def problems(self, gemm: bool) -> list[str]:
+        if self.skipped:
+            return []
         cap = int(self.target[3:])
         out = [self.error] if self.error else []
         if not self.error and self.shared > SMEM_LIMIT[cap]:
@@ -80,8 +84,12 @@ def _compile(job: tuple[int, int, str]) -> Row:
     cfg = ", ".join(f"{k}={v}" for k, v in config.kwargs.items())
     row = Row(fn.__name__, variant.label, f"{cfg}, w={config.num_warps}, s={config.num_stages}",
               target)
+    if variant.only is not None and int(target[3:]) != variant.only:
+        row.skipped = f"built for sm_{variant.only} only"
+        return row
     constexprs = {**variant.constexprs, **config.kwargs}
-    signature = {name: variant.types.get(name, "constexpr") for name in fn.arg_names}
+    types = variant.all_types(config.kwargs)
+    signature = {name: types.get(name, "constexpr") for name in fn.arg_names}
     missing = [n for n, t in signature.items() if t == "constexpr" and n not in constexprs]
     if missing:
         row.error = f"no type or value for {missing}"
@@ -99,8 +107,10 @@ def _compile(job: tuple[int, int, str]) -> Row:
     return row
 
 
-def run(targets: list[str], jobs: int | None = None, out=sys.stdout) -> int:
-    """Compile everything for ``targets`` (``sm_80``...); print the table; return the exit code."""
+def run(targets: list[str], jobs: int | None = None, out=sys.stdout,
+        kernels: list[str] | None = None) -> int:
+    """Compile everything (or the kernels named in ``kernels``) for ``targets``
+    (``sm_80``...); print the table; return the exit code."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("check-kernels compiles for GPUs: unset TRITON_INTERPRET")
     from fastlora.kernels.aot import VARIANTS
@@ -108,7 +118,12 @@ def run(targets: list[str], jobs: int | None = None, out=sys.stdout) -> int:
     for t in targets:
         if not re.fullmatch(r"sm_\d+", t) or int(t[3:]) not in SMEM_LIMIT:
             raise ValueError(f"unknown target {t!r}; known: {', '.join(f'sm_{c}' for c in SMEM_LIMIT)}")
+    names = {variant.kernel.fn.__name__ for variant in VARIANTS}
+    unknown = set(kernels or ()) - names
+    if unknown:
+        raise ValueError(f"unknown kernel {sorted(unknown)}; known: {', '.join(sorted(names))}")
     work = [(v, c, t) for v, variant in enumerate(VARIANTS)
+            if not kernels or variant.kernel.fn.__name__ in kernels
             for c in range(len(variant.kernel.configs)) for t in targets]
     with ProcessPoolExecutor(max_workers=jobs or os.cpu_count()) as pool:
         rows = list(pool.map(_compile, work))
@@ -118,7 +133,8 @@ def run(targets: list[str], jobs: int | None = None, out=sys.stdout) -> int:
     for (v, _, _), row in zip(work, rows):
         problems = row.problems(VARIANTS[v].gemm)
         failures += bool(problems)
-        status = "ok" if not problems else "FAIL: " + "; ".join(problems)
+        status = ("FAIL: " + "; ".join(problems) if problems else
+                  f"skipped: {row.skipped}" if row.skipped else "ok")
         print(f"{row.kernel:<22} {row.variant:<36} {row.config:<58} {row.target:<6} "
               f"{row.shared:>7} {row.regs:>4} {row.spill:>5} {row.mma or '-':<8} {status}", file=out)
     print(f"{len(rows)} compilations, {failures} failed", file=out)
@@ -130,5 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", action="append", default=None,
                         help="GPU target such as sm_80 or sm_90 (repeatable; default both)")
     parser.add_argument("--jobs", type=int, default=None, help="parallel compilations")
+    parser.add_argument("--kernel", action="append", default=None,
+                        help="compile only this kernel, e.g. _lora_linear_tma_kernel (repeatable)")
     args = parser.parse_args(argv)
-    return run(args.target or ["sm_80", "sm_90"], args.jobs)
+    return run(args.target or ["sm_80", "sm_90"], args.jobs, kernels=args.kernel)

@@ -7,10 +7,11 @@ N/K sizes are marked divisible by 16."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import triton.language as tl
 
-from . import backward, dora, linear, multi_backward, multi_linear, multi_shrink, shrink
+from . import backward, dora, linear, linear_tma, multi_backward, multi_linear, multi_shrink, shrink
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,12 @@ class AotVariant:
     types: dict[str, str]
     constexprs: dict[str, object] = field(default_factory=dict)
     gemm: bool = True  # must use tensor cores
+    only: int | None = None  # the one compute capability it is built for; others are skipped
+    # types that depend on the autotune config (tensor descriptors carry their block shape)
+    config_types: Callable[[dict], dict[str, str]] | None = None
+
+    def all_types(self, config: dict) -> dict[str, str]:
+        return {**self.types, **(self.config_types(config) if self.config_types else {})}
 
     def attrs(self) -> dict:
         names = self.kernel.fn.arg_names
@@ -42,7 +49,7 @@ def _shrink(x: str, a: str, dropout: bool, precision: str = "tf32") -> AotVarian
 
 def _linear(ab: str, lb: str, bias: bool, dropout: bool, label: str,
             unit_strides: tuple[str, ...], scale_out: bool = False,
-            scale_in: bool = False) -> AotVariant:
+            scale_in: bool = False, in_place: bool = False) -> AotVariant:
     strides = ["stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_lm", "stride_lr",
                "stride_lbr", "stride_lbn", "stride_om", "stride_on"]
     types = dict(a_ptr=f"*{ab}", b_ptr=f"*{ab}", l_ptr="*fp32", lb_ptr=f"*{lb}", bias_ptr=f"*{ab}",
@@ -50,9 +57,34 @@ def _linear(ab: str, lb: str, bias: bool, dropout: bool, label: str,
                  M_BUCKET="i32", scale="fp32", seed="i32", dropout_p="fp32",
                  **{n: "i32" for n in strides if n not in unit_strides})
     const = dict(HAS_LORA=True, HAS_BIAS=bias, DROPOUT=dropout, SCALE_OUT=scale_out,
-                 SCALE_IN=scale_in, BLOCK_R=16, PRECISION="tf32",
+                 SCALE_IN=scale_in, IN_PLACE=in_place, BLOCK_R=16, PRECISION="tf32",
                  **{n: 1 for n in unit_strides})
-    return AotVariant(linear._lora_linear_kernel, label, types, const)
+    kernel = linear._in_place_kernel if in_place else linear._lora_linear_kernel
+    return AotVariant(kernel, label, types, const)
+
+
+def _tma(ab: str, lb: str, label: str, b_nk: bool, bias: bool = False, dropout: bool = False,
+         scale_out: bool = False, scale_in: bool = False) -> AotVariant:
+    """The sm_90 TMA kernel; b_nk: b described as W ``[N, K]`` (the forward)."""
+    # the forward reads lb = B^T ([r, N], unit stride along r), the dx pass lb = A
+    unit = "stride_lbr" if b_nk else "stride_lbn"
+    types = dict(l_ptr="*fp32", lb_ptr=f"*{lb}", bias_ptr=f"*{ab}", g_ptr="*fp32", M="i32",
+                 N="i32", K="i32", R="i32", M_BUCKET="i32", stride_lm="i32",
+                 scale="fp32", seed="i32", dropout_p="fp32",
+                 **{n: "i32" for n in ("stride_lbr", "stride_lbn") if n != unit})
+    const = dict(HAS_LORA=True, HAS_BIAS=bias, DROPOUT=dropout, SCALE_OUT=scale_out,
+                 SCALE_IN=scale_in, B_NK=b_nk, BLOCK_R=16, PRECISION="tf32", stride_lr=1,
+                 **{unit: 1})
+
+    def descriptors(config):
+        bm, bn, bk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
+        b_block = [bn, bk] if b_nk else [bk, bn]
+        return {"a_desc": f"tensordesc<{ab}[{bm}, {bk}]>",
+                "b_desc": f"tensordesc<{ab}[{b_block[0]}, {b_block[1]}]>",
+                "out_desc": f"tensordesc<{ab}[{bm}, {bn // 2}]>"}
+
+    kernel = linear_tma._tuned_lean if dropout or scale_in else linear_tma._tuned
+    return AotVariant(kernel, label, types, const, only=90, config_types=descriptors)
 
 
 def _dy(dy: str, b: str, dora: bool) -> AotVariant:
@@ -146,6 +178,17 @@ VARIANTS: list[AotVariant] = [
             ("stride_ak", "stride_bk", "stride_lr", "stride_lbr", "stride_on"), scale_out=True),
     _linear("bf16", "fp32", False, False, "DoRA dx, fp32 adapter",
             ("stride_ak", "stride_bn", "stride_lr", "stride_lbn", "stride_on"), scale_in=True),
+    # the epilogue pass after cuBLAS (IN_PLACE): the same two layouts
+    _linear("bf16", "fp32", True, False, "in place forward, fp32 adapter, bias",
+            ("stride_ak", "stride_bk", "stride_lr", "stride_lbr", "stride_on"), in_place=True),
+    _linear("bf16", "bf16", False, True, "in place dx bf16, dropout",
+            ("stride_ak", "stride_bn", "stride_lr", "stride_lbn", "stride_on"), in_place=True),
+    # sm_90 persistent TMA kernel: forward b = W [N, K]; dx b = W as [K_dx, N_dx]
+    _tma("bf16", "fp32", "TMA forward bf16, fp32 adapter, bias", True, bias=True),
+    _tma("fp16", "fp16", "TMA forward fp16, fp16 adapter", True),
+    _tma("bf16", "bf16", "TMA dx bf16, dropout", False, dropout=True),
+    _tma("bf16", "fp32", "TMA DoRA forward, fp32 adapter", True, bias=True, scale_out=True),
+    _tma("bf16", "fp32", "TMA DoRA dx, fp32 adapter", False, scale_in=True),
     _dy("bf16", "fp32", False),
     _dy("fp16", "fp16", False),
     _dy("bf16", "fp32", True),

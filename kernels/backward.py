@@ -14,13 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import configs, fp32_precision, dropout_keep, m_bucket, prune_by_m, rank_block
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # interpreter: a few splits, so the tests exercise the atomic reductions
+from .common import configs, fp32_precision, dropout_keep, m_bucket, prune_by_m, rank_block, sm_count
 
 
 _DY_CONFIGS = configs(
@@ -138,7 +132,7 @@ _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.floa
 
 def _splits(tiles: int, other_tiles: int, device: torch.device) -> int:
     """How many programs share a reduction: enough for about two waves of the GPU."""
-    return max(1, min(tiles, triton.cdiv(2 * _sm_count(device), max(other_tiles, 1))))
+    return max(1, min(tiles, triton.cdiv(2 * sm_count(device), max(other_tiles, 1))))
 
 
 def lora_dy(dy: torch.Tensor, lora_B: torch.Tensor, t: torch.Tensor, scaling: float,

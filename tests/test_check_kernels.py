@@ -1,5 +1,6 @@
 """The GPU-less kernel check: every kernel and autotune config compiles for sm_80/sm_90."""
 import os
+import re
 import subprocess
 import sys
 
@@ -19,8 +20,17 @@ def test_check_kernels_passes_for_sm80_and_sm90():
     assert kernels >= {"_lora_shrink_kernel", "_lora_linear_kernel", "_lora_dy_kernel",
                        "_lora_da_kernel", "_dora_norm_kernel"}
     assert proc.stdout.rstrip().endswith(f"{len(rows)} compilations, 0 failed")
-    assert all(line.rstrip().endswith("ok") for line in rows)
+    assert all(line.rstrip().endswith("ok") or "_tma_" in line for line in rows)
     assert any(" sm_90 " in line and "wgmma" in line for line in rows)
+    # the persistent TMA kernel: wgmma without spills on sm_90, skipped (not failed) on sm_80
+    tma = [re.search(r" (sm_\d+) +\d+ +\d+ +(\d+) +(\S+) +(.+)$", line).groups()
+           for line in rows if line.startswith("_lora_linear_tma_kernel ")]
+    assert {target for target, *_ in tma} == {"sm_80", "sm_90"}
+    for target, spill, mma, status in tma:
+        if target == "sm_90":
+            assert (spill, mma, status) == ("0", "wgmma", "ok")
+        else:
+            assert status == "skipped: built for sm_90 only"
 
 
 @pytest.mark.parametrize("row, gemm, expect", [
@@ -36,6 +46,10 @@ def test_check_accepts_a_good_row():
     assert Row("k", "v", "c", "sm_90", shared=1024, mma="wgmma").problems(True) == []
 
 
+def test_a_skipped_row_is_no_failure():
+    assert Row("k", "v", "c", "sm_80", skipped="built for sm_90 only").problems(True) == []
+
+
 def test_check_refuses_interpreter_and_unknown_target(monkeypatch):
     from fastlora import check_kernels
 
@@ -45,3 +59,5 @@ def test_check_refuses_interpreter_and_unknown_target(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(ValueError, match="unknown target"):
         check_kernels.run(["sm_75"])
+    with pytest.raises(ValueError, match="unknown kernel.*_lora_linear_tma_kernel"):
+        check_kernels.run(["sm_90"], kernels=["_no_such_kernel"])
