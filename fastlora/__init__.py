@@ -2,14 +2,17 @@
 
 ``lora_linear`` / ``dora_linear`` / ``multi_lora_linear`` are the fused ops (the last one
 with a different adapter per row, from an ``AdapterBank``), ``patch(model)`` accelerates a
-PEFT model in place, ``fastlora.reference`` holds the PyTorch oracle.
+PEFT model in place, ``fastlora.reference`` holds the PyTorch oracle. ``warmup`` measures
+which implementation runs each layer shape (before CUDA-graph capture), ``explain`` says.
 """
 from . import reference
 from .bank import AdapterBank
 from .functional import dora_linear, dora_weight_norm, lora_linear
 from .multi import multi_lora_linear
 from .patching import PatchReport, is_patched, patch, unpatch
+from .warmup import explain, warmup
 
 __version__ = "0.1.0"
-__all__ = ["AdapterBank", "PatchReport", "dora_linear", "dora_weight_norm", "is_patched",
-           "lora_linear", "multi_lora_linear", "patch", "reference", "unpatch"]
+__all__ = ["AdapterBank", "PatchReport", "dora_linear", "dora_weight_norm", "explain",
+           "is_patched", "lora_linear", "multi_lora_linear", "patch", "reference", "unpatch",
+           "warmup"]
