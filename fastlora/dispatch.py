@@ -144,8 +144,9 @@ class Explanation:
     def __str__(self) -> str:
         times = ", ".join(f"{name} {ms:.4g} ms" for name, ms in self.timings_ms.items())
         skipped = "; ".join(f"{name}: {reason}" for name, reason in self.unavailable.items())
-        return (f"{self.stage} [{self.key}]: {self.impl} ({self.why}"
-                + (f": {times}" if times else "") + ")" + (f"; not run: {skipped}" if skipped else ""))
+        text = f"{self.stage} [{self.key}]: {self.impl} ({self.why}"
+        text += (f": {times})" if times else ")")
+        return text + (f"; not run: {skipped}" if skipped else "")
 
 
 def device_name(device: torch.device) -> str:

@@ -147,8 +147,8 @@ def tma_unsupported(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype | N
     if a.is_cuda:
         major, minor = torch.cuda.get_device_capability(a.device)
         if major != 9:
-            return (f"the TMA kernel is built for sm_90 (Hopper); {torch.cuda.get_device_name(a.device)} "
-                    f"is sm_{major}{minor}")
+            name = torch.cuda.get_device_name(a.device)
+            return f"the TMA kernel is built for sm_90 (Hopper); {name} is sm_{major}{minor}"
     elif not interpreting():
         return f"needs a CUDA tensor (got {a.device}) or TRITON_INTERPRET=1"
     if a.dtype != b.dtype or (out_dtype is not None and out_dtype != a.dtype):
@@ -187,7 +187,10 @@ def tma_linear(a: torch.Tensor, b: torch.Tensor, low: LowRank | None = None,
     r = low.l.shape[1] if has_lora else 0
     g = g_out if g_out is not None else g_in
     sms = sm_count(a.device)
-    grid = lambda meta: (min(sms, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])),)  # noqa: E731
+
+    def grid(meta):
+        return (min(sms, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])),)
+
     dropout = has_lora and low.dropout_p > 0.0
     kernel = _tuned_lean if dropout or g_in is not None else _tuned
     kernel[grid](
