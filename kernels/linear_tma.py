@@ -4,8 +4,9 @@ Same result as ``linear.fused_linear``: ``out = g_out * (a @ (g_in * b) + scale 
 (l @ lb)) + bias``, built on Triton tutorial 09's recipe instead of tutorial 03's: one
 program per SM walks the output tiles (grouped order, for L2 reuse), a and b arrive through
 TMA descriptor loads (zero-filled past the edges: no masks in the K loop), and the tile is
-stored through a descriptor in two column halves (epilogue subtiling: the converted half
-tile needs half the registers, and its store overlaps the other half's epilogue). As in
+stored through a descriptor in two column halves (epilogue subtiling: a converted half
+tile needs half the registers, and the first half's asynchronous store can run during the
+second half's epilogue). As in
 the pointer kernel, the low-rank term is the accumulator's starting value (pointer loads:
 l and lb are small and their strides need not suit TMA), so one accumulator is live.
 
