@@ -25,7 +25,7 @@ from .save import SAVE_FORMATS, save_adapter
 from .summary import layer_table, size_text, summarize, summary_lines, table
 
 FILE_SUFFIX = ".safetensors"
-_FILE_FORMAT = {"peft": "peft", "diffusers": "diffusers", "kohya": "kohya", "light-lora": "kohya",
+_LORA_FORMAT = {"peft": "peft", "diffusers": "diffusers", "kohya": "kohya", "light-lora": "kohya",
                 "lycoris": "kohya"}
 """The LoRA format an input is written back in by default (``--to lora``)."""
 
@@ -182,7 +182,7 @@ def _output(args, adapter: Adapter, fmt: str | None) -> tuple[Path, str]:
     out = Path(args.output)
     is_file = out.suffix == FILE_SUFFIX
     if fmt is None:
-        fmt = _FILE_FORMAT.get(adapter.source_format, "peft")
+        fmt = _LORA_FORMAT.get(adapter.source_format, "peft")
         if fmt == "peft" and is_file:
             fmt = "diffusers"  # PEFT's keys in one file
     if fmt == "peft" and is_file:

@@ -53,7 +53,7 @@ def read_raw(source: str | os.PathLike | dict, allow_pickle: bool = False) -> Ra
     if not path.is_file():
         raise AdapterFormatError(f"{path}: not a regular file or directory")
     config_path = path.parent / PEFT_CONFIG
-    config = _read_json(config_path) if path.name in (PEFT_WEIGHTS, PEFT_PICKLE_WEIGHTS) \
+    config = read_json(config_path) if path.name in (PEFT_WEIGHTS, PEFT_PICKLE_WEIGHTS) \
         and config_path.is_file() else None
     tensors, metadata = _read_weights(path, allow_pickle)
     return RawAdapter(tensors, metadata, config, str(path))
@@ -68,11 +68,11 @@ def _read_peft_dir(path: Path, allow_pickle: bool) -> RawAdapter:
     for name in (PEFT_WEIGHTS, PEFT_PICKLE_WEIGHTS):
         if (path / name).is_file():
             tensors, metadata = _read_weights(path / name, allow_pickle)
-            return RawAdapter(tensors, metadata, _read_json(config_path), str(path / name))
+            return RawAdapter(tensors, metadata, read_json(config_path), str(path / name))
     raise AdapterFormatError(f"{path}: no {PEFT_WEIGHTS} (or {PEFT_PICKLE_WEIGHTS}) in the directory")
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -121,7 +121,7 @@ def _module_names(raw: RawAdapter, modules, source_format: str) -> dict[str, str
     names mapped back through ``fastlora_module_names`` when the file has it."""
     if source_format == "peft":
         return {m: m.removeprefix(PEFT_PREFIX) for m in modules}
-    if source_format in ("diffusers",):
+    if source_format == "diffusers":
         return {m: m for m in modules}
     name_map = kohya_name_map(raw.metadata, raw.label)
     for kohya, dotted in name_map.items():

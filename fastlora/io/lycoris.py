@@ -189,43 +189,34 @@ def build_loha(tensors: dict, keys: dict, alpha: float | None, magnitude, where:
     return layer
 
 
+def _lokr_factor(tensors: dict, keys: dict, i: int, where: str) -> tuple[int, ...]:
+    """The checked shape of Kronecker factor ``w{i}``: ``lokr_w{i}``, ``lokr_w{i}_a @ lokr_w{i}_b``,
+    or (``i == 2``) their Tucker product with ``lokr_t2``."""
+    full, a, b = f"lokr_w{i}", f"lokr_w{i}_a", f"lokr_w{i}_b"
+    tucker = i == 2 and "lokr_t2" in tensors
+    if (full in tensors) == (a in tensors or b in tensors):
+        raise AdapterShapeError(f"{where}: needs {full}, or {a} and {b} (not both), got {sorted(keys.values())}")
+    if full in tensors:
+        if tucker:
+            raise AdapterShapeError(f"{where}: lokr_t2 goes with lokr_w2_a / lokr_w2_b, not with lokr_w2")
+        _need(tensors, keys, (full,), where, dims=(2,) if i == 1 else (2, 3, 4, 5))
+        return tuple(tensors[full].shape)
+    _need(tensors, keys, (a, b), where, dims=(2,))
+    ta, tb = tensors[a], tensors[b]
+    if tucker:
+        t = tensors["lokr_t2"]
+        if t.dim() < 3 or t.shape[:2] != (ta.shape[0], tb.shape[0]):
+            raise _shapes_error(where, keys, {r: tensors[r] for r in ("lokr_t2", a, b)},
+                                f"lokr_t2 [r, r, *kernel], {a} [r, b], {b} [r, d]")
+        return ta.shape[1], tb.shape[1], *t.shape[2:]
+    if ta.shape[1] != tb.shape[0]:
+        raise _shapes_error(where, keys, {r: tensors[r] for r in (a, b)}, f"{a} [rows, r] and {b} [r, columns]")
+    return ta.shape[0], tb.shape[1]
+
+
 def build_lokr(tensors: dict, keys: dict, alpha: float | None, magnitude, where: str) -> LokrLayer:
     """A checked :class:`LokrLayer`; ``tensors`` / ``keys``: role -> tensor / file key."""
-    if ("lokr_w1" in tensors) == ("lokr_w1_a" in tensors or "lokr_w1_b" in tensors):
-        raise AdapterShapeError(f"{where}: needs lokr_w1, or lokr_w1_a and lokr_w1_b (not both), "
-                                f"got {sorted(keys.values())}")
-    if "lokr_w1" in tensors:
-        _need(tensors, keys, ("lokr_w1",), where, dims=(2,))
-        w1_shape = tuple(tensors["lokr_w1"].shape)
-    else:
-        _need(tensors, keys, ("lokr_w1_a", "lokr_w1_b"), where, dims=(2,))
-        w1a, w1b = tensors["lokr_w1_a"], tensors["lokr_w1_b"]
-        if w1a.shape[1] != w1b.shape[0]:
-            raise _shapes_error(where, keys, {r: tensors[r] for r in ("lokr_w1_a", "lokr_w1_b")},
-                                "lokr_w1_a [a, r] and lokr_w1_b [r, c]")
-        w1_shape = (w1a.shape[0], w1b.shape[1])
-    if ("lokr_w2" in tensors) == ("lokr_w2_a" in tensors or "lokr_w2_b" in tensors):
-        raise AdapterShapeError(f"{where}: needs lokr_w2, or lokr_w2_a and lokr_w2_b (not both), "
-                                f"got {sorted(keys.values())}")
-    if "lokr_w2" in tensors:
-        if "lokr_t2" in tensors:
-            raise AdapterShapeError(f"{where}: lokr_t2 goes with lokr_w2_a / lokr_w2_b, not with lokr_w2")
-        _need(tensors, keys, ("lokr_w2",), where, dims=(2, 3, 4, 5))
-        w2_shape = tuple(tensors["lokr_w2"].shape)
-    elif "lokr_t2" in tensors:
-        _need(tensors, keys, ("lokr_w2_a", "lokr_w2_b"), where, dims=(2,))
-        t2, w2a, w2b = tensors["lokr_t2"], tensors["lokr_w2_a"], tensors["lokr_w2_b"]
-        if t2.dim() < 3 or t2.shape[:2] != (w2a.shape[0], w2b.shape[0]):
-            raise _shapes_error(where, keys, {r: tensors[r] for r in ("lokr_t2", "lokr_w2_a", "lokr_w2_b")},
-                                "lokr_t2 [r, r, *kernel], lokr_w2_a [r, b], lokr_w2_b [r, d]")
-        w2_shape = (w2a.shape[1], w2b.shape[1], *t2.shape[2:])
-    else:
-        _need(tensors, keys, ("lokr_w2_a", "lokr_w2_b"), where, dims=(2,))
-        w2a, w2b = tensors["lokr_w2_a"], tensors["lokr_w2_b"]
-        if w2a.shape[1] != w2b.shape[0]:
-            raise _shapes_error(where, keys, {r: tensors[r] for r in ("lokr_w2_a", "lokr_w2_b")},
-                                "lokr_w2_a [b, r] and lokr_w2_b [r, d]")
-        w2_shape = (w2a.shape[0], w2b.shape[1])
+    w1_shape, w2_shape = (_lokr_factor(tensors, keys, i, where) for i in (1, 2))
     if "lokr_w1_b" in tensors and "lokr_w2_b" in tensors and \
             tensors["lokr_w1_b"].shape[0] != tensors["lokr_w2_b"].shape[0]:
         raise _shapes_error(where, keys, {r: tensors[r] for r in ("lokr_w1_b", "lokr_w2_b")},

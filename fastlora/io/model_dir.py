@@ -10,7 +10,6 @@ diffusers directories, ``diffusers``.
 from __future__ import annotations
 
 import importlib
-import json
 import os
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 from torch import nn
 
 from .errors import AdapterFormatError
+from .files import read_json
 
 _LIBRARIES = ("diffusers", "transformers")
 
@@ -28,7 +28,7 @@ def load_model_dir(path: str | os.PathLike) -> nn.Module:
     if not path.is_dir():
         raise NotADirectoryError(20, "not a model directory", str(path))
     if (path / "model_index.json").is_file():
-        index = _json(path / "model_index.json")
+        index = read_json(path / "model_index.json")
         components = {name: _build(path / name, entry[1], entry[0]) for name, entry in index.items()
                       if isinstance(entry, list) and len(entry) == 2 and entry[0] in _LIBRARIES
                       and (path / name / "config.json").is_file()}
@@ -37,22 +37,12 @@ def load_model_dir(path: str | os.PathLike) -> nn.Module:
                                      "config.json")
         return nn.ModuleDict(components)
     if (path / "config.json").is_file():
-        config = _json(path / "config.json")
+        config = read_json(path / "config.json")
         if "_diffusers_version" in config:
             return _build(path, config.get("_class_name"), "diffusers")
         return _build(path, None, "transformers")
     raise AdapterFormatError(f"{path}: not a transformers or diffusers model directory "
                              "(no config.json or model_index.json)")
-
-
-def _json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterFormatError(f"{path}: not a readable JSON file ({e})") from e
-    if not isinstance(data, dict):
-        raise AdapterFormatError(f"{path}: expected a JSON object")
-    return data
 
 
 def _build(path: Path, class_name: str | None, library: str) -> nn.Module:
