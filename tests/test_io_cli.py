@@ -234,3 +234,25 @@ def test_python_dash_m_fastlora_dispatches_here(kohya_file, capsys):
     entry = pytest.importorskip("fastlora.__main__")
     assert entry.main(["inspect", str(kohya_file)]) == 0
     assert "format:      kohya" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("library", ["transformers", "diffusers"])
+def test_base_model_directory_of_one_model(tmp_path, library, capsys):
+    """--base-model takes one model's directory too (only config.json is read)."""
+    tiny = pytest.importorskip("tiny_models")
+    if library == "transformers":
+        transformers = pytest.importorskip("transformers")
+        transformers.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 vocab_size=32, architectures=["LlamaForCausalLM"]).save_pretrained(tmp_path / "model")
+        module, shape = "model.layers.0.mlp.down_proj", (16, 32)
+    else:
+        pytest.importorskip("diffusers").UNet2DConditionModel(**tiny.UNET_CONFIG).save_config(tmp_path / "model")
+        module, shape = "down_blocks.0.attentions.0.proj_in", (8, 8, 1, 1)
+    name = "lora_" + module.replace(".", "_")
+    g = torch.Generator().manual_seed(0)
+    save_file({f"{name}.lora_down.weight": torch.randn(2, *shape[1:], generator=g),
+               f"{name}.lora_up.weight": torch.randn(shape[0], 2, *shape[2:], generator=g)}, str(tmp_path / "k.safetensors"))
+    code, out, err = run(capsys, "convert", tmp_path / "k.safetensors", tmp_path / "peft", "--to", "peft",
+                         "--base-model", tmp_path / "model")
+    assert code == 0, err
+    assert list(load_adapter(tmp_path / "peft").layers) == [module]

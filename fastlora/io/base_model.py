@@ -16,7 +16,7 @@ import math
 from torch import nn
 
 from .errors import AdapterFormatError, AdapterShapeError
-from .names import PEFT_PREFIX, is_kohya_name, kohya_candidates, without_text_model
+from .names import KOHYA_COMPONENTS, PEFT_PREFIX, is_kohya_name, kohya_candidates, split_component, without_text_model
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _SGM_UNET = ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")
@@ -47,10 +47,19 @@ class _ModuleIndex:
         if len(found) > 1:
             raise AdapterFormatError(f"{where}: layer {name!r} matches several base-model modules: {sorted(found)}")
         if not found:
-            hint = " (kohya's SDXL names follow the original UNet's block layout, which is not mapped to " \
-                   "diffusers' module names)" if name.startswith(_SGM_UNET) else ""
-            raise AdapterFormatError(f"{where}: layer {name!r} matches no module of the base model{hint}")
+            raise AdapterFormatError(f"{where}: layer {name!r} matches no module of the base model{_hint(name)}")
         return found.pop()
+
+
+def _hint(name: str) -> str:
+    if name.startswith(_SGM_UNET):
+        return (" (kohya's SDXL names follow the original UNet's block layout, which is not mapped to diffusers' "
+                "module names)")
+    component = next((c for prefix, c in KOHYA_COMPONENTS if name.startswith(prefix)), split_component(name)[0])
+    if component:
+        return (f" (it belongs to a pipeline's {component!r}: to bind a file covering several components, pass "
+                "an nn.ModuleDict of them, e.g. {'unet': unet, 'text_encoder': text_encoder})")
+    return ""
 
 
 def bind_to_model(layers: dict, keys: dict[str, str], base_model: nn.Module, label: str) -> dict:
