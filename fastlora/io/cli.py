@@ -210,7 +210,7 @@ def _finish(args, written: list[Path], before: Adapter, after: Adapter, fmt: str
         print(_report(report))
     if report:
         worst = min(report.values(), key=lambda r: r.fro_retained)
-        print(f"{len(report)} layers reduced; the least kept share of a layer's change: "
+        print(f"{len(report)} layers resized; the least kept share of a layer's change: "
               f"{worst.fro_retained:.2f}% of its Frobenius norm")
     places = ", ".join(str(p) for p in written)
     print(f"wrote {places} ({fmt}): {len(after.layers)} layers, {before.source_format} -> {fmt}, "

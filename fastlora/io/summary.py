@@ -49,6 +49,11 @@ def layer_info(layer) -> dict[str, Any]:
             "bytes": sum(t.numel() * t.element_size() for t in layer.tensors())}
 
 
+def _group_order(item) -> tuple:
+    (kind, rank, alpha, scale, dtype), count = item
+    return -count, kind, -1 if rank is None else rank, alpha, dtype
+
+
 def summarize(adapter) -> dict[str, Any]:
     """The adapter as plain data (the ``--json`` output, less the file fields)."""
     infos = {name: layer_info(layer) for name, layer in adapter.layers.items()}
@@ -65,7 +70,7 @@ def summarize(adapter) -> dict[str, Any]:
         "rslora": adapter.use_rslora, "dora": adapter.use_dora,
         "lora_b_bias": any(i["lora_b_bias"] for i in infos.values()),
         "groups": [{"kind": k, "rank": r, "alpha": a, "scale": s, "dtype": d, "layers": n}
-                   for (k, r, a, s, d), n in sorted(groups.items(), key=lambda item: -item[1])],
+                   for (k, r, a, s, d), n in sorted(groups.items(), key=_group_order)],
         "config": dict(adapter.config),
         "skipped_keys": list(adapter.skipped),
         "layer_info": infos,
