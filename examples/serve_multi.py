@@ -2,24 +2,26 @@
 requests each naming its adapter, batched greedy generation with a different adapter per row.
 
 The model is built from a ``LlamaConfig`` (no download); the adapters are random (mixed
-ranks, every fourth one DoRA, a few requests on the bare base model). Three engines serve
-the same queue, batch by batch, and the script reports tokens/s and whether their tokens
-agree with PEFT's:
+ranks, every fourth one DoRA; a few requests use the bare base model). Three
+engines serve the same queue, batch by batch; the script reports their tokens/s and the
+share of requests whose tokens agree with PEFT's:
 
 * ``peft``: PEFT's own mixed batch, ``generate(adapter_names=...)``. PEFT refuses DoRA
   adapters in a mixed batch, so a batch holding one is served one adapter group at a time.
-* ``fastlora-peft``: the same PEFT model, its ``lora.Linear`` layers taking
-  ``adapter_names`` through ``fastlora.multi.peft_mixed_batch_forward`` (a small forward
-  wrapper here; ``fastlora.patch`` routes mixed batches to PEFT for now).
+* ``fastlora-peft``: the same PEFT model and ``generate(adapter_names=...)``, with every
+  ``lora.Linear``'s forward wrapped so that ``adapter_names`` calls
+  ``fastlora.multi.peft_mixed_batch_forward``: the fused mixed-batch path that
+  ``fastlora.patch(model)`` takes too (DoRA adapters included, whole batches at once).
 * ``fastlora-bank``: the plain base model with a ``fastlora.bank.AdapterBank`` loaded from
-  the adapters' saved PEFT directories; each linear layer calls
+  the adapters' saved PEFT directories; each adapted linear layer calls
   ``fastlora.multi_lora_linear`` with the batch's per-row adapter indices.
 
     python examples/serve_multi.py                        # CPU, tiny sizes, well under a minute
     python examples/serve_multi.py --device cuda --size large
 
 On a CPU the fastlora engines run the PyTorch reference backend (the Triton kernels need a
-GPU; the tests run them in Triton's interpreter), so CPU timings say nothing about them.
+GPU, or TRITON_INTERPRET=1 to run them slowly in Triton's interpreter), so CPU timings say
+nothing about the kernels.
 """
 from __future__ import annotations
 

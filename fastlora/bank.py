@@ -230,6 +230,14 @@ class LayerBank:
                    self.weight_norm, self.is_dora]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
+    def __repr__(self) -> str:
+        ranks = {slot: r for slot, r in enumerate(self._rank) if r}
+        dora = sum(self._dora)
+        return (f"LayerBank(weight [{', '.join(map(str, self.weight.shape))}], {len(ranks)} adapters "
+                f"(rank by slot: {ranks}){f', {dora} DoRA' if dora else ''}, rows {self.used_rows}/"
+                f"{self.A.shape[0]}, slots {self.slots}, {str(self.A.dtype).removeprefix('torch.')} "
+                f"on {self.A.device})")
+
 
 def _layer_weight(module: nn.Module) -> torch.Tensor | None:
     """``[N, K]`` weight of a Linear (or transformers Conv1D, as a transposed view)."""
@@ -411,3 +419,11 @@ class AdapterBank:
     def nbytes(self) -> int:
         """Bytes held by all layer banks."""
         return sum(bank.nbytes() for bank in self.layers.values())
+
+    def __repr__(self) -> str:
+        from .io.summary import size_text
+
+        served = "a model" if self._model is not None else "one layer"
+        return (f"AdapterBank({len(self)} adapters {self.names} over {len(self.layers)} layers of {served}, "
+                f"{str(self.dtype).removeprefix('torch.')} on {self._device()}, {self.capacity} slots, "
+                f"max_rank={self.max_rank}, {size_text(self.nbytes())})")
