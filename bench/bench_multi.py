@@ -43,7 +43,7 @@ RANKS = {"16": [16], "mixed": [8, 16, 32, 64]}
 FULL = [(DECODE_MS + PREFILL_MS, ADAPTERS, ASSIGNMENTS, list(RANKS))]
 QUICK = [([16, 2048], [8, 128], ["uniform", "distinct"], ["16"])]
 TARGETS = [([64], [32], ["distinct"], ["16", "mixed"]),  # decode: 64 rows, 32 adapters
-           ([8192], ADAPTERS, ["uniform", "skewed"], ["16"])]  # prefill: 1..128 adapters
+           ([8192], ADAPTERS, ["uniform", "skewed"], list(RANKS))]  # prefill: 1..128 adapters
 DRY = [([6], [3], ["distinct"], ["mixed"]), ([37], [1, 4], ["skewed"], ["16"])]
 NO_GRAPH = {"peft-mixed": "PEFT builds its row lists on the host in every call"}
 COLUMNS = ["K", "N", "M", "adapters", "present", "assignment", "ranks", "impl", "copies",

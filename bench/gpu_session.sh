@@ -12,8 +12,10 @@
 # $OUT receives session.log (every step appends to it) and STEP.tgz per step (its result
 # files, logs and environment.txt), re-packed after each command so that a step cut short
 # still returns what it measured: at most 6 files for all steps together.
+# TESTS="tests/test_a.py ..." limits the tests step to those files (e.g. a second call for
+# the files a first one had no time for: summary.txt lists each file's status).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 
 STEPS=(tests sanitize layer multi model)
 describe() {
@@ -43,7 +45,8 @@ for arg in "$@"; do
   esac
 done
 if [ ${#steps[@]} -eq 0 ]; then
-  [ $DRY = 1 ] && steps=("${STEPS[@]}") || { usage; exit 0; }
+  if [ $DRY = 0 ]; then usage; exit 0; fi
+  steps=("${STEPS[@]}")
 fi
 
 PY=${PYTHON:-python3}
@@ -82,7 +85,7 @@ pack() { tar -czf "$OUT/$STEP.tgz" -C "$WORK" "$STEP"; }
 environment() {
   { echo "step $STEP, dry run $DRY, $(date -u +%FT%TZ)"
     command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
-    (cd / && $PY - <<'EOF'
+    (cd / && "$PY" - <<'EOF'
 import importlib.metadata as md, sys
 print("python", sys.version.split()[0])
 for name in ("torch", "triton", "peft", "transformers", "matplotlib", "pytest", "pytest-timeout"):
@@ -100,14 +103,14 @@ EOF
 
 install() {
   if [ $DRY = 1 ]; then say "install skipped in the dry run (the checkout is used as installed)"; return 0; fi
-  if (cd / && $PY -c "import fastlora.kernels, sys; sys.exit(fastlora.__file__.find('$PWD/'))") 2>/dev/null; then
+  if (cd / && "$PY" -c "import fastlora.kernels, sys; sys.exit(fastlora.__file__.find('$PWD/'))") 2>/dev/null; then
     return 0  # installed from this checkout by an earlier step on this machine
   fi
   local wheels=(.whl/*.whl)
   if [ -e "${wheels[0]}" ]; then
-    run 120 $PY -m pip install -q --no-index --no-deps --no-build-isolation "${wheels[@]}" || return 1
+    run 120 "$PY" -m pip install -q --no-index --no-deps --no-build-isolation "${wheels[@]}" || return 1
   fi
-  run 120 $PY -m pip install -q --no-index --no-deps --no-build-isolation -e . || return 1
+  run 120 "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e . || return 1
 }
 
 # test_file FILE: the tests of FILE not marked gpu, in their own process (exit status 5,
@@ -116,7 +119,7 @@ test_file() {
   local n s
   n=$(basename "$1" .py)
   # shellcheck disable=SC2086  # the options are words
-  timeout --signal=INT --kill-after=20 300 $PY -m pytest -q -p no:cacheprovider -m "not gpu" \
+  timeout --signal=INT --kill-after=20 300 "$PY" -m pytest -q -p no:cacheprovider -m "not gpu" \
     $timeout_opt_s $collect_s --junitxml="$d/$n.xml" "$1" >"$d/$n.log" 2>&1
   s=$?
   echo "$n: exit status $s"
@@ -125,23 +128,23 @@ test_file() {
 
 step_tests() {
   local d=$WORK/tests timeout_opt=(-o faulthandler_timeout=200)
-  $PY -c "import pytest_timeout" 2>/dev/null && timeout_opt=(--timeout=200)
+  "$PY" -c "import pytest_timeout" 2>/dev/null && timeout_opt=(--timeout=200)
   local collect=() files
   # test_check_kernels compiles every kernel ahead of time without a GPU: CI runs it.
-  files=$(ls tests/test_*.py | grep -v test_check_kernels)
+  files=${TESTS:-$(printf '%s\n' tests/test_*.py | grep -v test_check_kernels)}
   if [ $DRY = 1 ]; then  # collect two files (one with gpu tests): the plumbing, not the suite
     collect=(--collect-only)
     files="tests/test_lora_linear.py tests/test_bench_smoke.py"
   fi
   # shellcheck disable=SC2086  # the file list is words
-  run 200 $PY -m pytest -q -p no:cacheprovider -m gpu "${timeout_opt[@]}" "${collect[@]}" \
+  run 200 "$PY" -m pytest -q -p no:cacheprovider -m gpu "${timeout_opt[@]}" "${collect[@]}" \
     --junitxml="$d/gpu.xml" $files >"$d/gpu.log"
   local rc=$?
   # One process per file, 4 at a time: a device-side assert poisons only its file's CUDA context.
   export PY d timeout_opt_s="${timeout_opt[*]}" collect_s="${collect[*]}"
   export -f test_file
   printf '%s\n' $files | run 500 xargs -P 4 -n 1 bash -c 'test_file "$1"' _ || rc=1
-  { $PY bench/junit_summary.py "$d"
+  { "$PY" bench/junit_summary.py "$d"
     for f in "$d"/*.log; do echo "$(basename "$f" .log): $(tail -n 1 "$f")"; done
   } | tee "$d/summary.txt" | tee -a "$LOG"
   return $rc
@@ -152,13 +155,14 @@ step_sanitize() {
   # The first, plain run autotunes (results cached on disk) and checks the numbers, so that
   # the run under the sanitizer launches each kernel only a few times.
   export TRITON_CACHE_AUTOTUNING=1
-  run 240 $PY bench/sanitize_calls.py "${DRYFLAG[@]}" || return 1
+  run 240 "$PY" bench/sanitize_calls.py "${DRYFLAG[@]}" >"$d/calls.log" || { cat "$d/calls.log"; return 1; }
+  cat "$d/calls.log"
   if [ $DRY = 1 ]; then
     say "dry run: the script ran without compute-sanitizer"
     return 0
   fi
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 run 400 compute-sanitizer --tool memcheck --error-exitcode 3 \
-    --print-limit 50 --log-file "$d/memcheck.log" $PY bench/sanitize_calls.py
+    --print-limit 50 --log-file "$d/memcheck.log" "$PY" bench/sanitize_calls.py
   local rc=$?
   tail -5 "$d/memcheck.log" | tee -a "$LOG"
   return $rc
@@ -167,9 +171,9 @@ step_sanitize() {
 # bench SCRIPT CAP BUDGET ARGS...: one benchmark into this step's folder, then pack
 bench() {
   local script=$1 cap=$2 b; b=$(budget "$3"); shift 3
-  run "$cap" $PY "bench/$script" --out "$WORK/$STEP" --budget-s "$b" "${DRYFLAG[@]}" "$@"
+  run "$cap" "$PY" "bench/$script" --out "$WORK/$STEP" --budget-s "$b" "${DRYFLAG[@]}" "$@"
   local rc=$?
-  [ $rc -eq 0 ] || $PY bench/plot.py "$WORK/$STEP" >>"$LOG" 2>&1  # plots of what was saved
+  [ $rc -eq 0 ] || "$PY" bench/plot.py "$WORK/$STEP" >>"$LOG" 2>&1  # plots of what was saved
   pack
   return $rc
 }
@@ -186,7 +190,7 @@ step_multi() { bench bench_multi.py 520 440 --targets; }
 
 step_model() { bench bench_model.py 520 400; }
 
-if [ $DRY = 0 ] && ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+if [ $DRY = 0 ] && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   say "no CUDA device: nothing to run on (bash bench/gpu_session.sh --dry-run checks the run on a CPU)"
   exit 1
 fi

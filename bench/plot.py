@@ -43,7 +43,7 @@ def draw(data: dict, path: Path) -> Path:
                 xy = [(x, r[column]) for x, r in points if r.get(column)]
                 if xy:
                     ax.plot(*zip(*xy), style, marker="o", color=f"C{i}",
-                            label=f"{label}, vs {column.split('/', 1)[-1]}")
+                            label=f"{label}: {column}")
         ax.axhline(1.0, color="grey", linewidth=0.8)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
