@@ -14,6 +14,8 @@
 # still returns what it measured: at most 6 files for all steps together.
 # TESTS="tests/test_a.py ..." limits the tests step to those files (e.g. a second call for
 # the files a first one had no time for: summary.txt lists each file's status).
+# STEP_S=S (default 530) gives each step S seconds: the benchmarks' time budgets shrink with
+# it, so that e.g. STEP_S=270 runs two benchmark steps in one 600 s command.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 
@@ -168,9 +170,10 @@ step_sanitize() {
   return $rc
 }
 
-# bench SCRIPT CAP BUDGET ARGS...: one benchmark into this step's folder, then pack
+# bench SCRIPT CAP BUDGET ARGS...: one benchmark into this step's folder, then pack; CAP and
+# BUDGET are seconds for the default STEP_S=530 and shrink with a shorter STEP_S
 bench() {
-  local script=$1 cap=$2 b; b=$(budget "$3"); shift 3
+  local script=$1 cap=$(($2 * STEP_S / 530)) b; b=$(budget $(($3 * STEP_S / 530))); shift 3
   run "$cap" "$PY" "bench/$script" --out "$WORK/$STEP" --budget-s "$b" "${DRYFLAG[@]}" "$@"
   local rc=$?
   [ $rc -eq 0 ] || "$PY" bench/plot.py "$WORK/$STEP" >>"$LOG" 2>&1  # plots of what was saved
