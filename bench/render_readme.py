@@ -142,6 +142,8 @@ def section(path: Path, data: dict, base: Path) -> str:
     if path.with_suffix(".png").exists():
         lines[-1] += f" Plot: [{path.with_suffix('.png').name}]({Path(link).with_suffix('.png').as_posix()})."
     notes = [f"- {n}" for n in data["notes"] if n.startswith(("Sanity", "Time budget"))]
+    if not data["complete"] and not any(n.startswith("- Time budget") for n in notes):
+        notes.append("- The run was cut short: the table holds the points measured before.")
     lines += [""] + notes if notes else []
     lines += ["", markdown_table(table, columns) if table else "(no rows)\n"]
     return "\n".join(lines)

@@ -18,8 +18,8 @@ def env(gpu="NVIDIA H100 80GB HBM3", date="2026-11-20", dry_run=False):
             "peft": "0.17", "transformers": "5.17.0", "date": date, "dry_run": dry_run}
 
 
-def result(benchmark, rows, notes=(), **kw):
-    return {"benchmark": benchmark, "env": env(**kw), "complete": True, "notes": list(notes),
+def result(benchmark, rows, notes=(), complete=True, **kw):
+    return {"benchmark": benchmark, "env": env(**kw), "complete": complete, "notes": list(notes),
             "meta": {"check": {"relative": 0.002}}, "columns": [], "plot": None, "rows": rows}
 
 
@@ -55,7 +55,7 @@ def results(tmp_path):
         notes=["Sanity: F.linear graph time / its memory-traffic bound is at least 1.04 over 1 "
                "shapes (expected >= ~1): ok."]))
     (folder / "multi-h100-2026-11-20.png").write_bytes(b"png")
-    write(folder, "model-h100-2026-11-20.json", result("model", [
+    write(folder, "model-h100-2026-11-20.json", result("model", complete=False, rows=[
         {"step": "training step (fwd+bwd)", "peft_ms": 300.0, "fastlora_ms": 200.0, "speedup": 1.5,
          "peft_peak_gib": 20.0, "fastlora_peak_gib": 15.0}]))
     return folder
@@ -75,6 +75,7 @@ def test_renders_the_newest_real_result_per_benchmark(results, tmp_path):
     assert "- Sanity: F.linear graph time" in text
     assert "| 64 | 32 | distinct | 16 | 15.5 | 1.07 | 1.29 | 0.08 | 0.2 |" in text
     assert "| training step (fwd+bwd) | 300 | 200 | 1.5 | 20 | 15 |" in text
+    assert text.count("- The run was cut short") == 1  # the model run, killed by its timeout
     assert "GPU: NVIDIA H100 80GB HBM3; torch 2.11.0, Triton 3.6.0" in text
 
 
