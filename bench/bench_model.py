@@ -174,7 +174,7 @@ def run_case(model, args, device, measure: Measure) -> dict:
 def check_outputs(model, args, device) -> dict:
     """Logits of the patched model vs PEFT (eval, dropout off) on a short batch."""
     import torch
-    from fastlora.patching import patch, unpatch
+    from fastlora.peft import patch, unpatch
 
     model.eval()
     ids = torch.randint(3, args.vocab, (2, 64), generator=torch.Generator().manual_seed(2)).to(device)
@@ -194,7 +194,7 @@ def benchmark(args, device, timer=None) -> dict:
     import triton
     import peft
     import transformers
-    from fastlora.patching import patch, unpatch
+    from fastlora.peft import patch, unpatch
 
     dtype = torch.bfloat16
     model, cfg = build_model(args, device, dtype)

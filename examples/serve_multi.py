@@ -9,7 +9,7 @@ agree with PEFT's:
 * ``peft``: PEFT's own mixed batch, ``generate(adapter_names=...)``. PEFT refuses DoRA
   adapters in a mixed batch, so a batch holding one is served one adapter group at a time.
 * ``fastlora-peft``: the same PEFT model, its ``lora.Linear`` layers taking
-  ``adapter_names`` through ``fastlora.multi.peft_mixed_batch_forward`` (a small forward
+  ``adapter_names`` through ``fastlora.peft.peft_mixed_batch_forward`` (a small forward
   wrapper here; ``fastlora.patch`` routes mixed batches to PEFT for now).
 * ``fastlora-bank``: the plain base model with a ``fastlora.bank.AdapterBank`` loaded from
   the adapters' saved PEFT directories; each linear layer calls
@@ -99,7 +99,7 @@ def use_fastlora_for_mixed_batches(model) -> None:
     """Route every lora.Linear's ``adapter_names`` forward to peft_mixed_batch_forward."""
     from peft.tuners.lora import Linear
 
-    from fastlora.multi import peft_mixed_batch_forward
+    from fastlora.peft import peft_mixed_batch_forward
 
     known = list(model.peft_config)
     for module in model.modules():

@@ -8,7 +8,7 @@ from . import reference
 from .bank import AdapterBank
 from .functional import dora_linear, dora_weight_norm, lora_linear
 from .multi import multi_lora_linear
-from .patching import PatchReport, is_patched, patch, unpatch
+from .peft import PatchReport, is_patched, patch, unpatch
 
 __version__ = "0.1.0"
 __all__ = ["AdapterBank", "PatchReport", "dora_linear", "dora_weight_norm", "is_patched",

@@ -1,9 +1,9 @@
-"""fastlora.multi.peft_mixed_batch_forward on PEFT lora.Linear layers: PEFT's mixed batch
+"""fastlora.peft.peft_mixed_batch_forward on PEFT lora.Linear layers: PEFT's mixed batch
 where PEFT supports it, per-adapter runs for DoRA and training."""
 import pytest
 import torch
 
-from fastlora.multi import peft_mixed_batch_forward
+from fastlora.peft import peft_mixed_batch_forward
 from tolerances import assert_close
 
 peft = pytest.importorskip("peft")

@@ -27,10 +27,10 @@ from peft.tuners.lora.layer import Linear as PeftLinear  # noqa: E402
 from peft.tuners.lora.layer import LoraLayer  # noqa: E402
 
 from fastlora import backend  # noqa: E402
-from fastlora.patching import PatchReport, is_patched, patch, unpatch  # noqa: E402
+from fastlora.peft import PatchReport, is_patched, patch, unpatch  # noqa: E402
 
-# The module object (``fastlora.patch`` names the function).
-PATCH_MODULE = sys.modules["fastlora.patching"]
+# The module holding the patched forward (its calls to the fused ops are spied on).
+PATCH_MODULE = sys.modules["fastlora.peft.forward"]
 
 VOCAB = 64
 BATCH, SEQ = 2, 6
@@ -305,7 +305,7 @@ def test_autocast(device, monkeypatch, fused_calls):
 
 def test_report_lists_every_lora_layer(device, caplog):
     model, _ = peft_pair("qwen2", layers=2, device=device)
-    with caplog.at_level(logging.INFO, logger="fastlora.patching"):
+    with caplog.at_level(logging.INFO, logger="fastlora.peft"):
         report = patch(model, verbose=True)
     assert isinstance(report, PatchReport)
     names = set(lora_layers(model))
