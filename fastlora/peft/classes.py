@@ -1,4 +1,9 @@
-"""The class swap: each patched PEFT class gets a cached subclass that overrides one method."""
+"""The class swap: each patched PEFT class gets a cached subclass overriding a few methods.
+
+The subclass keeps PEFT's class name (``repr`` still says ``lora.Linear(...)``) and pickles
+as the original class; ``swap`` / ``restore`` change a module's ``__class__`` and create /
+remove its per-layer state, nothing else.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -6,11 +11,12 @@ import copyreg
 
 from torch import nn
 
-from .forward import _fast_forward
+from . import state
+from .forward import fused_forward
 
 
 def _reduce_ex(self, protocol):
-    """Pickle/deepcopy a patched layer by its original class, not the generated one
+    """Pickle/deepcopy a patched module by its original class, not the generated one
     (which exists only once ``patch`` ran): ``_new_patched`` recreates it on load."""
     rv = object.__reduce_ex__(self, protocol)
     cls = type(self)
@@ -26,33 +32,8 @@ def _reduce_ex(self, protocol):
 
 
 def _new_patched(original_class: type, *args):
-    cls = _patched_class(original_class)
+    cls = patched_class(original_class)
     return cls.__new__(cls, *args)
-
-
-_PATCHED_CLASSES: dict[type, type] = {}
-
-
-def _patched_class(original_class: type) -> type:
-    """The cached subclass of a PEFT LoRA layer class (``forward`` fused) or of a LoRA
-    tuner class (``_enable_peft_forward_hooks`` taking mixed batches in training too)."""
-    cls = _PATCHED_CLASSES.get(original_class)
-    if cls is None:
-        name = f"FastLora{original_class.__name__}"
-        tuner = hasattr(original_class, "_enable_peft_forward_hooks")
-        override = ({"_enable_peft_forward_hooks": _tuner_forward_hooks} if tuner
-                    else {"forward": _fast_forward})
-        cls = type(name, (original_class,), {
-            **override,
-            "__reduce_ex__": _reduce_ex,
-            "__module__": __name__,
-            "__qualname__": name,
-            "__doc__": f"{original_class.__qualname__} with {next(iter(override))} from "
-                       "fastlora (fastlora.patch); everything else is PEFT's.",
-            "_fastlora_original_class": original_class,
-        })
-        _PATCHED_CLASSES[original_class] = cls
-    return cls
 
 
 def _tuner_forward_hooks(self, *args, **kwargs):
@@ -76,7 +57,51 @@ def _training_mixed_batch(tuner: nn.Module, hooks):
         yield
 
 
+_LAYER_METHODS = {"forward": fused_forward}
+_TUNER_METHODS = {"_enable_peft_forward_hooks": _tuner_forward_hooks}
+_PATCHED: dict[type, type] = {}  # original class -> patched subclass
+
+
+def _is_tuner(cls: type) -> bool:
+    return hasattr(cls, "_enable_peft_forward_hooks")
+
+
+def patched_class(original: type) -> type:
+    """The cached subclass of a PEFT LoRA layer class (``forward`` fused) or of a LoRA tuner
+    class (mixed batches in training), named as the original."""
+    cls = _PATCHED.get(original)
+    if cls is None:
+        methods = _TUNER_METHODS if _is_tuner(original) else _LAYER_METHODS
+        cls = type(original.__name__, (original,), {
+            **methods,
+            "__reduce_ex__": _reduce_ex,
+            "__module__": __name__,
+            "__qualname__": original.__qualname__,
+            "__doc__": f"{original.__module__}.{original.__qualname__} with "
+                       f"{', '.join(methods)} from fastlora (fastlora.patch); everything else "
+                       "is PEFT's.",
+            "_fastlora_original_class": original,
+        })
+        _PATCHED[original] = cls
+    return cls
+
+
 def is_patched(module: nn.Module) -> bool:
-    """True when ``module`` is a LoRA layer patched by ``fastlora.patch``."""
-    return type(module) in _PATCHED_CLASSES.values()
+    """True when ``module``'s class is one ``fastlora.patch`` installed."""
+    cls = type(module)
+    return _PATCHED.get(getattr(cls, "_fastlora_original_class", None)) is cls
+
+
+def swap(module: nn.Module) -> None:
+    """Give ``module`` its patched class (and a LoRA layer its state)."""
+    cls = patched_class(type(module))
+    module.__class__ = cls
+    if not _is_tuner(cls):
+        state.attach(module)
+
+
+def restore(module: nn.Module) -> None:
+    """Give ``module`` back its PEFT class and remove everything ``swap`` added."""
+    module.__class__ = type(module)._fastlora_original_class
+    state.detach(module)
 

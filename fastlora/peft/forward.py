@@ -1,20 +1,34 @@
-"""The forward of a patched PEFT LoRA ``Linear``: its LoRA branch fused into the base matmul."""
+"""The forward of a patched PEFT LoRA ``Linear``: its LoRA branch fused into the base matmul.
+
+* one active adapter: ``fastlora.lora_linear`` (``x W^T + bias + s * drop(x) A^T B^T``);
+  a DoRA adapter: ``fastlora.dora_linear`` with its row norm from the layer's state;
+* several active adapters, one adapter dtype, no active dropout (inference, ``generate``,
+  dropout-free training): one fused call on the adapters stacked along the rank,
+  ``A = cat(A_i)`` and ``B = cat(s_i B_i)`` with scale 1, exactly ``sum_i s_i x A_i^T B_i^T``;
+* several active adapters with active dropout (PEFT draws an independent mask per adapter)
+  or mixed adapter dtypes: the first adapter fused, each further one added in plain
+  PyTorch exactly as PEFT does (same input cast chain, its own ``nn.Dropout``);
+* ``adapter_names`` (a different adapter per sequence): ``mixed_batch.peft_mixed_batch_forward``.
+
+Everything else runs PEFT's own ``forward``: merged or disabled adapters, extra forward
+arguments, whatever ``reader`` refuses (hooks on the base layer, LoRA variants other than
+DoRA, sharded parameters, ...), input/weight dtype mismatches outside autocast (PEFT raises
+its own error there), a DoRA adapter active together with others, ``lora_bias``. Only
+attribute reads and type/flag checks decide (no data-dependent Python), so
+``torch.compile`` traces it without a graph break.
+"""
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from ..functional import dora_linear, lora_linear
 from .mixed_batch import peft_mixed_batch_forward
-from .reader import _FAST_DTYPES, _LINEAR_FORWARD, _is_conv1d, _is_dora
+from .reader import FAST_DTYPES, NotFused, read_adapter, read_base
+from .state import dora_norm
 
 
-def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """PEFT ``Linear.forward`` with the LoRA branch fused into the base matmul.
-
-    Only attribute reads and type/flag checks decide between the fused path and PEFT's
-    own forward (no data-dependent Python), so torch.compile traces it without a break.
-    """
+def fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """PEFT ``Linear.forward`` with the LoRA branch fused into the base matmul."""
     peft_forward = type(self)._fastlora_original_class.forward
     if not args and kwargs.keys() == {"adapter_names"} and kwargs["adapter_names"] is not None:
         # a mixed batch: PEFT's model-level hook has already rejected unknown names
@@ -22,100 +36,64 @@ def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return peft_mixed_batch_forward(self, x, names, known_adapters=names)
     if args or kwargs or self.disable_adapters or self.merged:
         return peft_forward(self, x, *args, **kwargs)
-    base = self.base_layer
-    if base._forward_hooks or base._forward_pre_hooks or "forward" in base.__dict__:
-        # hooks (DeepSpeed, user) or a replaced forward (accelerate offload): PEFT calls
-        # base_layer(x), the fused op would bypass them
-        return peft_forward(self, x, *args, **kwargs)
-    if isinstance(base, nn.Linear) and type(base).forward is _LINEAR_FORWARD:
-        weight = base.weight
-    elif _is_conv1d(base):
-        weight = base.weight.t()  # Conv1D stores [K, N]: a transposed view, no copy
-    else:
-        return peft_forward(self, x, *args, **kwargs)
-    bias = base.bias
-
+    base = read_base(self)
+    if isinstance(base, NotFused):
+        return peft_forward(self, x)
+    adapters = [read_adapter(self, a) for a in self.active_adapters if a in self.lora_A]
+    if not adapters or any(isinstance(a, NotFused) for a in adapters):
+        return peft_forward(self, x)
     autocast = torch.is_autocast_enabled(x.device.type)
-    if not autocast and (x.dtype != weight.dtype or x.dtype not in _FAST_DTYPES):
-        return peft_forward(self, x, *args, **kwargs)
-    cast_input = getattr(self, "cast_input_dtype_enabled", True)
-
-    names = [a for a in self.active_adapters if a in self.lora_A]
-    if not names:
-        return peft_forward(self, x, *args, **kwargs)
-    adapter_dtype = self.lora_A[names[0]].weight.dtype
-    variants = getattr(self, "lora_variant", {})  # PEFT < 0.16: DoRA flagged in use_dora only
-    lora_bias = getattr(self, "lora_bias", {})
-    same_dtype = True
-    dropping = False
-    dora = False
-    for a in names:
-        is_dora = _is_dora(self, a)
-        if lora_bias.get(a, False) or (a in variants and not is_dora):
-            return peft_forward(self, x, *args, **kwargs)
-        dora = dora or is_dora
-        drop = self.lora_dropout[a]
-        if type(drop) is nn.Dropout:
-            if drop.training and drop.p > 0.0:
-                if drop.p >= 1.0:
-                    return peft_forward(self, x, *args, **kwargs)
-                dropping = True
-        elif type(drop) is not nn.Identity:
-            return peft_forward(self, x, *args, **kwargs)
-        a_dtype = self.lora_A[a].weight.dtype
-        if a_dtype not in _FAST_DTYPES or self.lora_B[a].weight.dtype != a_dtype:
-            return peft_forward(self, x, *args, **kwargs)
-        if a_dtype != adapter_dtype:
-            same_dtype = False
-        if not cast_input and not autocast and a_dtype != x.dtype:
-            return peft_forward(self, x, *args, **kwargs)  # PEFT would not cast x: its error
-
-    first = names[0]
-    if dora:
-        if len(names) > 1:  # the DoRA factor rescales the running sum of several adapters
-            return peft_forward(self, x, *args, **kwargs)
-        return _dora_forward(self, first, x, weight, bias)
-    if len(names) == 1 or (same_dtype and not dropping):
-        if len(names) == 1:
-            lora_A = self.lora_A[first].weight
-            lora_B = self.lora_B[first].weight
-            scaling = self.scaling[first]
+    if not autocast and (x.dtype != base.weight.dtype or x.dtype not in FAST_DTYPES):
+        return peft_forward(self, x)
+    if (not getattr(self, "cast_input_dtype_enabled", True) and not autocast
+            and any(a.A.dtype != x.dtype for a in adapters)):
+        return peft_forward(self, x)  # PEFT would not cast x: its error
+    if any(a.lora_bias is not None for a in adapters):
+        return peft_forward(self, x)
+    if any(a.magnitude is not None for a in adapters):
+        if len(adapters) > 1:  # the DoRA factor rescales the running sum of several adapters
+            return peft_forward(self, x)
+        return _dora(self, adapters[0], x, base)
+    first = adapters[0]
+    same_dtype = all(a.A.dtype == first.A.dtype for a in adapters)
+    dropping = any(a.dropout_p() > 0.0 for a in adapters)
+    if len(adapters) == 1 or (same_dtype and not dropping):
+        if len(adapters) == 1:
+            lora_A, lora_B, scaling = first.A, first.B, first.scale
         else:  # stacked along the rank, each scale folded into its B
-            lora_A = torch.cat([self.lora_A[a].weight for a in names], dim=0)
-            lora_B = torch.cat([self.lora_B[a].weight * self.scaling[a] for a in names], dim=1)
+            lora_A = torch.cat([a.A for a in adapters], dim=0)
+            lora_B = torch.cat([a.B * a.scale for a in adapters], dim=1)
             scaling = 1.0
-        drop = self.lora_dropout[first]
-        p = drop.p if (type(drop) is nn.Dropout and drop.training) else 0.0
-        return lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=p, training=p > 0.0)
+        p = first.dropout_p()
+        return lora_linear(x, base.weight, base.bias, lora_A, lora_B, scaling, dropout_p=p,
+                           training=p > 0.0)
+    return _first_fused(self, adapters, x, base)
 
-    # Dropout on several adapters (independent masks, as PEFT) or mixed adapter dtypes:
-    # the first adapter fused, the others as PEFT computes them.
-    drop = self.lora_dropout[first]
-    p = drop.p if (type(drop) is nn.Dropout and drop.training) else 0.0
-    result = lora_linear(x, weight, bias, self.lora_A[first].weight, self.lora_B[first].weight,
-                         self.scaling[first], dropout_p=p, training=p > 0.0)
+
+def _first_fused(self, adapters, x: torch.Tensor, base) -> torch.Tensor:
+    """Dropout on several adapters (independent masks, as PEFT) or mixed adapter dtypes:
+    the first adapter fused, the others as PEFT computes them."""
+    first = adapters[0]
+    p = first.dropout_p()
+    result = lora_linear(x, base.weight, base.bias, first.A, first.B, first.scale, dropout_p=p,
+                         training=p > 0.0)
     result_dtype = result.dtype
+    cast_input = getattr(self, "cast_input_dtype_enabled", True)
     xl = x
-    for a in names:  # the input cast chain of PEFT's loop, first adapter included
-        lora_A = self.lora_A[a]
-        if cast_input and xl.dtype != lora_A.weight.dtype:
-            xl = xl.to(lora_A.weight.dtype)
-        if a == first:
+    for a in adapters:  # the input cast chain of PEFT's loop, first adapter included
+        if cast_input and xl.dtype != a.A.dtype:
+            xl = xl.to(a.A.dtype)
+        if a is first:
             continue
-        result = result + self.lora_B[a](lora_A(self.lora_dropout[a](xl))) * self.scaling[a]
+        lora_A, lora_B = self.lora_A[a.name], self.lora_B[a.name]
+        result = result + lora_B(lora_A(a.dropout(xl))) * a.scale
     return result.to(result_dtype)
 
 
-def _dora_forward(self, a: str, x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+def _dora(self, a, x: torch.Tensor, base) -> torch.Tensor:
     """One active DoRA adapter: ``fastlora.dora_linear`` with the row norm from the layer's
-    cache (valid while W, A, B and the scale are unchanged)."""
-    lora_A = self.lora_A[a].weight
-    lora_B = self.lora_B[a].weight
-    scaling = self.scaling[a]
-    norms = self.__dict__.get("_fastlora_dora_norms")
-    norm = norms.get(a, weight, lora_A, lora_B, scaling) if norms is not None else None
-    drop = self.lora_dropout[a]
-    p = drop.p if (type(drop) is nn.Dropout and drop.training) else 0.0
-    return dora_linear(x, weight, bias, lora_A, lora_B, scaling,
-                       self.lora_magnitude_vector[a].weight, dropout_p=p, training=p > 0.0,
-                       weight_norm=norm)
+    state."""
+    norm = dora_norm(self, a.name, base.weight, a.A, a.B, a.scale)
+    p = a.dropout_p()
+    return dora_linear(x, base.weight, base.bias, a.A, a.B, a.scale, a.magnitude, dropout_p=p,
+                       training=p > 0.0, weight_norm=norm)

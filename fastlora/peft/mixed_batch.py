@@ -1,4 +1,7 @@
-"""PEFT's ``adapter_names`` mixed batches on ``fastlora.multi_lora_linear``."""
+"""PEFT's ``adapter_names`` mixed batches (a different adapter per sequence) on
+``fastlora.multi_lora_linear``: one pass over the base weight for all rows, in training too
+(PEFT refuses that) and with DoRA adapters (PEFT refuses those), each row exactly as if its
+adapter alone were active."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -6,12 +9,8 @@ from collections.abc import Sequence
 import torch
 
 from ..multi import PackedAdapters, multi_lora_linear, pack_adapters
-from .reader import _peft_adapter, _peft_weight
-
-
-def _stamp(t: torch.Tensor) -> tuple:
-    return (id(t), t.data_ptr(), t._version, t.dtype, tuple(t.shape), t.device)
-
+from .reader import Adapter, NotFused, read_adapter, read_base
+from .state import cached_bank, dora_norm
 
 _BASE = "__base__"
 _INDEX_CACHE: dict[tuple, torch.Tensor] = {}
@@ -30,41 +29,24 @@ def _sequence_index(names: tuple[str, ...], slots: dict[str, int], device) -> to
     return hit
 
 
+def _pack(layer, adapters: list[Adapter], weight, grad: bool) -> PackedAdapters:
+    """The adapters packed along the rank; reused from the layer's state while their
+    parameters, scales, dropout and the base weight are unchanged, unless gradients are
+    needed (then packed each call, differentiably, from those in the batch)."""
+    def build():
+        weight_norms = [dora_norm(layer, a.name, weight, a.A, a.B, a.scale)
+                        if a.magnitude is not None else None for a in adapters]
+        dropout = [a.dropout_p() for a in adapters]
+        with torch.set_grad_enabled(grad):
+            return pack_adapters([(a.A, a.B, a.scale, a.magnitude) for a in adapters],
+                                 weight=weight, weight_norms=weight_norms,
+                                 dropout=dropout if any(dropout) else None)
 
-def _peft_bank(layer, names: list[str], weight, grad: bool) -> PackedAdapters | None:
-    """The layer's adapters ``names`` packed; cached while their parameters, scalings and the
-    base weight are unchanged (parameter identity, storage and version counters) unless
-    gradients are needed (then packed each call, differentiably, from those in the batch)."""
-    parts = []
-    for a in names:
-        part = _peft_adapter(layer, a)
-        if part is None:
-            return None
-        parts.append(part)
-    if len({p[0].dtype for p in parts} | {p[1].dtype for p in parts}) != 1:
-        return None
-    # the entry keeps the stamped tensors alive, so their ids and storages are not recycled
-    refs = [layer.get_base_layer().weight] + [t for A, B, _, m, _ in parts for t in (A, B, m)
-                                              if t is not None]
-    stamp = (tuple(names), tuple(_stamp(t) for t in refs), tuple(
-        (float(s), m is not None, p) for _, _, s, m, p in parts))
-    cached = getattr(layer, "_fastlora_multi_bank", None)
-    if not grad and cached is not None and cached[0] == stamp:
-        return cached[1]
-    from ..dora_cache import DoraNormCache
-
-    norms = getattr(layer, "_fastlora_multi_norms", None)
-    if norms is None:
-        norms = layer._fastlora_multi_norms = DoraNormCache()
-    weight_norms = [norms.get(a, weight, A, B, s) if m is not None else None
-                    for a, (A, B, s, m, p) in zip(names, parts)]
-    dropout = [p for *_, p in parts]
-    with torch.set_grad_enabled(grad):
-        bank = pack_adapters([part[:4] for part in parts], weight=weight, weight_norms=weight_norms,
-                             dropout=dropout if any(dropout) else None)
-    if not grad:
-        layer._fastlora_multi_bank = (stamp, bank, refs)
-    return bank
+    if grad:
+        return build()
+    tensors = [weight] + [t for a in adapters for t in (a.A, a.B, a.magnitude) if t is not None]
+    extra = tuple((a.name, float(a.scale), a.magnitude is not None, a.dropout_p()) for a in adapters)
+    return cached_bank(layer, tensors, extra, build)
 
 
 def peft_mixed_batch_forward(layer, x: torch.Tensor, adapter_names: Sequence[str], *,
@@ -76,9 +58,10 @@ def peft_mixed_batch_forward(layer, x: torch.Tensor, adapter_names: Sequence[str
 
     A name must be one of the layer's adapters, ``"__base__"``, or in ``known_adapters``
     (adapters of the model that this layer lacks: base only here, as PEFT); any other name
-    raises ``ValueError``. Falls back to PEFT's own ``_mixed_batch_forward`` where the
-    kernels cannot reproduce it (a non-Linear/Conv1D or hooked base, LoRA variants other
-    than DoRA, lora_bias, mixed adapter dtypes, custom dropout modules).
+    raises ``ValueError``. Runs PEFT's own ``_mixed_batch_forward`` where the kernels cannot
+    reproduce it: whatever ``reader`` refuses for the base or an adapter in the batch,
+    ``lora_bias``, adapters of different dtypes in the batch, an input dtype other than
+    the base weight's outside autocast.
     """
     names = tuple(adapter_names)
     if len(names) != len(x):
@@ -89,27 +72,31 @@ def peft_mixed_batch_forward(layer, x: torch.Tensor, adapter_names: Sequence[str
                          "call `unmerge_adapter` first.")
     if layer.disable_adapters:  # as PEFT: the base layer only
         return layer.get_base_layer()(x)
-    own = set(layer.lora_A.keys())
-    unknown = set(names) - own - {_BASE} - set(known_adapters or ())
+    unknown = set(names) - set(layer.lora_A.keys()) - {_BASE} - set(known_adapters or ())
     if unknown:
         raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unknown))}")
-    weight, base = _peft_weight(layer)
-    used = [a for a in layer.lora_A if a in set(names)]
-    if not used and weight is not None:
-        return base(x)
-    params = [p for a in used for p in (layer.lora_A[a].weight, layer.lora_B[a].weight)]
-    params += [layer.lora_magnitude_vector[a].weight for a in used
-               if a in getattr(layer, "lora_magnitude_vector", {})]
-    grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
-    # inference: every adapter of the layer, so the cached bank serves any batch
-    slot_names = used if grad else list(layer.lora_A.keys())
-    bank = _peft_bank(layer, slot_names, weight, grad) if weight is not None else None
-    if bank is None and weight is not None and not grad:  # an unsupported adapter not in the batch
-        slot_names = used
-        bank = _peft_bank(layer, used, weight, grad)
-    if bank is None or (not torch.is_autocast_enabled(x.device.type) and x.dtype != weight.dtype):
+    in_batch = set(names)
+    used = [a for a in layer.lora_A if a in in_batch]
+    if not used:
+        return layer.get_base_layer()(x)
+    base = read_base(layer)
+    adapters = [read_adapter(layer, a) for a in used]
+    if (isinstance(base, NotFused) or any(isinstance(a, NotFused) or a.lora_bias is not None
+                                          for a in adapters)
+            or len({a.A.dtype for a in adapters}) != 1
+            or (not torch.is_autocast_enabled(x.device.type) and x.dtype != base.weight.dtype)):
         return layer._mixed_batch_forward(x, adapter_names=list(names))
-    slots = {a: i for i, a in enumerate(slot_names)}
+    grad = torch.is_grad_enabled() and any(
+        t.requires_grad for a in adapters for t in (a.A, a.B, a.magnitude) if t is not None)
+    if not grad:  # every adapter of the layer that fits the bank: one cached bank serves any batch
+        dtype = adapters[0].A.dtype
+        others = (read_adapter(layer, a) for a in layer.lora_A if a not in in_batch)
+        others = {a.name: a for a in others if not isinstance(a, NotFused)
+                  and a.lora_bias is None and a.A.dtype == dtype}
+        by_name = {a.name: a for a in adapters}
+        adapters = [by_name.get(a) or others[a] for a in layer.lora_A if a in by_name or a in others]
+    bank = _pack(layer, adapters, base.weight, grad)
+    slots = {a.name: i for i, a in enumerate(adapters)}
     index = _sequence_index(names, slots, x.device)
     index = index.view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
-    return multi_lora_linear(x, weight, base.bias, bank, index, training=layer.training)
+    return multi_lora_linear(x, base.weight, base.bias, bank, index, training=layer.training)
