@@ -117,12 +117,12 @@ def test_cached_bank_is_never_stale(device):
     names = ["a", "b", "a", "__base__", "b", "a", "a"]
     with torch.no_grad():
         peft_mixed_batch_forward(layer, x, names)
-        bank = state_of(layer)._bank[1]
+        bank = state_of(layer).bank.value
         peft_mixed_batch_forward(layer, x, names)
-        assert state_of(layer)._bank[1] is bank  # unchanged parameters: reused
+        assert state_of(layer).bank.value is bank  # unchanged parameters: reused
         layer.lora_B["b"].weight.mul_(-2.0)  # an in-place update (as an optimizer step)
         got = peft_mixed_batch_forward(layer, x, names)
-        assert state_of(layer)._bank[1] is not bank
+        assert state_of(layer).bank.value is not bank
         assert_close(got, layer._mixed_batch_forward(x, adapter_names=names).double(),
                      torch.float32, "after an in-place update")
         old = layer.lora_A["a"].weight
@@ -187,8 +187,8 @@ def test_conv1d_base(device):
         x = torch.randn(4, 3, 70, device=device)
         names = ["a", "__base__", "d", "a"]
         got = peft_mixed_batch_forward(layer, x, names)
-        bank = state_of(layer)._bank[1]
+        bank = state_of(layer).bank.value
         assert peft_mixed_batch_forward(layer, x, names) is not None
-        assert state_of(layer)._bank[1] is bank  # the transposed view does not defeat the cache
+        assert state_of(layer).bank.value is bank  # the transposed view does not defeat the cache
         want = per_adapter(layer, x, names)
     assert_close(got, want.double(), torch.float32, "Conv1D base")

@@ -22,7 +22,7 @@ def dora_calls(monkeypatch):
         return real_norm(*a, **kw)
 
     monkeypatch.setattr(PATCH_MODULE, "dora_linear", dora)
-    monkeypatch.setattr("fastlora.dora_cache.dora_weight_norm", norm)
+    monkeypatch.setattr("fastlora.cache.dora_weight_norm", norm)
     return calls
 
 

@@ -57,7 +57,24 @@ def _training_mixed_batch(tuner: nn.Module, hooks):
         yield
 
 
-_LAYER_METHODS = {"forward": fused_forward}
+def _merge(self, *args, **kwargs):
+    """PEFT's ``merge``, then the layer's caches dropped: PEFT writes the base weight
+    through ``.data``, which version counters do not see."""
+    try:
+        return type(self)._fastlora_original_class.merge(self, *args, **kwargs)
+    finally:
+        state.clear(self)
+
+
+def _unmerge(self, *args, **kwargs):
+    """PEFT's ``unmerge``, then the layer's caches dropped (as ``_merge``)."""
+    try:
+        return type(self)._fastlora_original_class.unmerge(self, *args, **kwargs)
+    finally:
+        state.clear(self)
+
+
+_LAYER_METHODS = {"forward": fused_forward, "merge": _merge, "unmerge": _unmerge}
 _TUNER_METHODS = {"_enable_peft_forward_hooks": _tuner_forward_hooks}
 _PATCHED: dict[type, type] = {}  # original class -> patched subclass
 

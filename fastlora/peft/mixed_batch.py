@@ -18,8 +18,9 @@ _INDEX_CACHE: dict[tuple, torch.Tensor] = {}
 
 def _sequence_index(names: tuple[str, ...], slots: dict[str, int], device) -> torch.Tensor:
     """Per-sequence adapter indices on ``device``, cached (one host-to-device copy per batch
-    composition, shared by all layers with the same adapters)."""
-    key = (names, tuple(slots.items()), str(device))
+    composition, shared by all layers with the same adapters; one made under inference mode
+    is not reused outside it)."""
+    key = (names, tuple(slots.items()), str(device), torch.is_inference_mode_enabled())
     hit = _INDEX_CACHE.get(key)
     if hit is None:
         if len(_INDEX_CACHE) > 256:
