@@ -36,25 +36,29 @@ def _new_patched(original_class: type, *args):
     return cls.__new__(cls, *args)
 
 
-def _tuner_forward_hooks(self, *args, **kwargs):
-    """PEFT's context that routes ``adapter_names`` to the layers refuses them in training
-    mode (PEFT's layers cannot train a mixed batch); the patched layers can, so in
-    training PEFT's checks run with the tuner object (only it) flagged as in eval."""
-    original = type(self)._fastlora_original_class._enable_peft_forward_hooks
-    if kwargs.get("adapter_names") is None or not self.training:
-        return original(self, *args, **kwargs)
-    return _training_mixed_batch(self, original(self, *args, **kwargs))
-
-
 @contextlib.contextmanager
-def _training_mixed_batch(tuner: nn.Module, hooks):
-    with contextlib.ExitStack() as stack:
-        tuner.training = False
-        try:
-            stack.enter_context(hooks)
-        finally:
-            tuner.training = True
+def _tuner_forward_hooks(self, *args, **kwargs):
+    """PEFT's context that routes ``adapter_names`` to the layers (pre-forward hooks), with
+    two changes. PEFT removes its hooks after its ``yield`` with no ``finally``, so a
+    forward that raises would leave them installed and every later call would run the stale
+    adapter mix: here PEFT's context is always exited as if its body had succeeded (which
+    removes them), then the error propagates. And PEFT refuses ``adapter_names`` in training
+    mode (its layers cannot train a mixed batch); the patched layers can, so in training
+    PEFT's checks run with the tuner object (only it) flagged as in eval."""
+    original = type(self)._fastlora_original_class._enable_peft_forward_hooks
+    hooks = original(self, *args, **kwargs)
+    training = self.training and kwargs.get("adapter_names") is not None
+    if training:
+        self.training = False
+    try:
+        hooks.__enter__()
+    finally:
+        if training:
+            self.training = True
+    try:
         yield
+    finally:
+        hooks.__exit__(None, None, None)
 
 
 def _merge(self, *args, **kwargs):
