@@ -66,7 +66,7 @@ def _judge(name: str, layer, selected: set[str] | None) -> LayerReport:
                 entry.notes.append(f"{other.reason}: PEFT's forward runs while it is active")
     if any(is_dora(layer, a) for a in entry.adapters):
         entry.notes.append("DoRA (row norm cached; PEFT's forward while another adapter is "
-                           "active with it)")
+                           "active with it and dropout is active)")
     if layer.merged:
         entry.notes.append("merged: PEFT's forward runs until unmerged")
     if layer.disable_adapters:
