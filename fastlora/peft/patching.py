@@ -16,6 +16,7 @@ from typing import Iterable
 
 from torch import nn
 
+from ..cache import writes_visible
 from . import classes
 from .classes import is_patched
 from .reader import (NotFused, adapter_names, is_dora, layer_problem, lora_tuner_class,
@@ -59,6 +60,9 @@ def _judge(name: str, layer, selected: set[str] | None) -> LayerReport:
         entry.notes.append("Conv1D base (fan_in_fan_out): weight passed as a transposed view")
     if sharded:
         entry.notes.append(_SHARDED)
+    if not writes_visible(layer, layer.base_layer):
+        entry.notes.append("managed by FSDP: nothing cached (DoRA norms, mixed-batch adapters "
+                           "are recomputed every call)")
     for a in entry.adapters:
         if a not in considered:
             other = read_adapter(layer, a)
