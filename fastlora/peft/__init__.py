@@ -1,6 +1,10 @@
 """Everything that knows PEFT: ``patch(model)`` accelerates a PEFT LoRA model in place.
 
-PEFT is imported only when a model is patched (``pip install 'fastlora[peft]'``).
+One concern per file: ``reader`` (what a LoRA layer holds, or why fastlora cannot run it),
+``forward`` (the patched forward), ``mixed_batch`` (``adapter_names`` batches), ``state``
+(the per-layer caches ``patch`` creates and ``unpatch`` removes), ``classes`` (the class
+swap), ``report`` (``PatchReport``), ``patching`` (``patch`` / ``unpatch``). PEFT is
+imported only when a model is patched (``pip install 'fastlora[peft]'``).
 """
 from .mixed_batch import peft_mixed_batch_forward
 from .patching import is_patched, patch, unpatch
