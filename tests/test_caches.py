@@ -256,7 +256,7 @@ def test_dora_linear_inference_mode_then_training_step(device):
 
 
 @pytest.mark.parametrize("base_kind", ["linear", "conv1d"])
-@pytest.mark.parametrize("change", ["data_assignment", "data_copy_refresh"])
+@pytest.mark.parametrize("change", ["in_place", "data_assignment", "data_copy_refresh"])
 def test_adapter_bank_dora_norms_follow_the_base_weight(base_kind, change, device):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
@@ -276,7 +276,9 @@ def test_adapter_bank_dora_norms_follow_the_base_weight(base_kind, change, devic
 
     with torch.no_grad():
         fastlora.multi_lora_linear(x, weight(), module.bias, bank, bank.index(["d"] * 6))
-        if change == "data_assignment":
+        if change == "in_place":
+            module.weight.mul_(1.5)
+        elif change == "data_assignment":
             module.weight.data = perturbed(module.weight, 0)
         else:
             module.weight.data.copy_(perturbed(module.weight, 0))

@@ -86,6 +86,19 @@ def check(model, ref, device, train: bool = True):
     assert_grads_close(model, ref)
 
 
+def train_outputs(model, ref, device):
+    """Both models' training-mode outputs from the same torch RNG state (PEFT's dropout
+    modules draw from it)."""
+    model.train()
+    ref.train()
+    x = torch.randn(7, 33, generator=torch.Generator().manual_seed(5)).to(device)
+    outs = []
+    for m in (model, ref):
+        torch.manual_seed(1)
+        outs.append(m(x))
+    return outs
+
+
 LORA_BIAS = dict(r=4, alpha=8, lora_bias=True)
 PLAIN = dict(r=3, alpha=6)
 DORA = dict(r=5, alpha=4, use_dora=True)
@@ -113,13 +126,7 @@ def test_lora_bias_with_dropout_on_several_adapters(device, calls):
     the same torch RNG draws as PEFT for the others, so outputs compare exactly."""
     model, ref = one_layer(device, {"a": LORA_BIAS, "b": dict(lora_dropout=0.5, **LORA_BIAS)})
     patch(model)
-    model.train()
-    ref.train()
-    x = torch.randn(7, 33, generator=torch.Generator().manual_seed(5)).to(device)
-    torch.manual_seed(1)
-    out = model(x)
-    torch.manual_seed(1)
-    exp = ref(x)
+    out, exp = train_outputs(model, ref, device)
     assert_close(out, exp, what="output")
     assert calls == {"lora": 1, "dora": 0}
 
@@ -155,13 +162,8 @@ def test_dora_with_dropout_beside_others_runs_peft(device, calls):
     (and masks are per adapter): PEFT's own forward runs, and in eval the fused one."""
     model, ref = one_layer(device, {"d": dict(lora_dropout=0.3, **DORA), "a": PLAIN})
     patch(model)
-    model.train()
-    ref.train()
-    x = torch.randn(7, 33, generator=torch.Generator().manual_seed(5)).to(device)
-    torch.manual_seed(1)
-    out = model(x)
-    torch.manual_seed(1)
-    assert_close(out, ref(x), what="train output")
+    out, exp = train_outputs(model, ref, device)
+    assert_close(out, exp, what="train output")
     assert calls == {"lora": 0, "dora": 0}
     check(model, ref, device, train=False)
     assert calls == {"lora": 0, "dora": 1}
