@@ -76,11 +76,8 @@ class Cache:
     def clear(self) -> None:
         raise NotImplementedError
 
-    def __getstate__(self):
-        return {}
-
-    def __setstate__(self, state):
-        self.__init__()
+    def __reduce__(self):
+        return type(self), ()
 
 
 def writes_visible(*modules: nn.Module) -> bool:

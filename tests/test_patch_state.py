@@ -75,3 +75,24 @@ def test_class_name_and_repr_are_peft_s(device):
     assert type(layer).__name__ == "Linear" and repr(layer).startswith("lora.Linear(")
     assert type(model.base_model).__name__ == "LoraModel"
     assert type(copy.deepcopy(layer)).__name__ == "Linear"
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_pickled_patched_layer_starts_with_empty_caches(protocol, device):
+    from peft import LoraConfig, get_peft_model
+
+    from fastlora.peft.state import ATTR
+
+    torch.manual_seed(0)
+    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(16, 12)), LoraConfig(
+        r=2, target_modules=["0"], init_lora_weights=False, use_dora=True)).to(device).eval()
+    ref = copy.deepcopy(model)
+    patch(model)
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(1)).to(device)
+    with torch.no_grad():
+        model(x)  # a cached norm
+        clone = pickle.loads(pickle.dumps(model, protocol=protocol))
+        state = vars(clone.base_model.model[0])[ATTR]
+        assert not state.norms._entries and state.bank is None
+        assert_close(clone(x), ref(x), what="unpickled")
+        assert state.norms._entries
