@@ -8,10 +8,8 @@ share of requests whose tokens agree with PEFT's:
 
 * ``peft``: PEFT's own mixed batch, ``generate(adapter_names=...)``. PEFT refuses DoRA
   adapters in a mixed batch, so a batch holding one is served one adapter group at a time.
-* ``fastlora-peft``: the same PEFT model and ``generate(adapter_names=...)``, with every
-  ``lora.Linear``'s forward wrapped so that ``adapter_names`` calls
-  ``fastlora.multi.peft_mixed_batch_forward``: the fused mixed-batch path that
-  ``fastlora.patch(model)`` takes too (DoRA adapters included, whole batches at once).
+* ``fastlora-peft``: the same PEFT model after ``fastlora.patch(model)``: its ``lora.Linear``
+  layers take ``adapter_names`` in one fused pass per layer, DoRA adapters included.
 * ``fastlora-bank``: the plain base model with a ``fastlora.bank.AdapterBank`` loaded from
   the adapters' saved PEFT directories; each adapted linear layer calls
   ``fastlora.multi_lora_linear`` with the batch's per-row adapter indices.
@@ -97,22 +95,6 @@ def generate(model, ids, new, **kw):
     return out[:, ids.shape[1]:]
 
 
-def use_fastlora_for_mixed_batches(model) -> None:
-    """Route every lora.Linear's ``adapter_names`` forward to peft_mixed_batch_forward."""
-    from peft.tuners.lora import Linear
-
-    from fastlora.multi import peft_mixed_batch_forward
-
-    known = list(model.peft_config)
-    for module in model.modules():
-        if isinstance(module, Linear):
-            def forward(x, *args, adapter_names=None, _layer=module, _peft=module.forward, **kwargs):
-                if adapter_names is None or args or kwargs:
-                    return _peft(x, *args, adapter_names=adapter_names, **kwargs)
-                return peft_mixed_batch_forward(_layer, x, adapter_names, known_adapters=known)
-            module.forward = forward
-
-
 class BankServer:
     """The plain base model serving an AdapterBank: each adapted linear layer reads the
     current batch's per-row adapter indices."""
@@ -190,7 +172,9 @@ def main(argv=None) -> int:
                                 size["new"], device)
         model.save_pretrained(tmp)
         adapter_dtype = next(p.dtype for n, p in model.named_parameters() if "lora_A" in n)
-        use_fastlora_for_mixed_batches(model)
+        import fastlora
+
+        fastlora.patch(model)
         results["fastlora-peft"] = serve(lambda i, n, k: generate(model, i, k, adapter_names=n),
                                          (ids, names), batch, size["new"], device)
         server = BankServer(plain, {a: Path(tmp) / a for a in adapters}, adapter_dtype)

@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"the demo needs peft and transformers: pip install 'fastlora[peft]' ({e})")
         return 1
     from . import backend
-    from .patching import patch
+    from .peft import patch
 
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
