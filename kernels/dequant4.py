@@ -1,13 +1,14 @@
 """The 4-bit dequantization the QUANT4 kernels do in registers, run on its own for the tests
 and the AOT check: ``dequantize4`` (W materialized tile by tile) and ``q4_matmul`` (a GEMM
-reading the packed weight as the forward or as the dx pass does)."""
+reading the packed weight as the forward or as the dx pass does). ``q4_matmul`` stands in for
+the fused linear kernel's QUANT4 path until that lands (the same GEMM without the LoRA term)."""
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
 
-from .common import configs, fp32_precision, grouped_tile, m_bucket, prune_by_m
+from .common import configs, fp32_precision, m_bucket, prune_by_m
 from .quant4 import Quant4Args, dequant4_tile
 
 
@@ -43,10 +44,9 @@ def dequantize4(q: Quant4Args, dtype: torch.dtype = torch.float32, transpose: bo
 
 
 _CONFIGS = configs(
-    [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                   num_warps=w, num_stages=s)
+    [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
      for bm, bn, bk, w, s in [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (16, 64, 128, 4, 4)]],
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}),
 )
 
 
@@ -57,14 +57,13 @@ def _q4_matmul_kernel(a_ptr, out_ptr, q4_data, q4_absmax, q4_code, q4_absmax2, q
                       q4_offset, M, N, K, M_BUCKET, stride_am, stride_ak, stride_om, stride_on,
                       DX: tl.constexpr, Q4_BLOCKSIZE: tl.constexpr, Q4_BLOCKSIZE2: tl.constexpr,
                       Q4_ALIGNED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """``out [M, N] = a [M, K] @ b [K, N]`` with b = ``W^T`` (W ``[N, K]`` 4-bit, the
     forward) or, with DX, b = W (W ``[K, N]`` 4-bit, the dx pass: the reduction runs over
     W's rows). The dot runs in a's dtype; accumulates in fp32."""
-    tile_m, tile_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N),
-                                  GROUP_M)
-    rows = tile_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tile_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n0 = tl.program_id(1) * BLOCK_N
+    cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
     row_in = rows < M
     col_in = cols < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -75,7 +74,7 @@ def _q4_matmul_kernel(a_ptr, out_ptr, q4_data, q4_absmax, q4_code, q4_absmax2, q
         a = tl.load(a_ptrs, mask=row_in[:, None] & k_in[None, :], other=0.0)
         if DX:
             b = dequant4_tile(q4_data, q4_absmax, q4_code, q4_absmax2, q4_code2, q4_offset,
-                              k0 + ks.to(tl.int64), k_in, tile_n * BLOCK_N, N, False, a.dtype,
+                              k0 + ks.to(tl.int64), k_in, n0, N, False, a.dtype,
                               BLOCK_N, Q4_BLOCKSIZE, Q4_BLOCKSIZE2, Q4_ALIGNED)
         else:
             b = dequant4_tile(q4_data, q4_absmax, q4_code, q4_absmax2, q4_code2, q4_offset,
@@ -94,7 +93,7 @@ def q4_matmul(a: torch.Tensor, q: Quant4Args, dx: bool = False) -> torch.Tensor:
     m = a.shape[0]
     red, out_n = (n, k) if dx else (k, n)
     out = torch.empty((m, out_n), dtype=a.dtype, device=a.device)
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(out_n, meta["BLOCK_N"]),)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(out_n, meta["BLOCK_N"]))  # noqa: E731
     _q4_matmul_kernel[grid](a, out, *q.pointers(), m, out_n, red, m_bucket(m), a.stride(0),
                             a.stride(1), out.stride(0), out.stride(1), DX=dx,
                             PRECISION=fp32_precision(), **q.constexprs())
