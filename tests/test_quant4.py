@@ -10,6 +10,8 @@ import torch
 
 from data import generator, randn
 from fastlora import reference
+from fastlora.kernels import dequantize4, q4_matmul
+from fastlora.kernels.quant4 import code_book
 from fastlora.quant4 import Quant4Weight, is_bnb_4bit
 from tolerances import assert_close
 
@@ -59,8 +61,6 @@ def assert_same(got, want, dtype, device, what):
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_tiles_dequantize_as_bitsandbytes(bnbf, case, quant_type, nested, device):
-    from fastlora.kernels.dequant4 import dequantize4
-
     shape, blocksize = case
     packed, state = quantized(bnbf, shape, blocksize, quant_type, nested, device)
     args = Quant4Weight.from_bnb(packed, state).kernel_args()
@@ -81,8 +81,6 @@ def test_tiles_dequantize_as_bitsandbytes(bnbf, case, quant_type, nested, device
 @pytest.mark.parametrize("case", CASES[:4], ids=case_id)
 def test_gemm_reads_packed_weight_both_ways(bnbf, case, quant_type, nested, dtype, device):
     """``x @ W^T`` (the forward's tiles) and ``dy @ W`` (the dx pass's) on the packed weight."""
-    from fastlora.kernels.dequant4 import q4_matmul
-
     shape, blocksize = case
     n, k = shape
     packed, state = quantized(bnbf, shape, blocksize, quant_type, nested, device, seed=1)
@@ -99,8 +97,6 @@ def test_gemm_reads_packed_weight_both_ways(bnbf, case, quant_type, nested, dtyp
 
 
 def test_code_books_are_bitsandbytes(bnbf):
-    from fastlora.kernels.quant4 import code_book
-
     for quant_type in ("nf4", "fp4"):
         assert torch.equal(code_book(quant_type, "cpu"), bnbf.get_4bit_type(quant_type, device="cpu"))
     with pytest.raises(ValueError, match="no 4-bit code book 'int4'"):
@@ -109,8 +105,6 @@ def test_code_books_are_bitsandbytes(bnbf):
 
 def test_view_of_params4bit_and_of_a_wider_quant_storage(bnbf, device):
     import bitsandbytes as bnb
-    from fastlora.kernels.dequant4 import dequantize4
-
     w = randn(24, 64, g=generator(3))
     param = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", blocksize=64,
                               compress_statistics=True).to(device)
