@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import triton.language as tl
 
-from . import backward, dora, linear, multi_backward, multi_linear, multi_shrink, shrink
+from . import backward, dequant4, dora, linear, multi_backward, multi_linear, multi_shrink, shrink
 
 
 @dataclass(frozen=True)
@@ -173,4 +173,25 @@ VARIANTS: list[AotVariant] = [
     _multi_dy("bf16", "bf16", False),
     _multi_dy("bf16", "fp32", True),
     _multi_da("bf16", tl.bfloat16, True),
+]
+
+
+def _q4_matmul(ab: str, dx: bool, nested: bool, blocksize: int, aligned: bool) -> AotVariant:
+    types = dict(a_ptr=f"*{ab}", out_ptr=f"*{ab}", q4_data="*u8",
+                 q4_absmax="*u8" if nested else "*fp32", q4_code="*fp32", q4_absmax2="*fp32",
+                 q4_code2="*fp32", q4_offset="*fp32", M="i32", N="i32", K="i32", M_BUCKET="i32",
+                 stride_am="i32", stride_om="i32")
+    const = dict(stride_ak=1, stride_on=1, DX=dx, Q4_BLOCKSIZE=blocksize,
+                 Q4_BLOCKSIZE2=256 if nested else 0, Q4_ALIGNED=aligned, PRECISION="tf32")
+    label = (f"4-bit {'dx' if dx else 'forward'} {ab}, {'nested ' if nested else ''}"
+             f"b{blocksize}{'' if aligned else ' straddling'}")
+    return AotVariant(dequant4._q4_matmul_kernel, label, types, const)
+
+
+# bitsandbytes 4-bit weight (the QUANT4 helper in a GEMM): QLoRA's NF4 with nested absmax,
+# forward (W^T tiles) and dx (W tiles); a plain absmax whose blocks straddle rows
+VARIANTS += [
+    _q4_matmul("bf16", False, True, 64, True),
+    _q4_matmul("bf16", True, True, 64, True),
+    _q4_matmul("fp16", False, False, 128, False),
 ]

@@ -17,7 +17,7 @@ def test_check_kernels_passes_for_sm80_and_sm90():
     rows = [line for line in proc.stdout.splitlines() if line.startswith("_")]
     kernels = {line.split()[0] for line in rows}
     assert kernels >= {"_lora_shrink_kernel", "_lora_linear_kernel", "_lora_dy_kernel",
-                       "_lora_da_kernel", "_dora_norm_kernel"}
+                       "_lora_da_kernel", "_dora_norm_kernel", "_q4_matmul_kernel"}
     assert proc.stdout.rstrip().endswith(f"{len(rows)} compilations, 0 failed")
     assert all(line.rstrip().endswith("ok") for line in rows)
     assert any(" sm_90 " in line and "wgmma" in line for line in rows)
