@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .functional import dora_weight_norm
-from .multi import PackedAdapters
+from .adapters import PackedAdapters
 
 __all__ = ["AdapterBank", "LayerBank"]
 

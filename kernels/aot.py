@@ -32,7 +32,7 @@ class AotVariant:
 def _shrink(x: str, a: str, dropout: bool, precision: str = "tf32") -> AotVariant:
     types = dict(x_ptr=f"*{x}", a_ptr=f"*{a}", t_ptr="*fp32", M="i32", K="i32", R="i32",
                  M_BUCKET="i32", stride_xm="i32", stride_ar="i32", stride_tm="i32",
-                 seed="i32", dropout_p="fp32", keep_scale="fp32")
+                 seed_ptr="*i64", dropout_p="fp32", keep_scale="fp32")
     const = dict(stride_xk=1, stride_ak=1, stride_tr=1, DROPOUT=dropout, BLOCK_R=16,
                  PRECISION=precision)
     # full-fp32 dots (torch's default matmul precision) run on FMA units, not tensor cores
@@ -47,7 +47,7 @@ def _linear(ab: str, lb: str, bias: bool, dropout: bool, label: str,
                "stride_lbr", "stride_lbn", "stride_om", "stride_on"]
     types = dict(a_ptr=f"*{ab}", b_ptr=f"*{ab}", l_ptr="*fp32", lb_ptr=f"*{lb}", bias_ptr=f"*{ab}",
                  g_ptr="*fp32", out_ptr=f"*{ab}", M="i32", N="i32", K="i32", R="i32",
-                 M_BUCKET="i32", scale="fp32", seed="i32", dropout_p="fp32",
+                 M_BUCKET="i32", scale="fp32", seed_ptr="*i64", dropout_p="fp32",
                  **{n: "i32" for n in strides if n not in unit_strides})
     const = dict(HAS_LORA=True, HAS_BIAS=bias, DROPOUT=dropout, SCALE_OUT=scale_out,
                  SCALE_IN=scale_in, BLOCK_R=16, PRECISION="tf32",
@@ -67,7 +67,7 @@ def _dy(dy: str, b: str, dora: bool) -> AotVariant:
 
 def _da(x: str, dot) -> AotVariant:
     types = dict(ds_ptr="*fp32", x_ptr=f"*{x}", da_ptr="*fp32", M="i32", K="i32", R="i32",
-                 M_BUCKET="i32", stride_dsm="i32", stride_xm="i32", seed="i32",
+                 M_BUCKET="i32", stride_dsm="i32", stride_xm="i32", seed_ptr="*i64",
                  dropout_p="fp32", keep_scale="fp32")
     const = dict(stride_dsr=1, stride_xk=1, DOT_DTYPE=dot, DROPOUT=True, BLOCK_R=16,
                  PRECISION="tf32")
@@ -88,7 +88,7 @@ _MULTI_META = dict(perm_ptr="*i32", seg_ptr="*i32", off_ptr="*i32", rank_ptr="*i
 def _multi_shrink(x: str, a: str, dropout: bool) -> AotVariant:
     types = dict(x_ptr=f"*{x}", a_ptr=f"*{a}", s_ptr="*fp32", scale_ptr="*fp32", p_ptr="*fp32",
                  M="i32", K="i32", R="i32", M_BUCKET="i32", stride_xm="i32", stride_am="i32",
-                 stride_sm="i32", seed="i32", **_MULTI_META)
+                 stride_sm="i32", seed_ptr="*i64", **_MULTI_META)
     const = dict(stride_xk=1, stride_ak=1, stride_sr=1, DROPOUT=dropout, BLOCK_R=16, N_POW2=64,
                  PRECISION="tf32")
     return AotVariant(multi_shrink._multi_shrink_kernel, f"x={x} A={a} dropout={dropout}", types,
@@ -105,7 +105,7 @@ def _multi_linear(ab: str, lb: str, label: str, unit_strides: tuple[str, ...], b
     types = dict(a_ptr=f"*{ab}", b_ptr=f"*{ab}", l_ptr="*fp32", lb_ptr=f"*{lb}", bias_ptr=f"*{ab}",
                  g_ptr="*fp32", p_ptr="*fp32", out_ptr=f"*{ab}", perm_ptr="*i32", key_ptr="*i32",
                  off_ptr="*i32", rank_ptr="*i32", n_adapters="i32", M="i32", N="i32", K="i32",
-                 R="i32", M_BUCKET="i32", seed="i32",
+                 R="i32", M_BUCKET="i32", seed_ptr="*i64",
                  **{n: "i32" for n in strides if n not in unit_strides})
     const = dict(HAS_BIAS=bias, DROPOUT=dropout, SCALE_OUT=scale_out, SCALE_IN=scale_in,
                  GATHER=gather, BLOCK_R=16, PRECISION="tf32", **{n: 1 for n in unit_strides})
@@ -125,7 +125,7 @@ def _multi_dy(dy: str, b: str, dora: bool) -> AotVariant:
 
 def _multi_da(x: str, dot, dropout: bool) -> AotVariant:
     types = dict(ds_ptr="*fp32", x_ptr=f"*{x}", da_ptr="*fp32", p_ptr="*fp32", M="i32", K="i32",
-                 R="i32", M_BUCKET="i32", stride_dsm="i32", stride_xm="i32", seed="i32",
+                 R="i32", M_BUCKET="i32", stride_dsm="i32", stride_xm="i32", seed_ptr="*i64",
                  **_MULTI_META)
     const = dict(stride_dsr=1, stride_xk=1, DOT_DTYPE=dot, DROPOUT=dropout, BLOCK_R=16, N_POW2=64,
                  PRECISION="tf32")

@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import configs, fp32_precision, dropout_keep, m_bucket, prune_by_m, rank_block
+from .common import (configs, dropout_keep, fp32_precision, m_bucket, on_device, prune_by_m,
+                     rank_block)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -92,7 +93,7 @@ _DA_CONFIGS = configs(
 @triton.jit
 def _lora_da_kernel(ds_ptr, x_ptr, da_ptr, M, K, R, M_BUCKET,
                     stride_dsm, stride_dsr, stride_xm, stride_xk,
-                    seed, dropout_p, keep_scale,
+                    seed_ptr, dropout_p, keep_scale,
                     DOT_DTYPE: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr,
                     PRECISION: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -108,6 +109,8 @@ def _lora_da_kernel(ds_ptr, x_ptr, da_ptr, M, K, R, M_BUCKET,
     col_in = cols < K
     rank_in = ranks < R
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
     for m0 in range(tl.program_id(1) * BLOCK_M, M, splits * BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
         row_in = rows < M
@@ -141,6 +144,7 @@ def _splits(tiles: int, other_tiles: int, device: torch.device) -> int:
     return max(1, min(tiles, triton.cdiv(2 * _sm_count(device), max(other_tiles, 1))))
 
 
+@on_device
 def lora_dy(dy: torch.Tensor, lora_B: torch.Tensor, t: torch.Tensor, scaling: float,
             dora: DoraBackward | None = None) -> tuple[torch.Tensor, ...]:
     """``(dS, dB) = (s dY' B, s dY'^T T)`` as fp32, dY' = dY (or ``g * dY`` with DoRA, which
@@ -171,9 +175,11 @@ def lora_dy(dy: torch.Tensor, lora_B: torch.Tensor, t: torch.Tensor, scaling: fl
     return (ds, db) + ((dg,) if dora is not None else ())
 
 
+@on_device
 def lora_da(ds: torch.Tensor, x: torch.Tensor, adapter_dtype: torch.dtype,
-            dropout_p: float = 0.0, seed: int = 0) -> torch.Tensor:
-    """``dS^T drop(x)`` as fp32 ``[r, K]``: ds ``[M, r]`` fp32, x ``[M, K]``."""
+            dropout_p: float = 0.0, seed: torch.Tensor | None = None) -> torch.Tensor:
+    """``dS^T drop(x)`` as fp32 ``[r, K]``: ds ``[M, r]`` fp32, x ``[M, K]``, seed int64 ``[1]``
+    (dropout only)."""
     m, k = x.shape
     r = ds.shape[1]
     da = torch.empty((r, k), dtype=torch.float32, device=x.device)
@@ -189,7 +195,7 @@ def lora_da(ds: torch.Tensor, x: torch.Tensor, adapter_dtype: torch.dtype,
 
     _lora_da_kernel[grid](
         ds, x, da, m, k, r, m_bucket(m), ds.stride(0), ds.stride(1), x.stride(0), x.stride(1),
-        seed, dropout_p, 1.0 / (1.0 - dropout_p),
+        seed if seed is not None else da, dropout_p, 1.0 / (1.0 - dropout_p),
         DOT_DTYPE=_TL_DTYPES[adapter_dtype], DROPOUT=dropout_p > 0.0, BLOCK_R=block_r,
         PRECISION=fp32_precision())
     return da

@@ -1,6 +1,7 @@
 """Helpers shared by the kernels: grouped tile order, in-kernel dropout, autotune configs."""
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -11,6 +12,19 @@ import triton.language as tl
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def on_device(launcher):
+    """Decorate a launcher so that its kernels run on the CUDA device of its first (tensor)
+    argument: Triton launches on the *current* device and stream, so without this guard a
+    layer on ``cuda:1`` would launch on ``cuda:0``. Every launcher goes through it."""
+    @functools.wraps(launcher)
+    def guarded(first: torch.Tensor, *args, **kwargs):
+        if first.is_cuda:
+            with torch.cuda.device(first.device):
+                return launcher(first, *args, **kwargs)
+        return launcher(first, *args, **kwargs)
+    return guarded
 
 
 def fp32_precision() -> str:
@@ -73,7 +87,9 @@ def grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
 @triton.jit
 def dropout_keep(seed, rows, col0, n_cols, p, BLOCK_C: tl.constexpr):
     """Keep-mask [len(rows), BLOCK_C] of dropout on a ``[*, n_cols]`` input, for columns
-    ``col0 .. col0 + BLOCK_C`` (col0 a multiple of 4).
+    ``col0 .. col0 + BLOCK_C`` (col0 a multiple of 4). ``seed``: the value kernels load
+    from their int64 seed pointer (a device tensor, so a replayed CUDA graph that redraws
+    it gets a new mask).
 
     One Philox call gives four uniforms: call #(i * ceil(n_cols / 4) + j // 4) of ``seed``
     serves columns j..j+3 of row i, so any tile of the same input regenerates the same
@@ -88,12 +104,14 @@ def dropout_keep(seed, rows, col0, n_cols, p, BLOCK_C: tl.constexpr):
 
 @triton.jit
 def shrink_tile(x_ptr, rows, row_in, stride_xm, stride_xk, a_ptr, a_rows, rank_in,
-                stride_ar, stride_ak, K, seed, dropout_p, DROPOUT: tl.constexpr,
+                stride_ar, stride_ak, K, seed_ptr, dropout_p, DROPOUT: tl.constexpr,
                 PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
     """``keep(x[rows]) @ A[a_rows]^T`` for one tile, fp32 ``[len(rows), len(a_rows)]``
     (the 1 / (1 - p) factor is the caller's). ``rows``/``a_rows`` are int64 row numbers of
     x ``[*, K]`` and A ``[*, K]``; the dot runs in A's dtype, as PEFT casts x to it."""
     acc = tl.zeros((rows.shape[0], a_rows.shape[0]), dtype=tl.float32)
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         col_in = cols < K

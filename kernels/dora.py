@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import configs, fp32_precision, rank_block
+from .common import configs, fp32_precision, on_device, rank_block
 
 _CONFIGS = configs(
     [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
@@ -52,6 +52,7 @@ def _dora_norm_kernel(w_ptr, a_ptr, wa_ptr, sq_ptr, N, K, R,
         tl.store(sq_ptr + rows, sq, mask=row_in)
 
 
+@on_device
 def dora_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
               scaling: float) -> torch.Tensor:
     """``||weight + scaling * lora_B @ lora_A||`` per row, fp32 ``[N]``; weight ``[N, K]``

@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import configs, fp32_precision, dropout_keep, grouped_tile, m_bucket, prune_by_m, rank_block
+from .common import (configs, dropout_keep, fp32_precision, grouped_tile, m_bucket, on_device,
+                     prune_by_m, rank_block)
 
 _CONFIGS = configs(
     [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
@@ -34,7 +35,7 @@ _CONFIGS = configs(
 def _lora_linear_kernel(a_ptr, b_ptr, l_ptr, lb_ptr, bias_ptr, g_ptr, out_ptr, M, N, K, R, M_BUCKET,
                         stride_am, stride_ak, stride_bk, stride_bn, stride_lm, stride_lr,
                         stride_lbr, stride_lbn, stride_om, stride_on,
-                        scale, seed, dropout_p,
+                        scale, seed_ptr, dropout_p,
                         HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
                         SCALE_OUT: tl.constexpr, SCALE_IN: tl.constexpr,
                         BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -66,7 +67,8 @@ def _lora_linear_kernel(a_ptr, b_ptr, l_ptr, lb_ptr, bias_ptr, g_ptr, out_ptr, M
                          mask=rank_in[:, None] & col_in[None, :], other=0.0)
             acc = tl.dot(lt.to(lb.dtype), lb, acc, input_precision=PRECISION)
         if DROPOUT:
-            acc = tl.where(dropout_keep(seed, rows, tile_n * BLOCK_N, N, dropout_p, BLOCK_N), acc, 0.0)
+            keep = dropout_keep(tl.load(seed_ptr), rows, tile_n * BLOCK_N, N, dropout_p, BLOCK_N)
+            acc = tl.where(keep, acc, 0.0)
         acc *= scale
     ks = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak
@@ -93,15 +95,17 @@ def _lora_linear_kernel(a_ptr, b_ptr, l_ptr, lb_ptr, bias_ptr, g_ptr, out_ptr, M
 class LowRank:
     """The epilogue term ``scale * keep * (l @ lb)``: l ``[M, r]`` fp32, lb ``[r, N]``.
 
-    ``dropout_p > 0`` masks it with the keep-mask of seed ``seed`` for an ``[M, N]`` input.
+    ``dropout_p > 0`` masks it with the keep-mask of ``seed`` (int64 ``[1]`` on the device)
+    for an ``[M, N]`` input.
     """
     l: torch.Tensor
     lb: torch.Tensor
     scale: float
     dropout_p: float = 0.0
-    seed: int = 0
+    seed: torch.Tensor | None = None
 
 
+@on_device
 def fused_linear(a: torch.Tensor, b: torch.Tensor, low: LowRank | None = None,
                  bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None, *,
                  g_out: torch.Tensor | None = None, g_in: torch.Tensor | None = None
@@ -126,7 +130,7 @@ def fused_linear(a: torch.Tensor, b: torch.Tensor, low: LowRank | None = None,
         m, n, k, r, m_bucket(m),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), low.l.stride(0), low.l.stride(1),
         low.lb.stride(0), low.lb.stride(1), out.stride(0), out.stride(1),
-        low.scale, low.seed, low.dropout_p,
+        low.scale, low.seed if low.seed is not None else out, low.dropout_p,
         HAS_LORA=has_lora, HAS_BIAS=bias is not None, DROPOUT=has_lora and low.dropout_p > 0.0,
         SCALE_OUT=g_out is not None, SCALE_IN=g_in is not None,
         BLOCK_R=rank_block(max(r, 1)), PRECISION=fp32_precision())

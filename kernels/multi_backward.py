@@ -15,7 +15,8 @@ import triton
 import triton.language as tl
 
 from .backward import _TL_DTYPES, DoraBackward, _splits
-from .common import configs, dropout_keep, fp32_precision, m_bucket, prune_by_m, rank_block
+from .common import (configs, dropout_keep, fp32_precision, m_bucket, on_device, prune_by_m,
+                     rank_block)
 from .multi_meta import RowGroups, adapters_pow2, segment_tile, segment_tiles
 
 _DY_CONFIGS = configs(
@@ -105,7 +106,7 @@ _DA_CONFIGS = configs(
 @triton.jit
 def _multi_da_kernel(ds_ptr, x_ptr, da_ptr, perm_ptr, seg_ptr, off_ptr, rank_ptr, p_ptr,
                      M, K, R, n_adapters, M_BUCKET, stride_dsm, stride_dsr, stride_xm, stride_xk,
-                     seed, DOT_DTYPE: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr,
+                     seed_ptr, DOT_DTYPE: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr,
                      N_POW2: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_K: tl.constexpr):
     """dS ``[M, R]`` fp32 (sorted order), x ``[M, K]`` (rows gathered through perm); dA
@@ -133,7 +134,7 @@ def _multi_da_kernel(ds_ptr, x_ptr, da_ptr, perm_ptr, seg_ptr, off_ptr, rank_ptr
                 mask=row_in[:, None] & col_in[None, :], other=0.0)
     if DROPOUT:
         p = tl.load(p_ptr + adapter)
-        x = tl.where(dropout_keep(seed, rows, col0, K, p, BLOCK_K), x, 0.0)
+        x = tl.where(dropout_keep(tl.load(seed_ptr), rows, col0, K, p, BLOCK_K), x, 0.0)
     ds = tl.load(ds_ptr + pos[:, None].to(tl.int64) * stride_dsm + ranks[None, :] * stride_dsr,
                  mask=row_in[:, None] & rank_in[None, :], other=0.0)
     acc = tl.dot(tl.trans(ds).to(DOT_DTYPE), x.to(DOT_DTYPE), input_precision=PRECISION)
@@ -144,6 +145,7 @@ def _multi_da_kernel(ds_ptr, x_ptr, da_ptr, perm_ptr, seg_ptr, off_ptr, rank_ptr
                   mask=rank_in[:, None] & col_in[None, :])
 
 
+@on_device
 def multi_lora_dy(dy: torch.Tensor, B: torch.Tensor, s: torch.Tensor, offsets: torch.Tensor,
                   ranks: torch.Tensor, scales: torch.Tensor, groups: RowGroups,
                   dora: DoraBackward | None = None, dora_flags: torch.Tensor | None = None
@@ -180,9 +182,11 @@ def multi_lora_dy(dy: torch.Tensor, B: torch.Tensor, s: torch.Tensor, offsets: t
     return (ds, db) + ((dg,) if dora is not None else ())
 
 
+@on_device
 def multi_lora_da(ds: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, ranks: torch.Tensor,
                   rows: int, adapter_dtype: torch.dtype, groups: RowGroups,
-                  dropout: torch.Tensor | None = None, seed: int = 0) -> torch.Tensor:
+                  dropout: torch.Tensor | None = None,
+                  seed: torch.Tensor | None = None) -> torch.Tensor:
     """Packed ``dA`` fp32 ``[rows, K]``: ``dS_a^T drop(x_a)`` in adapter a's rows; ds
     ``[M, R]`` fp32 (sorted order), x ``[M, K]``."""
     m, k = x.shape
@@ -196,7 +200,8 @@ def multi_lora_da(ds: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, rank
     _multi_da_kernel[grid](
         ds, x, da, groups.perm, groups.seg, offsets, ranks,
         dropout if dropout is not None else ds, m, k, r, groups.n, m_bucket(m),
-        ds.stride(0), ds.stride(1), x.stride(0), x.stride(1), seed,
+        ds.stride(0), ds.stride(1), x.stride(0), x.stride(1),
+        seed if seed is not None else da,
         DOT_DTYPE=_TL_DTYPES[adapter_dtype], DROPOUT=dropout is not None, BLOCK_R=block_r,
         N_POW2=adapters_pow2(groups.n), PRECISION=fp32_precision())
     return da

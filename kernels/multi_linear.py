@@ -24,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import configs, dropout_keep, fp32_precision, grouped_tile, m_bucket, prune_by_m, rank_block
+from .common import (configs, dropout_keep, fp32_precision, grouped_tile, m_bucket, on_device,
+                     prune_by_m, rank_block)
 from .multi_meta import RowGroups
 
 _GATHER_MAX_M = 16
@@ -56,7 +57,7 @@ _KEY = ["M_BUCKET", "N", "K", "R", "DROPOUT", "SCALE_OUT", "SCALE_IN"]
 def _multi_linear_kernel(a_ptr, b_ptr, l_ptr, lb_ptr, bias_ptr, g_ptr, p_ptr, out_ptr,
                          perm_ptr, key_ptr, off_ptr, rank_ptr, M, N, K, R, n_adapters, M_BUCKET,
                          stride_am, stride_ak, stride_bk, stride_bn, stride_lm, stride_lr,
-                         stride_lbr, stride_lbn, stride_gm, stride_gn, stride_om, stride_on, seed,
+                         stride_lbr, stride_lbn, stride_gm, stride_gn, stride_om, stride_on, seed_ptr,
                          HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, SCALE_OUT: tl.constexpr,
                          SCALE_IN: tl.constexpr, GATHER: tl.constexpr, BLOCK_R: tl.constexpr,
                          PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -114,7 +115,7 @@ def _multi_linear_kernel(a_ptr, b_ptr, l_ptr, lb_ptr, bias_ptr, g_ptr, p_ptr, ou
             start = tl.min(tl.where(keys > adapter, pos, first + BLOCK_M), axis=0)
     if DROPOUT:
         p = tl.load(p_ptr + keys, mask=has_adapter, other=0.0)[:, None]
-        keep = dropout_keep(seed, rows, tile_n * BLOCK_N, N, p, BLOCK_N)
+        keep = dropout_keep(tl.load(seed_ptr), rows, tile_n * BLOCK_N, N, p, BLOCK_N)
         acc = tl.where(keep, acc / (1.0 - p), 0.0)
     ks = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak
@@ -163,9 +164,10 @@ class MultiLowRank:
     ranks: torch.Tensor
     groups: RowGroups
     dropout: torch.Tensor | None = None
-    seed: int = 0
+    seed: torch.Tensor | None = None
 
 
+@on_device
 def multi_fused_linear(a: torch.Tensor, b: torch.Tensor, low: MultiLowRank,
                        bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None, *,
                        g_out: torch.Tensor | None = None, g_in: torch.Tensor | None = None
@@ -191,7 +193,8 @@ def multi_fused_linear(a: torch.Tensor, b: torch.Tensor, low: MultiLowRank,
         m, n, k, r, low.groups.n, m_bucket(m),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), low.l.stride(0), low.l.stride(1),
         low.lb.stride(0), low.lb.stride(1), g.stride(0) if g is not None else 0,
-        g.stride(1) if g is not None else 0, out.stride(0), out.stride(1), low.seed,
+        g.stride(1) if g is not None else 0, out.stride(0), out.stride(1),
+        low.seed if low.seed is not None else out,
         HAS_BIAS=bias is not None, DROPOUT=low.dropout is not None,
         SCALE_OUT=g_out is not None, SCALE_IN=g_in is not None, GATHER=gather,
         BLOCK_R=rank_block(r),

@@ -5,7 +5,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import configs, m_bucket, prune_by_m, rank_block, shrink_tile, fp32_precision
+from .common import (configs, fp32_precision, m_bucket, on_device, prune_by_m, rank_block,
+                     shrink_tile)
 
 _CONFIGS = configs(
     [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
@@ -19,7 +20,7 @@ _CONFIGS = configs(
 @triton.jit
 def _lora_shrink_kernel(x_ptr, a_ptr, t_ptr, M, K, R, M_BUCKET,
                         stride_xm, stride_xk, stride_ar, stride_ak, stride_tm, stride_tr,
-                        seed, dropout_p, keep_scale,
+                        seed_ptr, dropout_p, keep_scale,
                         DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """x ``[M, K]`` (any float), A ``[R, K]`` (adapter dtype), T ``[M, R]`` fp32.
@@ -31,7 +32,7 @@ def _lora_shrink_kernel(x_ptr, a_ptr, t_ptr, M, K, R, M_BUCKET,
     row_in = rows < M
     rank_in = ranks < R
     acc = shrink_tile(x_ptr, rows, row_in, stride_xm, stride_xk, a_ptr, ranks.to(tl.int64),
-                      rank_in, stride_ar, stride_ak, K, seed, dropout_p, DROPOUT, PRECISION,
+                      rank_in, stride_ar, stride_ak, K, seed_ptr, dropout_p, DROPOUT, PRECISION,
                       BLOCK_K)
     if DROPOUT:
         acc *= keep_scale
@@ -39,9 +40,11 @@ def _lora_shrink_kernel(x_ptr, a_ptr, t_ptr, M, K, R, M_BUCKET,
              mask=row_in[:, None] & rank_in[None, :])
 
 
+@on_device
 def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float = 0.0,
-                seed: int = 0) -> torch.Tensor:
-    """``drop(x) @ lora_A.T`` as fp32 ``[M, r]``; x ``[M, K]``, lora_A ``[r, K]``."""
+                seed: torch.Tensor | None = None) -> torch.Tensor:
+    """``drop(x) @ lora_A.T`` as fp32 ``[M, r]``; x ``[M, K]``, lora_A ``[r, K]``; seed int64
+    ``[1]`` on x's device when ``dropout_p > 0``."""
     m, k = x.shape
     r = lora_A.shape[0]
     t = torch.empty((m, r), dtype=torch.float32, device=x.device)
@@ -52,6 +55,6 @@ def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float = 0.0,
     _lora_shrink_kernel[grid](
         x, lora_A, t, m, k, r, m_bucket(m),
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), t.stride(0), t.stride(1),
-        seed, dropout_p, 1.0 / (1.0 - dropout_p),
+        seed if seed is not None else t, dropout_p, 1.0 / (1.0 - dropout_p),
         DROPOUT=dropout_p > 0.0, BLOCK_R=block_r, PRECISION=fp32_precision())
     return t
