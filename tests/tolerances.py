@@ -19,8 +19,12 @@ products ("tf32x3", each ~2^-21 relative) on a GPU.
 import torch
 
 UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
-# units of roundoff of the term magnitudes allowed, per dtype of the computation
-TERM_UNITS = {torch.float32: 512, torch.float16: 8, torch.bfloat16: 8}
+# Units of roundoff of the term magnitudes allowed, per dtype of the computation.
+# 16-bit: at most ~1 unit from the roundings above (measured over seeds 0-24 of the
+# lora/dora tests in the interpreter: <= 1.04 units for fp16; PyTorch's own fp16 math
+# <= 1.98). fp32: the interpreter measures <= 2.7 units, but a GPU's fp32 dots are tf32x3
+# products (~12 units each) summed over up to K / BLOCK_K ~ 220 fp32 partial sums.
+TERM_UNITS = {torch.float32: 128, torch.float16: 4, torch.bfloat16: 4}
 # without term magnitudes: |got - ref| <= atol * max|ref| + rtol * |ref|
 TOLERANCES = {
     torch.float32: dict(rtol=1e-4, atol=1e-4),
