@@ -27,11 +27,29 @@ def on_device(launcher):
     return guarded
 
 
+# fp32 accuracy on tensor cores: each fp32 operand split into two TF32 parts, three
+# products (~2^-21 relative error each, against 2^-24 for an fp32 FMA). Full-fp32 "ieee"
+# dots run on FMA units and spill kilobytes of registers per thread in these kernels.
+FULL_FP32 = "tf32x3"
+
+
 def fp32_precision() -> str:
     """``tl.dot`` precision for fp32 operands, following PyTorch's matmul setting:
-    full fp32 under ``torch.set_float32_matmul_precision("highest")`` (the default), TF32
-    tensor cores otherwise. 16-bit operands ignore it."""
-    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    fp32 accuracy (``FULL_FP32``) under ``torch.set_float32_matmul_precision("highest")``
+    (the default, which PEFT's fp32 adapters run at), TF32 otherwise. 16-bit operands
+    ignore it."""
+    return FULL_FP32 if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+# GEMM tiles (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) for fp32 x and W at FULL_FP32:
+# the tf32x3 splits of both operand tiles fit in registers only with short K steps
+FP32_GEMM_SHAPES = [(64, 64, 32, 4, 3), (32, 64, 32, 4, 3), (16, 64, 64, 4, 3), (16, 32, 64, 4, 3)]
+
+
+def tune(kernel, configs: list[triton.Config], key: list[str], prune: bool = True):
+    """``kernel`` autotuned over ``configs`` on ``key``, pruned by M (``prune_by_m``)."""
+    return triton.autotune(configs=configs, key=key, prune_configs_by={
+        "early_config_prune": prune_by_m} if prune else None)(kernel)
 
 
 def next_pow2(n: int) -> int:
@@ -48,15 +66,21 @@ def m_bucket(m: int) -> int:
     return min(next_pow2(m), 8192)
 
 
-def configs(gpu: list[triton.Config], interp: triton.Config, zero: tuple[str, ...] = ()
-            ) -> list[triton.Config]:
-    """The GPU autotune configs, or the single small one the interpreter runs.
+def configs(names: tuple[str, ...], shapes: list[tuple], interp: dict,
+            zero: tuple[str, ...] = (), **fixed) -> list[triton.Config]:
+    """The GPU autotune configs, one per shape ``(*block sizes in names' order, warps,
+    stages)`` with the constexprs ``fixed``, or the single small ``interp`` one the
+    interpreter runs.
 
     ``zero`` names accumulator arguments that every launch (autotuning runs included)
     must find zeroed: a per-config pre-hook zeroes them, which unlike ``reset_to_zero``
     also covers the launch that follows autotuning on every Triton version.
     """
-    chosen = [interp] if interpreting() else gpu
+    if interpreting():
+        chosen = [triton.Config(interp)]
+    else:
+        chosen = [triton.Config({**dict(zip(names, shape[:-2])), **fixed}, num_warps=shape[-2],
+                                num_stages=shape[-1]) for shape in shapes]
     if zero:
         def hook(nargs):
             for name in zero:
@@ -64,6 +88,12 @@ def configs(gpu: list[triton.Config], interp: triton.Config, zero: tuple[str, ..
         for config in chosen:
             config.pre_hook = hook
     return chosen
+
+
+def gemm_configs(shapes: list[tuple]) -> list[triton.Config]:
+    """``configs`` of the fused GEMMs: shapes ``(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)``."""
+    return configs(("BLOCK_M", "BLOCK_N", "BLOCK_K"), shapes,
+                   dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4), GROUP_M=8)
 
 
 def prune_by_m(configs, named_args, **kwargs):

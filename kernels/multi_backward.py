@@ -15,20 +15,21 @@ import triton
 import triton.language as tl
 
 from .backward import _TL_DTYPES, DoraBackward, _splits
-from .common import (configs, dropout_keep, fp32_precision, m_bucket, on_device, prune_by_m,
-                     rank_block)
+from .common import (configs, dropout_keep, fp32_precision, m_bucket, on_device,
+                     rank_block, tune)
 from .multi_meta import RowGroups, adapters_pow2, segment_tile, segment_tiles
 
-_DY_CONFIGS = configs(
-    [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-     for bm, bn, w, s in [(16, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3)]],
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}),
-    zero=("ds_ptr", "db_ptr", "dg_ptr"),
-)
+
+def _dy_configs(shapes):
+    return configs(("BLOCK_M", "BLOCK_N"), shapes, dict(BLOCK_M=16, BLOCK_N=32),
+                   zero=("ds_ptr", "db_ptr", "dg_ptr"))
 
 
-@triton.autotune(configs=_DY_CONFIGS, key=["M_BUCKET", "N", "R", "DORA"],
-                 prune_configs_by={"early_config_prune": prune_by_m})
+# keyed by "B is fp32", as the single-adapter dy pass
+_DY_CONFIGS = {False: _dy_configs([(16, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3)]),
+               True: _dy_configs([(32, 32, 4, 3), (64, 32, 4, 3)])}
+
+
 @triton.jit
 def _multi_dy_kernel(dy_ptr, b_ptr, s_ptr, ds_ptr, db_ptr, g_ptr, y_ptr, bias_ptr, dg_ptr,
                      perm_ptr, seg_ptr, off_ptr, rank_ptr, scale_ptr, dora_ptr,
@@ -93,16 +94,15 @@ def _multi_dy_kernel(dy_ptr, b_ptr, s_ptr, ds_ptr, db_ptr, g_ptr, y_ptr, bias_pt
                   mask=row_in[:, None] & rank_in[None, :])
 
 
-_DA_CONFIGS = configs(
-    [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-     for bm, bk, w, s in [(64, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3)]],
-    triton.Config({"BLOCK_M": 16, "BLOCK_K": 32}),
-    zero=("da_ptr",),
-)
+DY_KERNELS = {fp32: tune(_multi_dy_kernel, c, ["M_BUCKET", "N", "R", "DORA"])
+              for fp32, c in _DY_CONFIGS.items()}
 
 
-@triton.autotune(configs=_DA_CONFIGS, key=["M_BUCKET", "K", "R", "DROPOUT"],
-                 prune_configs_by={"early_config_prune": prune_by_m})
+# (the fp32 dot fits these tiles: no separate fp32 configs)
+_DA_CONFIGS = configs(("BLOCK_M", "BLOCK_K"), [(64, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3)],
+                      dict(BLOCK_M=16, BLOCK_K=32), zero=("da_ptr",))
+
+
 @triton.jit
 def _multi_da_kernel(ds_ptr, x_ptr, da_ptr, perm_ptr, seg_ptr, off_ptr, rank_ptr, p_ptr,
                      M, K, R, n_adapters, M_BUCKET, stride_dsm, stride_dsr, stride_xm, stride_xk,
@@ -145,6 +145,9 @@ def _multi_da_kernel(ds_ptr, x_ptr, da_ptr, perm_ptr, seg_ptr, off_ptr, rank_ptr
                   mask=rank_in[:, None] & col_in[None, :])
 
 
+DA_KERNEL = tune(_multi_da_kernel, _DA_CONFIGS, ["M_BUCKET", "K", "R", "DROPOUT"])
+
+
 @on_device
 def multi_lora_dy(dy: torch.Tensor, B: torch.Tensor, s: torch.Tensor, offsets: torch.Tensor,
                   ranks: torch.Tensor, scales: torch.Tensor, groups: RowGroups,
@@ -171,7 +174,7 @@ def multi_lora_dy(dy: torch.Tensor, B: torch.Tensor, s: torch.Tensor, offsets: t
         return (tiles, splits, rank_tiles)
 
     g, y, bias = (dora.g, dora.y, dora.bias) if dora is not None else (dg, dy, None)
-    _multi_dy_kernel[grid](
+    DY_KERNELS[B.dtype == torch.float32][grid](
         dy, B, s, ds, db, g, y, bias if bias is not None else dg, dg,
         groups.perm, groups.seg, offsets, ranks, scales,
         dora_flags if dora_flags is not None else ranks,
@@ -197,7 +200,7 @@ def multi_lora_da(ds: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, rank
     block_r = rank_block(r)
     grid = lambda meta: (triton.cdiv(k, meta["BLOCK_K"]),  # noqa: E731
                          segment_tiles(m, groups.n, meta["BLOCK_M"]), triton.cdiv(r, block_r))
-    _multi_da_kernel[grid](
+    DA_KERNEL[grid](
         ds, x, da, groups.perm, groups.seg, offsets, ranks,
         dropout if dropout is not None else ds, m, k, r, groups.n, m_bucket(m),
         ds.stride(0), ds.stride(1), x.stride(0), x.stride(1),

@@ -11,19 +11,20 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (configs, fp32_precision, m_bucket, on_device, prune_by_m, rank_block,
-                     shrink_tile)
+from .common import (configs, fp32_precision, m_bucket, on_device, rank_block, shrink_tile,
+                     tune)
 from .multi_meta import RowGroups, adapters_pow2, segment_tile, segment_tiles
 
-_CONFIGS = configs(
-    [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-     for bm, bk, w, s in [(16, 256, 4, 3), (64, 128, 4, 3), (128, 64, 4, 4)]],
-    triton.Config({"BLOCK_M": 16, "BLOCK_K": 32}),
-)
+
+def _configs(shapes):
+    return configs(("BLOCK_M", "BLOCK_K"), shapes, dict(BLOCK_M=16, BLOCK_K=32))
 
 
-@triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "K", "R", "DROPOUT"],
-                 prune_configs_by={"early_config_prune": prune_by_m})
+# keyed by "A is fp32", as the single-adapter shrink
+_CONFIGS = {False: _configs([(16, 256, 4, 3), (64, 128, 4, 3), (128, 64, 4, 4)]),
+            True: _configs([(16, 64, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)])}
+
+
 @triton.jit
 def _multi_shrink_kernel(x_ptr, a_ptr, s_ptr, perm_ptr, seg_ptr, off_ptr, rank_ptr, scale_ptr,
                          p_ptr, M, K, R, n_adapters, M_BUCKET,
@@ -59,6 +60,10 @@ def _multi_shrink_kernel(x_ptr, a_ptr, s_ptr, perm_ptr, seg_ptr, off_ptr, rank_p
              acc * scale, mask=row_in[:, None] & rank_in[None, :])
 
 
+KERNELS = {fp32: tune(_multi_shrink_kernel, c, ["M_BUCKET", "K", "R", "DROPOUT"])
+           for fp32, c in _CONFIGS.items()}
+
+
 @on_device
 def multi_lora_shrink(x: torch.Tensor, A: torch.Tensor, offsets: torch.Tensor,
                       ranks: torch.Tensor, scales: torch.Tensor, max_rank: int, groups: RowGroups,
@@ -75,7 +80,7 @@ def multi_lora_shrink(x: torch.Tensor, A: torch.Tensor, offsets: torch.Tensor,
     block_r = rank_block(max_rank)
     grid = lambda meta: (segment_tiles(m, groups.n, meta["BLOCK_M"]),  # noqa: E731
                          triton.cdiv(max_rank, block_r))
-    _multi_shrink_kernel[grid](
+    KERNELS[A.dtype == torch.float32][grid](
         x, A, s, groups.perm, groups.seg, offsets, ranks, scales,
         dropout if dropout is not None else scales, m, k, max_rank, groups.n, m_bucket(m),
         x.stride(0), x.stride(1), A.stride(0), A.stride(1), s.stride(0), s.stride(1),

@@ -5,18 +5,19 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (configs, fp32_precision, m_bucket, on_device, prune_by_m, rank_block,
-                     shrink_tile)
-
-_CONFIGS = configs(
-    [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-     for bm, bk, w, s in [(16, 256, 4, 3), (64, 128, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3)]],
-    triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}),
-)
+from .common import (configs, fp32_precision, m_bucket, on_device, rank_block, shrink_tile,
+                     tune)
 
 
-@triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "K", "R", "DROPOUT"],
-                 prune_configs_by={"early_config_prune": prune_by_m})
+def _configs(shapes):
+    return configs(("BLOCK_M", "BLOCK_K"), shapes, dict(BLOCK_M=32, BLOCK_K=32))
+
+
+# keyed by "A is fp32": the tf32x3 splits of x and A need smaller tiles (check-kernels)
+_CONFIGS = {False: _configs([(16, 256, 4, 3), (64, 128, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3)]),
+            True: _configs([(16, 64, 4, 3), (32, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 3)])}
+
+
 @triton.jit
 def _lora_shrink_kernel(x_ptr, a_ptr, t_ptr, M, K, R, M_BUCKET,
                         stride_xm, stride_xk, stride_ar, stride_ak, stride_tm, stride_tr,
@@ -40,6 +41,10 @@ def _lora_shrink_kernel(x_ptr, a_ptr, t_ptr, M, K, R, M_BUCKET,
              mask=row_in[:, None] & rank_in[None, :])
 
 
+KERNELS = {fp32: tune(_lora_shrink_kernel, c, ["M_BUCKET", "K", "R", "DROPOUT"])
+           for fp32, c in _CONFIGS.items()}
+
+
 @on_device
 def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float = 0.0,
                 seed: torch.Tensor | None = None) -> torch.Tensor:
@@ -52,7 +57,7 @@ def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float = 0.0,
         return t
     block_r = rank_block(r)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(r, block_r))  # noqa: E731
-    _lora_shrink_kernel[grid](
+    KERNELS[lora_A.dtype == torch.float32][grid](
         x, lora_A, t, m, k, r, m_bucket(m),
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), t.stride(0), t.stride(1),
         seed if seed is not None else t, dropout_p, 1.0 / (1.0 - dropout_p),
