@@ -72,7 +72,7 @@ def make_layer(k, n_out, ranks, dtype, device="cuda", seed=0):
     base dtype) and the same adapters packed for fastlora."""
     from peft import LoraConfig, get_peft_model
 
-    from fastlora.multi import pack_adapters
+    from fastlora import pack_adapters
 
     torch.manual_seed(seed)
     base = torch.nn.Linear(k, n_out, bias=False, device=device, dtype=dtype)
@@ -96,7 +96,7 @@ def make_impls(layer, bank, index):
     """name -> forward fn of x for the batch's adapter per row ``index`` ``[M]`` (CPU), and
     name -> the bytes the call must move (W, the adapters present, x, y; F.linear: W, x, y)."""
     from fastlora import lora_linear
-    from fastlora.multi import multi_lora_linear
+    from fastlora import multi_lora_linear
 
     weight = layer.base_layer.weight
     n_out, k = weight.shape

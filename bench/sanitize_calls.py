@@ -57,7 +57,7 @@ def cases(run: Run):
     """(name, fn, reference or None, inputs, dy, tolerance) for every kernel family."""
     import fastlora
     from fastlora import reference
-    from fastlora.multi import pack_adapters
+    from fastlora import pack_adapters
 
     half = run.half
     x = run.randn(M, K, requires_grad=True, seed=1)

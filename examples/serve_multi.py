@@ -111,7 +111,7 @@ class BankServer:
             module.forward = self._forward(module, self.bank[layer])
 
     def _forward(self, module, layer_bank):
-        from fastlora.multi import multi_lora_linear
+        from fastlora import multi_lora_linear
 
         def forward(x):
             index = self.index.view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1])

@@ -27,7 +27,7 @@ from torch import nn
 
 from .cache import Stamped
 from .functional import dora_weight_norm
-from .multi import PackedAdapters
+from .adapters import PackedAdapters
 
 __all__ = ["AdapterBank", "LayerBank"]
 

@@ -106,7 +106,7 @@ def multi_lora_linear(x, weight, bias, bank, adapter_index, *, training: bool = 
     index on the host (an oracle, not a fast path).
 
     x ``[..., K]``, weight ``[N, K]``, bias ``[N]`` or None, bank a
-    ``fastlora.multi.PackedAdapters``, adapter_index ``[...]`` (one per row, -1 = base).
+    ``fastlora.adapters.PackedAdapters``, adapter_index ``[...]`` (one per row, -1 = base).
 
     In training, rows of adapter i see dropout ``bank.dropout[i]``; ``dropout_mask`` (bool,
     x's shape) replaces the random masks, so a test can replay a kernel's mask.
@@ -120,12 +120,12 @@ def multi_lora_linear(x, weight, bias, bank, adapter_index, *, training: bool = 
     y = F.linear(x2, weight, bias)
     offsets, ranks, scales = (bank.offsets.tolist(), bank.ranks.tolist(), bank.scales.tolist())
     dora = bank.is_dora.tolist() if bank.is_dora is not None else [False] * len(ranks)
+    drops = bank.dropout.tolist() if training and bank.dropout is not None else [0.0] * len(ranks)
     for a in sorted(set(index.tolist()) - {-1}):
         rows = (index == a).nonzero().squeeze(1)
         lora_A = bank.A[offsets[a]:offsets[a] + ranks[a]]
         lora_B = bank.B[offsets[a]:offsets[a] + ranks[a]].t()
-        p = bank.dropout[a] if training and bank.dropout is not None else 0.0
-        kw = dict(dropout_p=p, training=training and p > 0.0, generator=generator,
+        kw = dict(dropout_p=drops[a], training=drops[a] > 0.0, generator=generator,
                   dropout_mask=mask[rows] if mask is not None else None)
         if dora[a]:
             part = dora_linear(x2[rows], weight, bias, lora_A, lora_B, scales[a],

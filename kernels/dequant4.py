@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import configs, fp32_precision, m_bucket, prune_by_m
+from .common import configs, fp32_precision, m_bucket, on_device, prune_by_m
 from .quant4 import Quant4Args, dequant4_tile
 
 
@@ -43,11 +43,9 @@ def dequantize4(q: Quant4Args, dtype: torch.dtype = torch.float32, transpose: bo
     return out
 
 
-_CONFIGS = configs(
-    [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-     for bm, bn, bk, w, s in [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (16, 64, 128, 4, 4)]],
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}),
-)
+_CONFIGS = configs(("BLOCK_M", "BLOCK_N", "BLOCK_K"),
+                   [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (16, 64, 128, 4, 4)],
+                   dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32))
 
 
 @triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "N", "K", "DX"],
@@ -86,6 +84,7 @@ def _q4_matmul_kernel(a_ptr, out_ptr, q4_data, q4_absmax, q4_code, q4_absmax2, q
              acc.to(out_ptr.dtype.element_ty), mask=row_in[:, None] & col_in[None, :])
 
 
+@on_device
 def q4_matmul(a: torch.Tensor, q: Quant4Args, dx: bool = False) -> torch.Tensor:
     """``a @ W^T`` (a ``[M, K]``) or, with ``dx``, ``a @ W`` (a ``[M, N]``) for the 4-bit
     W ``[N, K]``; the result has a's dtype."""

@@ -8,7 +8,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ..multi import PackedAdapters, multi_lora_linear, pack_adapters
+from ..adapters import PackedAdapters, pack_adapters
+from ..functional import multi_lora_linear
 from .reader import Adapter, NotFused, read_adapter, read_base
 from .state import cached_bank, dora_norm
 
