@@ -1,14 +1,15 @@
 """DoRA benchmark: fastlora.dora_linear vs PEFT's DoRA layer vs fastlora's own LoRA.
 
-Same method as bench_layer.py (do_bench medians, peak memory, bytes saved for backward),
-bf16 base, dropout 0 (PEFT's default; DoRA with dropout in training is not fused yet).
-Writes ``dora-<adapter dtype>-<gpu>-<date>.json`` and ``.md``.
+Same method as bench_layer.py (do_bench medians in one run, peak memory, bytes saved for
+backward), bf16 base, dropout 0 (PEFT's default; DoRA with dropout in training is not
+fused). Writes ``dora-<gpu>-<date>.json``, ``.md`` and ``.png``.
 
-    python bench/bench_dora.py [--quick] [--adapter-dtype bf16|fp32] [--out DIR]
+    python bench/bench_dora.py [--quick] [--adapter-dtype bf16 fp32] [--rank 16 64]
+                               [--budget-s S] [--out DIR] [--dry-run]
 """
 from __future__ import annotations
 
-import argparse
+import functools
 import itertools
 import sys
 from pathlib import Path
@@ -16,15 +17,33 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_layer import MS, RANKS, SHAPES, compare  # noqa: E402
-from common import environment, write_results  # noqa: E402
+from bench_layer import MS, RANKS, SHAPES, adapter_dtype, compare, grid, grid_parser  # noqa: E402
+from common import Results, Run, dtype_name  # noqa: E402
+
+REFS = ("peft-dora", "fastlora-lora")
+COLUMNS = ["K", "N", "M", "r", "adapter", "impl", "fwd_ms", "bwd_ms", "fwd_bwd_ms",
+           "fwd/peft-dora", "fwd/fastlora-lora", "fwd_bwd/peft-dora", "fwd_bwd/fastlora-lora",
+           "peak_mb", "saved_mb"]
+QUICK = dict(shapes=[(4096, 4096)], ms=[16, 8192], ranks=[16])
+PREAMBLE = ("Times are medians of triton.testing.do_bench (ms, warm-up excluded); a ratio is "
+            "time / the reference's time in the same run (below 1: faster). Saved for backward "
+            "(saved_mb measures it, weights included): fastlora-dora keeps x, T = x A^T "
+            "([M, r], fp32), its output and the column factor g ([N]); PEFT's DoRA keeps x, "
+            "x A^T, the M x N base output and weight-sized matrices; fastlora-lora (x and T) "
+            "is LoRA without the magnitude, the floor for DoRA.")
+PLOT = {"x": "M", "impl": "fastlora-dora", "series": ["K", "N"],
+        "slice": {"r": 16, "adapter": "bf16"},
+        "panels": [["DoRA forward", ["fwd/peft-dora", "fwd/fastlora-lora"]],
+                   ["DoRA forward + backward", ["fwd_bwd/peft-dora", "fwd_bwd/fastlora-lora"]]]}
 
 
-def make_impls(k, n, r, dtype, adapter_dtype, device="cuda"):
-    """name -> (forward fn of x, trainable params) over one base layer and adapter."""
+def make_impls(k, n, r, dtype, adapter_dtype, device="cuda", seed=0):
+    """name -> (forward fn of x, trainable params) over one base layer and adapter, their
+    initialisation seeded by ``seed``."""
     import fastlora
     from peft import LoraConfig, get_peft_model
 
+    torch.manual_seed(seed)
     base = torch.nn.Linear(k, n, bias=False, device=device, dtype=dtype)
     config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"], use_dora=True)
     peft = get_peft_model(torch.nn.Sequential(base), config).base_model.model[0]
@@ -45,28 +64,21 @@ def make_impls(k, n, r, dtype, adapter_dtype, device="cuda"):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
-    parser.add_argument("--quick", action="store_true", help="K=N=4096, r=16, M in {16, 8192}")
-    parser.add_argument("--adapter-dtype", choices=["bf16", "fp32"], default="bf16")
-    args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_dora: needs a CUDA GPU; nothing measured.")
-        return 0
-    adapter_dtype = torch.bfloat16 if args.adapter_dtype == "bf16" else torch.float32
-    shapes, ms, ranks = ([(4096, 4096)], [16, 8192], [16]) if args.quick else (SHAPES, MS, RANKS)
-    rows = []
-    for (k, n), m, r in itertools.product(shapes, ms, ranks):
-        impls = make_impls(k, n, r, torch.bfloat16, adapter_dtype)
-        rows += compare(impls, m, k, n, ("peft-dora", "fastlora-lora"), r=r,
-                        adapter=args.adapter_dtype)
-    columns = ["K", "N", "M", "r", "adapter", "impl", "fwd_ms", "bwd_ms", "fwd_bwd_ms",
-               "fwd/peft-dora", "fwd/fastlora-lora", "fwd_bwd/peft-dora",
-               "fwd_bwd/fastlora-lora", "peak_mb", "saved_mb"]
-    preamble = ("Times are do_bench medians (ms); ratios are time / reference time in the same "
-                "run. fastlora-dora saves x, T, the output and g; PEFT rebuilds W + sBA.")
-    write_results(args.out, f"dora-{args.adapter_dtype}", environment(), rows, columns, preamble)
-    return 0
+    args = grid_parser(__doc__, QUICK).parse_args(argv)
+    run = Run.start("bench_dora.py", args)
+    g = grid(run, args, dict(shapes=SHAPES, ms=MS, ranks=RANKS), QUICK)
+    results = Results(run, args.out, "dora", "dora", COLUMNS, PREAMBLE, PLOT)
+
+    @functools.lru_cache(maxsize=1)  # one layer at a time, rebuilt when the point changes
+    def impls(r, dtype, k, n):
+        return make_impls(k, n, r, run.half, dtype, device=run.device)
+
+    points = itertools.product(g["ranks"], args.adapter_dtype, g["shapes"], g["ms"])
+    for r, adapter, (k, n), m in results.budgeted(list(points)):
+        dtype = adapter_dtype(run, adapter)
+        results.add(compare(run, impls(r, dtype, k, n), m, k, n, REFS, r=r,
+                            adapter=dtype_name(dtype)))
+    return results.finish()
 
 
 if __name__ == "__main__":

@@ -1,14 +1,17 @@
 """Layer benchmark: fastlora.lora_linear vs cuBLAS F.linear alone vs eager LoRA vs PEFT.
 
-Times forward, backward and forward+backward with ``triton.testing.do_bench`` (medians,
-after warm-up so autotuning is not timed), and reports peak memory and the bytes each
-implementation saves for backward. Writes ``layer-<gpu>-<date>.json`` and ``.md``.
+Forward, backward and forward+backward of one bf16 layer, each implementation on the same
+input in the same run, timed by ``triton.testing.do_bench`` (medians; one call first, so
+autotuning is never timed); peak memory and the bytes each implementation keeps for
+backward. Adapters in bf16 or fp32 (PEFT's default over a bf16 model). Writes
+``layer-<gpu>-<date>.json``, ``.md`` and ``.png`` (time ratios against M).
 
-    python bench/bench_layer.py [--quick] [--out bench/results]
+    python bench/bench_layer.py [--quick] [--adapter-dtype bf16 fp32] [--rank 16 64]
+                                [--budget-s S] [--out DIR] [--dry-run]
 """
 from __future__ import annotations
 
-import argparse
+import functools
 import itertools
 import sys
 from pathlib import Path
@@ -17,19 +20,39 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, peak_bytes, print_row, saved_bytes, write_results  # noqa: E402
+from common import Results, Run, dtype_name, parser, relative, saved_bytes  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (K, N)
 MS = [1, 16, 128, 2048, 8192]
-RANKS = [8, 16, 64, 128]
+RANKS = [16, 64, 8, 128]  # the grid's order: r=16 first, so a time budget keeps it
 DROPOUTS = [0.0, 0.1]
+QUICK = dict(shapes=[(4096, 4096)], ms=[16, 2048, 8192], ranks=[16])
+DRY = dict(shapes=[(70, 48)], ms=[1, 19], ranks=[8])
+REFS = ("F.linear", "eager", "peft")
+
+SAVES = ("Saved for backward (saved_mb measures it, weights included): fastlora keeps x, "
+         "T = drop(x) A^T ([M, r], fp32) and the dropout seed, never the mask or a dropped "
+         "copy of x; eager and PEFT keep x, the dropout mask and the dropped x (M x K each) "
+         "and x A^T; F.linear alone keeps only its frozen weight.")
+COLUMNS = ["K", "N", "M", "r", "p", "adapter", "impl", "fwd_ms", "bwd_ms", "fwd_bwd_ms",
+           "fwd/F.linear", "fwd/eager", "fwd/peft", "fwd_bwd/F.linear", "fwd_bwd/eager",
+           "fwd_bwd/peft", "peak_mb", "saved_mb"]
+PREAMBLE = ("Times are medians of triton.testing.do_bench (ms, L2 flushed before each call, "
+            "warm-up excluded); a ratio is time / the reference's time in the same run "
+            "(below 1: faster). " + SAVES)
+PLOT = {"x": "M", "impl": "fastlora", "series": ["K", "N"],
+        "slice": {"r": 16, "p": 0.1, "adapter": "bf16"},
+        "panels": [["forward", ["fwd/F.linear", "fwd/peft"]],
+                   ["forward + backward", ["fwd_bwd/F.linear", "fwd_bwd/peft"]]]}
 
 
-def make_impls(k, n, r, p, dtype, adapter_dtype, device="cuda"):
-    """name -> (forward fn of x, trainable params): one shared base layer and adapter."""
+def make_impls(k, n, r, p, dtype, adapter_dtype, device="cuda", seed=0):
+    """name -> (forward fn of x, trainable params): one shared base layer and adapter, their
+    initialisation seeded by ``seed``."""
     import fastlora
     from peft import LoraConfig, get_peft_model
 
+    torch.manual_seed(seed)
     base = torch.nn.Linear(k, n, bias=False, device=device, dtype=dtype)
     config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=p, target_modules=["0"])
     peft = get_peft_model(torch.nn.Sequential(base), config).base_model.model[0]
@@ -53,72 +76,78 @@ def make_impls(k, n, r, p, dtype, adapter_dtype, device="cuda"):
     }
 
 
-def measure(fn, params, x, dy):
-    from triton.testing import do_bench
-
+def measure(run: Run, fn, params, x, dy) -> dict:
+    """Forward, backward, forward+backward times, peak memory and saved bytes of ``fn``."""
     grads = [x, *params]
     with torch.no_grad():
-        fwd = do_bench(lambda: fn(x), return_mode="median")
+        fwd = run.time_ms(lambda: fn(x))
     y = fn(x)
-    bwd = do_bench(lambda: y.backward(dy, retain_graph=True), grad_to_none=grads,
-                   return_mode="median")
+    bwd = run.time_ms(lambda: y.backward(dy, retain_graph=True), grad_to_none=grads)
     y = None  # free the graph before the next measurements
-    both = do_bench(lambda: fn(x).backward(dy), grad_to_none=grads, return_mode="median")
-    peak = peak_bytes(lambda: fn(x).backward(dy))
+    both = run.time_ms(lambda: fn(x).backward(dy), grad_to_none=grads)
+    for t in grads:
+        t.grad = None
+    peak = run.peak_bytes(lambda: fn(x).backward(dy))
     saved = saved_bytes(lambda: fn(x))
-    return dict(fwd_ms=fwd, bwd_ms=bwd, fwd_bwd_ms=both, peak_mb=peak / 2**20,
-                saved_mb=saved / 2**20)
+    return dict(fwd_ms=fwd, bwd_ms=bwd, fwd_bwd_ms=both,
+                peak_mb=None if peak is None else peak / 2**20, saved_mb=saved / 2**20)
 
 
-def compare(impls, m, k, n, refs, **fields) -> list[dict]:
-    """Measure every implementation on one [m, k] bf16 input; one row each, with the time
+def compare(run: Run, impls, m, k, n, refs, **fields) -> list[dict]:
+    """Every implementation on one seeded ``[m, k]`` input: one row each, with the time
     ratios to each of ``refs`` measured in the same run."""
-    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    dy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
-    results = {name: measure(fn, params, x, dy) for name, (fn, params) in impls.items()}
-    rows = []
-    for name, res in results.items():
-        row = dict(K=k, N=n, M=m, **fields, impl=name, **res)
-        for ref in refs:
-            row[f"fwd/{ref}"] = res["fwd_ms"] / results[ref]["fwd_ms"]
-            row[f"fwd_bwd/{ref}"] = res["fwd_bwd_ms"] / results[ref]["fwd_bwd_ms"]
-        rows.append(row)
-        print_row(row)
+    x = run.randn(m, k, seed=m, requires_grad=True)
+    dy = run.randn(m, n, seed=m + 1)
+    rows = [dict(K=k, N=n, M=m, **fields, impl=name, **measure(run, fn, params, x, dy))
+            for name, (fn, params) in impls.items()]
+    for ref in refs:
+        relative(rows, "fwd_ms", ref, f"fwd/{ref}")
+        relative(rows, "fwd_bwd_ms", ref, f"fwd_bwd/{ref}")
     return rows
 
 
-def run(shapes, ms, ranks, dropouts, adapter_dtype):
-    rows = []
-    for (k, n), m, r, p in itertools.product(shapes, ms, ranks, dropouts):
-        impls = make_impls(k, n, r, p, torch.bfloat16, adapter_dtype)
-        rows += compare(impls, m, k, n, ("F.linear", "eager", "peft"), r=r, p=p,
-                        adapter=str(adapter_dtype).split(".")[-1])
-    return rows
+def adapter_dtype(run: Run, name: str) -> torch.dtype:
+    """``bf16`` (fp16 in the dry run) or ``fp32``."""
+    return torch.float32 if name == "fp32" else run.half
+
+
+def grid_parser(doc: str, quick: dict):
+    """The options of the single-adapter benchmarks: ``--quick`` (the grid ``quick``),
+    ``--adapter-dtype``, ``--rank``."""
+    p = parser(doc)
+    p.add_argument("--quick", action="store_true",
+                   help=", ".join(f"{k}={v}" for k, v in quick.items()) + " only")
+    p.add_argument("--adapter-dtype", nargs="+", choices=["bf16", "fp32"], default=["bf16"],
+                   help="adapter dtypes measured (default bf16)")
+    p.add_argument("--rank", type=int, nargs="+", help=f"ranks (default {RANKS})")
+    return p
+
+
+def grid(run: Run, args, full: dict, quick: dict) -> dict:
+    """The grid a run measures: tiny in the dry run, ``quick`` or ``full`` with ``--rank``."""
+    if run.dry_run:
+        return DRY
+    chosen = dict(quick if args.quick else full)
+    chosen["ranks"] = args.rank or chosen["ranks"]
+    return chosen
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
-    parser.add_argument("--quick", action="store_true",
-                        help="K=N=4096, r=16, M in {16, 2048, 8192} only")
-    parser.add_argument("--adapter-dtype", choices=["bf16", "fp32"], default="bf16")
-    args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_layer: needs a CUDA GPU; nothing measured.")
-        return 0
-    adapter_dtype = torch.bfloat16 if args.adapter_dtype == "bf16" else torch.float32
-    if args.quick:
-        rows = run([(4096, 4096)], [16, 2048, 8192], [16], DROPOUTS, adapter_dtype)
-    else:
-        rows = run(SHAPES, MS, RANKS, DROPOUTS, adapter_dtype)
-    columns = ["K", "N", "M", "r", "p", "adapter", "impl", "fwd_ms", "bwd_ms", "fwd_bwd_ms",
-               "fwd/F.linear", "fwd/eager", "fwd/peft", "fwd_bwd/F.linear", "fwd_bwd/peft",
-               "peak_mb", "saved_mb"]
-    preamble = ("Times are medians of triton.testing.do_bench (ms); ratios are time / reference "
-                "time in the same run (below 1 is faster). saved_mb: bytes autograd keeps for "
-                "backward (fastlora: x and T = drop(x) A^T in fp32, never the dropout mask).")
-    write_results(args.out, f"layer-{args.adapter_dtype}", environment(), rows, columns, preamble)
-    return 0
+    args = grid_parser(__doc__, QUICK).parse_args(argv)
+    run = Run.start("bench_layer.py", args)
+    g = grid(run, args, dict(shapes=SHAPES, ms=MS, ranks=RANKS), QUICK)
+    results = Results(run, args.out, "layer", "layer", COLUMNS, PREAMBLE, PLOT)
+
+    @functools.lru_cache(maxsize=1)  # one layer at a time, rebuilt when the point changes
+    def impls(r, dtype, k, n, p):
+        return make_impls(k, n, r, p, run.half, dtype, device=run.device)
+
+    points = itertools.product(g["ranks"], args.adapter_dtype, g["shapes"], DROPOUTS, g["ms"])
+    for r, adapter, (k, n), p, m in results.budgeted(list(points)):
+        dtype = adapter_dtype(run, adapter)
+        results.add(compare(run, impls(r, dtype, k, n, p), m, k, n, REFS, r=r, p=p,
+                            adapter=dtype_name(dtype)))
+    return results.finish()
 
 
 if __name__ == "__main__":

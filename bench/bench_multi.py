@@ -1,22 +1,29 @@
 """Multi-adapter benchmark: fastlora.multi_lora_linear vs PEFT's mixed batch, a per-adapter
 loop of fastlora.lora_linear, cuBLAS F.linear alone, and the memory-traffic bound.
 
-Forward of one layer (bf16, K = N = 4096 by default) on batches whose rows use 1, 8, 32 or
-128 distinct adapters, assigned uniformly, skewed (80% of rows on one adapter) or one per
-row (row i -> adapter i mod n), ranks 16 or mixed 8..64; decode (M = 1..256) and prefill
-(M up to 8192). The bound is ``bytes(W + adapters used + x + y) / copy bandwidth``, the
-bandwidth measured in the same run by a large device-to-device copy. Times are
-``triton.testing.do_bench`` medians after warm-up (autotuning is never timed);
-``fastlora-graph`` replays the same call from a CUDA graph (the op has no host sync and
-static grids), which removes the launch overhead that dominates decode shapes. The
-per-adapter loop gets its row groups precomputed (outside the timing). Writes
-``multi-<gpu>-<date>.json`` and ``.md``; without CUDA it says so and exits 0.
+Forward of one bf16 layer (K = N = 4096 by default) on batches whose rows use several
+adapters, assigned uniformly, skewed (80% of rows on one adapter) or one per row in turn
+(``distinct``: row i -> adapter i mod n), rank 16 or mixed ranks 8..64. As in
+bench_decode.py, every implementation runs over enough copies of the layer (base weight
+and adapters) to fill the L2 cache three times, one copy after the other: ``eager_us``
+back to back from the host (what a serving loop without graphs sees), ``graph_us``
+replayed from one CUDA graph (the op has no host sync and static grids; PEFT's mixed batch
+builds its row lists on the host and is not captured). ``bound_us``: bytes of W + the
+adapters present + x + y (F.linear: W + x + y) at the device-to-device copy bandwidth
+measured in the same run; F.linear's own graph/bound is the sanity line (>= ~1). The
+per-adapter loop gets its row groups precomputed, outside the timing.
 
-    python bench/bench_multi.py [--quick] [--out bench/results]
+Grids: ``--targets`` covers the two goals (64-row decode with 32 distinct adapters; M=8192
+prefill with 1 to 128 adapters); the default is the full grid; ``--quick`` a small one.
+
+Writes ``multi-<gpu>-<date>.json``, ``.md`` and ``.png``:
+
+    python bench/bench_multi.py [--targets | --quick] [--shape K N] [--budget-s S]
+                                [--out DIR] [--dry-run]
 """
 from __future__ import annotations
 
-import argparse
+import functools
 import itertools
 import sys
 from pathlib import Path
@@ -25,13 +32,27 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, print_row, write_results  # noqa: E402
+from common import Results, Run, check_bound, nbytes, parser, relative, traffic_rows  # noqa: E402
 
 DECODE_MS = [1, 16, 64, 256]
 PREFILL_MS = [1024, 8192]
 ADAPTERS = [1, 8, 32, 128]
 ASSIGNMENTS = ["uniform", "skewed", "distinct"]
 RANKS = {"16": [16], "mixed": [8, 16, 32, 64]}
+# Grids: blocks of (Ms, adapter counts, assignments, rank sets).
+FULL = [(DECODE_MS + PREFILL_MS, ADAPTERS, ASSIGNMENTS, list(RANKS))]
+QUICK = [([16, 2048], [8, 128], ["uniform", "distinct"], ["16"])]
+TARGETS = [([64], [32], ["distinct"], ["16", "mixed"]),  # decode: 64 rows, 32 adapters
+           ([8192], ADAPTERS, ["uniform", "skewed"], list(RANKS))]  # prefill: 1..128 adapters
+DRY = [([6], [3], ["distinct"], ["mixed"]), ([37], [1, 4], ["skewed"], ["16"])]
+NO_GRAPH = {"peft-mixed": "PEFT builds its row lists on the host in every call"}
+COLUMNS = ["K", "N", "M", "adapters", "present", "assignment", "ranks", "impl", "copies",
+           "eager_us", "graph_us", "bound_us", "graph/bound", "eager/bound", "graph/F.linear",
+           "eager/F.linear", "eager/peft", "eager/loop", "no_graph"]
+PLOT = {"x": "adapters", "impl": "fastlora", "series": ["M", "assignment", "ranks"],
+        "panels": [["fastlora vs F.linear alone", ["graph/F.linear", "eager/F.linear"]],
+                   ["fastlora vs PEFT and a per-adapter loop (eager)",
+                    ["eager/peft", "eager/loop"]]]}
 
 
 def assign(kind: str, m: int, n: int, g: torch.Generator) -> torch.Tensor:
@@ -51,7 +72,7 @@ def make_layer(k, n_out, ranks, dtype, device="cuda", seed=0):
     base dtype) and the same adapters packed for fastlora."""
     from peft import LoraConfig, get_peft_model
 
-    from fastlora.multi import pack_adapters
+    from fastlora import pack_adapters
 
     torch.manual_seed(seed)
     base = torch.nn.Linear(k, n_out, bias=False, device=device, dtype=dtype)
@@ -73,16 +94,17 @@ def make_layer(k, n_out, ranks, dtype, device="cuda", seed=0):
 
 def make_impls(layer, bank, index):
     """name -> forward fn of x for the batch's adapter per row ``index`` ``[M]`` (CPU), and
-    the bytes the layer must move (W, the adapters present, x, y)."""
+    name -> the bytes the call must move (W, the adapters present, x, y; F.linear: W, x, y)."""
     from fastlora import lora_linear
-    from fastlora.multi import multi_lora_linear
+    from fastlora import multi_lora_linear
 
     weight = layer.base_layer.weight
     n_out, k = weight.shape
     device, dtype = weight.device, weight.dtype
     index_dev = index.to(device)
     row_names = [f"a{i}" for i in index.tolist()]
-    groups = [(f"a{i}", (index == i).nonzero().squeeze(1).to(device)) for i in index.unique().tolist()]
+    groups = [(f"a{i}", (index == i).nonzero().squeeze(1).to(device))
+              for i in index.unique().tolist()]
 
     def loop(x):
         y = torch.empty((x.shape[0], n_out), device=device, dtype=dtype)
@@ -93,91 +115,71 @@ def make_impls(layer, bank, index):
 
     elem = torch.finfo(dtype).bits // 8
     adapter_bytes = sum(layer.lora_A[a].weight.shape[0] * (k + n_out) * elem for a, _ in groups)
-    bytes_moved = (n_out * k + index.numel() * (k + n_out)) * elem + adapter_bytes
+    plain = (n_out * k + index.numel() * (k + n_out)) * elem
     impls = {
         "F.linear": lambda x: F.linear(x, weight),
         "peft-mixed": lambda x: layer._mixed_batch_forward(x, adapter_names=row_names),
         "loop": loop,
         "fastlora": lambda x: multi_lora_linear(x, weight, None, bank, index_dev),
     }
-    return impls, bytes_moved
+    return impls, {name: plain + (0 if name == "F.linear" else adapter_bytes) for name in impls}
 
 
-def copy_bandwidth() -> float:
-    """Device-to-device copy bandwidth in bytes/s (read + write), from a 1 GiB copy."""
-    from triton.testing import do_bench
-
-    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = do_bench(lambda: dst.copy_(src), return_mode="median")
-    return 2 * src.numel() / (ms * 1e-3)
-
-
-def run(shapes, ms, adapter_counts, assignments, rank_sets, bandwidth):
-    rows = []
-    g = torch.Generator().manual_seed(0)
-    for (k, n_out), n, rank_name in itertools.product(shapes, adapter_counts, rank_sets):
-        ranks = [RANKS[rank_name][i % len(RANKS[rank_name])] for i in range(n)]
-        layer, bank = make_layer(k, n_out, ranks, torch.bfloat16)
-        for m, kind in itertools.product(ms, assignments):
-            rows += measure(layer, bank, assign(kind, m, n, g), kind, rank_name, bandwidth)
-    return rows
-
-
-def measure(layer, bank, index, kind, rank_name, bandwidth) -> list[dict]:
-    """One batch composition: every implementation's time, and ratios."""
-    from triton.testing import do_bench, do_bench_cudagraph
-
-    impls, bytes_moved = make_impls(layer, bank, index)
-    n_out, k = layer.base_layer.weight.shape
-    x = torch.randn(index.numel(), k, device="cuda", dtype=torch.bfloat16)
-    times = {}
-    with torch.no_grad():
-        for name, fn in impls.items():
-            fn(x)  # warm-up: autotuning, caches
-            times[name] = do_bench(lambda fn=fn: fn(x), return_mode="median")
-        times["fastlora-graph"] = do_bench_cudagraph(lambda: impls["fastlora"](x),
-                                                     return_mode="median")
-    bound = bytes_moved / bandwidth * 1e3
-    rows = []
-    for name, ms in times.items():
-        row = dict(K=k, N=n_out, M=index.numel(), adapters=bank.n, present=len(index.unique()),
-                   assignment=kind, ranks=rank_name, impl=name, ms=ms, bound_ms=bound,
-                   **{"bound/time": bound / ms, "time/F.linear": ms / times["F.linear"],
-                      "time/peft": ms / times["peft-mixed"], "time/loop": ms / times["loop"]})
-        rows.append(row)
-        print_row(row)
-    return rows
+def measure(run: Run, copies: list, index, kind, rank_name, bandwidth) -> list[dict]:
+    """One batch composition over every copy of the layer: each implementation's times and
+    ratios."""
+    built = [make_impls(layer, bank, index) for layer, bank in copies]
+    n_out, k = copies[0][0].base_layer.weight.shape
+    x = run.randn(index.numel(), k, seed=index.numel())
+    rows = traffic_rows(run, [impls for impls, _ in built], x, built[0][1], bandwidth, NO_GRAPH)
+    relative(rows, "graph_us", "F.linear", "graph/F.linear")
+    for ref, name in (("F.linear", "eager/F.linear"), ("peft-mixed", "eager/peft"),
+                      ("loop", "eager/loop")):
+        relative(rows, "eager_us", ref, name)
+    common = dict(K=k, N=n_out, M=index.numel(), adapters=copies[0][1].n,
+                  present=len(index.unique()), assignment=kind, ranks=rank_name)
+    return [common | row for row in rows]
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
-    parser.add_argument("--quick", action="store_true",
-                        help="M in {16, 2048}, 8 and 128 adapters, uniform and distinct, rank 16")
-    parser.add_argument("--shape", type=int, nargs=2, action="append", metavar=("K", "N"),
-                        help="layer shape (repeatable; default 4096 4096)")
-    args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_multi: needs a CUDA GPU; nothing measured.")
-        return 0
-    shapes = [tuple(s) for s in args.shape] if args.shape else [(4096, 4096)]
-    bandwidth = copy_bandwidth()
-    print(f"device-to-device copy bandwidth: {bandwidth / 1e9:.0f} GB/s", flush=True)
-    if args.quick:
-        rows = run(shapes, [16, 2048], [8, 128], ["uniform", "distinct"], ["16"], bandwidth)
-    else:
-        rows = run(shapes, DECODE_MS + PREFILL_MS, ADAPTERS, ASSIGNMENTS, list(RANKS), bandwidth)
-    env = environment() | {"copy_GBps": bandwidth / 1e9}
-    columns = ["K", "N", "M", "adapters", "present", "assignment", "ranks", "impl", "ms",
-               "bound_ms", "bound/time", "time/F.linear", "time/peft", "time/loop"]
-    preamble = ("Forward of one bf16 layer with a different adapter per row. Times: medians of "
-                "triton.testing.do_bench (ms); fastlora-graph: the same call replayed from a CUDA "
-                "graph. bound_ms: bytes of W + the adapters present + x + y at the measured "
-                f"copy bandwidth ({bandwidth / 1e9:.0f} GB/s); bound/time near 1 is at the "
-                "memory-traffic bound. present: distinct adapters in the batch.")
-    write_results(args.out, "multi", env, rows, columns, preamble)
-    return 0
+    p = parser(__doc__)
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--targets", action="store_true",
+                       help="the two goals: M=64 with 32 distinct adapters; M=8192 with 1..128")
+    which.add_argument("--quick", action="store_true",
+                       help="M in {16, 2048}, 8 and 128 adapters, uniform and distinct, rank 16")
+    p.add_argument("--shape", type=int, nargs=2, action="append", metavar=("K", "N"),
+                   help="layer shape (repeatable; default 4096 4096)")
+    args = p.parse_args(argv)
+    run = Run.start("bench_multi.py", args)
+    shapes = ([(64, 48)] if run.dry_run else [tuple(s) for s in args.shape]
+              if args.shape else [(4096, 4096)])
+    blocks = DRY if run.dry_run else TARGETS if args.targets else QUICK if args.quick else FULL
+    bandwidth = run.copy_bandwidth()
+    preamble = ("\n\n".join(__doc__.split("\n\n")[1:3]).replace("``", "`")
+                + f"\n\nMeasured copy bandwidth: {bandwidth / 1e9:.0f} GB/s (read + write). "
+                "present: distinct adapters in the batch; copies: layer copies rotated through.")
+    results = Results(run, args.out, "multi", "multi", COLUMNS, preamble, PLOT,
+                      copy_GBps=bandwidth / 1e9)
+
+    @functools.lru_cache(maxsize=1)  # one set of layer copies at a time
+    def layers(k, n_out, n, rank_name):
+        ranks = [RANKS[rank_name][i % len(RANKS[rank_name])] for i in range(n)]
+        first = make_layer(k, n_out, ranks, run.half, device=run.device)
+        size = nbytes(first[0].base_layer.weight, first[1].A, first[1].B)
+        return [first] + [make_layer(k, n_out, ranks, run.half, device=run.device)
+                          for _ in range(run.copies(size) - 1)]
+
+    g = torch.Generator().manual_seed(0)
+    points = [(shape, n, rank_name, m, kind)
+              for ms, counts, kinds, rank_names in blocks
+              for shape, n, rank_name, m, kind in itertools.product(shapes, counts, rank_names,
+                                                                     ms, kinds)]
+    for (k, n_out), n, rank_name, m, kind in results.budgeted(points):
+        results.add(measure(run, layers(k, n_out, n, rank_name), assign(kind, m, n, g), kind,
+                            rank_name, bandwidth))
+    check_bound(results)
+    return results.finish()
 
 
 if __name__ == "__main__":

@@ -2,24 +2,24 @@
 requests each naming its adapter, batched greedy generation with a different adapter per row.
 
 The model is built from a ``LlamaConfig`` (no download); the adapters are random (mixed
-ranks, every fourth one DoRA, a few requests on the bare base model). Three engines serve
-the same queue, batch by batch, and the script reports tokens/s and whether their tokens
-agree with PEFT's:
+ranks, every fourth one DoRA; a few requests use the bare base model). Three
+engines serve the same queue, batch by batch; the script reports their tokens/s and the
+share of requests whose tokens agree with PEFT's:
 
 * ``peft``: PEFT's own mixed batch, ``generate(adapter_names=...)``. PEFT refuses DoRA
   adapters in a mixed batch, so a batch holding one is served one adapter group at a time.
-* ``fastlora-peft``: the same PEFT model, its ``lora.Linear`` layers taking
-  ``adapter_names`` through ``fastlora.multi.peft_mixed_batch_forward`` (a small forward
-  wrapper here; ``fastlora.patch`` routes mixed batches to PEFT for now).
+* ``fastlora-peft``: the same PEFT model after ``fastlora.patch(model)``: its ``lora.Linear``
+  layers take ``adapter_names`` in one fused pass per layer, DoRA adapters included.
 * ``fastlora-bank``: the plain base model with a ``fastlora.bank.AdapterBank`` loaded from
-  the adapters' saved PEFT directories; each linear layer calls
+  the adapters' saved PEFT directories; each adapted linear layer calls
   ``fastlora.multi_lora_linear`` with the batch's per-row adapter indices.
 
     python examples/serve_multi.py                        # CPU, tiny sizes, well under a minute
     python examples/serve_multi.py --device cuda --size large
 
 On a CPU the fastlora engines run the PyTorch reference backend (the Triton kernels need a
-GPU; the tests run them in Triton's interpreter), so CPU timings say nothing about them.
+GPU, or TRITON_INTERPRET=1 to run them slowly in Triton's interpreter), so CPU timings say
+nothing about the kernels.
 """
 from __future__ import annotations
 
@@ -95,22 +95,6 @@ def generate(model, ids, new, **kw):
     return out[:, ids.shape[1]:]
 
 
-def use_fastlora_for_mixed_batches(model) -> None:
-    """Route every lora.Linear's ``adapter_names`` forward to peft_mixed_batch_forward."""
-    from peft.tuners.lora import Linear
-
-    from fastlora.multi import peft_mixed_batch_forward
-
-    known = list(model.peft_config)
-    for module in model.modules():
-        if isinstance(module, Linear):
-            def forward(x, *args, adapter_names=None, _layer=module, _peft=module.forward, **kwargs):
-                if adapter_names is None or args or kwargs:
-                    return _peft(x, *args, adapter_names=adapter_names, **kwargs)
-                return peft_mixed_batch_forward(_layer, x, adapter_names, known_adapters=known)
-            module.forward = forward
-
-
 class BankServer:
     """The plain base model serving an AdapterBank: each adapted linear layer reads the
     current batch's per-row adapter indices."""
@@ -127,7 +111,7 @@ class BankServer:
             module.forward = self._forward(module, self.bank[layer])
 
     def _forward(self, module, layer_bank):
-        from fastlora.multi import multi_lora_linear
+        from fastlora import multi_lora_linear
 
         def forward(x):
             index = self.index.view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
@@ -188,7 +172,9 @@ def main(argv=None) -> int:
                                 size["new"], device)
         model.save_pretrained(tmp)
         adapter_dtype = next(p.dtype for n, p in model.named_parameters() if "lora_A" in n)
-        use_fastlora_for_mixed_batches(model)
+        import fastlora
+
+        fastlora.patch(model)
         results["fastlora-peft"] = serve(lambda i, n, k: generate(model, i, k, adapter_names=n),
                                          (ids, names), batch, size["new"], device)
         server = BankServer(plain, {a: Path(tmp) / a for a in adapters}, adapter_dtype)

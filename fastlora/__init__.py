@@ -1,18 +1,21 @@
 """fastlora: fused Triton kernels for LoRA in PyTorch.
 
 ``lora_linear`` / ``dora_linear`` / ``multi_lora_linear`` are the fused ops (the last one
-with a different adapter per row, from an ``AdapterBank``), ``patch(model)`` accelerates a
-PEFT model in place, ``fastlora.reference`` holds the PyTorch oracle. ``warmup`` measures
+with a different adapter per row, from an ``AdapterBank`` or ``pack_adapters``),
+``fastlora.nn`` holds drop-in modules, ``patch(model)`` accelerates a PEFT model in place,
+``refresh(model)`` drops cached values after writes fastlora cannot see
+(``p.data.copy_``), ``fastlora.reference`` holds the PyTorch oracle. ``warmup`` measures
 which implementation runs each layer shape (before CUDA-graph capture), ``explain`` says.
 """
-from . import reference
+from . import nn, reference
+from .adapters import PackedAdapters, pack_adapters
 from .bank import AdapterBank
-from .functional import dora_linear, dora_weight_norm, lora_linear
-from .multi import multi_lora_linear
-from .patching import PatchReport, is_patched, patch, unpatch
+from .cache import refresh
+from .functional import dora_linear, dora_weight_norm, lora_linear, multi_lora_linear
+from .peft import PatchReport, is_patched, patch, unpatch
 from .warmup import explain, warmup
 
 __version__ = "0.1.0"
-__all__ = ["AdapterBank", "PatchReport", "dora_linear", "dora_weight_norm", "explain",
-           "is_patched", "lora_linear", "multi_lora_linear", "patch", "reference", "unpatch",
-           "warmup"]
+__all__ = ["AdapterBank", "PackedAdapters", "PatchReport", "dora_linear", "dora_weight_norm",
+           "explain", "is_patched", "lora_linear", "multi_lora_linear", "nn", "pack_adapters",
+           "patch", "reference", "refresh", "unpatch", "warmup"]

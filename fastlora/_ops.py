@@ -14,10 +14,11 @@ from . import kernels
 @torch.library.custom_op("fastlora::lora_linear_fwd", mutates_args=())
 def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                     lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
-                    dropout_p: float, seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x ``[M, K]``, weight ``[N, K]``; returns y ``[M, N]`` (x's dtype), T ``[M, r]`` fp32."""
-    s = int(seed)
-    t = kernels.lora_shrink(x, lora_A, dropout_p, s)
+                    dropout_p: float, seed: torch.Tensor | None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x ``[M, K]``, weight ``[N, K]``; returns y ``[M, N]`` (x's dtype), T ``[M, r]`` fp32.
+    seed: int64 ``[1]`` on x's device (the kernels load it), None without dropout."""
+    t = kernels.lora_shrink(x, lora_A, dropout_p, seed)
     y = kernels.fused_linear(x, weight.t(), kernels.LowRank(t, lora_B.t(), scaling), bias)
     return y, t
 
@@ -31,14 +32,14 @@ def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
 @torch.library.custom_op("fastlora::lora_linear_bwd", mutates_args=())
 def lora_linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                     lora_A: torch.Tensor, lora_B: torch.Tensor, t: torch.Tensor,
-                    scaling: float, dropout_p: float, seed: torch.Tensor, need_dx: bool
+                    scaling: float, dropout_p: float, seed: torch.Tensor | None, need_dx: bool
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (dx ``[M, K]`` or empty, dA ``[r, K]``, dB ``[N, r]``) in their inputs' dtypes."""
-    s = int(seed)
+    """Returns (dx ``[M, K]`` or empty, dA ``[r, K]``, dB ``[N, r]``) in their inputs' dtypes;
+    the dropout mask is regenerated from the forward's seed tensor."""
     ds, db = kernels.lora_dy(dy, lora_B, t, scaling)
-    da = kernels.lora_da(ds, x, lora_A.dtype, dropout_p, s)
+    da = kernels.lora_da(ds, x, lora_A.dtype, dropout_p, seed)
     if need_dx:
-        low = kernels.LowRank(ds, lora_A, 1.0 / (1.0 - dropout_p), dropout_p, s)
+        low = kernels.LowRank(ds, lora_A, 1.0 / (1.0 - dropout_p), dropout_p, seed)
         dx = kernels.fused_linear(dy, weight, low, out_dtype=x.dtype)
     else:
         dx = x.new_empty((0,))

@@ -25,26 +25,26 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from .cache import Stamped
 from .functional import dora_weight_norm
-from .multi import PackedAdapters
+from .adapters import PackedAdapters
 
 __all__ = ["AdapterBank", "LayerBank"]
 
 BASE = "__base__"
 
 
-def _stamp(t: torch.Tensor) -> tuple:
-    return (t.data_ptr(), t._version, tuple(t.shape), t.dtype)
-
-
 class LayerBank:
     """One base layer's adapters (weight ``[N, K]``), packed along the rank in fixed-capacity
     storage: ``slots`` adapters, ``rows`` rank rows in all. DoRA tensors (magnitude
-    ``[slots, N]``, the detached weight norm, flags) appear with the first DoRA adapter."""
+    ``[slots, N]``, the detached weight norm, flags) appear with the first DoRA adapter.
+    ``source``: the base layer (its current weight is read on every use, so a replaced
+    weight is seen) or a weight tensor."""
 
-    def __init__(self, weight: torch.Tensor, slots: int, rows: int, dtype: torch.dtype,
-                 max_rank: int):
-        self.weight = weight
+    def __init__(self, source: nn.Module | torch.Tensor, slots: int, rows: int,
+                 dtype: torch.dtype, max_rank: int):
+        self._source = source
+        weight = self.weight
         n_out, k = weight.shape
         dev = weight.device
         self.A = torch.zeros((rows, k), dtype=dtype, device=dev)
@@ -60,7 +60,12 @@ class LayerBank:
         self._scale = [0.0] * slots
         self._dora = [False] * slots
         self._free: list[tuple[int, int]] = [(0, rows)] if rows else []  # (start, length)
-        self._norm_stamp = None
+        self._norm_stamp: Stamped | None = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base weight ``[N, K]``."""
+        return _weight_of(self._source)
 
     # ------------------------------------------------------------ storage
 
@@ -206,15 +211,16 @@ class LayerBank:
         return dora_weight_norm(self.weight, self.A[off:off + r], self.B[off:off + r].t(),
                                 self._scale[slot])
 
-    def _refresh_norms(self) -> None:
-        """Recompute the DoRA norms if the base weight changed (storage or version)."""
-        stamp = _stamp(self.weight)
-        if stamp != self._norm_stamp:
+    def _refresh_norms(self, force: bool = False) -> None:
+        """Recompute the DoRA norms if the base weight changed (the rule of
+        ``fastlora.cache``), or always with ``force``."""
+        weight = self.weight
+        if force or self._norm_stamp is None or not self._norm_stamp.valid_for((weight,), None):
             with torch.no_grad():
                 for slot in range(self.slots):
                     if self._dora[slot]:
                         self.weight_norm[slot] = self._norm(slot)
-            self._norm_stamp = stamp
+            self._norm_stamp = Stamped((weight,), None, None)
 
     def packed(self) -> PackedAdapters:
         """The layer's adapters for ``fastlora.multi_lora_linear`` (views of the storage).
@@ -229,6 +235,18 @@ class LayerBank:
         tensors = [self.A, self.B, self.offsets, self.ranks, self.scales, self.magnitude,
                    self.weight_norm, self.is_dora]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def __repr__(self) -> str:
+        ranks = {slot: r for slot, r in enumerate(self._rank) if r}
+        dora = sum(self._dora)
+        return (f"LayerBank(weight [{', '.join(map(str, self.weight.shape))}], {len(ranks)} adapters "
+                f"(rank by slot: {ranks}){f', {dora} DoRA' if dora else ''}, rows {self.used_rows}/"
+                f"{self.A.shape[0]}, slots {self.slots}, {str(self.A.dtype).removeprefix('torch.')} "
+                f"on {self.A.device})")
+
+
+def _weight_of(source: nn.Module | torch.Tensor) -> torch.Tensor:
+    return _layer_weight(source) if isinstance(source, nn.Module) else source
 
 
 def _layer_weight(module: nn.Module) -> torch.Tensor | None:
@@ -258,14 +276,14 @@ class AdapterBank:
         if isinstance(base, torch.Tensor):
             self._model, self._targets = None, {"": base}
         elif _layer_weight(base) is not None:
-            self._model, self._targets = None, {"": _layer_weight(base)}
+            self._model, self._targets = None, {"": base}
         elif isinstance(base, nn.Module):
             self._model = base
             self._targets = None
         else:
             raise TypeError(f"AdapterBank needs a model, an nn.Linear or a weight tensor, got "
                             f"{type(base).__name__}")
-        weight = next(iter(self._targets.values())) if self._targets else None
+        weight = _weight_of(next(iter(self._targets.values()))) if self._targets else None
         if weight is not None and weight.dim() != 2:
             raise ValueError(f"base weight must be [N, K], got {list(weight.shape)}")
         self.dtype = dtype or (weight.dtype if weight is not None else next(base.parameters()).dtype)
@@ -389,7 +407,8 @@ class AdapterBank:
                 bank.grow_slots(self.capacity)
         return free
 
-    def _weight(self, layer: str) -> torch.Tensor:
+    def _weight(self, layer: str) -> nn.Module | torch.Tensor:
+        """The base layer (or weight) of ``layer``, as ``LayerBank`` takes it."""
         if self._targets is not None:
             if layer not in self._targets:
                 raise KeyError(f"this bank serves one layer (named ''), not {layer!r}")
@@ -398,16 +417,31 @@ class AdapterBank:
             module = self._model.get_submodule(layer)
         except AttributeError:
             raise KeyError(f"the model has no module {layer!r}") from None
-        weight = _layer_weight(module)
-        if weight is None:
+        if _layer_weight(module) is None:
             raise ValueError(f"module {layer!r} is a {type(module).__name__}, not a Linear")
-        return weight
+        return module
 
     def _device(self) -> torch.device:
         if self._targets is not None:
-            return next(iter(self._targets.values())).device
+            return _weight_of(next(iter(self._targets.values()))).device
         return next(self._model.parameters()).device
 
     def nbytes(self) -> int:
         """Bytes held by all layer banks."""
         return sum(bank.nbytes() for bank in self.layers.values())
+
+    def refresh(self) -> None:
+        """Recompute every layer's DoRA norms now. Base-weight changes are otherwise detected
+        by the rule of ``fastlora.cache``; this is for writes it cannot see
+        (``weight.data.copy_(t)``). ``fastlora.refresh(bank)`` calls it."""
+        for bank in self.layers.values():
+            if bank.is_dora is not None:
+                bank._refresh_norms(force=True)
+
+    def __repr__(self) -> str:
+        from .io.summary import size_text
+
+        served = "a model" if self._model is not None else "one layer"
+        return (f"AdapterBank({len(self)} adapters {self.names} over {len(self.layers)} layers of {served}, "
+                f"{str(self.dtype).removeprefix('torch.')} on {self._device()}, {self.capacity} slots, "
+                f"max_rank={self.max_rank}, {size_text(self.nbytes())})")

@@ -1,10 +1,12 @@
 """Ahead-of-time compile of every kernel and autotune config for GPU targets, no GPU needed.
 
 ``python -m fastlora check-kernels --target sm_80 --target sm_90`` prints one row per
-(kernel, variant, config, target): shared memory, registers, spilled/stack bytes and the
-tensor-core instruction found, and exits non-zero on a compile failure, a GEMM kernel
-without tensor-core instructions, or shared memory over the target's limit. A kernel built
-for one architecture (the sm_90 TMA kernel) is reported skipped on the others.
+(kernel, variant, config, target) as it finishes: shared memory, registers, spilled/stack
+bytes and the tensor-core instruction found, then a summary; it exits 1 on a compile
+failure, a kernel without tensor-core instructions, shared memory over the target's
+limit, or spills over ``SPILL_BUDGET``; 2 on bad arguments. A kernel built for one
+architecture (the sm_90 TMA kernel) is reported skipped on the others. ``--kernel NAME``
+compiles one kernel only.
 """
 from __future__ import annotations
 
@@ -14,11 +16,17 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 # Shared memory a block may use (opt-in maximum): A100 163 KiB, H100 227 KiB.
 SMEM_LIMIT = {80: 166912, 90: 232448}
+# Local-memory (spill + stack) bytes per thread a kernel may use. Every kernel here is a
+# GEMM whose inner loop must run from registers: a few values spilled around the
+# prologue cost little, while the kilobytes that full-fp32 FMA dots spilled (up to ~5 KB
+# per thread in the dy pass, ~3 KB in dA) turn each K step into local-memory traffic.
+SPILL_BUDGET = 64
 
 
 @dataclass
@@ -34,15 +42,19 @@ class Row:
     error: str = ""
     skipped: str = ""
 
-    def problems(self, gemm: bool) -> list[str]:
+    def problems(self) -> list[str]:
         if self.skipped:
             return []
+        if self.error:
+            return [self.error]
+        out = []
         cap = int(self.target[3:])
-        out = [self.error] if self.error else []
-        if not self.error and self.shared > SMEM_LIMIT[cap]:
+        if self.shared > SMEM_LIMIT[cap]:
             out.append(f"shared memory {self.shared} > {SMEM_LIMIT[cap]}")
-        if not self.error and gemm and not self.mma:
+        if not self.mma:
             out.append("no tensor-core instruction")
+        if self.spill > SPILL_BUDGET:
+            out.append(f"spills {self.spill} B/thread > budget {SPILL_BUDGET} B")
         return out
 
 
@@ -107,36 +119,61 @@ def _compile(job: tuple[int, int, str]) -> Row:
     return row
 
 
-def run(targets: list[str], jobs: int | None = None, out=sys.stdout,
-        kernels: list[str] | None = None) -> int:
-    """Compile everything (or the kernels named in ``kernels``) for ``targets``
-    (``sm_80``...); print the table; return the exit code."""
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        raise RuntimeError("check-kernels compiles for GPUs: unset TRITON_INTERPRET")
-    from fastlora.kernels.aot import VARIANTS
-
+def check_targets(targets: list[str]) -> None:
+    """Raise ValueError naming the first target that is not ``sm_<known capability>``."""
+    known = ", ".join(f"sm_{c}" for c in SMEM_LIMIT)
     for t in targets:
         if not re.fullmatch(r"sm_\d+", t) or int(t[3:]) not in SMEM_LIMIT:
-            raise ValueError(f"unknown target {t!r}; known: {', '.join(f'sm_{c}' for c in SMEM_LIMIT)}")
+            raise ValueError(f"unknown target {t!r}; known: {known}")
+
+
+def check_environment() -> None:
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("check-kernels compiles for GPUs: unset TRITON_INTERPRET")
+
+
+def check_kernel_names(kernels: list[str] | None) -> None:
+    """Raise ValueError naming the kernels (``--kernel``) that check-kernels does not know."""
+    from fastlora.kernels.aot import VARIANTS
+
     names = {variant.kernel.fn.__name__ for variant in VARIANTS}
-    unknown = set(kernels or ()) - names
+    unknown = sorted(set(kernels or ()) - names)
     if unknown:
-        raise ValueError(f"unknown kernel {sorted(unknown)}; known: {', '.join(sorted(names))}")
+        raise ValueError(f"unknown kernel {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+
+
+def run(targets: list[str], jobs: int | None = None, out=sys.stdout,
+        kernels: list[str] | None = None) -> int:
+    """Compile everything (or only the kernels named in ``kernels``) for ``targets``
+    (``sm_80``...); print each row as it finishes and a summary; return the exit code (0 ok,
+    1 problems)."""
+    check_environment()
+    check_targets(targets)
+    check_kernel_names(kernels)
+    from fastlora.kernels.aot import VARIANTS
+
     work = [(v, c, t) for v, variant in enumerate(VARIANTS)
             if not kernels or variant.kernel.fn.__name__ in kernels
             for c in range(len(variant.kernel.configs)) for t in targets]
+    start = time.monotonic()
+    print(f"compiling {len(work)} kernel variants for {', '.join(targets)}", file=out, flush=True)
+    print(f"{'kernel':<22} {'variant':<44} {'config':<58} {'target':<6} {'smem':>7} {'regs':>4} "
+          f"{'spill':>5} {'mma':<8} status", file=out, flush=True)
+    rows, failures = [], 0
     with ProcessPoolExecutor(max_workers=jobs or os.cpu_count()) as pool:
-        rows = list(pool.map(_compile, work))
-    failures = 0
-    header = f"{'kernel':<22} {'variant':<36} {'config':<58} {'target':<6} {'smem':>7} {'regs':>4} {'spill':>5} {'mma':<8} status"
-    print(header, file=out)
-    for (v, _, _), row in zip(work, rows):
-        problems = row.problems(VARIANTS[v].gemm)
-        failures += bool(problems)
-        status = ("FAIL: " + "; ".join(problems) if problems else
-                  f"skipped: {row.skipped}" if row.skipped else "ok")
-        print(f"{row.kernel:<22} {row.variant:<36} {row.config:<58} {row.target:<6} "
-              f"{row.shared:>7} {row.regs:>4} {row.spill:>5} {row.mma or '-':<8} {status}", file=out)
+        for row in pool.map(_compile, work):  # in order, each as soon as it is done
+            problems = row.problems()
+            failures += bool(problems)
+            rows.append(row)
+            status = ("FAIL: " + "; ".join(problems) if problems else
+                      f"skipped: {row.skipped}" if row.skipped else "ok")
+            print(f"{row.kernel:<22} {row.variant:<44} {row.config:<58} {row.target:<6} "
+                  f"{row.shared:>7} {row.regs:>4} {row.spill:>5} {row.mma or '-':<8} {status}",
+                  file=out, flush=True)
+    worst = max(rows, key=lambda r: r.spill)
+    print(f"summary: {len(rows)} compilations in {time.monotonic() - start:.0f} s; most spill "
+          f"{worst.spill} B/thread ({worst.kernel}, {worst.variant}, {worst.target}; budget "
+          f"{SPILL_BUDGET} B); most shared memory {max(r.shared for r in rows)} B", file=out)
     print(f"{len(rows)} compilations, {failures} failed", file=out)
     return 1 if failures else 0
 
@@ -149,4 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kernel", action="append", default=None,
                         help="compile only this kernel, e.g. _lora_linear_tma_kernel (repeatable)")
     args = parser.parse_args(argv)
-    return run(args.target or ["sm_80", "sm_90"], args.jobs, kernels=args.kernel)
+    targets = args.target or ["sm_80", "sm_90"]
+    try:
+        check_environment()
+        check_targets(targets)
+        check_kernel_names(args.kernel)
+    except (ValueError, RuntimeError) as exc:
+        print(f"fastlora check-kernels: {exc}", file=sys.stderr)
+        return 2
+    return run(targets, args.jobs, kernels=args.kernel)

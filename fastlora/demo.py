@@ -19,19 +19,19 @@ import time
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fastlora demo", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="fastlora demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--hidden", type=int, default=64, help="hidden size (default 64)")
     p.add_argument("--layers", type=int, default=2, help="decoder layers (default 2)")
     p.add_argument("--vocab", type=int, default=128, help="vocabulary size (default 128)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
-    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--batch", type=int, default=2, help="sequences per batch (default 2)")
     p.add_argument("--seq", type=int, default=8, help="tokens per sequence (default 8)")
     p.add_argument("--new-tokens", type=int, default=4, help="tokens to generate (default 4)")
     p.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto",
                    help="auto: Triton on a GPU; on a CPU the Triton interpreter "
                         "(TRITON_INTERPRET=1) unless the kernels were already loaded")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the model and data (default 0)")
     return p
 
 
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"the demo needs peft and transformers: pip install 'fastlora[peft]' ({e})")
         return 1
     from . import backend
-    from .patching import patch
+    from .peft import patch
 
     device = torch.device(args.device)
     torch.manual_seed(args.seed)

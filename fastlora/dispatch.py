@@ -122,8 +122,10 @@ class StageSpec:
             # the forward's lb is B^T (B [N, r] row-major), the dx pass's is A [r, K]
             lb = (randn(self.n, self.r, dtype=self.adapter_dtype).t() if self.b_nk else
                   randn(self.r, self.n, dtype=self.adapter_dtype))
+            seed = (torch.zeros(1, dtype=torch.int64, device=device) if self.dropout
+                    else None)  # the kernels load the dropout seed from an int64 tensor
             low = kernels.LowRank(randn(self.m, self.r, dtype=torch.float32), lb, 1.0,
-                                  0.1 if self.dropout else 0.0)
+                                  0.1 if self.dropout else 0.0, seed)
         g_out = randn(self.n, dtype=torch.float32) if self.g_out else None
         g_in = randn(self.k, dtype=torch.float32) if self.g_in else None
         return LinearArgs(a, b, low, randn(self.n) if self.bias else None, self.out_dtype,

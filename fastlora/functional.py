@@ -1,75 +1,21 @@
-"""Functional ops: argument checks, autocast, backend choice (see ``fastlora.backend``)."""
+"""Functional ops: argument checks (``fastlora.checks``), autocast, backend choice
+(``fastlora.backend``) and the dropout seed, then the custom ops or the PyTorch reference.
+
+Dropout seed: on the Triton path the seed is an int64 tensor on x's device that the kernels
+load (never a host integer), drawn per call with ``torch.randint`` on the device's
+generator (a CUDA graph replays that draw with fresh values, so every replay has a new
+mask) or filled from an explicit ``seed=`` int; the backward reuses the saved tensor.
+On the PyTorch path ``seed=`` seeds a generator for the reference's mask: a seed gives
+the same mask on every call of one backend, but CPU (reference) and Triton masks differ.
+"""
 from __future__ import annotations
 
-import numbers
+import math
 import warnings
 
 import torch
 
-from . import backend, reference
-
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _check_float(name: str, t: torch.Tensor, kernel: bool) -> None:
-    if not t.is_floating_point():
-        raise TypeError(f"{name} has dtype {t.dtype}; a floating-point tensor is required")
-    if kernel and t.dtype not in _KERNEL_DTYPES:
-        raise TypeError(f"{name} has dtype {t.dtype}, which the Triton kernels do not support "
-                        "(float16, bfloat16, float32); use FASTLORA_BACKEND=torch")
-
-
-def _check_devices(**named) -> None:
-    for name, t in named.items():
-        if t is not None and not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    devices = {name: t.device for name, t in named.items() if t is not None}
-    if len(set(devices.values())) > 1:
-        raise ValueError(f"tensors are on different devices: {devices}")
-
-
-def _check_lora_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, kernel: bool):
-    named = {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B}
-    if bias is not None:
-        named["bias"] = bias
-    for name, t in named.items():
-        _check_float(name, t, kernel)
-    if x.dim() < 1:
-        raise ValueError("x must have at least one dimension (features last)")
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be [out_features, in_features], got shape {tuple(weight.shape)}")
-    n, k = weight.shape
-    if x.shape[-1] != k:
-        raise ValueError(f"x has {x.shape[-1]} features but weight expects {k} (weight shape {tuple(weight.shape)})")
-    if bias is not None and tuple(bias.shape) != (n,):
-        raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
-    if lora_A.dim() != 2 or lora_A.shape[1] != k:
-        raise ValueError(f"lora_A must be [r, {k}], got shape {tuple(lora_A.shape)}")
-    if lora_B.dim() != 2 or lora_B.shape[0] != n:
-        raise ValueError(f"lora_B must be [{n}, r], got shape {tuple(lora_B.shape)}")
-    if lora_A.shape[0] != lora_B.shape[1]:
-        raise ValueError(f"rank mismatch: lora_A has rank {lora_A.shape[0]}, lora_B has rank {lora_B.shape[1]}")
-    if lora_A.shape[0] == 0:
-        raise ValueError("LoRA rank must be at least 1")
-    if x.dtype != weight.dtype:
-        raise TypeError(f"x ({x.dtype}) and weight ({weight.dtype}) must have the same dtype "
-                        "(outside autocast, as for F.linear)")
-    if lora_A.dtype != lora_B.dtype:
-        raise TypeError(f"lora_A ({lora_A.dtype}) and lora_B ({lora_B.dtype}) must have the same dtype")
-    if not isinstance(scaling, numbers.Real) or isinstance(scaling, bool):
-        raise TypeError(f"scaling must be a real number, got {type(scaling).__name__}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-
-
-def _prepare(x, weight, bias, lora_A, lora_B, scaling, dropout_p, **others):
-    """Checks (``others``: further tensors that must share the device), autocast and
-    backend choice shared by the LoRA ops; returns the cast tensors and the backend."""
-    _check_devices(x=x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B, **others)
-    x, weight, bias, lora_A, lora_B = _autocast(x.device.type, x, weight, bias, lora_A, lora_B)
-    which = backend.choose(x)
-    _check_lora_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, which == "triton")
-    return x, weight, bias, lora_A, lora_B, which
+from . import backend, checks, reference
 
 
 def _autocast(device_type: str, *tensors):
@@ -81,13 +27,37 @@ def _autocast(device_type: str, *tensors):
     return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
 
 
-def _seed(seed: int | None, generator: torch.Generator | None) -> torch.Tensor:
-    """The dropout seed as a CPU int64 scalar tensor (a tensor, so compile does not specialize)."""
+def _prepare(x, weight, bias, lora_A, lora_B, scaling, dropout_p, **others):
+    """Checks (``others``: further tensors that must share the device), autocast and
+    backend choice shared by the LoRA ops; returns the cast tensors and the backend."""
+    checks.check_devices(x=x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B, **others)
+    x, weight, bias, lora_A, lora_B = _autocast(x.device.type, x, weight, bias, lora_A, lora_B)
+    which = backend.choose(x, weight, lora_A, lora_B)
+    checks.check_lora(x, weight, bias, lora_A, lora_B, scaling, dropout_p, which == "triton")
+    return x, weight, bias, lora_A, lora_B, which
+
+
+def _seed(seed: int | None, generator: torch.Generator | None,
+          device: torch.device) -> torch.Tensor:
+    """The kernels' dropout seed: an int64 ``[1]`` tensor on ``device``, no host sync.
+
+    From ``seed`` (a fill: the value is a launch argument, so a captured graph keeps it)
+    or drawn from ``generator`` / the device's default generator (a graph replays the draw
+    with a fresh value). A generator on another device draws there and copies the value.
+    """
     if seed is not None:
-        return torch.tensor(int(seed), dtype=torch.int64)
-    device = generator.device if generator is not None else "cpu"
-    return torch.randint(0, 2**31 - 1, (), generator=generator, device=device,
-                         dtype=torch.int64).cpu()
+        return torch.full((1,), int(seed), dtype=torch.int64, device=device)
+    where = generator.device if generator is not None else device
+    drawn = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=where, generator=generator)
+    return drawn.to(device)
+
+
+def _generator(seed: int | None, generator: torch.Generator | None,
+               device: torch.device) -> torch.Generator | None:
+    """The reference's mask generator: one seeded from ``seed`` when given."""
+    if seed is None:
+        return generator
+    return torch.Generator(device=device).manual_seed(int(seed))
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -100,40 +70,38 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     ``[N, r]``. x and weight share a dtype (fp16/bf16/fp32); the adapter may be fp32 over a
     16-bit base: the LoRA branch then runs in fp32, as PEFT's. Returns ``[..., N]`` in x's
     dtype. Dropout (LoRA branch only) applies when ``training``; its mask comes from
-    ``seed`` (or one drawn from ``generator`` / torch's default generator) and is never
-    stored: the backward regenerates it.
+    ``seed`` (or from ``generator`` / the default generator of x's device) and is never
+    stored: the backward regenerates it. A seed reproduces a mask on one backend; the
+    Triton kernels and the PyTorch reference draw different masks from the same seed.
     """
     x, weight, bias, lora_A, lora_B, which = _prepare(x, weight, bias, lora_A, lora_B, scaling,
                                                       dropout_p)
     p = float(dropout_p) if training else 0.0
     if which == "torch":
         return reference.lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=p,
-                                     training=training, generator=generator)
+                                     training=training,
+                                     generator=_generator(seed, generator, x.device))
     from . import _ops
 
     lead = x.shape[:-1]
-    seed_t = _seed(seed, generator) if p > 0.0 else torch.zeros((), dtype=torch.int64)
+    seed_t = _seed(seed, generator, x.device) if p > 0.0 else None
     y, _ = _ops.lora_linear_fwd(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B,
                                 float(scaling), p, seed_t)
     return y.view(*lead, weight.shape[0])
-
-
-def _check_magnitude(magnitude, weight, kernel: bool) -> None:
-    _check_float("magnitude", magnitude, kernel)
-    if tuple(magnitude.shape) != (weight.shape[0],):
-        raise ValueError(f"magnitude must have shape ({weight.shape[0]},), got {tuple(magnitude.shape)}")
 
 
 def dora_weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
                      scaling: float) -> torch.Tensor:
     """``||weight + scaling * lora_B @ lora_A||`` per output row, fp32 ``[N]``, detached.
 
-    The Triton path never forms ``lora_B @ lora_A`` (``N x K``): it uses
+    weight ``[N, K]``, lora_A ``[r, K]``, lora_B ``[N, r]`` (float, one device). The Triton
+    path never forms ``lora_B @ lora_A`` (``N x K``): it uses
     ``||W||^2 + 2s rowsum(B * (W A^T)) + s^2 rowsum((B (A A^T)) * B)``.
     """
-    _check_devices(weight=weight, lora_A=lora_A, lora_B=lora_B)
-    which = backend.choose(weight)
+    checks.check_devices(weight=weight, lora_A=lora_A, lora_B=lora_B)
     with torch.no_grad():
+        which = backend.choose(weight, lora_A)
+        checks.check_norm(weight, lora_A, lora_B, scaling, which == "triton")
         if which == "torch":
             w = weight.to(lora_A.dtype)
             return reference.dora_weight_norm(w.float(), lora_A.float(), lora_B.float(), scaling)
@@ -142,7 +110,14 @@ def dora_weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.T
         return _ops.dora_norm(weight, lora_A.detach(), lora_B.detach(), float(scaling))
 
 
-_warned_dora_dropout = False
+_warned_dora_dropout: set[str] = set()  # the ops that warned
+
+
+def _warn_dora_dropout(op: str) -> None:
+    if op not in _warned_dora_dropout:
+        warnings.warn(f"fastlora.{op}: DoRA with dropout in training runs the PyTorch "
+                      "reference (PEFT's two base GEMMs); it is not fused", stacklevel=3)
+        _warned_dora_dropout.add(op)
 
 
 def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -156,23 +131,22 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     and PEFT); pass ``weight_norm`` (from ``dora_weight_norm``) to reuse a cached one. The
     base bias stays outside the factor. In training with dropout PEFT computes
     ``x W^T + bias + (g - 1) xd W^T + g s xd A^T B^T`` (xd = dropped x, so two base
-    GEMMs): that case runs the PyTorch reference (``fastlora.reference.dora_linear``) and
-    warns once; every other case runs the fused kernels (Triton backend): the norm without
-    an ``N x K`` buffer, the factor applied to the GEMM's accumulator, and a backward that
-    saves x, T, the output and g, and gets ``d magnitude`` from the same pass over dY.
+    GEMMs): that case runs the PyTorch reference (``fastlora.reference.dora_linear``, mask
+    from ``seed`` / ``generator``) and warns once; every other case runs the fused kernels
+    (Triton backend): the norm without an ``N x K`` buffer, the factor applied to the GEMM's
+    accumulator, and a backward that saves x, T, the output and g, and gets
+    ``d magnitude`` from the same pass over dY.
     """
-    global _warned_dora_dropout
     x, weight, bias, lora_A, lora_B, which = _prepare(x, weight, bias, lora_A, lora_B, scaling,
                                                       dropout_p, magnitude=magnitude)
-    _check_magnitude(magnitude, weight, which == "triton")
+    checks.check_magnitude(magnitude, weight, which == "triton")
     p = float(dropout_p) if training else 0.0
-    if which == "triton" and p > 0.0 and not _warned_dora_dropout:
-        warnings.warn("fastlora.dora_linear: DoRA with dropout in training runs the PyTorch "
-                      "reference (PEFT's two base GEMMs); it is not fused", stacklevel=2)
-        _warned_dora_dropout = True
+    if which == "triton" and p > 0.0:
+        _warn_dora_dropout("dora_linear")
     if which == "torch" or p > 0.0:
         return reference.dora_linear(x, weight, bias, lora_A, lora_B, scaling, magnitude,
-                                     dropout_p=p, training=training, generator=generator,
+                                     dropout_p=p, training=training,
+                                     generator=_generator(seed, generator, x.device),
                                      weight_norm=weight_norm)
     from . import _ops
 
@@ -183,3 +157,62 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     y, _ = _ops.dora_linear_fwd(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B,
                                 float(scaling), g)
     return y.view(*lead, weight.shape[0])
+
+
+def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, bank,
+                      adapter_index: torch.Tensor, *, training: bool = False,
+                      seed: int | None = None, generator: torch.Generator | None = None
+                      ) -> torch.Tensor:
+    """Per-row adapters: row i of x ``[..., K]`` uses adapter ``adapter_index[i]`` of the
+    bank (-1: base only); weight ``[N, K]``, bias ``[N]`` or None; adapter_index an integer
+    tensor with one entry per row (x's leading shape, or flattened). Returns ``[..., N]`` in
+    x's dtype; each row equals ``fastlora.lora_linear`` (or ``dora_linear``) with its adapter.
+
+    The bank is a ``fastlora.adapters.PackedAdapters`` (or anything with a ``packed()``
+    method giving one, such as a ``fastlora.bank.AdapterBank`` layer). Differentiable in x,
+    weight, bias and the bank's A, B and magnitude: each adapter's rows get the gradient of
+    its own rows only (zero for adapters absent from the batch). In training, adapter i's
+    rows see dropout ``bank.dropout[i]`` (mask from ``seed`` or ``generator``, regenerated
+    in the backward); a bank whose DoRA adapters have dropout (``bank.dora_dropout``) runs
+    the PyTorch reference (``fastlora.reference.multi_lora_linear``) in training, with a
+    warning, as ``dora_linear``. Nothing is read back from the device: the Triton path can
+    be captured in a CUDA graph. Under autocast x, weight and bias are cast; the adapters'
+    dots run in the bank's dtype.
+
+    Index range: on CPU an index outside ``-1 .. n - 1`` raises ``ValueError``; on CUDA it
+    is checked without a host sync by a device-side assert (``torch._assert_async``: the
+    error surfaces at the next synchronization and, as for an out-of-range ``nn.Embedding``
+    index, leaves the CUDA context unusable); the kernels clamp indices meanwhile, so they
+    never read out of bounds.
+    """
+    bank = bank.packed()
+    checks.check_devices(x=x, weight=weight, bias=bias)
+    x, weight, bias = _autocast(x.device.type, x, weight, bias)
+    which = backend.choose(x, weight, bank.A, bank.B)
+    checks.check_multi(x, weight, bias, bank, which == "triton")
+    checks.check_index(adapter_index, math.prod(x.shape[:-1]), bank.n, x.device)
+    drop = training and bank.dropout is not None
+    if drop and bank.dora_dropout:
+        if which == "triton":
+            _warn_dora_dropout("multi_lora_linear")
+        which = "torch"
+    if which == "torch":
+        with torch.autocast(x.device.type, enabled=False):
+            return reference.multi_lora_linear(x, weight, bias, bank, adapter_index,
+                                               training=drop,
+                                               generator=_generator(seed, generator, x.device))
+    from . import multi
+    from .kernels.multi_meta import group_rows
+
+    groups = group_rows(adapter_index, bank.n)
+    g = flags = None
+    if bank.magnitude is not None:
+        g = torch.where(bank.is_dora[:, None], bank.magnitude.float() / bank.weight_norm.detach(),
+                        1.0).contiguous()
+        flags = bank.is_dora.view(torch.int8)
+    y, _ = multi.multi_lora_fwd(x.reshape(-1, x.shape[-1]), weight, bias, bank.A, bank.B,
+                                bank.offsets, bank.ranks, bank.scales, g, flags,
+                                bank.dropout if drop else None, groups.perm, groups.keys,
+                                groups.seg, int(bank.max_rank),
+                                _seed(seed, generator, x.device) if drop else None)
+    return y.view(*x.shape[:-1], weight.shape[0])

@@ -1,151 +1,22 @@
-"""Multi-adapter (gathered) batches: every row of x uses its own adapter, in one pass over W.
+"""Multi-adapter (gathered) batches: the ``torch.library`` custom ops with autograd behind
+``fastlora.multi_lora_linear`` (in ``fastlora.functional``; adapters packed as in
+``fastlora.adapters``).
 
-``multi_lora_linear(x, weight, bias, bank, adapter_index)``: row i of x (leading dims
-flattened) gets ``y_i = x_i W^T + bias + s_a x_i A_a^T B_a^T`` for its adapter
-``a = adapter_index[i]`` (DoRA adapters: ``g_a * (x_i W^T + s_a x_i A_a^T B_a^T) + bias``,
-``g_a = m_a / ||W + s_a B_a A_a||`` with the norm detached); ``-1`` means the base layer
-only. The bank is a :class:`PackedAdapters` (or anything with a ``packed()`` method giving
-one, such as ``fastlora.bank.AdapterBank``).
-
-Layout: adapters are packed along the rank, not padded to the largest one: adapter i owns
-rows ``offsets[i] .. offsets[i] + ranks[i]`` of ``A [S, K]`` (its ``lora_A``) and of
-``B [S, N]`` (its ``lora_B`` transposed), so memory and kernel work follow the real ranks.
+Row i of x (leading dims flattened) gets ``y_i = x_i W^T + bias + s_a x_i A_a^T B_a^T``
+for its adapter ``a = adapter_index[i]`` (DoRA adapters: ``g_a * (x_i W^T + s_a x_i A_a^T
+B_a^T) + bias``, ``g_a = m_a / ||W + s_a B_a A_a||`` with the norm detached); ``-1`` means
+the base layer only.
 
 The Triton path (see ``fastlora.kernels.multi_meta``): rows grouped by adapter on the
 device (stable argsort + searchsorted: no host sync, static grids, CUDA-graph safe), a
 shrink over segment tiles, the base GEMM over all rows with each tile's adapters added
 in its prologue, and a backward giving dx and every adapter's own dA, dB (and DoRA
-magnitude) gradient. Index range: on CPU (and the reference backend) an index outside
-``-1 .. n - 1`` raises ``ValueError``; on CUDA it is checked without a host sync by a
-device-side assert (``torch._assert_async``: the error surfaces at the next
-synchronization and, as for an out-of-range ``nn.Embedding`` index, leaves the CUDA context
-unusable) and the kernels clamp indices so that they never read out of bounds meanwhile.
+magnitude) gradient. Per-adapter dropout probabilities and the dropout seed are device
+tensors the kernels load.
 """
 from __future__ import annotations
 
-import math
-import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
-
 import torch
-from torch import nn
-
-from . import backend, reference
-from .functional import _autocast, _check_devices, _check_float, _seed, dora_weight_norm
-
-__all__ = ["PackedAdapters", "multi_lora_linear", "pack_adapters", "peft_mixed_batch_forward"]
-
-
-@dataclass(frozen=True, eq=False)
-class PackedAdapters:
-    """n adapters of one base layer (weight ``[N, K]``), packed along the rank.
-
-    A ``[S, K]``, B ``[S, N]`` (lora_B transposed), same float dtype; offsets, ranks
-    ``[n]`` int32 (rank 0: the adapter adds nothing to this layer); scales ``[n]`` fp32;
-    ``max_rank`` >= every rank (static: it sizes a ``[M, max_rank]`` fp32 buffer). DoRA:
-    magnitude ``[n, N]``, weight_norm ``[n, N]`` fp32 (the detached ``||W + s B A||``; 1 in
-    rows of plain adapters) and is_dora ``[n]`` bool, all three or none. dropout: per-adapter
-    probabilities (host floats) applied in training, or None.
-    """
-    A: torch.Tensor
-    B: torch.Tensor
-    offsets: torch.Tensor
-    ranks: torch.Tensor
-    scales: torch.Tensor
-    max_rank: int
-    magnitude: torch.Tensor | None = None
-    weight_norm: torch.Tensor | None = None
-    is_dora: torch.Tensor | None = None
-    dropout: tuple[float, ...] | None = None
-
-    def __post_init__(self):
-        n = self.offsets.shape[0] if self.offsets.dim() == 1 else -1
-        if self.A.dim() != 2 or self.B.dim() != 2 or self.A.shape[0] != self.B.shape[0]:
-            raise ValueError(f"bank: A must be [S, K] and B [S, N] (lora_B transposed) with the "
-                             f"same S, got {tuple(self.A.shape)} and {tuple(self.B.shape)}")
-        for name in ("offsets", "ranks"):
-            t = getattr(self, name)
-            if t.dtype != torch.int32 or tuple(t.shape) != (n,):
-                raise ValueError(f"bank: {name} must be int32 [n], got {t.dtype} {tuple(t.shape)}")
-        if self.scales.dtype != torch.float32 or tuple(self.scales.shape) != (n,):
-            raise ValueError(f"bank: scales must be float32 [{n}], got {self.scales.dtype} "
-                             f"{tuple(self.scales.shape)}")
-        dora = (self.magnitude, self.weight_norm, self.is_dora)
-        if any(t is None for t in dora) != all(t is None for t in dora):
-            raise ValueError("bank: magnitude, weight_norm and is_dora go together (DoRA)")
-        if self.magnitude is not None:
-            rows = (n, self.B.shape[1])
-            if tuple(self.magnitude.shape) != rows or tuple(self.weight_norm.shape) != rows:
-                raise ValueError(f"bank: magnitude and weight_norm must be {list(rows)}, got "
-                                 f"{list(self.magnitude.shape)} and {list(self.weight_norm.shape)}")
-            if self.is_dora.dtype != torch.bool or tuple(self.is_dora.shape) != (n,):
-                raise ValueError(f"bank: is_dora must be bool [{n}]")
-        if self.dropout is not None and (len(self.dropout) != n
-                                         or not all(0.0 <= p < 1.0 for p in self.dropout)):
-            raise ValueError(f"bank: dropout must hold {n} probabilities in [0, 1)")
-        if self.offsets.device.type == "cpu" and n > 0 and not torch.compiler.is_compiling():
-            off, rk = self.offsets.long(), self.ranks.long()
-            if (rk < 0).any() or (rk > self.max_rank).any():
-                raise ValueError(f"bank: ranks {self.ranks.tolist()} outside 0..max_rank={self.max_rank}")
-            if (off < 0).any() or (off + rk > self.A.shape[0]).any():
-                raise ValueError(f"bank: adapter rows (offsets + ranks) exceed A's {self.A.shape[0]} rows")
-
-    @property
-    def n(self) -> int:
-        return self.offsets.shape[0]
-
-    def packed(self) -> PackedAdapters:
-        return self
-
-    def map(self, fn) -> PackedAdapters:
-        """The same bank with ``fn`` applied to A, B and magnitude (e.g. a dtype change)."""
-        return replace(self, A=fn(self.A), B=fn(self.B),
-                       magnitude=fn(self.magnitude) if self.magnitude is not None else None)
-
-
-def pack_adapters(adapters: Sequence[tuple], *, weight: torch.Tensor | None = None,
-                  weight_norms: Sequence[torch.Tensor | None] | None = None,
-                  dropout: Sequence[float] | None = None, max_rank: int | None = None
-                  ) -> PackedAdapters:
-    """Pack ``(lora_A [r, K], lora_B [N, r], scale, magnitude [N] or None)`` per adapter.
-
-    Differentiable (``torch.cat``): gradients reach the given tensors. DoRA norms come
-    from ``weight_norms[i]`` or are computed from ``weight`` ``[N, K]``. ``dropout``: per-adapter
-    probabilities for training; ``max_rank``: default the largest rank.
-    """
-    if not adapters:
-        raise ValueError("pack_adapters needs at least one adapter")
-    ranks = [a[0].shape[0] for a in adapters]
-    offsets = [sum(ranks[:i]) for i in range(len(ranks))]
-    device = adapters[0][0].device
-    dora = [len(a) > 3 and a[3] is not None for a in adapters]
-    magnitude = norm = is_dora = None
-    if any(dora):
-        n_out = adapters[0][1].shape[0]
-        ones = torch.ones(n_out, dtype=torch.float32, device=device)
-        norms = []
-        for i, (lora_A, lora_B, scale, *_) in enumerate(adapters):
-            if not dora[i]:
-                norms.append(ones)
-            elif weight_norms is not None and weight_norms[i] is not None:
-                norms.append(weight_norms[i].detach().float())
-            elif weight is None:
-                raise ValueError("pack_adapters: DoRA adapters need weight or weight_norms")
-            else:
-                norms.append(dora_weight_norm(weight, lora_A, lora_B, scale))
-        mag_dtype = next(a[3].dtype for a, d in zip(adapters, dora) if d)
-        magnitude = torch.stack([a[3] if d else ones.to(mag_dtype) for a, d in zip(adapters, dora)])
-        norm = torch.stack(norms)
-        is_dora = torch.tensor(dora, device=device)
-    return PackedAdapters(
-        A=torch.cat([a[0] for a in adapters]), B=torch.cat([a[1].t() for a in adapters]),
-        offsets=torch.tensor(offsets, dtype=torch.int32, device=device),
-        ranks=torch.tensor(ranks, dtype=torch.int32, device=device),
-        scales=torch.tensor([float(a[2]) for a in adapters], dtype=torch.float32, device=device),
-        max_rank=max(ranks) if max_rank is None else max_rank,
-        magnitude=magnitude, weight_norm=norm, is_dora=is_dora,
-        dropout=tuple(float(p) for p in dropout) if dropout is not None else None)
 
 
 # ---------------------------------------------------------------- custom ops
@@ -164,7 +35,7 @@ def multi_lora_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
                    A: torch.Tensor, B: torch.Tensor, offsets: torch.Tensor, ranks: torch.Tensor,
                    scales: torch.Tensor, g: torch.Tensor | None, dora_flags: torch.Tensor | None,
                    dropout: torch.Tensor | None, perm: torch.Tensor, keys: torch.Tensor,
-                   seg: torch.Tensor, max_rank: int, seed: torch.Tensor
+                   seg: torch.Tensor, max_rank: int, seed: torch.Tensor | None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """x ``[M, K]``; returns y ``[M, N]`` (x's dtype) and S ``[M, max_rank]`` fp32 (sorted
     rows: the scaled shrink). g ``[n, N]`` fp32 (DoRA), dropout ``[n]`` fp32 or None."""
@@ -172,7 +43,7 @@ def multi_lora_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     from .kernels.multi_shrink import multi_lora_shrink
 
     groups = _groups(perm, keys, seg, offsets.shape[0])
-    s = multi_lora_shrink(x, A, offsets, ranks, scales, max_rank, groups, dropout, int(seed))
+    s = multi_lora_shrink(x, A, offsets, ranks, scales, max_rank, groups, dropout, seed)
     y = multi_fused_linear(x, weight.t(), MultiLowRank(s, B, offsets, ranks, groups), bias,
                            g_out=g)
     return y, s
@@ -192,7 +63,7 @@ def multi_lora_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                    g: torch.Tensor | None, dora_flags: torch.Tensor | None,
                    dropout: torch.Tensor | None, perm: torch.Tensor, keys: torch.Tensor,
                    seg: torch.Tensor, s: torch.Tensor, y: torch.Tensor | None,
-                   seed: torch.Tensor, need_dx: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                   seed: torch.Tensor | None, need_dx: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dx or empty, packed dA ``[S, K]``, packed dB^T ``[S, N]``, dg ``[n, N]`` fp32
     or empty); rows of adapters absent from the batch get zeros. y: the forward's output
     (DoRA only)."""
@@ -201,13 +72,12 @@ def multi_lora_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     from .kernels.multi_linear import MultiLowRank, multi_fused_linear
 
     groups = _groups(perm, keys, seg, offsets.shape[0])
-    sd = int(seed)
     dora = DoraBackward(g, y, bias) if g is not None else None
     out = multi_lora_dy(dy, B, s, offsets, ranks, scales, groups, dora, dora_flags)
     ds, db = out[:2]
-    da = multi_lora_da(ds, x, offsets, ranks, A.shape[0], A.dtype, groups, dropout, sd)
+    da = multi_lora_da(ds, x, offsets, ranks, A.shape[0], A.dtype, groups, dropout, seed)
     if need_dx:
-        low = MultiLowRank(ds, A, offsets, ranks, groups, dropout, sd)
+        low = MultiLowRank(ds, A, offsets, ranks, groups, dropout, seed)
         dx = multi_fused_linear(dy, weight, low, out_dtype=x.dtype, g_in=g)
     else:
         dx = x.new_empty((0,))
@@ -253,258 +123,3 @@ def _backward(ctx, dy, _ds):
 
 
 multi_lora_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-# ---------------------------------------------------------------- functional
-
-
-def _check_index(index, m: int, n: int, device) -> None:
-    if not isinstance(index, torch.Tensor):
-        raise TypeError(f"adapter_index must be an integer tensor, got {type(index).__name__}")
-    if index.dtype == torch.bool or index.is_floating_point() or index.is_complex():
-        raise TypeError(f"adapter_index must be an integer tensor, got {index.dtype}")
-    if index.numel() != m:
-        raise ValueError(f"adapter_index has {index.numel()} entries for {m} rows of x "
-                         f"(shape {tuple(index.shape)}): one adapter per row is needed")
-    if index.device != device:
-        raise ValueError(f"adapter_index is on {index.device}, x on {device}")
-    if index.device.type == "cpu" and not torch.compiler.is_compiling():
-        bad = index[(index < -1) | (index >= n)]
-        if bad.numel():
-            raise ValueError(f"adapter_index holds {bad[0].item()}, outside -1 .. {n - 1} "
-                             f"(the bank has {n} adapters; -1 = base only)")
-    elif m:  # no host sync: a device-side assert, raised at the next synchronization
-        torch._assert_async(((index >= -1) & (index < n)).all(),
-                            f"fastlora.multi_lora_linear: adapter_index outside -1 .. {n - 1}")
-
-
-def _check_args(x, weight, bias, bank: PackedAdapters, kernel: bool) -> None:
-    for name, t in (("x", x), ("weight", weight), ("bias", bias), ("bank A", bank.A),
-                    ("bank B", bank.B)):
-        if t is not None:
-            _check_float(name, t, kernel)
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be [out_features, in_features], got {tuple(weight.shape)}")
-    n, k = weight.shape
-    if x.dim() < 1 or x.shape[-1] != k:
-        raise ValueError(f"x has shape {tuple(x.shape)} but weight expects {k} features")
-    if bias is not None and tuple(bias.shape) != (n,):
-        raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
-    if bank.A.shape[1] != k or bank.B.shape[1] != n:
-        raise ValueError(f"bank does not fit the base layer [{n}, {k}]: A is "
-                         f"{list(bank.A.shape)} (needs [S, {k}]), B {list(bank.B.shape)} "
-                         f"(needs [S, {n}])")
-    if x.dtype != weight.dtype:
-        raise TypeError(f"x ({x.dtype}) and weight ({weight.dtype}) must have the same dtype")
-    if bank.A.dtype != bank.B.dtype:
-        raise TypeError(f"bank A ({bank.A.dtype}) and B ({bank.B.dtype}) must share a dtype")
-    devices = {t.device for t in (bank.A, bank.B, bank.offsets, bank.ranks, bank.scales)}
-    if bank.magnitude is not None:
-        devices |= {bank.magnitude.device, bank.weight_norm.device, bank.is_dora.device}
-    if devices != {x.device}:
-        raise ValueError(f"bank tensors are on {sorted(map(str, devices))}, x on {x.device}")
-
-
-_warned_dora_dropout = False
-
-
-def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, bank,
-                      adapter_index: torch.Tensor, *, training: bool = False,
-                      seed: int | None = None, generator: torch.Generator | None = None
-                      ) -> torch.Tensor:
-    """Per-row adapters: row i of x ``[..., K]`` uses adapter ``adapter_index[i]`` of the
-    bank (-1: base only); weight ``[N, K]``, bias ``[N]`` or None; adapter_index an integer
-    tensor with one entry per row (x's leading shape, or flattened). Returns ``[..., N]`` in
-    x's dtype; each row equals ``fastlora.lora_linear`` (or ``dora_linear``) with its adapter.
-
-    Differentiable in x, weight, bias and the bank's A, B and magnitude: each adapter's rows
-    get the gradient of its own rows only (zero for adapters absent from the batch). In
-    training, adapter i's rows see dropout ``bank.dropout[i]`` (mask from ``seed`` or
-    ``generator``, regenerated in the backward); DoRA adapters with dropout in training run
-    the PyTorch reference (``fastlora.reference.multi_lora_linear``), with a warning, as ``dora_linear``
-    (that check reads the bank's DoRA flags on the host).
-    Under autocast x, weight and bias are cast; the adapters' dots run in the bank's dtype.
-    """
-    global _warned_dora_dropout
-    bank = bank.packed()
-    _check_devices(x=x, weight=weight, bias=bias)
-    x, weight, bias = _autocast(x.device.type, x, weight, bias)
-    which = backend.choose(x)
-    _check_args(x, weight, bias, bank, which == "triton")
-    m = math.prod(x.shape[:-1])
-    _check_index(adapter_index, m, bank.n, x.device)
-    drop = training and bank.dropout is not None and any(p > 0.0 for p in bank.dropout)
-    if drop and bank.is_dora is not None and any(
-            d and p > 0.0 for d, p in zip(bank.is_dora.tolist(), bank.dropout)):
-        if which == "triton" and not _warned_dora_dropout:
-            warnings.warn("fastlora.multi_lora_linear: DoRA adapters with dropout in training run "
-                          "the PyTorch reference (PEFT's two base GEMMs); not fused", stacklevel=2)
-            _warned_dora_dropout = True
-        which = "torch"
-    if which == "torch":
-        with torch.autocast(x.device.type, enabled=False):
-            return reference.multi_lora_linear(x, weight, bias, bank, adapter_index,
-                                                     training=drop, generator=generator)
-    from .kernels.multi_meta import group_rows
-
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    groups = group_rows(adapter_index, bank.n)
-    g = flags = None
-    if bank.magnitude is not None:
-        g = torch.where(bank.is_dora[:, None], bank.magnitude.float() / bank.weight_norm.detach(),
-                        1.0).contiguous()
-        flags = bank.is_dora.view(torch.int8)
-    dropout, seed_t = None, torch.zeros((), dtype=torch.int64)
-    if drop:
-        dropout = torch.tensor(bank.dropout, dtype=torch.float32, device=x.device)
-        seed_t = _seed(seed, generator)
-    y, _ = multi_lora_fwd(x2, weight, bias, bank.A, bank.B, bank.offsets, bank.ranks,
-                          bank.scales, g, flags, dropout, groups.perm, groups.keys, groups.seg,
-                          int(bank.max_rank), seed_t)
-    return y.view(*lead, weight.shape[0])
-
-
-# ---------------------------------------------------------------- PEFT layers
-
-
-def _stamp(t: torch.Tensor) -> tuple:
-    return (id(t), t.data_ptr(), t._version, t.dtype, tuple(t.shape), t.device)
-
-
-_BASE = "__base__"
-_INDEX_CACHE: dict[tuple, torch.Tensor] = {}
-
-
-def _sequence_index(names: tuple[str, ...], slots: dict[str, int], device) -> torch.Tensor:
-    """Per-sequence adapter indices on ``device``, cached (one host-to-device copy per batch
-    composition, shared by all layers with the same adapters)."""
-    key = (names, tuple(slots.items()), str(device))
-    hit = _INDEX_CACHE.get(key)
-    if hit is None:
-        if len(_INDEX_CACHE) > 256:
-            _INDEX_CACHE.clear()
-        hit = torch.tensor([slots.get(a, -1) for a in names], dtype=torch.int32, device=device)
-        _INDEX_CACHE[key] = hit
-    return hit
-
-
-def _peft_weight(layer):
-    """The base weight as ``[N, K]`` (a Conv1D's transposed view), or None if unsupported."""
-    base = layer.get_base_layer()
-    if base._forward_hooks or base._forward_pre_hooks:
-        return None, base
-    if isinstance(base, nn.Linear) and type(base).forward is nn.Linear.forward:
-        return base.weight, base
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:
-        return None, base
-    if isinstance(base, Conv1D):
-        return base.weight.t(), base
-    return None, base
-
-
-def _peft_adapter(layer, name: str):
-    """(lora_A, lora_B, scale, magnitude or None, dropout p), or None if the kernels cannot
-    reproduce PEFT for this adapter (a LoRA variant other than DoRA, lora_bias, a dropout
-    module other than nn.Dropout / nn.Identity)."""
-    variant = layer.lora_variant.get(name) if hasattr(layer, "lora_variant") else None
-    dora = name in getattr(layer, "lora_magnitude_vector", {})
-    if variant is not None and not (dora and type(variant).__name__ == "DoraLinearVariant"):
-        return None
-    if layer.lora_B[name].bias is not None:
-        return None
-    drop = layer.lora_dropout[name]
-    if type(drop) is nn.Dropout:
-        p = drop.p if drop.training else 0.0
-    elif type(drop) is nn.Identity:
-        p = 0.0
-    else:
-        return None
-    magnitude = layer.lora_magnitude_vector[name].weight if dora else None
-    return layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name], magnitude, p
-
-
-def _peft_bank(layer, names: list[str], weight, grad: bool) -> PackedAdapters | None:
-    """The layer's adapters ``names`` packed; cached while their parameters, scalings and the
-    base weight are unchanged (parameter identity, storage and version counters) unless
-    gradients are needed (then packed each call, differentiably, from those in the batch)."""
-    parts = []
-    for a in names:
-        part = _peft_adapter(layer, a)
-        if part is None:
-            return None
-        parts.append(part)
-    if len({p[0].dtype for p in parts} | {p[1].dtype for p in parts}) != 1:
-        return None
-    # the entry keeps the stamped tensors alive, so their ids and storages are not recycled
-    refs = [layer.get_base_layer().weight] + [t for A, B, _, m, _ in parts for t in (A, B, m)
-                                              if t is not None]
-    stamp = (tuple(names), tuple(_stamp(t) for t in refs), tuple(
-        (float(s), m is not None, p) for _, _, s, m, p in parts))
-    cached = getattr(layer, "_fastlora_multi_bank", None)
-    if not grad and cached is not None and cached[0] == stamp:
-        return cached[1]
-    from .dora_cache import DoraNormCache
-
-    norms = getattr(layer, "_fastlora_multi_norms", None)
-    if norms is None:
-        norms = layer._fastlora_multi_norms = DoraNormCache()
-    weight_norms = [norms.get(a, weight, A, B, s) if m is not None else None
-                    for a, (A, B, s, m, p) in zip(names, parts)]
-    dropout = [p for *_, p in parts]
-    with torch.set_grad_enabled(grad):
-        bank = pack_adapters([part[:4] for part in parts], weight=weight, weight_norms=weight_norms,
-                             dropout=dropout if any(dropout) else None)
-    if not grad:
-        layer._fastlora_multi_bank = (stamp, bank, refs)
-    return bank
-
-
-def peft_mixed_batch_forward(layer, x: torch.Tensor, adapter_names: Sequence[str], *,
-                             known_adapters: Sequence[str] | None = None) -> torch.Tensor:
-    """PEFT ``lora.Linear`` forward with ``adapter_names`` (one name per sequence of x; x
-    ``[B, ...,  K]``, ``"__base__"`` = base only), as PEFT's ``_mixed_batch_forward`` but in
-    one pass over the base weight. Works in training (gradients reach each adapter's
-    parameters; dropout as PEFT) and for DoRA adapters, which PEFT's mixed batch refuses.
-
-    A name must be one of the layer's adapters, ``"__base__"``, or in ``known_adapters``
-    (adapters of the model that this layer lacks: base only here, as PEFT); any other name
-    raises ``ValueError``. Falls back to PEFT's own ``_mixed_batch_forward`` where the
-    kernels cannot reproduce it (a non-Linear/Conv1D or hooked base, LoRA variants other
-    than DoRA, lora_bias, mixed adapter dtypes, custom dropout modules).
-    """
-    names = tuple(adapter_names)
-    if len(names) != len(x):
-        raise ValueError("Length of `adapter_names` should be the same as the number of inputs, "
-                         f"but got {len(names)} and {len(x)} respectively.")
-    if layer.merged:
-        raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please "
-                         "call `unmerge_adapter` first.")
-    if layer.disable_adapters:  # as PEFT: the base layer only
-        return layer.get_base_layer()(x)
-    own = set(layer.lora_A.keys())
-    unknown = set(names) - own - {_BASE} - set(known_adapters or ())
-    if unknown:
-        raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unknown))}")
-    weight, base = _peft_weight(layer)
-    used = [a for a in layer.lora_A if a in set(names)]
-    if not used and weight is not None:
-        return base(x)
-    params = [p for a in used for p in (layer.lora_A[a].weight, layer.lora_B[a].weight)]
-    params += [layer.lora_magnitude_vector[a].weight for a in used
-               if a in getattr(layer, "lora_magnitude_vector", {})]
-    grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
-    # inference: every adapter of the layer, so the cached bank serves any batch
-    slot_names = used if grad else list(layer.lora_A.keys())
-    bank = _peft_bank(layer, slot_names, weight, grad) if weight is not None else None
-    if bank is None and weight is not None and not grad:  # an unsupported adapter not in the batch
-        slot_names = used
-        bank = _peft_bank(layer, used, weight, grad)
-    if bank is None or (not torch.is_autocast_enabled(x.device.type) and x.dtype != weight.dtype):
-        return layer._mixed_batch_forward(x, adapter_names=list(names))
-    slots = {a: i for i, a in enumerate(slot_names)}
-    index = _sequence_index(names, slots, x.device)
-    index = index.view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
-    return multi_lora_linear(x, weight, base.bias, bank, index, training=layer.training)

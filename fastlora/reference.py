@@ -2,11 +2,41 @@
 
 Shapes follow PEFT: x ``[..., K]``, weight ``[N, K]``, bias ``[N]``, lora_A ``[r, K]``,
 lora_B ``[N, r]``. Any float dtype works; the tests run these in float32 (or float64).
+A weight may also be bitsandbytes 4-bit (a ``Params4bit`` or a ``fastlora.quant4.Quant4Weight``):
+it is dequantized by bitsandbytes' own ``dequantize_4bit`` straight to x's dtype (as
+bitsandbytes' forward does to its compute dtype), then the ops run as on a dense weight.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
+
+from .quant4 import Quant4Weight, is_bnb_4bit
+
+
+def dequantize_4bit(weight, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """W ``[N, K]`` of a bitsandbytes ``Params4bit`` or a ``Quant4Weight``, by bitsandbytes'
+    ``dequantize_4bit`` (values computed in fp32, rounded once to ``dtype``; default the
+    weight's own dtype). Imports bitsandbytes."""
+    from bitsandbytes.functional import dequantize_4bit as bnb_dequantize
+
+    if isinstance(weight, Quant4Weight):
+        data, state = weight.to_bnb(dtype)
+    else:
+        data, state = weight.data, weight.quant_state
+        if dtype is not None and dtype != state.dtype:
+            state = copy.copy(state)
+            state.dtype = dtype
+    return bnb_dequantize(data, state)
+
+
+def _dense(weight, dtype: torch.dtype) -> torch.Tensor:
+    """weight itself, or a 4-bit weight dequantized to ``dtype``."""
+    if isinstance(weight, Quant4Weight) or is_bnb_4bit(weight):
+        return dequantize_4bit(weight, dtype)
+    return weight
 
 
 def keep_mask(shape, p: float, *, generator: torch.Generator | None = None,
@@ -24,7 +54,7 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, *, dropout_p: float = 
     result is cast back to x's dtype. ``dropout_mask`` (bool, x's shape) replaces the
     random mask, so a test can replay the mask a kernel generated.
     """
-    result = F.linear(x, weight, bias)
+    result = F.linear(x, _dense(weight, x.dtype), bias)
     xl = x.to(lora_A.dtype)
     if training and dropout_p > 0.0:
         if dropout_mask is None:
@@ -36,7 +66,7 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, *, dropout_p: float = 
 
 def dora_weight_norm(weight, lora_A, lora_B, scaling) -> torch.Tensor:
     """``||weight + scaling * lora_B @ lora_A||`` per output row, ``[N]`` (forms B @ A)."""
-    return torch.linalg.norm(weight + scaling * (lora_B @ lora_A), dim=1)
+    return torch.linalg.norm(_dense(weight, lora_A.dtype) + scaling * (lora_B @ lora_A), dim=1)
 
 
 def dora_linear(x, weight, bias, lora_A, lora_B, scaling, magnitude, *, dropout_p: float = 0.0,
@@ -50,6 +80,7 @@ def dora_linear(x, weight, bias, lora_A, lora_B, scaling, magnitude, *, dropout_
     dropout: ``x W^T + bias + (g - 1) * xd W^T + g * s * xd A^T B^T``, xd the dropped x.
     x is cast to the adapter dtype for the branch, as PEFT; the result has x's dtype.
     """
+    weight = _dense(weight, x.dtype)
     result = F.linear(x, weight, bias)
     xl = x.to(lora_A.dtype)
     w = weight.to(xl.dtype)
@@ -75,11 +106,12 @@ def multi_lora_linear(x, weight, bias, bank, adapter_index, *, training: bool = 
     index on the host (an oracle, not a fast path).
 
     x ``[..., K]``, weight ``[N, K]``, bias ``[N]`` or None, bank a
-    ``fastlora.multi.PackedAdapters``, adapter_index ``[...]`` (one per row, -1 = base).
+    ``fastlora.adapters.PackedAdapters``, adapter_index ``[...]`` (one per row, -1 = base).
 
     In training, rows of adapter i see dropout ``bank.dropout[i]``; ``dropout_mask`` (bool,
     x's shape) replaces the random masks, so a test can replay a kernel's mask.
     """
+    weight = _dense(weight, x.dtype)
     k, n = weight.shape[1], weight.shape[0]
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
@@ -88,12 +120,12 @@ def multi_lora_linear(x, weight, bias, bank, adapter_index, *, training: bool = 
     y = F.linear(x2, weight, bias)
     offsets, ranks, scales = (bank.offsets.tolist(), bank.ranks.tolist(), bank.scales.tolist())
     dora = bank.is_dora.tolist() if bank.is_dora is not None else [False] * len(ranks)
+    drops = bank.dropout.tolist() if training and bank.dropout is not None else [0.0] * len(ranks)
     for a in sorted(set(index.tolist()) - {-1}):
         rows = (index == a).nonzero().squeeze(1)
         lora_A = bank.A[offsets[a]:offsets[a] + ranks[a]]
         lora_B = bank.B[offsets[a]:offsets[a] + ranks[a]].t()
-        p = bank.dropout[a] if training and bank.dropout is not None else 0.0
-        kw = dict(dropout_p=p, training=training and p > 0.0, generator=generator,
+        kw = dict(dropout_p=drops[a], training=drops[a] > 0.0, generator=generator,
                   dropout_mask=mask[rows] if mask is not None else None)
         if dora[a]:
             part = dora_linear(x2[rows], weight, bias, lora_A, lora_B, scales[a],

@@ -1,27 +1,35 @@
-"""What ``python -m fastlora check-kernels`` compiles: every kernel, in the dtype and flag
-variants the launchers use, with every autotune config.
+"""What ``python -m fastlora check-kernels`` compiles: every kernel, in the dtype, flag and
+precision variants the launchers use, with the autotune configs the launcher picks for them.
 
+fp32 operands (PEFT's default fp32 adapters) come in both precisions the launchers pass:
+``FULL_FP32`` (tf32x3, torch's default "highest" matmul precision) and ``tf32`` ("high").
 Signatures name each argument's Triton type. As Triton does at run time for contiguous
 LLM-sized tensors, unit strides are specialized to 1 and pointers, other strides and the
-N/K sizes are marked divisible by 16."""
+N/K sizes are marked divisible by 16. The sm_90 TMA kernel's tensor descriptors are typed
+with the config's block shapes, and the kernel is reported skipped on other targets."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
 import triton.language as tl
 
-from . import backward, dora, linear, linear_tma, multi_backward, multi_linear, multi_shrink, shrink
+from . import (backward, dequant4, dora, linear, linear_tma, multi_backward, multi_linear,
+               multi_shrink, shrink)
+from .common import FULL_FP32
+
+
+_TORCH = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @dataclass(frozen=True)
 class AotVariant:
     """One compilation of ``kernel``: argument types, constexpr values, a label."""
-    kernel: object  # the @triton.autotune-wrapped kernel
+    kernel: object  # the @triton.autotune-wrapped kernel the launcher picks
     label: str
     types: dict[str, str]
     constexprs: dict[str, object] = field(default_factory=dict)
-    gemm: bool = True  # must use tensor cores
     only: int | None = None  # the one compute capability it is built for; others are skipped
     # types that depend on the autotune config (tensor descriptors carry their block shape)
     config_types: Callable[[dict], dict[str, str]] | None = None
@@ -36,44 +44,46 @@ class AotVariant:
         return {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
 
 
-def _shrink(x: str, a: str, dropout: bool, precision: str = "tf32") -> AotVariant:
+def _shrink(x: str, a: str, dropout: bool, precision: str = FULL_FP32) -> AotVariant:
     types = dict(x_ptr=f"*{x}", a_ptr=f"*{a}", t_ptr="*fp32", M="i32", K="i32", R="i32",
                  M_BUCKET="i32", stride_xm="i32", stride_ar="i32", stride_tm="i32",
-                 seed="i32", dropout_p="fp32", keep_scale="fp32")
+                 seed_ptr="*i64", dropout_p="fp32", keep_scale="fp32")
     const = dict(stride_xk=1, stride_ak=1, stride_tr=1, DROPOUT=dropout, BLOCK_R=16,
                  PRECISION=precision)
-    # full-fp32 dots (torch's default matmul precision) run on FMA units, not tensor cores
-    return AotVariant(shrink._lora_shrink_kernel, f"x={x} A={a} dropout={dropout} {precision}",
-                      types, const, gemm=precision != "ieee")
+    return AotVariant(shrink.KERNELS[a == "fp32"], f"x={x} A={a} dropout={dropout} {precision}",
+                      types, const)
 
 
 def _linear(ab: str, lb: str, bias: bool, dropout: bool, label: str,
             unit_strides: tuple[str, ...], scale_out: bool = False,
-            scale_in: bool = False, in_place: bool = False) -> AotVariant:
+            scale_in: bool = False, precision: str = FULL_FP32,
+            in_place: bool = False) -> AotVariant:
     strides = ["stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_lm", "stride_lr",
                "stride_lbr", "stride_lbn", "stride_om", "stride_on"]
     types = dict(a_ptr=f"*{ab}", b_ptr=f"*{ab}", l_ptr="*fp32", lb_ptr=f"*{lb}", bias_ptr=f"*{ab}",
                  g_ptr="*fp32", out_ptr=f"*{ab}", M="i32", N="i32", K="i32", R="i32",
-                 M_BUCKET="i32", scale="fp32", seed="i32", dropout_p="fp32",
+                 M_BUCKET="i32", scale="fp32", seed_ptr="*i64", dropout_p="fp32",
                  **{n: "i32" for n in strides if n not in unit_strides})
     const = dict(HAS_LORA=True, HAS_BIAS=bias, DROPOUT=dropout, SCALE_OUT=scale_out,
-                 SCALE_IN=scale_in, IN_PLACE=in_place, BLOCK_R=16, PRECISION="tf32",
+                 SCALE_IN=scale_in, IN_PLACE=in_place, BLOCK_R=16, PRECISION=precision,
                  **{n: 1 for n in unit_strides})
-    kernel = linear._in_place_kernel if in_place else linear._lora_linear_kernel
-    return AotVariant(kernel, label, types, const)
+    kernel = (linear.IN_PLACE_KERNEL if in_place else
+              linear.KERNELS[linear.kind(*(_TORCH[t] for t in (ab, lb)), dropout)])
+    return AotVariant(kernel, f"{label} {precision}", types, const)
 
 
 def _tma(ab: str, lb: str, label: str, b_nk: bool, bias: bool = False, dropout: bool = False,
-         scale_out: bool = False, scale_in: bool = False) -> AotVariant:
+         scale_out: bool = False, scale_in: bool = False, precision: str = FULL_FP32
+         ) -> AotVariant:
     """The sm_90 TMA kernel; b_nk: b described as W ``[N, K]`` (the forward)."""
     # the forward reads lb = B^T ([r, N], unit stride along r), the dx pass lb = A
     unit = "stride_lbr" if b_nk else "stride_lbn"
     types = dict(l_ptr="*fp32", lb_ptr=f"*{lb}", bias_ptr=f"*{ab}", g_ptr="*fp32", M="i32",
                  N="i32", K="i32", R="i32", M_BUCKET="i32", stride_lm="i32",
-                 scale="fp32", seed="i32", dropout_p="fp32",
+                 scale="fp32", seed_ptr="*i64", dropout_p="fp32",
                  **{n: "i32" for n in ("stride_lbr", "stride_lbn") if n != unit})
     const = dict(HAS_LORA=True, HAS_BIAS=bias, DROPOUT=dropout, SCALE_OUT=scale_out,
-                 SCALE_IN=scale_in, B_NK=b_nk, BLOCK_R=16, PRECISION="tf32", stride_lr=1,
+                 SCALE_IN=scale_in, B_NK=b_nk, BLOCK_R=16, PRECISION=precision, stride_lr=1,
                  **{unit: 1})
 
     def descriptors(config):
@@ -83,137 +93,199 @@ def _tma(ab: str, lb: str, label: str, b_nk: bool, bias: bool = False, dropout: 
                 "b_desc": f"tensordesc<{ab}[{b_block[0]}, {b_block[1]}]>",
                 "out_desc": f"tensordesc<{ab}[{bm}, {bn // 2}]>"}
 
-    kernel = linear_tma._tuned_lean if dropout or scale_in else linear_tma._tuned
-    return AotVariant(kernel, label, types, const, only=90, config_types=descriptors)
+    kind = linear.kind(_TORCH[ab], _TORCH[lb], dropout or scale_in)
+    return AotVariant(linear_tma.KERNELS[kind], f"{label} {precision}", types, const, only=90,
+                      config_types=descriptors)
 
 
-def _dy(dy: str, b: str, dora: bool) -> AotVariant:
+def _dy(dy: str, b: str, dora: bool, precision: str = FULL_FP32) -> AotVariant:
     types = dict(dy_ptr=f"*{dy}", b_ptr=f"*{b}", t_ptr="*fp32", ds_ptr="*fp32", db_ptr="*fp32",
                  g_ptr="*fp32", y_ptr=f"*{dy}", bias_ptr=f"*{dy}", dg_ptr="*fp32",
                  M="i32", N="i32", R="i32", M_BUCKET="i32", stride_dym="i32", stride_bn="i32",
                  stride_tm="i32", stride_ym="i32", scale="fp32")
     const = dict(stride_dyn=1, stride_br=1, stride_tr=1, stride_yn=1, DORA=dora, HAS_BIAS=dora,
-                 BLOCK_R=16, PRECISION="tf32")
-    return AotVariant(backward._lora_dy_kernel, f"dy={dy} B={b} dora={dora}", types, const)
+                 BLOCK_R=16, PRECISION=precision)
+    return AotVariant(backward.DY_KERNELS[b == "fp32"], f"dy={dy} B={b} dora={dora} {precision}",
+                      types, const)
 
 
-def _da(x: str, dot) -> AotVariant:
+def _da(x: str, dot, precision: str = FULL_FP32) -> AotVariant:
     types = dict(ds_ptr="*fp32", x_ptr=f"*{x}", da_ptr="*fp32", M="i32", K="i32", R="i32",
-                 M_BUCKET="i32", stride_dsm="i32", stride_xm="i32", seed="i32",
+                 M_BUCKET="i32", stride_dsm="i32", stride_xm="i32", seed_ptr="*i64",
                  dropout_p="fp32", keep_scale="fp32")
     const = dict(stride_dsr=1, stride_xk=1, DOT_DTYPE=dot, DROPOUT=True, BLOCK_R=16,
-                 PRECISION="tf32")
-    return AotVariant(backward._lora_da_kernel, f"x={x} dot={dot}", types, const)
+                 PRECISION=precision)
+    return AotVariant(backward.DA_KERNELS[dot == tl.float32], f"x={x} dot={dot} {precision}",
+                      types, const)
 
 
-def _dora_norm(w: str, a: str) -> AotVariant:
+def _dora_norm(w: str, a: str, precision: str = FULL_FP32) -> AotVariant:
     types = dict(w_ptr=f"*{w}", a_ptr=f"*{a}", wa_ptr="*fp32", sq_ptr="*fp32", N="i32", K="i32",
                  R="i32", stride_wn="i32", stride_ar="i32")
-    const = dict(stride_wk=1, stride_ak=1, BLOCK_R=16, PRECISION="tf32")
-    return AotVariant(dora._dora_norm_kernel, f"W={w} A={a}", types, const)
+    const = dict(stride_wk=1, stride_ak=1, BLOCK_R=16, PRECISION=precision)
+    return AotVariant(dora.KERNELS[a == "fp32"], f"W={w} A={a} {precision}", types, const)
 
 
 _MULTI_META = dict(perm_ptr="*i32", seg_ptr="*i32", off_ptr="*i32", rank_ptr="*i32",
                    n_adapters="i32")
 
 
-def _multi_shrink(x: str, a: str, dropout: bool) -> AotVariant:
+def _multi_shrink(x: str, a: str, dropout: bool, precision: str = FULL_FP32) -> AotVariant:
     types = dict(x_ptr=f"*{x}", a_ptr=f"*{a}", s_ptr="*fp32", scale_ptr="*fp32", p_ptr="*fp32",
                  M="i32", K="i32", R="i32", M_BUCKET="i32", stride_xm="i32", stride_am="i32",
-                 stride_sm="i32", seed="i32", **_MULTI_META)
+                 stride_sm="i32", seed_ptr="*i64", **_MULTI_META)
     const = dict(stride_xk=1, stride_ak=1, stride_sr=1, DROPOUT=dropout, BLOCK_R=16, N_POW2=64,
-                 PRECISION="tf32")
-    return AotVariant(multi_shrink._multi_shrink_kernel, f"x={x} A={a} dropout={dropout}", types,
-                      const)
+                 PRECISION=precision)
+    return AotVariant(multi_shrink.KERNELS[a == "fp32"],
+                      f"x={x} A={a} dropout={dropout} {precision}", types, const)
 
 
 def _multi_linear(ab: str, lb: str, label: str, unit_strides: tuple[str, ...], bias: bool = False,
                   dropout: bool = False, scale_out: bool = False, scale_in: bool = False,
-                  gather: bool = False) -> AotVariant:
-    kernel = (multi_linear._tuned_scale_in if scale_in else
-              multi_linear._tuned_gather if gather else multi_linear._tuned)
+                  gather: bool = False, precision: str = FULL_FP32) -> AotVariant:
+    path = "scale_in" if scale_in else "gather" if gather else "main"
+    kernel = multi_linear.KERNELS[path, ab == "fp32"]
     strides = ["stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_lm", "stride_lr",
                "stride_lbr", "stride_lbn", "stride_gm", "stride_gn", "stride_om", "stride_on"]
     types = dict(a_ptr=f"*{ab}", b_ptr=f"*{ab}", l_ptr="*fp32", lb_ptr=f"*{lb}", bias_ptr=f"*{ab}",
                  g_ptr="*fp32", p_ptr="*fp32", out_ptr=f"*{ab}", perm_ptr="*i32", key_ptr="*i32",
                  off_ptr="*i32", rank_ptr="*i32", n_adapters="i32", M="i32", N="i32", K="i32",
-                 R="i32", M_BUCKET="i32", seed="i32",
+                 R="i32", M_BUCKET="i32", seed_ptr="*i64",
                  **{n: "i32" for n in strides if n not in unit_strides})
     const = dict(HAS_BIAS=bias, DROPOUT=dropout, SCALE_OUT=scale_out, SCALE_IN=scale_in,
-                 GATHER=gather, BLOCK_R=16, PRECISION="tf32", **{n: 1 for n in unit_strides})
-    return AotVariant(kernel, label, types, const)
+                 GATHER=gather, BLOCK_R=16, PRECISION=precision, **{n: 1 for n in unit_strides})
+    return AotVariant(kernel, f"{label} {precision}", types, const)
 
 
-def _multi_dy(dy: str, b: str, dora: bool) -> AotVariant:
+def _multi_dy(dy: str, b: str, dora: bool, precision: str = FULL_FP32) -> AotVariant:
     types = dict(dy_ptr=f"*{dy}", b_ptr=f"*{b}", s_ptr="*fp32", ds_ptr="*fp32", db_ptr="*fp32",
                  g_ptr="*fp32", y_ptr=f"*{dy}", bias_ptr=f"*{dy}", dg_ptr="*fp32",
                  scale_ptr="*fp32", dora_ptr="*i8", M="i32", N="i32", R="i32", M_BUCKET="i32",
                  stride_dym="i32", stride_bm="i32", stride_sm="i32", stride_ym="i32",
                  **_MULTI_META)
     const = dict(stride_dyn=1, stride_bn=1, stride_sr=1, stride_yn=1, DORA=dora, HAS_BIAS=dora,
-                 BLOCK_R=16, N_POW2=64, PRECISION="tf32")
-    return AotVariant(multi_backward._multi_dy_kernel, f"dy={dy} B={b} dora={dora}", types, const)
+                 BLOCK_R=16, N_POW2=64, PRECISION=precision)
+    return AotVariant(multi_backward.DY_KERNELS[b == "fp32"],
+                      f"dy={dy} B={b} dora={dora} {precision}", types, const)
 
 
-def _multi_da(x: str, dot, dropout: bool) -> AotVariant:
+def _multi_da(x: str, dot, dropout: bool, precision: str = FULL_FP32) -> AotVariant:
     types = dict(ds_ptr="*fp32", x_ptr=f"*{x}", da_ptr="*fp32", p_ptr="*fp32", M="i32", K="i32",
-                 R="i32", M_BUCKET="i32", stride_dsm="i32", stride_xm="i32", seed="i32",
+                 R="i32", M_BUCKET="i32", stride_dsm="i32", stride_xm="i32", seed_ptr="*i64",
                  **_MULTI_META)
     const = dict(stride_dsr=1, stride_xk=1, DOT_DTYPE=dot, DROPOUT=dropout, BLOCK_R=16, N_POW2=64,
-                 PRECISION="tf32")
-    return AotVariant(multi_backward._multi_da_kernel, f"x={x} dot={dot} dropout={dropout}", types,
-                      const)
+                 PRECISION=precision)
+    return AotVariant(multi_backward.DA_KERNEL, f"x={x} dot={dot} dropout={dropout} {precision}",
+                      types, const)
+
+
+# unit strides of the fused linear: forward a = x, b = W^T, l = T, lb = B^T; dx: a = dy,
+# b = W, l = dS, lb = A (multi: lb = packed B^T or A, plus g)
+_FWD = ("stride_ak", "stride_bk", "stride_lr", "stride_lbr", "stride_on")
+_DX = ("stride_ak", "stride_bn", "stride_lr", "stride_lbn", "stride_on")
+_MULTI_FWD = ("stride_ak", "stride_bk", "stride_lr", "stride_lbn", "stride_gn", "stride_on")
+_MULTI_DX = ("stride_ak", "stride_bn", "stride_lr", "stride_lbn", "stride_gn", "stride_on")
+
+
+# Every kernel with fp32 adapters (PEFT's default dtype) over a 16-bit base, at FULL_FP32
+_FP32_ADAPTERS = [
+    _shrink("bf16", "fp32", True),
+    _shrink("fp16", "fp32", False),
+    _linear("bf16", "fp32", True, False, "forward bf16, fp32 adapter, bias", _FWD),
+    _linear("bf16", "fp32", False, True, "dx bf16, fp32 adapter, dropout", _DX),
+    _linear("bf16", "fp32", True, False, "DoRA forward, fp32 adapter", _FWD, scale_out=True),
+    _linear("bf16", "fp32", False, False, "DoRA dx, fp32 adapter", _DX, scale_in=True),
+    _dy("bf16", "fp32", False),
+    _dy("bf16", "fp32", True),
+    _da("bf16", tl.float32),
+    _dora_norm("bf16", "fp32"),
+    _multi_shrink("bf16", "fp32", True),
+    _multi_linear("bf16", "fp32", "multi forward, fp32 adapter, bias", _MULTI_FWD, bias=True),
+    _multi_linear("bf16", "fp32", "multi DoRA forward, fp32 adapter", _MULTI_FWD, bias=True,
+                  scale_out=True),
+    _multi_linear("bf16", "fp32", "multi decode DoRA, fp32 adapter, gather", _MULTI_FWD,
+                  bias=True, scale_out=True, gather=True),
+    _multi_linear("bf16", "fp32", "multi dx, fp32 adapter, dropout", _MULTI_DX, dropout=True),
+    _multi_linear("bf16", "fp32", "multi DoRA dx, fp32 adapter", _MULTI_DX, scale_in=True),
+    _multi_dy("bf16", "fp32", True),
+    _multi_da("bf16", tl.float32, True),
+]
 
 
 VARIANTS: list[AotVariant] = [
-    _shrink("bf16", "fp32", True),
-    _shrink("fp16", "fp16", False),
-    _shrink("bf16", "fp32", False, "ieee"),
-    # forward: a = x, b = W^T, l = T, lb = B^T; dx: a = dy, b = W, l = dS, lb = A
-    _linear("bf16", "fp32", True, False, "forward bf16, fp32 adapter, bias",
-            ("stride_ak", "stride_bk", "stride_lr", "stride_lbr", "stride_on")),
-    _linear("bf16", "bf16", False, True, "dx bf16, bf16 adapter, dropout",
-            ("stride_ak", "stride_bn", "stride_lr", "stride_lbn", "stride_on")),
-    _linear("bf16", "fp32", True, False, "DoRA forward, fp32 adapter",
-            ("stride_ak", "stride_bk", "stride_lr", "stride_lbr", "stride_on"), scale_out=True),
-    _linear("bf16", "fp32", False, False, "DoRA dx, fp32 adapter",
-            ("stride_ak", "stride_bn", "stride_lr", "stride_lbn", "stride_on"), scale_in=True),
-    # the epilogue pass after cuBLAS (IN_PLACE): the same two layouts
-    _linear("bf16", "fp32", True, False, "in place forward, fp32 adapter, bias",
-            ("stride_ak", "stride_bk", "stride_lr", "stride_lbr", "stride_on"), in_place=True),
-    _linear("bf16", "bf16", False, True, "in place dx bf16, dropout",
-            ("stride_ak", "stride_bn", "stride_lr", "stride_lbn", "stride_on"), in_place=True),
-    # sm_90 persistent TMA kernel: forward b = W [N, K]; dx b = W as [K_dx, N_dx]
+    # 16-bit adapters (precision does not apply to 16-bit dots)
+    _shrink("fp16", "fp16", False, "tf32"),
+    _linear("bf16", "bf16", True, False, "forward bf16, bf16 adapter, bias", _FWD, precision="tf32"),
+    _linear("bf16", "bf16", False, True, "dx bf16, bf16 adapter, dropout", _DX, precision="tf32"),
+    _dy("fp16", "fp16", False, "tf32"),
+    _da("bf16", tl.bfloat16, "tf32"),
+    _multi_shrink("bf16", "bf16", False, "tf32"),
+    _multi_linear("bf16", "bf16", "multi forward bf16, bias", _MULTI_FWD, bias=True,
+                  precision="tf32"),
+    _multi_linear("bf16", "bf16", "multi dx bf16, dropout", _MULTI_DX, dropout=True,
+                  precision="tf32"),
+    _multi_dy("bf16", "bf16", False, "tf32"),
+    _multi_da("bf16", tl.bfloat16, True, "tf32"),
+    # a full-fp32 layer at the default precision
+    _linear("fp32", "fp32", True, False, "forward fp32, fp32 adapter, bias", _FWD),
+    _linear("fp32", "fp32", False, True, "dx fp32, fp32 adapter, dropout", _DX),
+    _multi_linear("fp32", "fp32", "multi DoRA forward fp32, bias", _MULTI_FWD, bias=True,
+                  scale_out=True),
+    _multi_linear("fp32", "fp32", "multi decode fp32, gather", _MULTI_FWD, gather=True),
+    _multi_linear("fp32", "fp32", "multi DoRA dx fp32", _MULTI_DX, scale_in=True),
+    # fp32 adapters at torch's default "highest" precision
+    *_FP32_ADAPTERS,
+    # ... and at "high" (TF32), the kernels whose registers the precision changes most
+    _shrink("bf16", "fp32", True, "tf32"),
+    _linear("bf16", "fp32", True, False, "forward bf16, fp32 adapter, bias", _FWD, precision="tf32"),
+    _linear("bf16", "fp32", False, True, "dx bf16, fp32 adapter, dropout", _DX, precision="tf32"),
+    _dy("bf16", "fp32", True, "tf32"),
+    _da("bf16", tl.float32, "tf32"),
+    _dora_norm("bf16", "fp32", "tf32"),
+    _multi_shrink("bf16", "fp32", True, "tf32"),
+    _multi_linear("bf16", "fp32", "multi DoRA forward, fp32 adapter", _MULTI_FWD, bias=True,
+                  scale_out=True, precision="tf32"),
+    _multi_dy("bf16", "fp32", True, "tf32"),
+]
+
+# Issue 14's alternatives to the fused linear: the pass that adds the low-rank term, g and
+# the bias into cuBLAS's output (IN_PLACE), and the sm_90 persistent TMA kernel (forward:
+# b described as W [N, K]; dx: b = W as [K_dx, N_dx]) in every form the ops launch.
+VARIANTS += [
+    _linear("bf16", "fp32", True, False, "in place forward, fp32 adapter, bias", _FWD,
+            in_place=True),
+    _linear("bf16", "bf16", False, True, "in place dx bf16, bf16 adapter, dropout", _DX,
+            precision="tf32", in_place=True),
+    _linear("fp32", "fp32", False, True, "in place dx fp32, dropout", _DX, in_place=True),
     _tma("bf16", "fp32", "TMA forward bf16, fp32 adapter, bias", True, bias=True),
-    _tma("fp16", "fp16", "TMA forward fp16, fp16 adapter", True),
-    _tma("bf16", "bf16", "TMA dx bf16, dropout", False, dropout=True),
+    _tma("bf16", "fp32", "TMA dx bf16, fp32 adapter, dropout", False, dropout=True),
     _tma("bf16", "fp32", "TMA DoRA forward, fp32 adapter", True, bias=True, scale_out=True),
     _tma("bf16", "fp32", "TMA DoRA dx, fp32 adapter", False, scale_in=True),
-    _dy("bf16", "fp32", False),
-    _dy("fp16", "fp16", False),
-    _dy("bf16", "fp32", True),
-    _dora_norm("bf16", "fp32"),
-    _da("bf16", tl.float32),
-    _da("bf16", tl.bfloat16),
-    # multi-adapter: forward a = x, b = W^T, lb = packed B^T; dx: a = dy, b = W, lb = packed A
-    _multi_shrink("bf16", "bf16", False),
-    _multi_shrink("bf16", "fp32", True),
-    _multi_linear("bf16", "bf16", "multi forward bf16, bias",
-                  ("stride_ak", "stride_bk", "stride_lr", "stride_lbn", "stride_gn", "stride_on"),
-                  bias=True),
-    _multi_linear("bf16", "fp32", "multi DoRA forward, fp32 adapter",
-                  ("stride_ak", "stride_bk", "stride_lr", "stride_lbn", "stride_gn", "stride_on"),
-                  bias=True, scale_out=True),
-    _multi_linear("bf16", "fp32", "multi decode DoRA, fp32 adapter, gather",
-                  ("stride_ak", "stride_bk", "stride_lr", "stride_lbn", "stride_gn", "stride_on"),
-                  bias=True, scale_out=True, gather=True),
-    _multi_linear("bf16", "bf16", "multi dx bf16, dropout",
-                  ("stride_ak", "stride_bn", "stride_lr", "stride_lbn", "stride_gn", "stride_on"),
-                  dropout=True),
-    _multi_linear("bf16", "fp32", "multi DoRA dx, fp32 adapter",
-                  ("stride_ak", "stride_bn", "stride_lr", "stride_lbn", "stride_gn", "stride_on"),
-                  scale_in=True),
-    _multi_dy("bf16", "bf16", False),
-    _multi_dy("bf16", "fp32", True),
-    _multi_da("bf16", tl.bfloat16, True),
+    _tma("fp16", "fp16", "TMA forward fp16, fp16 adapter", True, precision="tf32"),
+    _tma("bf16", "bf16", "TMA dx bf16, bf16 adapter, dropout", False, dropout=True,
+         precision="tf32"),
+    _tma("fp32", "fp32", "TMA forward fp32, bias", True, bias=True),
+    _tma("bf16", "fp32", "TMA forward bf16, fp32 adapter, bias", True, bias=True,
+         precision="tf32"),
+]
+
+
+def _q4_matmul(ab: str, dx: bool, nested: bool, blocksize: int, aligned: bool) -> AotVariant:
+    types = dict(a_ptr=f"*{ab}", out_ptr=f"*{ab}", q4_data="*u8",
+                 q4_absmax="*u8" if nested else "*fp32", q4_code="*fp32", q4_absmax2="*fp32",
+                 q4_code2="*fp32", q4_offset="*fp32", M="i32", N="i32", K="i32", M_BUCKET="i32",
+                 stride_am="i32", stride_om="i32")
+    const = dict(stride_ak=1, stride_on=1, DX=dx, Q4_BLOCKSIZE=blocksize,
+                 Q4_BLOCKSIZE2=256 if nested else 0, Q4_ALIGNED=aligned, PRECISION="tf32")
+    label = (f"4-bit {'dx' if dx else 'forward'} {ab}, {'nested ' if nested else ''}"
+             f"b{blocksize}{'' if aligned else ' straddling'}")
+    return AotVariant(dequant4._q4_matmul_kernel, label, types, const)
+
+
+# bitsandbytes 4-bit weight (the QUANT4 helper in a GEMM): QLoRA's NF4 with nested absmax,
+# forward (W^T tiles) and dx (W tiles); a plain absmax whose blocks straddle rows
+VARIANTS += [
+    _q4_matmul("bf16", False, True, 64, True),
+    _q4_matmul("bf16", True, True, 64, True),
+    _q4_matmul("fp16", False, False, 128, False),
 ]

@@ -14,19 +14,22 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import configs, fp32_precision, dropout_keep, m_bucket, prune_by_m, rank_block, sm_count
+from .common import (configs, dropout_keep, fp32_precision, m_bucket, on_device, rank_block,
+                     sm_count, tune)
 
 
-_DY_CONFIGS = configs(
-    [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-     for bm, bn, w, s in [(16, 128, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 3)]],
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}),
-    zero=("ds_ptr", "db_ptr", "dg_ptr"),
-)
+def _dy_configs(shapes):
+    return configs(("BLOCK_M", "BLOCK_N"), shapes, dict(BLOCK_M=32, BLOCK_N=32),
+                   zero=("ds_ptr", "db_ptr", "dg_ptr"))
 
 
-@triton.autotune(configs=_DY_CONFIGS, key=["M_BUCKET", "N", "R", "DORA"],
-                 prune_configs_by={"early_config_prune": prune_by_m})
+# keyed by "B is fp32": tf32x3 splits a [BLOCK_M, BLOCK_N] tile of dY, so narrow tiles
+_DY_CONFIGS = {
+    False: _dy_configs([(16, 128, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 3)]),
+    True: _dy_configs([(32, 32, 4, 3), (64, 32, 4, 3)]),
+}
+
+
 @triton.jit
 def _lora_dy_kernel(dy_ptr, b_ptr, t_ptr, ds_ptr, db_ptr, g_ptr, y_ptr, bias_ptr, dg_ptr,
                     M, N, R, M_BUCKET, stride_dym, stride_dyn, stride_bn, stride_br,
@@ -74,19 +77,25 @@ def _lora_dy_kernel(dy_ptr, b_ptr, t_ptr, ds_ptr, db_ptr, g_ptr, y_ptr, bias_ptr
                   mask=row_in[:, None] & rank_in[None, :])
 
 
-_DA_CONFIGS = configs(
-    [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-     for bm, bk, w, s in [(64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3)]],
-    triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}),
-    zero=("da_ptr",),
-)
+DY_KERNELS = {fp32: tune(_lora_dy_kernel, c, ["M_BUCKET", "N", "R", "DORA"])
+              for fp32, c in _DY_CONFIGS.items()}
 
 
-@triton.autotune(configs=_DA_CONFIGS, key=["M_BUCKET", "K", "R", "DROPOUT"])
+def _da_configs(shapes):
+    return configs(("BLOCK_M", "BLOCK_K"), shapes, dict(BLOCK_M=32, BLOCK_K=32), zero=("da_ptr",))
+
+
+# keyed by "the dot runs in fp32"
+_DA_CONFIGS = {
+    False: _da_configs([(64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3)]),
+    True: _da_configs([(64, 64, 4, 3), (64, 128, 8, 3), (128, 64, 4, 3)]),
+}
+
+
 @triton.jit
 def _lora_da_kernel(ds_ptr, x_ptr, da_ptr, M, K, R, M_BUCKET,
                     stride_dsm, stride_dsr, stride_xm, stride_xk,
-                    seed, dropout_p, keep_scale,
+                    seed_ptr, dropout_p, keep_scale,
                     DOT_DTYPE: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr,
                     PRECISION: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -102,6 +111,8 @@ def _lora_da_kernel(ds_ptr, x_ptr, da_ptr, M, K, R, M_BUCKET,
     col_in = cols < K
     rank_in = ranks < R
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
     for m0 in range(tl.program_id(1) * BLOCK_M, M, splits * BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
         row_in = rows < M
@@ -116,6 +127,10 @@ def _lora_da_kernel(ds_ptr, x_ptr, da_ptr, M, K, R, M_BUCKET,
         acc *= keep_scale
     tl.atomic_add(da_ptr + ranks[:, None] * K + cols[None, :], acc,
                   mask=rank_in[:, None] & col_in[None, :])
+
+
+DA_KERNELS = {fp32: tune(_lora_da_kernel, c, ["M_BUCKET", "K", "R", "DROPOUT"], prune=False)
+              for fp32, c in _DA_CONFIGS.items()}
 
 
 @dataclass
@@ -135,6 +150,7 @@ def _splits(tiles: int, other_tiles: int, device: torch.device) -> int:
     return max(1, min(tiles, triton.cdiv(2 * sm_count(device), max(other_tiles, 1))))
 
 
+@on_device
 def lora_dy(dy: torch.Tensor, lora_B: torch.Tensor, t: torch.Tensor, scaling: float,
             dora: DoraBackward | None = None) -> tuple[torch.Tensor, ...]:
     """``(dS, dB) = (s dY' B, s dY'^T T)`` as fp32, dY' = dY (or ``g * dY`` with DoRA, which
@@ -156,7 +172,7 @@ def lora_dy(dy: torch.Tensor, lora_B: torch.Tensor, t: torch.Tensor, scaling: fl
         return (row_tiles, splits, rank_tiles)
 
     g, y, bias = (dora.g, dora.y, dora.bias) if dora is not None else (dg, dy, None)
-    _lora_dy_kernel[grid](
+    DY_KERNELS[lora_B.dtype == torch.float32][grid](
         dy, lora_B, t, ds, db, g, y, bias if bias is not None else dg, dg, m, n, r, m_bucket(m),
         dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), t.stride(0), t.stride(1),
         y.stride(0), y.stride(1), scaling,
@@ -165,9 +181,11 @@ def lora_dy(dy: torch.Tensor, lora_B: torch.Tensor, t: torch.Tensor, scaling: fl
     return (ds, db) + ((dg,) if dora is not None else ())
 
 
+@on_device
 def lora_da(ds: torch.Tensor, x: torch.Tensor, adapter_dtype: torch.dtype,
-            dropout_p: float = 0.0, seed: int = 0) -> torch.Tensor:
-    """``dS^T drop(x)`` as fp32 ``[r, K]``: ds ``[M, r]`` fp32, x ``[M, K]``."""
+            dropout_p: float = 0.0, seed: torch.Tensor | None = None) -> torch.Tensor:
+    """``dS^T drop(x)`` as fp32 ``[r, K]``: ds ``[M, r]`` fp32, x ``[M, K]``, seed int64 ``[1]``
+    (dropout only)."""
     m, k = x.shape
     r = ds.shape[1]
     da = torch.empty((r, k), dtype=torch.float32, device=x.device)
@@ -181,9 +199,9 @@ def lora_da(ds: torch.Tensor, x: torch.Tensor, adapter_dtype: torch.dtype,
         splits = _splits(triton.cdiv(m, meta["BLOCK_M"]), col_tiles * rank_tiles, x.device)
         return (col_tiles, splits, rank_tiles)
 
-    _lora_da_kernel[grid](
+    DA_KERNELS[adapter_dtype == torch.float32][grid](
         ds, x, da, m, k, r, m_bucket(m), ds.stride(0), ds.stride(1), x.stride(0), x.stride(1),
-        seed, dropout_p, 1.0 / (1.0 - dropout_p),
+        seed if seed is not None else da, dropout_p, 1.0 / (1.0 - dropout_p),
         DOT_DTYPE=_TL_DTYPES[adapter_dtype], DROPOUT=dropout_p > 0.0, BLOCK_R=block_r,
         PRECISION=fp32_precision())
     return da

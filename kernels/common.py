@@ -1,6 +1,7 @@
 """Helpers shared by the kernels: grouped tile order, in-kernel dropout, autotune configs."""
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -13,11 +14,44 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def on_device(launcher):
+    """Decorate a launcher so that its kernels run on the CUDA device of its first (tensor)
+    argument: Triton launches on the *current* device and stream, so without this guard a
+    layer on ``cuda:1`` would launch on ``cuda:0``. Every launcher goes through it."""
+    @functools.wraps(launcher)
+    def guarded(first: torch.Tensor, *args, **kwargs):
+        if first.is_cuda:
+            with torch.cuda.device(first.device):
+                return launcher(first, *args, **kwargs)
+        return launcher(first, *args, **kwargs)
+    return guarded
+
+
+# fp32 accuracy on tensor cores: each fp32 operand split into two TF32 parts, three
+# products (~2^-21 relative error each, against 2^-24 for an fp32 FMA). Full-fp32 "ieee"
+# dots run on FMA units and spill kilobytes of registers per thread in these kernels.
+FULL_FP32 = "tf32x3"
+
+
 def fp32_precision() -> str:
     """``tl.dot`` precision for fp32 operands, following PyTorch's matmul setting:
-    full fp32 under ``torch.set_float32_matmul_precision("highest")`` (the default), TF32
-    tensor cores otherwise. 16-bit operands ignore it."""
-    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    fp32 accuracy (``FULL_FP32``) under ``torch.set_float32_matmul_precision("highest")``
+    (the default, which PEFT's fp32 adapters run at), TF32 otherwise. 16-bit operands
+    ignore it."""
+    return FULL_FP32 if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+# GEMM tiles (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) for fp32 x and W at FULL_FP32:
+# the tf32x3 splits of both operand tiles fit in registers only with short K steps
+FP32_GEMM_SHAPES = [(64, 64, 32, 4, 3), (32, 64, 32, 4, 3), (16, 64, 64, 4, 3), (16, 32, 64, 4, 3)]
+
+
+def tune(kernel, configs: list[triton.Config], key: list[str], prune: bool = True,
+         restore: list[str] | None = None):
+    """``kernel`` autotuned over ``configs`` on ``key``, pruned by M (``prune_by_m``);
+    ``restore`` names arguments a launch updates in place (autotuning reruns it on them)."""
+    return triton.autotune(configs=configs, key=key, restore_value=restore, prune_configs_by={
+        "early_config_prune": prune_by_m} if prune else None)(kernel)
 
 
 def sm_count(device: torch.device) -> int:
@@ -42,15 +76,21 @@ def m_bucket(m: int) -> int:
     return min(next_pow2(m), 8192)
 
 
-def configs(gpu: list[triton.Config], interp: triton.Config, zero: tuple[str, ...] = ()
-            ) -> list[triton.Config]:
-    """The GPU autotune configs, or the single small one the interpreter runs.
+def configs(names: tuple[str, ...], shapes: list[tuple], interp: dict,
+            zero: tuple[str, ...] = (), **fixed) -> list[triton.Config]:
+    """The GPU autotune configs, one per shape ``(*block sizes in names' order, warps,
+    stages)`` with the constexprs ``fixed``, or the single small ``interp`` one the
+    interpreter runs.
 
     ``zero`` names accumulator arguments that every launch (autotuning runs included)
     must find zeroed: a per-config pre-hook zeroes them, which unlike ``reset_to_zero``
     also covers the launch that follows autotuning on every Triton version.
     """
-    chosen = [interp] if interpreting() else gpu
+    if interpreting():
+        chosen = [triton.Config(interp)]
+    else:
+        chosen = [triton.Config({**dict(zip(names, shape[:-2])), **fixed}, num_warps=shape[-2],
+                                num_stages=shape[-1]) for shape in shapes]
     if zero:
         def hook(nargs):
             for name in zero:
@@ -58,6 +98,12 @@ def configs(gpu: list[triton.Config], interp: triton.Config, zero: tuple[str, ..
         for config in chosen:
             config.pre_hook = hook
     return chosen
+
+
+def gemm_configs(shapes: list[tuple]) -> list[triton.Config]:
+    """``configs`` of the fused GEMMs: shapes ``(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)``."""
+    return configs(("BLOCK_M", "BLOCK_N", "BLOCK_K"), shapes,
+                   dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4), GROUP_M=8)
 
 
 def prune_by_m(configs, named_args, **kwargs):
@@ -81,7 +127,9 @@ def grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
 @triton.jit
 def dropout_keep(seed, rows, col0, n_cols, p, BLOCK_C: tl.constexpr):
     """Keep-mask [len(rows), BLOCK_C] of dropout on a ``[*, n_cols]`` input, for columns
-    ``col0 .. col0 + BLOCK_C`` (col0 a multiple of 4).
+    ``col0 .. col0 + BLOCK_C`` (col0 a multiple of 4). ``seed``: the value kernels load
+    from their int64 seed pointer (a device tensor, so a replayed CUDA graph that redraws
+    it gets a new mask).
 
     One Philox call gives four uniforms: call #(i * ceil(n_cols / 4) + j // 4) of ``seed``
     serves columns j..j+3 of row i, so any tile of the same input regenerates the same
@@ -96,14 +144,14 @@ def dropout_keep(seed, rows, col0, n_cols, p, BLOCK_C: tl.constexpr):
 
 @triton.jit
 def low_rank_tile(l_ptr, lb_ptr, rows, cols, row_in, col_in, R, stride_lm, stride_lr,
-                  stride_lbr, stride_lbn, scale, seed, dropout_p, col0, N,
+                  stride_lbr, stride_lbn, scale, seed_ptr, dropout_p, col0, N,
                   DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
                   PRECISION: tl.constexpr):
     """``scale * keep * (l[rows] @ lb[:, cols])`` for one output tile, fp32
     ``[len(rows), BLOCK_N]``: l ``[M, R]`` fp32, lb ``[R, N]`` (the dot runs in its dtype).
 
-    With DROPOUT, keep is the keep-mask of an ``[M, N]`` input (the dx pass) at columns
-    ``col0 ..`` (``cols`` are col0 + 0..BLOCK_N-1, int64).
+    With DROPOUT, keep is the keep-mask (seed loaded from ``seed_ptr``) of an ``[M, N]``
+    input (the dx pass) at columns ``col0 ..`` (``cols`` are col0 + 0..BLOCK_N-1, int64).
     """
     acc = tl.zeros((rows.shape[0], BLOCK_N), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
@@ -115,18 +163,21 @@ def low_rank_tile(l_ptr, lb_ptr, rows, cols, row_in, col_in, R, stride_lm, strid
                      mask=rank_in[:, None] & col_in[None, :], other=0.0)
         acc = tl.dot(lt.to(lb.dtype), lb, acc, input_precision=PRECISION)
     if DROPOUT:
-        acc = tl.where(dropout_keep(seed, rows, col0, N, dropout_p, BLOCK_N), acc, 0.0)
+        acc = tl.where(dropout_keep(tl.load(seed_ptr), rows, col0, N, dropout_p, BLOCK_N), acc,
+                       0.0)
     return acc * scale
 
 
 @triton.jit
 def shrink_tile(x_ptr, rows, row_in, stride_xm, stride_xk, a_ptr, a_rows, rank_in,
-                stride_ar, stride_ak, K, seed, dropout_p, DROPOUT: tl.constexpr,
+                stride_ar, stride_ak, K, seed_ptr, dropout_p, DROPOUT: tl.constexpr,
                 PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
     """``keep(x[rows]) @ A[a_rows]^T`` for one tile, fp32 ``[len(rows), len(a_rows)]``
     (the 1 / (1 - p) factor is the caller's). ``rows``/``a_rows`` are int64 row numbers of
     x ``[*, K]`` and A ``[*, K]``; the dot runs in A's dtype, as PEFT casts x to it."""
     acc = tl.zeros((rows.shape[0], a_rows.shape[0]), dtype=tl.float32)
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         col_in = cols < K

@@ -10,16 +10,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import configs, fp32_precision, rank_block
-
-_CONFIGS = configs(
-    [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-     for bn, bk, w, s in [(32, 256, 4, 3), (64, 128, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3)]],
-    triton.Config({"BLOCK_N": 32, "BLOCK_K": 32}),
-)
+from .common import configs, fp32_precision, on_device, rank_block, tune
 
 
-@triton.autotune(configs=_CONFIGS, key=["N", "K", "R"])
+def _configs(shapes):
+    return configs(("BLOCK_N", "BLOCK_K"), shapes, dict(BLOCK_N=32, BLOCK_K=32))
+
+
+# keyed by "A is fp32" (tf32x3 splits of the W and A tiles)
+_CONFIGS = {False: _configs([(32, 256, 4, 3), (64, 128, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3)]),
+            True: _configs([(64, 64, 4, 3), (64, 128, 8, 3), (128, 32, 4, 3), (128, 64, 8, 3)])}
+
+
 @triton.jit
 def _dora_norm_kernel(w_ptr, a_ptr, wa_ptr, sq_ptr, N, K, R,
                       stride_wn, stride_wk, stride_ar, stride_ak,
@@ -52,6 +54,11 @@ def _dora_norm_kernel(w_ptr, a_ptr, wa_ptr, sq_ptr, N, K, R,
         tl.store(sq_ptr + rows, sq, mask=row_in)
 
 
+KERNELS = {fp32: tune(_dora_norm_kernel, c, ["N", "K", "R"], prune=False)
+           for fp32, c in _CONFIGS.items()}
+
+
+@on_device
 def dora_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
               scaling: float) -> torch.Tensor:
     """``||weight + scaling * lora_B @ lora_A||`` per row, fp32 ``[N]``; weight ``[N, K]``
@@ -62,7 +69,7 @@ def dora_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
     sq = torch.empty((n,), dtype=torch.float32, device=weight.device)
     block_r = rank_block(r)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(r, block_r))  # noqa: E731
-    _dora_norm_kernel[grid](weight, lora_A, wa, sq, n, k, r, weight.stride(0), weight.stride(1),
+    KERNELS[lora_A.dtype == torch.float32][grid](weight, lora_A, wa, sq, n, k, r, weight.stride(0), weight.stride(1),
                             lora_A.stride(0), lora_A.stride(1), BLOCK_R=block_r,
                             PRECISION=fp32_precision())
     a = lora_A.float()

@@ -19,27 +19,37 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import configs, fp32_precision, grouped_tile, low_rank_tile, m_bucket, prune_by_m, rank_block
-
-_CONFIGS = configs(
-    [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                   num_warps=w, num_stages=s)
-     for bm, bn, bk, w, s in [
-         (128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (64, 256, 64, 4, 4), (128, 64, 64, 4, 4),
-         (64, 128, 64, 4, 4), (32, 128, 128, 4, 4), (16, 64, 128, 4, 5), (16, 32, 256, 4, 4),
-         # decode (M <= 16): N / BLOCK_N programs must fill the GPU to stream W at full bandwidth
-         (16, 16, 512, 4, 3)]],
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}),
-)
+from .common import (FP32_GEMM_SHAPES, configs, fp32_precision, gemm_configs, grouped_tile,
+                     low_rank_tile, m_bucket, on_device, rank_block, tune)
 
 
-@triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "N", "K", "R", "HAS_LORA", "DROPOUT"],
-                 prune_configs_by={"early_config_prune": prune_by_m})
+_SMALL = [(128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (32, 128, 128, 4, 4), (16, 64, 128, 4, 5),
+          (16, 32, 256, 4, 4),
+          # decode (M <= 16): N / BLOCK_N programs must fill the GPU to stream W at full bandwidth
+          (16, 16, 512, 4, 3)]
+# By kind of launch. "heavy": an fp32 low-rank term (tf32x3 splits) or the dropout
+# keep-mask next to the accumulator need registers that 128-register-per-thread
+# accumulators leave no room for (they spill, see check-kernels); 8 warps halve the
+# accumulator per thread. "fp32": fp32 x and W.
+_CONFIGS = {"light": gemm_configs([(128, 256, 64, 8, 3), (128, 128, 64, 4, 4),
+                                   (64, 256, 64, 4, 4)] + _SMALL),
+            "heavy": gemm_configs([(128, 128, 64, 8, 3)] + _SMALL),
+            "fp32": gemm_configs(FP32_GEMM_SHAPES)}
+
+
+def kind(a: torch.dtype, lb: torch.dtype | None, dropout: bool) -> str:
+    """Which configs a launch takes: ``a``/``lb`` the GEMM's and the low-rank term's
+    operand dtypes (None: no low-rank term)."""
+    if a == torch.float32:
+        return "fp32"
+    return "heavy" if dropout or lb == torch.float32 else "light"
+
+
 @triton.jit
 def _lora_linear_kernel(a_ptr, b_ptr, l_ptr, lb_ptr, bias_ptr, g_ptr, out_ptr, M, N, K, R, M_BUCKET,
                         stride_am, stride_ak, stride_bk, stride_bn, stride_lm, stride_lr,
                         stride_lbr, stride_lbn, stride_om, stride_on,
-                        scale, seed, dropout_p,
+                        scale, seed_ptr, dropout_p,
                         HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
                         SCALE_OUT: tl.constexpr, SCALE_IN: tl.constexpr, IN_PLACE: tl.constexpr,
                         BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -62,7 +72,7 @@ def _lora_linear_kernel(a_ptr, b_ptr, l_ptr, lb_ptr, bias_ptr, g_ptr, out_ptr, M
     # live at a time (an epilogue would hold a second one next to the GEMM's: spills).
     if HAS_LORA:
         acc = low_rank_tile(l_ptr, lb_ptr, rows, cols, row_in, col_in, R, stride_lm, stride_lr,
-                            stride_lbr, stride_lbn, scale, seed, dropout_p, tile_n * BLOCK_N, N,
+                            stride_lbr, stride_lbn, scale, seed_ptr, dropout_p, tile_n * BLOCK_N, N,
                             DROPOUT, BLOCK_R, BLOCK_N, PRECISION)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -91,31 +101,31 @@ def _lora_linear_kernel(a_ptr, b_ptr, l_ptr, lb_ptr, bias_ptr, g_ptr, out_ptr, M
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_in)
 
 
+KERNELS = {k: tune(_lora_linear_kernel, c, ["M_BUCKET", "N", "K", "R", "HAS_LORA", "DROPOUT"])
+           for k, c in _CONFIGS.items()}
 # The in-place pass streams out once (read, add, write) plus the rank-r product: tiles of
-# an elementwise kernel, no K loop (BLOCK_K unused). Autotuning runs it repeatedly on the
-# same output, hence restore_value.
-_in_place_kernel = triton.autotune(
-    configs=configs(
-        [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 16, "GROUP_M": 8},
-                       num_warps=w, num_stages=2)
-         for bm, bn, w in [(128, 128, 8), (64, 128, 4), (64, 64, 4), (32, 128, 4), (16, 128, 4),
-                           (16, 256, 4)]],
-        triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 4})),
-    key=["M_BUCKET", "N", "R", "HAS_LORA", "DROPOUT", "SCALE_OUT"], restore_value=["out_ptr"],
-    prune_configs_by={"early_config_prune": prune_by_m})(_lora_linear_kernel.fn)
+# an elementwise kernel, no K loop (BLOCK_K unused), one config set for every dtype.
+# Autotuning runs it repeatedly on the same output, hence restore_value.
+IN_PLACE_KERNEL = tune(
+    _lora_linear_kernel,
+    configs(("BLOCK_M", "BLOCK_N"), [(128, 128, 8, 2), (64, 128, 4, 2), (64, 64, 4, 2),
+                                     (32, 128, 4, 2), (16, 128, 4, 2), (16, 256, 4, 2)],
+            dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=4), BLOCK_K=16, GROUP_M=8),
+    ["M_BUCKET", "N", "R", "HAS_LORA", "DROPOUT", "SCALE_OUT"], restore=["out_ptr"])
 
 
 @dataclass
 class LowRank:
     """The epilogue term ``scale * keep * (l @ lb)``: l ``[M, r]`` fp32, lb ``[r, N]``.
 
-    ``dropout_p > 0`` masks it with the keep-mask of seed ``seed`` for an ``[M, N]`` input.
+    ``dropout_p > 0`` masks it with the keep-mask of ``seed`` (int64 ``[1]`` on the device)
+    for an ``[M, N]`` input.
     """
     l: torch.Tensor
     lb: torch.Tensor
     scale: float
     dropout_p: float = 0.0
-    seed: int = 0
+    seed: torch.Tensor | None = None
 
 
 def _launch(a: torch.Tensor, b: torch.Tensor, low: LowRank | None, bias: torch.Tensor | None,
@@ -133,20 +143,23 @@ def _launch(a: torch.Tensor, b: torch.Tensor, low: LowRank | None, bias: torch.T
     r = low.l.shape[1] if has_lora else 0
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     g = g_out if g_out is not None else g_in
-    kernel = _in_place_kernel if in_place else _lora_linear_kernel
+    dropout = has_lora and low.dropout_p > 0.0
+    kernel = (IN_PLACE_KERNEL if in_place else
+              KERNELS[kind(a.dtype, low.lb.dtype if has_lora else None, dropout)])
     kernel[grid](
         a, b, low.l, low.lb, bias if bias is not None else out, g if g is not None else out, out,
         m, n, k, r, m_bucket(m),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), low.l.stride(0), low.l.stride(1),
         low.lb.stride(0), low.lb.stride(1), out.stride(0), out.stride(1),
-        low.scale, low.seed, low.dropout_p,
-        HAS_LORA=has_lora, HAS_BIAS=bias is not None, DROPOUT=has_lora and low.dropout_p > 0.0,
+        low.scale, low.seed if low.seed is not None else out, low.dropout_p,
+        HAS_LORA=has_lora, HAS_BIAS=bias is not None, DROPOUT=dropout,
         SCALE_OUT=g_out is not None, SCALE_IN=g_in is not None,
         IN_PLACE=in_place,
         BLOCK_R=rank_block(max(r, 1)), PRECISION=fp32_precision())
     return out
 
 
+@on_device
 def fused_linear(a: torch.Tensor, b: torch.Tensor, low: LowRank | None = None,
                  bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None, *,
                  g_out: torch.Tensor | None = None, g_in: torch.Tensor | None = None
@@ -168,6 +181,7 @@ def cublas_unsupported(a: torch.Tensor, out_dtype: torch.dtype | None = None,
     return None
 
 
+@on_device
 def cublas_linear(a: torch.Tensor, b: torch.Tensor, low: LowRank | None = None,
                   bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None, *,
                   g_out: torch.Tensor | None = None, g_in: torch.Tensor | None = None

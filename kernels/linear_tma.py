@@ -6,9 +6,10 @@ program per SM walks the output tiles (grouped order, for L2 reuse), a and b arr
 TMA descriptor loads (zero-filled past the edges: no masks in the K loop), and the tile is
 stored through a descriptor in two column halves (epilogue subtiling: a converted half
 tile needs half the registers, and the first half's asynchronous store can run during the
-second half's epilogue). As in
-the pointer kernel, the low-rank term is the accumulator's starting value (pointer loads:
-l and lb are small and their strides need not suit TMA), so one accumulator is live.
+second half's epilogue). As in the pointer kernel, the low-rank term is the accumulator's
+starting value (pointer loads: l and lb are small and their strides need not suit TMA), so
+one accumulator is live, and fp32 dots run at ``fp32_precision()`` (tf32x3 at torch's
+default "highest" matmul precision) with the pointer kernel's kinds of configs.
 
 Descriptors are built on the host with ``triton.tools.tensor_descriptor.TensorDescriptor``
 and a per-config pre-hook sets their block shapes. Verified in the released sources of
@@ -25,9 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (configs, fp32_precision, grouped_tile, interpreting, low_rank_tile,
-                     m_bucket, prune_by_m, rank_block, sm_count)
-from .linear import LowRank
+from .common import (fp32_precision, gemm_configs, grouped_tile, interpreting, low_rank_tile,
+                     m_bucket, on_device, rank_block, sm_count, tune)
+from .linear import LowRank, kind
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -44,21 +45,21 @@ def _set_block_shapes(nargs):
 
 
 def _configs(shapes):
-    chosen = configs(
-        [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                       num_warps=w, num_stages=s) for bm, bn, bk, w, s in shapes],
-        triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}))
+    chosen = gemm_configs(shapes)
     for config in chosen:
         config.pre_hook = _set_block_shapes
     return chosen
 
 
-_CONFIGS = _configs([(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
-                     (64, 128, 64, 4, 4), (64, 256, 64, 4, 3)])
-# The dropout mask (dx) and g_in scaling (DoRA dx) need registers next to the accumulator:
-# at most 64 fp32 accumulator values per thread, or sm_90 spills (check-kernels).
-_LEAN_CONFIGS = _configs([(128, 128, 64, 8, 4), (64, 256, 64, 8, 3), (64, 128, 64, 4, 4),
-                          (128, 64, 64, 4, 4)])
+# By ``linear.kind`` of launch, as the pointer kernel's. "heavy": the dropout mask (dx),
+# the g_in scaling (DoRA dx: a goes through registers) or an fp32 low-rank term (tf32x3
+# splits) need registers next to the accumulator: at most 64 fp32 accumulator values per
+# thread, and 64 x 256 tiles spill even so (check-kernels). "fp32": fp32 a and b at
+# tf32x3, short K steps.
+_CONFIGS = {"light": _configs([(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
+                               (64, 128, 64, 4, 4), (64, 256, 64, 4, 3)]),
+            "heavy": _configs([(128, 128, 64, 8, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4)]),
+            "fp32": _configs([(64, 64, 32, 4, 3), (128, 64, 32, 8, 3), (64, 128, 32, 4, 3)])}
 _KEY = ["M_BUCKET", "N", "K", "R", "HAS_LORA", "DROPOUT", "SCALE_IN", "B_NK"]
 
 
@@ -78,7 +79,7 @@ def _store_half(out_desc, acc, row0, col0, bias_ptr, g_ptr, N, HAS_BIAS: tl.cons
 @triton.jit
 def _lora_linear_tma_kernel(a_desc, b_desc, out_desc, l_ptr, lb_ptr, bias_ptr, g_ptr,
                             M, N, K, R, M_BUCKET, stride_lm, stride_lr, stride_lbr, stride_lbn,
-                            scale, seed, dropout_p,
+                            scale, seed_ptr, dropout_p,
                             HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
                             DROPOUT: tl.constexpr, SCALE_OUT: tl.constexpr,
                             SCALE_IN: tl.constexpr, B_NK: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -100,7 +101,7 @@ def _lora_linear_tma_kernel(a_desc, b_desc, out_desc, l_ptr, lb_ptr, bias_ptr, g
             rows = row0.to(tl.int64) + tl.arange(0, BLOCK_M)
             cols = col0.to(tl.int64) + tl.arange(0, BLOCK_N)
             acc = low_rank_tile(l_ptr, lb_ptr, rows, cols, rows < M, cols < N, R, stride_lm,
-                                stride_lr, stride_lbr, stride_lbn, scale, seed, dropout_p, col0,
+                                stride_lr, stride_lbr, stride_lbn, scale, seed_ptr, dropout_p, col0,
                                 N, DROPOUT, BLOCK_R, BLOCK_N, PRECISION)
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -121,12 +122,7 @@ def _lora_linear_tma_kernel(a_desc, b_desc, out_desc, l_ptr, lb_ptr, bias_ptr, g
                     HALF)
 
 
-def _tune(configs):
-    return triton.autotune(configs=configs, key=_KEY, prune_configs_by={
-        "early_config_prune": prune_by_m})(_lora_linear_tma_kernel)
-
-
-_tuned, _tuned_lean = _tune(_CONFIGS), _tune(_LEAN_CONFIGS)
+KERNELS = {k: tune(_lora_linear_tma_kernel, c, _KEY) for k, c in _CONFIGS.items()}
 
 
 def _tma_ready(name: str, t: torch.Tensor) -> str | None:
@@ -161,6 +157,7 @@ def tma_unsupported(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype | N
     return _tma_ready("a", a) or _tma_ready("b", b.t() if b.stride(0) == 1 else b)
 
 
+@on_device
 def tma_linear(a: torch.Tensor, b: torch.Tensor, low: LowRank | None = None,
                bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None, *,
                g_out: torch.Tensor | None = None, g_in: torch.Tensor | None = None
@@ -193,12 +190,12 @@ def tma_linear(a: torch.Tensor, b: torch.Tensor, low: LowRank | None = None,
         return (min(sms, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])),)
 
     dropout = has_lora and low.dropout_p > 0.0
-    kernel = _tuned_lean if dropout or g_in is not None else _tuned
-    kernel[grid](
+    lb_dtype = low.lb.dtype if has_lora else None
+    KERNELS[kind(a.dtype, lb_dtype, dropout or g_in is not None)][grid](
         a_desc, b_desc, out_desc, low.l, low.lb, bias if bias is not None else out,
         g if g is not None else out, m, n, k, r, m_bucket(m),
         low.l.stride(0), low.l.stride(1), low.lb.stride(0), low.lb.stride(1),
-        low.scale, low.seed, low.dropout_p,
+        low.scale, low.seed if low.seed is not None else out, low.dropout_p,
         HAS_LORA=has_lora, HAS_BIAS=bias is not None, DROPOUT=dropout,
         SCALE_OUT=g_out is not None, SCALE_IN=g_in is not None, B_NK=b_nk,
         BLOCK_R=rank_block(max(r, 1)), PRECISION=fp32_precision())

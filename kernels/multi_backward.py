@@ -15,19 +15,21 @@ import triton
 import triton.language as tl
 
 from .backward import _TL_DTYPES, DoraBackward, _splits
-from .common import configs, dropout_keep, fp32_precision, m_bucket, prune_by_m, rank_block
+from .common import (configs, dropout_keep, fp32_precision, m_bucket, on_device,
+                     rank_block, tune)
 from .multi_meta import RowGroups, adapters_pow2, segment_tile, segment_tiles
 
-_DY_CONFIGS = configs(
-    [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-     for bm, bn, w, s in [(16, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3)]],
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}),
-    zero=("ds_ptr", "db_ptr", "dg_ptr"),
-)
+
+def _dy_configs(shapes):
+    return configs(("BLOCK_M", "BLOCK_N"), shapes, dict(BLOCK_M=16, BLOCK_N=32),
+                   zero=("ds_ptr", "db_ptr", "dg_ptr"))
 
 
-@triton.autotune(configs=_DY_CONFIGS, key=["M_BUCKET", "N", "R", "DORA"],
-                 prune_configs_by={"early_config_prune": prune_by_m})
+# keyed by "B is fp32", as the single-adapter dy pass
+_DY_CONFIGS = {False: _dy_configs([(16, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3)]),
+               True: _dy_configs([(32, 32, 4, 3), (64, 32, 4, 3)])}
+
+
 @triton.jit
 def _multi_dy_kernel(dy_ptr, b_ptr, s_ptr, ds_ptr, db_ptr, g_ptr, y_ptr, bias_ptr, dg_ptr,
                      perm_ptr, seg_ptr, off_ptr, rank_ptr, scale_ptr, dora_ptr,
@@ -92,20 +94,19 @@ def _multi_dy_kernel(dy_ptr, b_ptr, s_ptr, ds_ptr, db_ptr, g_ptr, y_ptr, bias_pt
                   mask=row_in[:, None] & rank_in[None, :])
 
 
-_DA_CONFIGS = configs(
-    [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-     for bm, bk, w, s in [(64, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3)]],
-    triton.Config({"BLOCK_M": 16, "BLOCK_K": 32}),
-    zero=("da_ptr",),
-)
+DY_KERNELS = {fp32: tune(_multi_dy_kernel, c, ["M_BUCKET", "N", "R", "DORA"])
+              for fp32, c in _DY_CONFIGS.items()}
 
 
-@triton.autotune(configs=_DA_CONFIGS, key=["M_BUCKET", "K", "R", "DROPOUT"],
-                 prune_configs_by={"early_config_prune": prune_by_m})
+# (the fp32 dot fits these tiles: no separate fp32 configs)
+_DA_CONFIGS = configs(("BLOCK_M", "BLOCK_K"), [(64, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3)],
+                      dict(BLOCK_M=16, BLOCK_K=32), zero=("da_ptr",))
+
+
 @triton.jit
 def _multi_da_kernel(ds_ptr, x_ptr, da_ptr, perm_ptr, seg_ptr, off_ptr, rank_ptr, p_ptr,
                      M, K, R, n_adapters, M_BUCKET, stride_dsm, stride_dsr, stride_xm, stride_xk,
-                     seed, DOT_DTYPE: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr,
+                     seed_ptr, DOT_DTYPE: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr,
                      N_POW2: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_K: tl.constexpr):
     """dS ``[M, R]`` fp32 (sorted order), x ``[M, K]`` (rows gathered through perm); dA
@@ -133,7 +134,7 @@ def _multi_da_kernel(ds_ptr, x_ptr, da_ptr, perm_ptr, seg_ptr, off_ptr, rank_ptr
                 mask=row_in[:, None] & col_in[None, :], other=0.0)
     if DROPOUT:
         p = tl.load(p_ptr + adapter)
-        x = tl.where(dropout_keep(seed, rows, col0, K, p, BLOCK_K), x, 0.0)
+        x = tl.where(dropout_keep(tl.load(seed_ptr), rows, col0, K, p, BLOCK_K), x, 0.0)
     ds = tl.load(ds_ptr + pos[:, None].to(tl.int64) * stride_dsm + ranks[None, :] * stride_dsr,
                  mask=row_in[:, None] & rank_in[None, :], other=0.0)
     acc = tl.dot(tl.trans(ds).to(DOT_DTYPE), x.to(DOT_DTYPE), input_precision=PRECISION)
@@ -144,6 +145,10 @@ def _multi_da_kernel(ds_ptr, x_ptr, da_ptr, perm_ptr, seg_ptr, off_ptr, rank_ptr
                   mask=rank_in[:, None] & col_in[None, :])
 
 
+DA_KERNEL = tune(_multi_da_kernel, _DA_CONFIGS, ["M_BUCKET", "K", "R", "DROPOUT"])
+
+
+@on_device
 def multi_lora_dy(dy: torch.Tensor, B: torch.Tensor, s: torch.Tensor, offsets: torch.Tensor,
                   ranks: torch.Tensor, scales: torch.Tensor, groups: RowGroups,
                   dora: DoraBackward | None = None, dora_flags: torch.Tensor | None = None
@@ -169,7 +174,7 @@ def multi_lora_dy(dy: torch.Tensor, B: torch.Tensor, s: torch.Tensor, offsets: t
         return (tiles, splits, rank_tiles)
 
     g, y, bias = (dora.g, dora.y, dora.bias) if dora is not None else (dg, dy, None)
-    _multi_dy_kernel[grid](
+    DY_KERNELS[B.dtype == torch.float32][grid](
         dy, B, s, ds, db, g, y, bias if bias is not None else dg, dg,
         groups.perm, groups.seg, offsets, ranks, scales,
         dora_flags if dora_flags is not None else ranks,
@@ -180,9 +185,11 @@ def multi_lora_dy(dy: torch.Tensor, B: torch.Tensor, s: torch.Tensor, offsets: t
     return (ds, db) + ((dg,) if dora is not None else ())
 
 
+@on_device
 def multi_lora_da(ds: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, ranks: torch.Tensor,
                   rows: int, adapter_dtype: torch.dtype, groups: RowGroups,
-                  dropout: torch.Tensor | None = None, seed: int = 0) -> torch.Tensor:
+                  dropout: torch.Tensor | None = None,
+                  seed: torch.Tensor | None = None) -> torch.Tensor:
     """Packed ``dA`` fp32 ``[rows, K]``: ``dS_a^T drop(x_a)`` in adapter a's rows; ds
     ``[M, R]`` fp32 (sorted order), x ``[M, K]``."""
     m, k = x.shape
@@ -193,10 +200,11 @@ def multi_lora_da(ds: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, rank
     block_r = rank_block(r)
     grid = lambda meta: (triton.cdiv(k, meta["BLOCK_K"]),  # noqa: E731
                          segment_tiles(m, groups.n, meta["BLOCK_M"]), triton.cdiv(r, block_r))
-    _multi_da_kernel[grid](
+    DA_KERNEL[grid](
         ds, x, da, groups.perm, groups.seg, offsets, ranks,
         dropout if dropout is not None else ds, m, k, r, groups.n, m_bucket(m),
-        ds.stride(0), ds.stride(1), x.stride(0), x.stride(1), seed,
+        ds.stride(0), ds.stride(1), x.stride(0), x.stride(1),
+        seed if seed is not None else da,
         DOT_DTYPE=_TL_DTYPES[adapter_dtype], DROPOUT=dropout is not None, BLOCK_R=block_r,
         N_POW2=adapters_pow2(groups.n), PRECISION=fp32_precision())
     return da

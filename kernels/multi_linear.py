@@ -24,31 +24,29 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import configs, dropout_keep, fp32_precision, grouped_tile, m_bucket, prune_by_m, rank_block
+from .common import (FP32_GEMM_SHAPES, dropout_keep, fp32_precision, gemm_configs, grouped_tile,
+                     m_bucket, on_device, rank_block, tune)
 from .multi_meta import RowGroups
 
 _GATHER_MAX_M = 16
 _GATHER_R = tl.constexpr(16)  # rank chunk of the gather path: [BLOCK_M, 16, BLOCK_N] products
 
 
-def _configs(shapes):
-    return configs(
-        [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                       num_warps=w, num_stages=s) for bm, bn, bk, w, s in shapes],
-        triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}))
-
-
-_CONFIGS = _configs([
-    (128, 128, 64, 8, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (32, 128, 128, 4, 4),
-    (16, 64, 128, 4, 5),
-    # decode: N / BLOCK_N programs must fill the GPU to stream W at full bandwidth
-    (16, 16, 512, 4, 3)])
-# DoRA's dx pass also streams an fp32 [BLOCK_M, BLOCK_K] tile of g per step: fewer stages
-_SCALE_IN_CONFIGS = _configs([
-    (64, 128, 64, 8, 3), (64, 64, 64, 4, 3), (128, 64, 64, 8, 2), (16, 64, 128, 4, 4),
-    (16, 32, 256, 4, 3)])
-# GATHER (forward, M <= 16): small column tiles keep the gathered [16, 16, BLOCK_N] in registers
-_GATHER_CONFIGS = _configs([(16, 16, 512, 4, 3), (16, 32, 256, 4, 3)])
+# Tiles per path ("main"; "scale_in": DoRA's dx pass, which also streams an fp32
+# [BLOCK_M, BLOCK_K] tile of g per step, so fewer stages; "gather": the forward at
+# M <= 16, whose small column tiles keep the gathered [16, 16, BLOCK_N] in registers).
+_SHAPES = {
+    "main": [(128, 128, 64, 8, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (32, 128, 128, 4, 4),
+             (16, 64, 128, 4, 5),
+             # decode: N / BLOCK_N programs must fill the GPU to stream W at full bandwidth
+             (16, 16, 512, 4, 3)],
+    "scale_in": [(64, 128, 64, 8, 3), (64, 64, 64, 4, 3), (128, 64, 64, 8, 2), (16, 64, 128, 4, 4),
+                 (16, 32, 256, 4, 3)],
+    "gather": [(16, 16, 512, 4, 3), (16, 32, 256, 4, 3)],
+}
+# fp32 x and W (tf32x3 GEMM): short K steps on every path
+_FP32_SHAPES = {"main": FP32_GEMM_SHAPES, "scale_in": FP32_GEMM_SHAPES,
+                "gather": [s for s in FP32_GEMM_SHAPES if s[0] == _GATHER_MAX_M]}
 _KEY = ["M_BUCKET", "N", "K", "R", "DROPOUT", "SCALE_OUT", "SCALE_IN"]
 
 
@@ -56,7 +54,7 @@ _KEY = ["M_BUCKET", "N", "K", "R", "DROPOUT", "SCALE_OUT", "SCALE_IN"]
 def _multi_linear_kernel(a_ptr, b_ptr, l_ptr, lb_ptr, bias_ptr, g_ptr, p_ptr, out_ptr,
                          perm_ptr, key_ptr, off_ptr, rank_ptr, M, N, K, R, n_adapters, M_BUCKET,
                          stride_am, stride_ak, stride_bk, stride_bn, stride_lm, stride_lr,
-                         stride_lbr, stride_lbn, stride_gm, stride_gn, stride_om, stride_on, seed,
+                         stride_lbr, stride_lbn, stride_gm, stride_gn, stride_om, stride_on, seed_ptr,
                          HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, SCALE_OUT: tl.constexpr,
                          SCALE_IN: tl.constexpr, GATHER: tl.constexpr, BLOCK_R: tl.constexpr,
                          PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -114,7 +112,7 @@ def _multi_linear_kernel(a_ptr, b_ptr, l_ptr, lb_ptr, bias_ptr, g_ptr, p_ptr, ou
             start = tl.min(tl.where(keys > adapter, pos, first + BLOCK_M), axis=0)
     if DROPOUT:
         p = tl.load(p_ptr + keys, mask=has_adapter, other=0.0)[:, None]
-        keep = dropout_keep(seed, rows, tile_n * BLOCK_N, N, p, BLOCK_N)
+        keep = dropout_keep(tl.load(seed_ptr), rows, tile_n * BLOCK_N, N, p, BLOCK_N)
         acc = tl.where(keep, acc / (1.0 - p), 0.0)
     ks = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak
@@ -142,13 +140,9 @@ def _multi_linear_kernel(a_ptr, b_ptr, l_ptr, lb_ptr, bias_ptr, g_ptr, p_ptr, ou
              acc.to(out_ptr.dtype.element_ty), mask=pos_in[:, None] & col_in[None, :])
 
 
-def _tune(configs):
-    return triton.autotune(configs=configs, key=_KEY, prune_configs_by={
-        "early_config_prune": prune_by_m})(_multi_linear_kernel)
-
-
-_tuned, _tuned_scale_in, _tuned_gather = (
-    _tune(_CONFIGS), _tune(_SCALE_IN_CONFIGS), _tune(_GATHER_CONFIGS))
+# keyed by (path, fp32 x and W)
+KERNELS = {(path, fp32): tune(_multi_linear_kernel, gemm_configs(shapes[path]), _KEY)
+           for fp32, shapes in ((False, _SHAPES), (True, _FP32_SHAPES)) for path in shapes}
 
 
 @dataclass
@@ -163,9 +157,10 @@ class MultiLowRank:
     ranks: torch.Tensor
     groups: RowGroups
     dropout: torch.Tensor | None = None
-    seed: int = 0
+    seed: torch.Tensor | None = None
 
 
+@on_device
 def multi_fused_linear(a: torch.Tensor, b: torch.Tensor, low: MultiLowRank,
                        bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None, *,
                        g_out: torch.Tensor | None = None, g_in: torch.Tensor | None = None
@@ -183,15 +178,16 @@ def multi_fused_linear(a: torch.Tensor, b: torch.Tensor, low: MultiLowRank,
     g = g_out if g_out is not None else g_in
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     gather = m <= _GATHER_MAX_M and g_in is None
-    kernel = _tuned_scale_in if g_in is not None else _tuned_gather if gather else _tuned
-    kernel[grid](
+    path = "scale_in" if g_in is not None else "gather" if gather else "main"
+    KERNELS[path, a.dtype == torch.float32][grid](
         a, b, low.l, low.lb, bias if bias is not None else out, g if g is not None else low.l,
         low.dropout if low.dropout is not None else low.l, out,
         low.groups.perm, low.groups.keys, low.offsets, low.ranks,
         m, n, k, r, low.groups.n, m_bucket(m),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), low.l.stride(0), low.l.stride(1),
         low.lb.stride(0), low.lb.stride(1), g.stride(0) if g is not None else 0,
-        g.stride(1) if g is not None else 0, out.stride(0), out.stride(1), low.seed,
+        g.stride(1) if g is not None else 0, out.stride(0), out.stride(1),
+        low.seed if low.seed is not None else out,
         HAS_BIAS=bias is not None, DROPOUT=low.dropout is not None,
         SCALE_OUT=g_out is not None, SCALE_IN=g_in is not None, GATHER=gather,
         BLOCK_R=rank_block(r),

@@ -75,7 +75,7 @@ def test_kohya_alphas_names_conv_and_dora(tmp_path):
     conv, proj = layers["lora_unet_conv_in"], layers["lora_unet_proj_out"]
     assert (q.rank, q.alpha, q.scale) == (4, 2.0, 0.5)
     assert (k.rank, k.alpha, k.scale) == (8, 12.0, 1.5)
-    assert (proj.rank, proj.alpha, proj.scale) == (6, 6.0, 1.0)  # no .alpha, no numeric ss_network_alpha
+    assert (proj.rank, proj.alpha, proj.scale) == (6, 6.0, 1.0)  # no .alpha: alpha = rank
     assert conv.is_conv and conv.A.shape == (2, 3, 3, 3) and conv.B.shape == (5, 2)
     assert torch.equal(k.magnitude, tensors["lora_unet_down_blocks_0_attn_to_k.dora_scale"].reshape(12))
     assert q.magnitude is None and q.bias is None
@@ -84,10 +84,13 @@ def test_kohya_alphas_names_conv_and_dora(tmp_path):
     torch.testing.assert_close(conv.delta(), expected.reshape(5, 3, 3, 3))
 
 
-def test_kohya_default_alpha_from_metadata(tmp_path):
-    tensors = {k: v for k, v in kohya_tensors().items() if "proj_out" in k}
+def test_kohya_layer_without_alpha_takes_its_rank(tmp_path):
+    """As kohya's loader, merge_lora.py and resize_lora.py do: ``ss_network_alpha`` is the
+    training run's default, not this layer's alpha."""
+    tensors = {k: v for k, v in kohya_tensors().items() if "proj_out" in k or "to_q" in k}
     adapter = load_adapter(write(tmp_path / "k.safetensors", tensors, {"ss_network_alpha": "3", "ss_network_dim": "6"}))
-    assert adapter.layers["lora_unet_proj_out"].alpha == 3.0
+    assert adapter.layers["lora_unet_proj_out"].alpha == 6.0
+    assert adapter.layers["lora_unet_down_blocks_0_attn_to_q"].alpha == 2.0
 
 
 def test_kohya_names_map_to_base_model(tmp_path):
@@ -129,6 +132,17 @@ def test_diffusers_plain_metadata_with_rslora(tmp_path):
     layers = load_adapter(path).layers
     assert layers["blocks.0.to_q"].scale == 8 / 2.0
     assert layers["blocks.0.to_k"].scale == pytest.approx(8 / math.sqrt(2), rel=1e-15)
+
+
+@pytest.mark.parametrize("prefix", ["", "transformer."])
+def test_diffusers_metadata_without_lora_alpha_means_lora_config_default(tmp_path, prefix):
+    """diffusers builds ``LoraConfig(**metadata)``: an absent lora_alpha is LoraConfig's 8."""
+    config = {f"{prefix}r": 4, f"{prefix}rank_pattern": {"blocks.0.to_k": 2}, f"{prefix}alpha_pattern": {"to_q": 2}}
+    path = write(tmp_path / "d.safetensors", diffusers_tensors(), {"lora_adapter_metadata": json.dumps(config)})
+    layers = load_adapter(path).layers
+    assert {n: (layer.rank, layer.alpha) for n, layer in layers.items()} == {
+        "transformer.blocks.0.to_q": (4, 2.0), "transformer.blocks.0.to_k": (2, 8.0),
+        "transformer.blocks.1.to_k": (4, 8.0)}
 
 
 def test_diffusers_without_metadata_alpha_is_rank(tmp_path):
@@ -269,30 +283,89 @@ def test_diffusers_save_prefixes_metadata_per_component(tmp_path):
         {n: layer.scale for n, layer in adapter.layers.items()}
 
 
-def test_kohya_source_round_trips_through_peft_and_kohya(tmp_path):
+def test_kohya_source_bound_to_a_pipeline_round_trips_through_peft_and_kohya(tmp_path):
+    """Bound to a pipeline's components, kohya names become ``unet.<path>``: PEFT output is one
+    directory per component (PEFT wraps one model), kohya output gets the original names back."""
     tensors = {k: v for k, v in kohya_tensors().items() if not k.endswith("dora_scale")}
-    original = load_adapter(write(tmp_path / "k.safetensors", tensors))
-    save_adapter(original, tmp_path / "peft", "peft")
-    save_adapter(load_adapter(tmp_path / "peft"), tmp_path / "k2.safetensors", "kohya")
+    pipeline = nn.ModuleDict({"unet": TinyUNet()})
+    original = load_adapter(write(tmp_path / "k.safetensors", tensors), base_model=pipeline)
+    assert sorted(original.layers) == ["unet.conv_in", "unet.down_blocks.0.attn.to_k", "unet.down_blocks.0.attn.to_q",
+                                       "unet.proj_out"]
+    assert save_adapter(original, tmp_path / "peft", "peft") == [tmp_path / "peft" / "unet"]
+    with pytest.raises(AdapterFormatError, match="unet/: load one of them"):
+        load_adapter(tmp_path / "peft")
+    in_peft = load_adapter(tmp_path / "peft" / "unet", base_model=TinyUNet())
+    assert sorted(in_peft.layers) == [name.removeprefix("unet.") for name in sorted(original.layers)]
+    save_adapter(original, tmp_path / "k2.safetensors", "kohya")
+    with safe_open(str(tmp_path / "k2.safetensors"), "pt") as f:
+        assert set(f.keys()) == set(tensors) | {"lora_unet_proj_out.alpha"}  # alphas are written explicitly
     again = load_adapter(tmp_path / "k2.safetensors")
     assert sorted(again.layers) == sorted(original.layers)
-    assert "fastlora_module_names" not in read_metadata(tmp_path / "k2.safetensors")
     for name, layer in original.layers.items():
-        assert again.layers[name].scale == layer.scale
+        assert again.layers[name].scale == in_peft.layers[name.removeprefix("unet.")].scale == layer.scale
         assert torch.equal(again.layers[name].B, layer.B)
 
 
-def test_kohya_names_written(tmp_path):
+@pytest.mark.parametrize("names", [
+    {"unet.mid.to_q": "lora_unet_mid_to_q", "text_encoder.text_model.q": "lora_te_text_model_q",
+     "text_encoder.encoder.layers.0.mlp.fc1": "lora_te_text_model_encoder_layers_0_mlp_fc1",
+     "model.proj": "lora_model_proj", "lora_unet_x": "lora_unet_x"},
+    {"text_encoder.text_model.q": "lora_te1_text_model_q", "text_encoder_2.text_model.q": "lora_te2_text_model_q",
+     "text_encoder_2.encoder.layers.1.self_attn.q_proj": "lora_te2_text_model_encoder_layers_1_self_attn_q_proj",
+     "text_encoder_3.encoder.block.0.layer.0.SelfAttention.q": "lora_te3_encoder_block_0_layer_0_SelfAttention_q"},
+], ids=["sd1", "sdxl"])
+def test_kohya_names_written(tmp_path, names):
+    """kohya's prefixes; CLIP text encoders named with their ``text_model`` level as kohya does
+    (transformers 5 dropped it), ``lora_te1_`` beside a second text encoder (SDXL)."""
     layer = AdapterLayer(rand(2, 4), rand(4, 2), 2.0)
-    names = {"unet.mid.to_q": "lora_unet_mid_to_q", "text_encoder.text_model.q": "lora_te_text_model_q",
-             "text_encoder_2.text_model.q": "lora_te2_text_model_q", "lora_unet_x": "lora_unet_x"}
     save_adapter(Adapter(dict.fromkeys(names, layer), "peft"), tmp_path / "k.safetensors", "kohya")
     with safe_open(str(tmp_path / "k.safetensors"), "pt") as f:
         assert {key.split(".")[0] for key in f.keys()} == set(names.values())
     assert sorted(load_adapter(tmp_path / "k.safetensors").layers) == sorted(names)
 
 
+@pytest.mark.parametrize("fmt", ["peft", "diffusers"])
+def test_unbound_kohya_names_are_not_written_as_module_paths(tmp_path, fmt):
+    """``lora_unet_down_blocks_0_attn_to_q`` does not say where the dots go: PEFT and diffusers
+    files written from it would not load. Binding to a base model fixes the names."""
+    tensors = {k: v for k, v in kohya_tensors().items() if not k.endswith("dora_scale")}
+    adapter = load_adapter(write(tmp_path / "k.safetensors", tensors))
+    with pytest.raises(AdapterFormatError, match="kohya's underscored names.*base_model"):
+        save_adapter(adapter, saved_path(tmp_path, fmt), fmt)
+    assert not saved_path(tmp_path, fmt).exists()
+    bound = load_adapter(tmp_path / "k.safetensors", base_model=TinyUNet())
+    save_adapter(bound, saved_path(tmp_path, fmt), fmt)
+    assert sorted(load_adapter(saved_path(tmp_path, fmt)).layers) == sorted(bound.layers)
+
+
 def test_kohya_cannot_hold_lora_b_bias(tmp_path):
     with pytest.raises(AdapterFormatError, match="bias"):
         save_adapter(sample_adapter(bias=True), tmp_path / "k.safetensors", "kohya")
     assert not (tmp_path / "k.safetensors").exists()
+
+
+# ---------------------------------------------------------------- mixed files
+
+
+def test_non_adapter_tensors_are_skipped_with_a_warning_or_refused_when_strict(tmp_path, capsys):
+    """A kohya LoRA with an embedded textual inversion (kohya's ``bundle_emb``) and an ``ss_*``
+    tensor: the LoRA part loads, the warning names what was left out; ``strict=True`` refuses."""
+    from fastlora.io import SkippedTensorsWarning
+    from fastlora.io.cli import main
+
+    extra = {"bundle_emb.mytoken.string_to_param.*": rand(2, 8, seed=11), "ss_tag_frequency": torch.tensor([3.0])}
+    path = write(tmp_path / "mixed.safetensors", kohya_tensors() | extra)
+    with pytest.warns(SkippedTensorsWarning, match=r"skipped 2 .*'bundle_emb\.mytoken\.string_to_param\.\*'.*"
+                                                   r"'ss_tag_frequency'"):
+        adapter = load_adapter(path)
+    assert sorted(adapter.skipped) == sorted(extra) and len(adapter.layers) == 4
+    with pytest.raises(AdapterFormatError, match="2 tensors are not adapter weights: 'bundle_emb"):
+        load_adapter(path, strict=True)
+    assert main(["inspect", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert "skipped:     2 non-adapter tensors" in out
+    assert err.count("\n") == 1 and err.startswith("fastlora inspect: warning: ") and "bundle_emb" in err
+    assert main(["inspect", str(path), "--strict"]) == 2
+    assert "not adapter weights" in capsys.readouterr().err
+    with pytest.raises(AdapterFormatError, match="no adapter tensors: 'bundle_emb"):
+        load_adapter(extra)

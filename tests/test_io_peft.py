@@ -7,6 +7,7 @@ patterns, and alphas different from ranks.
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -119,6 +120,23 @@ def test_fastlora_saved_adapter_loads_in_peft(tmp_path, via, options):
     image = torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(image), peft_model(image))
+
+
+def test_config_without_lora_alpha_reads_as_peft_reads_it(tmp_path):
+    """An adapter_config.json without lora_alpha: PEFT takes LoraConfig's default (8), so must we."""
+    peft_model = peft_save(small_model(), tmp_path, target_modules=["fc1", "fc2"], r=4, lora_alpha=3,
+                           rank_pattern={"fc2": 2})
+    config_path = tmp_path / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    del config["lora_alpha"]
+    config_path.write_text(json.dumps(config))
+    reloaded = PeftModel.from_pretrained(small_model(), tmp_path)
+    adapter = load_adapter(tmp_path, base_model=small_model())
+    for name, module in reloaded.base_model.model.named_modules():
+        if isinstance(module, LoraLayer):
+            assert adapter.layers[name].scale == module.scaling["default"] != peft_model.get_submodule(
+                "base_model.model." + name).scaling["default"]
+    assert adapter.layers["fc2"].scale == 4.0
 
 
 def test_tiny_llama_matches_peft(tmp_path):

@@ -60,7 +60,8 @@ def stage_and_reference(form, layer, scaling=0.5, p=0.25, seed=7):
         ds = (scaling * (_f64(dy) * g.double()) @ _f64(B)).float()
         low = LowRank(ds, A, 1.0)
     else:
-        mask = dropout_mask(seed, *x.shape, p, device=x.device)
+        seed = torch.full((1,), seed, dtype=torch.int64, device=x.device)
+        mask = dropout_mask(seed, *x.shape, p)
         y = reference.lora_linear(x64, _f64(w), None, _f64(A), _f64(B), scaling, dropout_p=p,
                                   training=True, dropout_mask=mask)
         ds = (scaling * _f64(dy) @ _f64(B)).float()

@@ -1,53 +1,71 @@
-"""fastlora.nn.LoraLinear against the reference op and nn.Linear."""
+"""fastlora.nn.LoraLinear against the reference op and nn.Linear (seeded data, tests/data.py)."""
 import pytest
 import torch
 from torch import nn
 
+import fastlora
+from data import generator, randn
 from fastlora import reference
 from fastlora.nn import LoraLinear
-from tolerances import assert_close
+from test_lora_linear import compare, upstream
+from tolerances import assert_close, term_magnitudes
 
 
-def trained(layer: LoraLinear) -> LoraLinear:
-    with torch.no_grad():  # a non-zero B, as after some training
-        layer.lora_B.normal_()
+def seeded_base(device, seed) -> nn.Linear:
+    g = generator(seed)
+    base = nn.Linear(70, 48, device=device)
+    with torch.no_grad():
+        base.weight.copy_(randn(48, 70, g=g, device=device, scale=70 ** -0.5))
+        base.bias.copy_(randn(48, g=g, device=device))
+    return base
+
+
+def lora_layer(device, seed, trained=True, **kw) -> LoraLinear:
+    """A LoraLinear over a seeded base with seeded lora_A (and, ``trained``, a non-zero
+    lora_B, as after some training)."""
+    g = generator(1000 + seed)
+    layer = LoraLinear.from_linear(seeded_base(device, seed), r=8, **kw)
+    with torch.no_grad():
+        layer.lora_A.copy_(randn(8, 70, g=g, device=device, scale=70 ** -0.5))
+        if trained:
+            layer.lora_B.copy_(randn(48, 8, g=g, device=device, scale=8 ** -0.5))
     return layer
+
+
+def test_readme_import_path():
+    """``import fastlora; fastlora.nn.LoraLinear(...)`` (README's first example)."""
+    assert fastlora.nn.LoraLinear is LoraLinear
+    assert fastlora.nn.DoraLinear.__module__ == "fastlora.nn.dora_linear"
 
 
 @pytest.mark.parametrize("use_rslora", [False, True])
 def test_forward_and_grads_match_reference(use_rslora, device):
-    torch.manual_seed(0)
-    layer = trained(LoraLinear(70, 48, r=8, lora_alpha=16, use_rslora=use_rslora, device=device))
+    layer = lora_layer(device, 0, lora_alpha=16, use_rslora=use_rslora)
     assert layer.scaling == pytest.approx(16 / (8 ** 0.5 if use_rslora else 8))
-    x = torch.randn(2, 5, 70, device=device)
+    x = randn(2, 5, 70, g=generator(1), device=device, requires_grad=True)
     y = layer(x)
-    y.square().sum().backward()
-    A = layer.lora_A.detach().double().requires_grad_()
-    B = layer.lora_B.detach().double().requires_grad_()
-    y_ref = reference.lora_linear(x.double(), layer.weight.double(), layer.bias.double(), A, B,
-                                  layer.scaling)
-    y_ref.square().sum().backward()
-    assert_close(y, y_ref, torch.float32, "output")
-    assert_close(layer.lora_A.grad, A.grad, torch.float32, "grad lora_A")
-    assert_close(layer.lora_B.grad, B.grad, torch.float32, "grad lora_B")
+    dy = upstream(y, 0)
+    y.backward(dy)
+    compare(lambda *t: reference.lora_linear(*t, layer.scaling),
+            [x, layer.weight, layer.bias, layer.lora_A, layer.lora_B], y, dy, torch.float32)
     assert layer.weight.grad is None and layer.bias.grad is None
 
 
 def test_new_layer_equals_base_and_from_linear_shares_weights(device):
-    base = nn.Linear(70, 48, device=device)
+    base = seeded_base(device, 2)
     layer = LoraLinear.from_linear(base, r=4, lora_alpha=8)
     assert layer.weight is base.weight and layer.bias is base.bias
     assert layer.lora_A.dtype == torch.float32
-    x = torch.randn(7, 70, device=device)
-    assert_close(layer(x), base(x).double(), torch.float32, "fresh adapter")
+    x = randn(7, 70, g=generator(3), device=device)
+    terms = term_magnitudes(torch.nn.functional.linear, [x, base.weight, base.bias])[0]
+    assert_close(layer(x), base(x).double(), torch.float32, "fresh adapter", terms)
     assert set(layer.state_dict()) == {"weight", "bias", "lora_A", "lora_B"}
     assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["lora_A", "lora_B"]
 
 
 def test_merge_unmerge_round_trip(device):
-    torch.manual_seed(1)
-    layer = trained(LoraLinear(70, 48, r=8, lora_alpha=4, device=device)).eval()
-    x = torch.randn(9, 70, device=device)
+    layer = lora_layer(device, 4, lora_alpha=4).eval()
+    x = randn(9, 70, g=generator(5), device=device)
     before = layer(x)
     w0 = layer.weight.detach().clone()
     layer.merge()
@@ -56,15 +74,14 @@ def test_merge_unmerge_round_trip(device):
     with pytest.raises(RuntimeError, match="already merged"):
         layer.merge()
     layer.unmerge()
-    assert torch.allclose(layer.weight, w0, atol=1e-5)
+    assert_close(layer.weight, w0.double(), torch.float32, "unmerged weight")
     with pytest.raises(RuntimeError, match="not merged"):
         layer.unmerge()
 
 
 def test_dropout_only_in_training(device):
-    torch.manual_seed(2)
-    layer = trained(LoraLinear(70, 48, r=8, lora_alpha=8, lora_dropout=0.5, device=device))
-    x = torch.randn(9, 70, device=device)
+    layer = lora_layer(device, 6, lora_alpha=8, lora_dropout=0.5)
+    x = randn(9, 70, g=generator(7), device=device)
     layer.eval()
     assert torch.equal(layer(x), layer(x))
     no_drop = layer(x)

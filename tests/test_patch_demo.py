@@ -10,9 +10,9 @@ pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
 from fastlora import demo  # noqa: E402
-import fastlora.patching  # noqa: E402,F401
+import fastlora.peft.forward  # noqa: E402,F401
 
-PATCH_MODULE = sys.modules["fastlora.patching"]
+PATCH_MODULE = sys.modules["fastlora.peft.forward"]
 TINY = ["--hidden", "32", "--layers", "1", "--vocab", "64", "--seq", "6", "--new-tokens", "2"]
 
 

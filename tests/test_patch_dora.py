@@ -22,7 +22,7 @@ def dora_calls(monkeypatch):
         return real_norm(*a, **kw)
 
     monkeypatch.setattr(PATCH_MODULE, "dora_linear", dora)
-    monkeypatch.setattr("fastlora.dora_cache.dora_weight_norm", norm)
+    monkeypatch.setattr("fastlora.cache.dora_weight_norm", norm)
     return calls
 
 
@@ -89,7 +89,7 @@ def test_norm_cache_reused_and_invalidated(device, dora_calls):
         assert_close(model(x).logits, ref(x).logits, what="unmerged")
 
 
-def test_dora_beside_an_active_plain_adapter_runs_peft(device, dora_calls):
+def test_dora_beside_an_active_plain_adapter_is_fused(device, dora_calls):
     model, ref = peft_pair("llama", device=device, use_dora=True, target_modules=["q_proj"])
     add_adapter((model, ref), "plain", lora_config(target_modules=["q_proj"]))
     patch(model)
@@ -97,4 +97,4 @@ def test_dora_beside_an_active_plain_adapter_runs_peft(device, dora_calls):
         m.base_model.set_adapter(["default", "plain"])
     x = ids(device)
     assert_close(model(x).logits, ref(x).logits, what="DoRA + LoRA active")
-    assert dora_calls["dora"] == 0
+    assert dora_calls["dora"] == 1

@@ -1,4 +1,11 @@
-"""In-memory adapter: one :class:`AdapterLayer` per adapted module, whatever the file format."""
+"""In-memory adapter: one layer per adapted module, whatever the file format.
+
+A layer is an :class:`AdapterLayer` (LoRA, ``kind == "lora"``) or a LyCORIS layer
+(:mod:`fastlora.io.lycoris`: ``"loha"``, ``"lokr"``). Every kind has ``kind``, ``rank``,
+``alpha``, ``scale``, ``out_features``, ``in_shape`` (the changed weight is
+``[out_features, *in_shape]``), ``dtype``, ``magnitude``, ``bias``, ``rslora``, ``is_conv``,
+``delta()`` and ``num_parameters()``; only LoRA layers have ``A`` and ``B``.
+"""
 from __future__ import annotations
 
 import math
@@ -7,11 +14,13 @@ from typing import Any
 
 import torch
 
-FORMATS = ("peft", "diffusers", "kohya", "light-lora")
-"""Values of :attr:`Adapter.source_format`; all but ``light-lora`` can be written."""
+from .summary import dtype_name, one_line, shape_text, summary_text
+
+FORMATS = ("peft", "diffusers", "kohya", "light-lora", "lycoris")
+"""Values of :attr:`Adapter.source_format`; ``peft``, ``diffusers`` and ``kohya`` can be written."""
 
 
-@dataclass
+@dataclass(repr=False)
 class AdapterLayer:
     """LoRA factors of one module: ``delta W = scale * B @ A``.
 
@@ -28,6 +37,8 @@ class AdapterLayer:
     magnitude: torch.Tensor | None = None
     bias: torch.Tensor | None = None
 
+    kind = "lora"
+
     @property
     def rank(self) -> int:
         return self.A.shape[0]
@@ -38,6 +49,18 @@ class AdapterLayer:
         return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
     @property
+    def out_features(self) -> int:
+        return self.B.shape[0]
+
+    @property
+    def in_shape(self) -> tuple[int, ...]:
+        return tuple(self.A.shape[1:])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.A.dtype
+
+    @property
     def is_conv(self) -> bool:
         return self.A.dim() > 2
 
@@ -46,9 +69,17 @@ class AdapterLayer:
         flat = self.B.float() @ self.A.float().flatten(1)
         return (flat * self.scale).reshape(self.B.shape[0], *self.A.shape[1:])
 
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.A, self.B, self.magnitude, self.bias) if t is not None]
+
     def num_parameters(self) -> int:
-        extra = [t.numel() for t in (self.magnitude, self.bias) if t is not None]
-        return self.A.numel() + self.B.numel() + sum(extra)
+        return sum(t.numel() for t in self.tensors())
+
+    def __repr__(self) -> str:
+        extras = "".join(f", {n}" for n, t in (("rsLoRA", self.rslora), ("DoRA", self.magnitude is not None),
+                                                 ("lora_B bias", self.bias is not None)) if t)
+        return (f"AdapterLayer(rank={self.rank}, alpha={self.alpha:g}, scale={self.scale:.6g}, "
+                f"A={shape_text(self.A)}, B={shape_text(self.B)}, {dtype_name(self.dtype)}{extras})")
 
 
 def alpha_for_scale(scale: float, rank: int, rslora: bool) -> float:
@@ -56,22 +87,24 @@ def alpha_for_scale(scale: float, rank: int, rslora: bool) -> float:
     return scale * (math.sqrt(rank) if rslora else rank)
 
 
-@dataclass
+@dataclass(repr=False)
 class Adapter:
     """A loaded adapter.
 
-    ``layers`` maps a module name to its factors: a PEFT-like module path relative to the base
+    ``layers`` maps a module name to its layer: a PEFT-like module path relative to the base
     model (``model.layers.0.self_attn.q_proj``; diffusers files keep their component prefix such
     as ``transformer.``), or kohya's underscore name when it could not be mapped.
     ``config`` holds the checked, format-independent settings that saving passes on
     (``base_model_name_or_path``, ``task_type``, ``fan_in_fan_out``). ``metadata`` is the
-    file's raw header metadata, kept for display only.
+    file's raw header metadata, kept for display only. ``skipped`` lists the file's tensor keys
+    that are not adapter weights (left out with a warning). ``print(adapter)`` shows a summary.
     """
 
-    layers: dict[str, AdapterLayer]
+    layers: dict[str, Any]
     source_format: str
     config: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
 
     @property
     def use_dora(self) -> bool:
@@ -83,3 +116,9 @@ class Adapter:
 
     def num_parameters(self) -> int:
         return sum(layer.num_parameters() for layer in self.layers.values())
+
+    def __repr__(self) -> str:
+        return f"Adapter({one_line(self)})"
+
+    def __str__(self) -> str:
+        return summary_text(self)

@@ -1,7 +1,8 @@
 """Errors raised while reading, checking or writing adapter files.
 
 Every error is an :class:`AdapterFormatError` (a ``ValueError``); messages start with the
-file (or ``<state dict>``) and name the tensor key or metadata key at fault.
+file (or ``<state dict>``) and name the tensor key or metadata key at fault. A missing path
+raises ``FileNotFoundError``.
 """
 from __future__ import annotations
 
@@ -20,3 +21,8 @@ class NonFiniteWeightError(AdapterFormatError):
 
 class UnsafeFileError(AdapterFormatError):
     """A pickle-based file (``.bin``, ``.pt``, ...) was given without ``allow_pickle=True``."""
+
+
+class SkippedTensorsWarning(UserWarning):
+    """A file held tensors that are not adapter weights (an embedded textual inversion, ``ss_*``
+    metadata tensors, ...); the adapter was loaded without them."""

@@ -6,6 +6,7 @@ passes ``allow_pickle=True``; they are then read with ``torch.load(weights_only=
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 from dataclasses import dataclass
@@ -47,10 +48,12 @@ def read_raw(source: str | os.PathLike | dict, allow_pickle: bool = False) -> Ra
     path = Path(source)
     if path.is_dir():
         return _read_peft_dir(path, allow_pickle)
+    if not path.exists():
+        raise FileNotFoundError(errno.ENOENT, "no such file or directory", str(path))
     if not path.is_file():
-        raise AdapterFormatError(f"{path}: no such file or directory")
+        raise AdapterFormatError(f"{path}: not a regular file or directory")
     config_path = path.parent / PEFT_CONFIG
-    config = _read_json(config_path) if path.name in (PEFT_WEIGHTS, PEFT_PICKLE_WEIGHTS) \
+    config = read_json(config_path) if path.name in (PEFT_WEIGHTS, PEFT_PICKLE_WEIGHTS) \
         and config_path.is_file() else None
     tensors, metadata = _read_weights(path, allow_pickle)
     return RawAdapter(tensors, metadata, config, str(path))
@@ -59,15 +62,17 @@ def read_raw(source: str | os.PathLike | dict, allow_pickle: bool = False) -> Ra
 def _read_peft_dir(path: Path, allow_pickle: bool) -> RawAdapter:
     config_path = path / PEFT_CONFIG
     if not config_path.is_file():
-        raise AdapterFormatError(f"{path}: a directory must be a PEFT adapter with {PEFT_CONFIG}")
+        inside = sorted(p.parent.name for p in path.glob(f"*/{PEFT_CONFIG}"))
+        hint = f" (it holds PEFT adapters in {', '.join(d + '/' for d in inside)}: load one of them)" if inside else ""
+        raise AdapterFormatError(f"{path}: a directory must be a PEFT adapter with {PEFT_CONFIG}{hint}")
     for name in (PEFT_WEIGHTS, PEFT_PICKLE_WEIGHTS):
         if (path / name).is_file():
             tensors, metadata = _read_weights(path / name, allow_pickle)
-            return RawAdapter(tensors, metadata, _read_json(config_path), str(path / name))
+            return RawAdapter(tensors, metadata, read_json(config_path), str(path / name))
     raise AdapterFormatError(f"{path}: no {PEFT_WEIGHTS} (or {PEFT_PICKLE_WEIGHTS}) in the directory")
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -1,35 +1,45 @@
-"""``load_adapter``: read any supported LoRA file into an :class:`Adapter`, checking it fully.
+"""``load_adapter``: read any supported adapter file into an :class:`Adapter`, checking it fully.
 
 Formats (``Adapter.source_format``), detected from the files and keys:
 
 * ``peft``: a directory with ``adapter_config.json`` (or its ``adapter_model.safetensors``),
-  or a file whose keys all start with ``base_model.model.`` (then alpha = rank).
+  or a file whose keys all start with ``base_model.model.`` (then alpha = rank). A config
+  without ``lora_alpha`` means PEFT's ``LoraConfig`` default, 8.
 * ``diffusers``: ``lora_A`` / ``lora_B`` keys (or the older ``lora.down`` /
-  ``lora_linear_layer.down``), the config in the ``lora_adapter_metadata`` header entry,
-  alpha = rank without it.
-* ``kohya``: ``lora_down`` / ``lora_up`` keys, a scalar ``.alpha`` per module, else
-  ``ss_network_alpha``, else alpha = rank; DoRA as ``dora_scale``.
-* ``light-lora``: kohya-style keys with a ``lora_mid`` core, folded on load
-  (:mod:`fastlora.io.light_lora`).
+  ``lora_linear_layer.down``), the config in the ``lora_adapter_metadata`` header entry
+  (``lora_alpha`` absent: 8, as diffusers builds a ``LoraConfig`` from it); without that
+  entry, alpha = rank.
+* ``kohya``: ``lora_down`` / ``lora_up`` keys (LoCon: on convolutions too, with an optional
+  Tucker core), a scalar ``.alpha`` per module, else alpha = rank for that module (as kohya's
+  own loader and ``resize_lora.py`` do; ``ss_network_alpha`` is a training default only); DoRA
+  as ``dora_scale``.
+* ``light-lora``: kohya-style keys with a 2-D ``lora_mid`` core, folded on load
+  (:mod:`fastlora.io.cores`).
+* ``lycoris``: kohya-style files with LoHa (``hada_*``) or LoKr (``lokr_*``) layers
+  (:mod:`fastlora.io.lycoris`), possibly beside LoCon layers.
+
+Tensors that are not adapter weights (an embedded textual inversion, ``ss_*`` tensors) are
+left out with a :class:`SkippedTensorsWarning`, or refused with ``strict=True``.
 """
 from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import torch
 
 from .adapter import Adapter, AdapterLayer, alpha_for_scale
 from .base_model import bind_to_model
-from .errors import AdapterFormatError, AdapterShapeError, NonFiniteWeightError
+from .cores import fold_core
+from .errors import AdapterFormatError, AdapterShapeError, NonFiniteWeightError, SkippedTensorsWarning
 from .files import PEFT_CONFIG, RawAdapter, read_raw
 from .keys import ALPHA, BIAS, DOTTED_KEYS, KOHYA_KEYS, MAGNITUDE, MID, PEFT_KEYS, A, B, group_keys
-from .light_lora import fold_core
+from .lycoris import LOHA_ROLES, LOKR_ROLES, build_loha, build_lokr
 from .metadata import (
     DIFFUSERS_METADATA_KEY,
     LoraSettings,
     diffusers_config,
-    kohya_default_alpha,
     kohya_name_map,
     parse_settings,
     passthrough_config,
@@ -40,19 +50,24 @@ WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def load_adapter(source: str | os.PathLike | dict[str, torch.Tensor], *, base_model: torch.nn.Module | None = None,
-                 allow_pickle: bool = False) -> Adapter:
-    """Load a LoRA adapter from a PEFT directory, a ``.safetensors`` file, or a state dict.
+                 allow_pickle: bool = False, strict: bool = False) -> Adapter:
+    """Load an adapter from a PEFT directory, a ``.safetensors`` file, or a state dict.
 
     With ``base_model``, layer names are resolved against its modules (kohya names mapped to
-    dotted paths; a leading component such as ``transformer.`` dropped when needed) and every
-    shape is checked against the module's weight. Tensors come back on the CPU in the file's
-    dtypes. Raises :class:`AdapterFormatError` (or a subclass) naming the file and key; no
-    partial adapter is ever returned.
+    dotted paths; a leading component such as ``transformer.`` dropped when needed; CLIP's
+    ``text_model`` level matched whether or not the model has it; an ``nn.ModuleDict`` of a
+    pipeline's components binds ``unet.``, ``text_encoder.``, ... names) and every shape is
+    checked against the module's weight. Tensors come back on the CPU in the file's dtypes.
+    Raises ``FileNotFoundError`` for a missing path, else :class:`AdapterFormatError` (or a
+    subclass) naming the file and key; no partial adapter is ever returned. Non-adapter tensors
+    are skipped with a warning naming them, or refused when ``strict``.
     """
     raw = read_raw(source, allow_pickle)
-    modules, family = group_keys(raw.tensors, raw.label)
+    modules, family, skipped = group_keys(raw.tensors, raw.label)
+    if skipped:
+        _report_skipped(raw.label, skipped, strict)
     source_format = _detect_format(raw, modules, family)
-    settings, config, default_alpha = _settings(raw, source_format)
+    settings, config = _settings(raw, source_format)
     names = _module_names(raw, modules, source_format)
     layers, keys = {}, {}
     for module, roles in modules.items():
@@ -60,12 +75,20 @@ def load_adapter(source: str | os.PathLike | dict[str, torch.Tensor], *, base_mo
         if name in layers:
             raise AdapterFormatError(f"{raw.label}: {module!r} and another module both name layer {name!r}")
         component, relative = _settings_key(name, settings)
-        layers[name] = _build_layer(raw, name, roles, family, settings.get(component), relative,
-                                    default_alpha)
-        keys[name] = roles
+        layers[name] = _build_layer(raw, name, roles, family, settings.get(component), relative)
+        keys[name] = " / ".join(repr(key) for key in roles.values())
     if base_model is not None:
         layers = bind_to_model(layers, keys, base_model, raw.label)
-    return Adapter(layers, source_format, config, dict(raw.metadata))
+    return Adapter(layers, source_format, config, dict(raw.metadata), skipped)
+
+
+def _report_skipped(label: str, skipped: list[str], strict: bool) -> None:
+    listed = ", ".join(repr(k) for k in skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+    if strict:
+        raise AdapterFormatError(f"{label}: {len(skipped)} tensors are not adapter weights: {listed} "
+                                 "(strict=False loads the adapter without them)")
+    warnings.warn(f"{label}: skipped {len(skipped)} tensors that are not adapter weights: {listed}",
+                  SkippedTensorsWarning, stacklevel=3)
 
 
 def _detect_format(raw: RawAdapter, modules: dict[str, dict[str, str]], family: str) -> str:
@@ -74,23 +97,23 @@ def _detect_format(raw: RawAdapter, modules: dict[str, dict[str, str]], family: 
             raise AdapterFormatError(f"{raw.label}: a PEFT adapter must use lora_A / lora_B keys")
         return "peft"
     if family == KOHYA_KEYS:
-        return "light-lora" if any(MID in roles for roles in modules.values()) else "kohya"
+        if any(role in LOHA_ROLES + LOKR_ROLES for roles in modules.values() for role in roles):
+            return "lycoris"
+        light = any(MID in roles and raw.tensors[roles[MID]].dim() == 2 for roles in modules.values())
+        return "light-lora" if light else "kohya"
     if family == DOTTED_KEYS or DIFFUSERS_METADATA_KEY in raw.metadata:
         return "diffusers"
     return "peft" if all(key.startswith(PEFT_PREFIX) for key in raw.tensors) else "diffusers"
 
 
-def _settings(raw: RawAdapter, source_format: str) -> tuple[dict[str, LoraSettings], dict, float | None]:
-    """``(settings by component, passthrough config, kohya default alpha)``."""
+def _settings(raw: RawAdapter, source_format: str) -> tuple[dict[str, LoraSettings], dict]:
+    """``(settings by component, passthrough config)``."""
     if raw.peft_config is not None:
         where = f"{raw.label}: {PEFT_CONFIG}"
-        return {"": parse_settings(raw.peft_config, where)}, passthrough_config(raw.peft_config, where), None
+        return {"": parse_settings(raw.peft_config, where)}, passthrough_config(raw.peft_config, where)
     if source_format == "diffusers":
-        settings, config = diffusers_config(raw.metadata, raw.label)
-        return settings, config, None
-    if source_format in ("kohya", "light-lora"):
-        return {}, {}, kohya_default_alpha(raw.metadata)
-    return {}, {}, None
+        return diffusers_config(raw.metadata, raw.label)
+    return {}, {}
 
 
 def _module_names(raw: RawAdapter, modules, source_format: str) -> dict[str, str]:
@@ -98,11 +121,11 @@ def _module_names(raw: RawAdapter, modules, source_format: str) -> dict[str, str
     names mapped back through ``fastlora_module_names`` when the file has it."""
     if source_format == "peft":
         return {m: m.removeprefix(PEFT_PREFIX) for m in modules}
-    if source_format not in ("kohya", "light-lora"):
+    if source_format == "diffusers":
         return {m: m for m in modules}
     name_map = kohya_name_map(raw.metadata, raw.label)
     for kohya, dotted in name_map.items():
-        if kohya not in modules or kohya_name(dotted) != kohya:
+        if kohya not in modules or kohya not in (kohya_name(dotted), kohya_name(dotted, two_text_encoders=True)):
             raise AdapterFormatError(
                 f"{raw.label}: header metadata 'fastlora_module_names' maps {kohya!r} to {dotted!r}, "
                 "which does not match the file's modules")
@@ -137,7 +160,10 @@ def _alpha(raw: RawAdapter, key: str, layer: str) -> float:
 
 
 def _build_layer(raw: RawAdapter, name: str, roles: dict[str, str], family: str,
-                 settings: LoraSettings | None, relative: str, default_alpha: float | None) -> AdapterLayer:
+                 settings: LoraSettings | None, relative: str):
+    lycoris = [role for role in roles if role in LOHA_ROLES + LOKR_ROLES]
+    if lycoris:
+        return _build_lycoris(raw, name, roles, lycoris)
     label = raw.label
     for role, word in ((A, "down (lora_A)"), (B, "up (lora_B)")):
         if role not in roles:
@@ -162,7 +188,7 @@ def _build_layer(raw: RawAdapter, name: str, roles: dict[str, str], family: str,
         alpha = _alpha(raw, roles[ALPHA], name)
     else:
         configured = settings.alpha_for(relative) if settings else None
-        alpha = next(v for v in (configured, default_alpha, float(alpha_rank)) if v is not None)
+        alpha = float(alpha_rank) if configured is None else configured
     rslora = bool(settings and settings.use_rslora)
     if MID in roles:
         alpha = alpha_for_scale(alpha / alpha_rank, rank, rslora)
@@ -173,14 +199,34 @@ def _build_layer(raw: RawAdapter, name: str, roles: dict[str, str], family: str,
     return AdapterLayer(a, b, alpha, rslora, magnitude, bias)
 
 
-def _magnitude(raw: RawAdapter, roles, family: str, name: str, out_features: int, a_dims: int) -> torch.Tensor:
-    """DoRA magnitude as ``[N]``: PEFT stores ``[N]`` (conv ``[1, N, 1, ...]``), kohya
-    ``dora_scale`` ``[N, 1, ...]``; kohya's input-side ``[1, K]`` form is refused."""
+def _build_lycoris(raw: RawAdapter, name: str, roles: dict[str, str], lycoris: list[str]):
+    """A LoHa or LoKr layer; its roles may not mix with LoRA ones or with each other."""
+    others = [roles[r] for r in roles if r not in (*lycoris, ALPHA, MAGNITUDE)]
+    kinds = {"loha" if role in LOHA_ROLES else "lokr" for role in lycoris}
+    if others or len(kinds) > 1:
+        raise AdapterFormatError(f"{raw.label}: layer {name!r} mixes adapter kinds: {sorted(roles.values())}")
+    build = build_loha if kinds == {"loha"} else build_lokr
+    tensors = {role: _weight(raw, roles[role], name) for role in lycoris}
+    alpha = _alpha(raw, roles[ALPHA], name) if ALPHA in roles else None
+    layer = build(tensors, {role: roles[role] for role in lycoris}, alpha, None, f"{raw.label}: layer {name!r}")
+    if MAGNITUDE in roles:
+        layer.magnitude = _magnitude(raw, roles, KOHYA_KEYS, name, layer.out_features, len(layer.shape))
+    return layer
+
+
+def _magnitude(raw: RawAdapter, roles, family: str, name: str, out_features: int, weight_dims: int) -> torch.Tensor:
+    """DoRA magnitude as ``[N]``: PEFT stores ``[N]`` (conv ``[1, N, 1, ...]``), kohya and
+    LyCORIS ``dora_scale`` ``[N, 1, ...]``; the input-side ``[1, K, ...]`` form is refused."""
     key = roles[MAGNITUDE]
     tensor = _weight(raw, key, name)
-    ones = [1] * (a_dims - 2)
-    allowed = [[out_features, 1, *ones]] if family == KOHYA_KEYS else [[out_features], [1, out_features, *ones]]
-    if list(tensor.shape) not in allowed:
-        raise AdapterShapeError(f"{raw.label}: {key!r}: shape {list(tensor.shape)}, expected one of {allowed} "
+    ones = [1] * (weight_dims - 2)
+    if family == KOHYA_KEYS:
+        ok = tensor.dim() >= 2 and tensor.shape[0] == out_features and all(s == 1 for s in tensor.shape[1:])
+        allowed = f"[{out_features}, 1, ...]"
+    else:
+        ok = list(tensor.shape) in ([out_features], [1, out_features, *ones])
+        allowed = f"[{out_features}] or {[1, out_features, *ones]}"
+    if not ok:
+        raise AdapterShapeError(f"{raw.label}: {key!r}: shape {list(tensor.shape)}, expected {allowed} "
                                 "(a per-output-channel DoRA magnitude)")
     return tensor.reshape(out_features)

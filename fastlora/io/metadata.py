@@ -2,8 +2,9 @@
 
 Sources: a PEFT ``adapter_config.json``; diffusers' ``lora_adapter_metadata`` header entry
 (a JSON LoRA config, either plain or with every key prefixed by a component such as
-``transformer.r``); kohya's ``ss_network_alpha`` header entry; and ``fastlora_module_names``,
-the module-name map this package writes into kohya files.
+``transformer.r``); and ``fastlora_module_names``, the module-name map this package writes
+into kohya files. Both configs become a ``peft.LoraConfig`` in PEFT and diffusers, so an
+absent ``lora_alpha`` means that class's default, :data:`LORA_CONFIG_DEFAULT_ALPHA`.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ KOHYA_ALPHA_KEY = "ss_network_alpha"
 KOHYA_DIM_KEY = "ss_network_dim"
 NAME_MAP_KEY = "fastlora_module_names"
 SETTINGS_FIELDS = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "peft_type")
+LORA_CONFIG_DEFAULT_ALPHA = 8.0  # peft.LoraConfig's lora_alpha default
 PASSTHROUGH_FIELDS = {"base_model_name_or_path": str, "task_type": str, "fan_in_fan_out": bool}
 
 
@@ -30,11 +32,11 @@ def pattern_matches(pattern: str, name: str) -> bool:
 
 @dataclass(frozen=True)
 class LoraSettings:
-    """Checked LoRA settings of one config: default ``r`` / ``lora_alpha`` (None if absent),
+    """Checked LoRA settings of one config: default ``r`` (None if absent) / ``lora_alpha``,
     per-module ``rank_pattern`` / ``alpha_pattern`` (PEFT regex keys, first match wins), rsLoRA."""
 
     r: int | None = None
-    lora_alpha: float | None = None
+    lora_alpha: float = LORA_CONFIG_DEFAULT_ALPHA
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     use_rslora: bool = False
@@ -42,7 +44,7 @@ class LoraSettings:
     def rank_for(self, name: str) -> int | None:
         return pattern_value(self.rank_pattern, name, self.r)
 
-    def alpha_for(self, name: str) -> float | None:
+    def alpha_for(self, name: str) -> float:
         return pattern_value(self.alpha_pattern, name, self.lora_alpha)
 
 
@@ -89,7 +91,7 @@ def parse_settings(config: dict[str, Any], where: str) -> LoraSettings:
     if not isinstance(rslora, bool):
         raise AdapterFormatError(f"{where}: 'use_rslora' must be true or false, got {rslora!r}")
     return LoraSettings(
-        r=r, lora_alpha=None if alpha is None else float(alpha),
+        r=r, lora_alpha=LORA_CONFIG_DEFAULT_ALPHA if alpha is None else float(alpha),
         rank_pattern=_checked_pattern(config.get("rank_pattern"), f"{where}: rank_pattern", _is_rank),
         alpha_pattern={k: float(v) for k, v in _checked_pattern(
             config.get("alpha_pattern"), f"{where}: alpha_pattern", _is_number).items()},
@@ -137,15 +139,6 @@ def diffusers_config(metadata: dict[str, str], label: str) -> tuple[dict[str, Lo
         if component and name in SETTINGS_FIELDS:
             components.setdefault(component, {})[name] = value
     return {c: parse_settings(fields, f"{where} ({c})") for c, fields in components.items()}, {}
-
-
-def kohya_default_alpha(metadata: dict[str, str]) -> float | None:
-    """``ss_network_alpha`` as a number; None when absent or not numeric (e.g. ``Dynamic``)."""
-    try:
-        alpha = float(metadata.get(KOHYA_ALPHA_KEY, ""))
-    except ValueError:
-        return None
-    return alpha if math.isfinite(alpha) else None
 
 
 def kohya_name_map(metadata: dict[str, str], label: str) -> dict[str, str]:

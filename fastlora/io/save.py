@@ -5,13 +5,19 @@ Alpha is always written explicitly, so every format reloads with the same per-la
 * ``peft``: ``adapter_config.json`` (``r`` / ``lora_alpha`` = the most common rank / alpha,
   ``rank_pattern`` / ``alpha_pattern`` for the other layers) plus ``adapter_model.safetensors``
   with keys ``base_model.model.<name>.lora_A.weight`` and the same config in its
-  ``lora_adapter_metadata`` header entry.
+  ``lora_adapter_metadata`` header entry. When every layer name starts with a diffusers
+  component (``unet.``, ``text_encoder.``, ...), one such directory per component
+  (``<path>/unet``, ...), names relative to it: PEFT loads an adapter onto one model.
 * ``diffusers``: one ``.safetensors`` file with keys ``<name>.lora_A.weight``; the config in
   ``lora_adapter_metadata``, its keys prefixed per component (``transformer.r``) when every
   layer name starts with a diffusers component.
 * ``kohya``: one ``.safetensors`` file with ``<kohya name>.lora_down.weight`` / ``.lora_up.weight``
   / ``.alpha`` (= scale * rank: kohya has no rsLoRA) / ``.dora_scale``; ``ss_network_*`` header
   entries, and ``fastlora_module_names`` mapping kohya names back to dotted ones.
+
+Only LoRA layers can be written (:func:`fastlora.io.to_lora` turns LoHa / LoKr into LoRA), and
+PEFT and diffusers files need module paths, not kohya's underscored names (load with a base
+model to bind them).
 """
 from __future__ import annotations
 
@@ -27,26 +33,31 @@ from .adapter import Adapter, AdapterLayer, alpha_for_scale
 from .errors import AdapterFormatError
 from .files import PEFT_CONFIG, PEFT_WEIGHTS, write_json, write_safetensors
 from .metadata import DIFFUSERS_METADATA_KEY, KOHYA_ALPHA_KEY, KOHYA_DIM_KEY, NAME_MAP_KEY, pattern_value
-from .names import PEFT_PREFIX, kohya_name, split_component
+from .names import PEFT_PREFIX, is_kohya_name, kohya_name, split_component
+from .summary import json_number
 
 SAVE_FORMATS = ("peft", "diffusers", "kohya")
 
 
-def save_adapter(adapter: Adapter, path: str | os.PathLike, format: str = "peft") -> None:
-    """Write ``adapter`` to ``path``: a directory for ``peft``, a ``.safetensors`` file otherwise."""
+def save_adapter(adapter: Adapter, path: str | os.PathLike, format: str = "peft") -> list[Path]:
+    """Write ``adapter`` to ``path``: a directory for ``peft``, a ``.safetensors`` file otherwise.
+    Returns the adapters written: ``[path]``, or one PEFT directory per diffusers component."""
     if format not in SAVE_FORMATS:
         raise ValueError(f"format must be one of {SAVE_FORMATS}, got {format!r}")
     if not adapter.layers:
         raise AdapterFormatError(f"{path}: the adapter has no layers")
-    if format != "kohya":
-        _check_dora_everywhere(adapter, path)
+    _check_writable(adapter, path, format)
     path = Path(path)
     if format == "peft":
-        path.mkdir(parents=True, exist_ok=True)
-        config = {**_lora_config(adapter.layers), **adapter.config}
-        write_safetensors(_peft_tensors(adapter.layers, PEFT_PREFIX), path / PEFT_WEIGHTS, _header(config))
-        write_json(config, path / PEFT_CONFIG)
-        return
+        groups: dict[str, dict[str, AdapterLayer]] = {}
+        for name, layer in adapter.layers.items():
+            component, relative = split_component(name)
+            groups.setdefault(component, {})[relative] = layer
+        if "" in groups:
+            groups = {"": adapter.layers}
+        for component, layers in groups.items():
+            _write_peft(layers, adapter.config, path / component)
+        return [path / component for component in groups]
     if path.is_dir():
         raise AdapterFormatError(f"{path}: is a directory; the {format} format is a single .safetensors file")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -55,6 +66,33 @@ def save_adapter(adapter: Adapter, path: str | os.PathLike, format: str = "peft"
     else:
         tensors, metadata = _kohya_contents(adapter.layers, path)
         write_safetensors(tensors, path, metadata)
+    return [path]
+
+
+def _write_peft(layers: dict[str, AdapterLayer], passthrough: dict[str, Any], path: Path) -> None:
+    if path.exists() and not path.is_dir():
+        raise AdapterFormatError(f"{path}: is a file; the peft format is a directory")
+    path.mkdir(parents=True, exist_ok=True)
+    config = {**_lora_config(layers), **passthrough}
+    write_safetensors(_peft_tensors(layers, PEFT_PREFIX), path / PEFT_WEIGHTS, _header(config))
+    write_json(config, path / PEFT_CONFIG)
+
+
+def _check_writable(adapter: Adapter, path, format: str) -> None:
+    for name, layer in adapter.layers.items():
+        if layer.kind != "lora":
+            raise AdapterFormatError(
+                f"{path}: layer {name!r} is a {layer.kind} layer, and {format} files hold LoRA factors: turn it "
+                "into LoRA first (fastlora.io.to_lora(adapter, rank=R); command line: --rank R)")
+    unbound = [name for name in adapter.layers if is_kohya_name(name)]
+    if unbound and format != "kohya":
+        also = "; diffusers also loads kohya files as they are" if format == "diffusers" else ""
+        raise AdapterFormatError(
+            f"{path}: layer names such as {unbound[0]!r} are kohya's underscored names, which do not say where "
+            f"a module path has dots; {format} files need module paths: load the adapter with base_model= "
+            f"(command line: --base-model DIR, a local transformers or diffusers model) to bind them{also}")
+    if format != "kohya":
+        _check_dora_everywhere(adapter, path)
 
 
 def _check_dora_everywhere(adapter: Adapter, path) -> None:
@@ -94,10 +132,6 @@ def _most_common(values) -> Any:
     return Counter(values).most_common(1)[0][0]
 
 
-def _json_number(value: float) -> int | float:
-    return int(value) if float(value).is_integer() else value
-
-
 def _patterns(values: dict[str, Any], default: Any) -> dict[str, Any]:
     """The shortest PEFT pattern dict giving each name its value: names whose value differs from
     ``default``, longest first (PEFT takes the first match); every name when a shorter name's
@@ -113,7 +147,7 @@ def _lora_config(layers: dict[str, AdapterLayer]) -> dict[str, Any]:
     """A PEFT LoraConfig dict reproducing every layer's rank and scale (names as given)."""
     rslora = all(layer.rslora for layer in layers.values())
     ranks = {name: layer.rank for name, layer in layers.items()}
-    alphas = {name: _json_number(layer.alpha if layer.rslora == rslora
+    alphas = {name: json_number(layer.alpha if layer.rslora == rslora
                                  else alpha_for_scale(layer.scale, layer.rank, rslora))
               for name, layer in layers.items()}
     r, alpha = _most_common(ranks.values()), _most_common(alphas.values())
@@ -141,10 +175,11 @@ def _diffusers_config(adapter: Adapter) -> dict[str, Any]:
 
 def _kohya_contents(layers: dict[str, AdapterLayer], path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     tensors, names = {}, {}
+    two_text_encoders = any(name.startswith("text_encoder_2.") for name in layers)
     for name, layer in layers.items():
         if layer.bias is not None:
             raise AdapterFormatError(f"{path}: layer {name!r} has a lora_B bias, which kohya files cannot hold")
-        kohya = kohya_name(name)
+        kohya = kohya_name(name, two_text_encoders)
         if kohya in names:
             raise AdapterFormatError(f"{path}: layers {names[kohya]!r} and {name!r} share kohya name {kohya!r}")
         names[kohya] = name
@@ -160,7 +195,7 @@ def _kohya_contents(layers: dict[str, AdapterLayer], path) -> tuple[dict[str, to
     metadata = {
         "ss_network_module": "networks.lora",
         KOHYA_DIM_KEY: str(ranks.pop()) if len(ranks) == 1 else "Dynamic",
-        KOHYA_ALPHA_KEY: str(_json_number(alphas.pop())) if len(alphas) == 1 else "Dynamic",
+        KOHYA_ALPHA_KEY: str(json_number(alphas.pop())) if len(alphas) == 1 else "Dynamic",
     }
     renamed = {kohya: name for kohya, name in names.items() if kohya != name}
     if renamed:

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..dora_cache import DoraNormCache
+from ..cache import DoraNormCache, writes_visible
 from ..functional import dora_linear, dora_weight_norm
 from .lora_linear import LoraLinear
 
@@ -14,8 +14,9 @@ class DoraLinear(LoraLinear):
     """``y = g * (x W^T + s x A^T B^T) + b``, ``g = magnitude / ||W + s B A||`` per row.
 
     magnitude ``[out]`` (adapter dtype) starts at ``||W||`` per row, so a new layer equals
-    its base. The detached row norm is cached while W, A, B and s are unchanged, so
-    inference costs what LoRA costs.
+    its base. The detached row norm is cached while W, A, B and s are unchanged (see
+    ``fastlora.cache`` for what that detects; ``fastlora.refresh`` after ``p.data.copy_``),
+    so inference costs what LoRA costs.
     """
 
     def _init(self, weight, bias, r, lora_alpha, lora_dropout, use_rslora, adapter_dtype):
@@ -28,7 +29,8 @@ class DoraLinear(LoraLinear):
 
     def weight_norm(self) -> torch.Tensor:
         """``||W + s B A||`` per row (fp32, detached), from the cache when still valid."""
-        return self._norms.get(None, self.weight, self.lora_A, self.lora_B, self.scaling)
+        return self._norms.get(None, self.weight, self.lora_A, self.lora_B, self.scaling,
+                               keep=writes_visible(self))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:

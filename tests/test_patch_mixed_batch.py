@@ -1,9 +1,10 @@
-"""fastlora.multi.peft_mixed_batch_forward on PEFT lora.Linear layers: PEFT's mixed batch
+"""fastlora.peft.peft_mixed_batch_forward on PEFT lora.Linear layers: PEFT's mixed batch
 where PEFT supports it, per-adapter runs for DoRA and training."""
 import pytest
 import torch
 
-from fastlora.multi import peft_mixed_batch_forward
+from fastlora.peft import patch, peft_mixed_batch_forward
+from fastlora.peft.state import state_of
 from tolerances import assert_close
 
 peft = pytest.importorskip("peft")
@@ -111,16 +112,17 @@ def test_training_dropout_is_applied(device):
 def test_cached_bank_is_never_stale(device):
     model = make_model(device).eval()
     layer = layer0(model)
+    patch(model)  # the bank is kept in a patched layer's state
     x = torch.randn(7, 70, device=device)
     names = ["a", "b", "a", "__base__", "b", "a", "a"]
     with torch.no_grad():
         peft_mixed_batch_forward(layer, x, names)
-        bank = layer._fastlora_multi_bank[1]
+        bank = state_of(layer).bank.value
         peft_mixed_batch_forward(layer, x, names)
-        assert layer._fastlora_multi_bank[1] is bank  # unchanged parameters: reused
+        assert state_of(layer).bank.value is bank  # unchanged parameters: reused
         layer.lora_B["b"].weight.mul_(-2.0)  # an in-place update (as an optimizer step)
         got = peft_mixed_batch_forward(layer, x, names)
-        assert layer._fastlora_multi_bank[1] is not bank
+        assert state_of(layer).bank.value is not bank
         assert_close(got, layer._mixed_batch_forward(x, adapter_names=names).double(),
                      torch.float32, "after an in-place update")
         old = layer.lora_A["a"].weight
@@ -178,14 +180,15 @@ def test_conv1d_base(device):
         r=4, target_modules=["0"], fan_in_fan_out=True), adapter_name="a")
     model.add_adapter("d", LoraConfig(r=8, target_modules=["0"], fan_in_fan_out=True, use_dora=True))
     layer = layer0(model).eval()
+    patch(model)
     with torch.no_grad():
         for b in layer.lora_B.values():
             b.weight.normal_(std=0.2)
         x = torch.randn(4, 3, 70, device=device)
         names = ["a", "__base__", "d", "a"]
         got = peft_mixed_batch_forward(layer, x, names)
-        bank = layer._fastlora_multi_bank[1]
+        bank = state_of(layer).bank.value
         assert peft_mixed_batch_forward(layer, x, names) is not None
-        assert layer._fastlora_multi_bank[1] is bank  # the transposed view does not defeat the cache
+        assert state_of(layer).bank.value is bank  # the transposed view does not defeat the cache
         want = per_adapter(layer, x, names)
     assert_close(got, want.double(), torch.float32, "Conv1D base")

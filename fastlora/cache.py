@@ -1,0 +1,128 @@
+"""Values fastlora derives from parameters and keeps (DoRA row norms, packed adapters), and
+the one rule that says when a kept value is still valid.
+
+A value is reused only while every tensor it came from is the same tensor object, over the
+same storage (held by weak reference, so a freed storage is never mistaken for a new one at
+the same address), with the same layout, dtype, device and version counter. That detects:
+
+* in-place updates through autograd-visible ops: optimizer steps, ``load_state_dict`` (and
+  PEFT's ``set_peft_model_state_dict``, ``load_adapter``), ``with torch.no_grad(): p.mul_(2)``;
+* replaced data or parameters: ``p.data = t``, ``module.weight = nn.Parameter(...)``,
+  ``model.to(...)``, ``model.half()``;
+* new or different adapters (``set_adapter``, ``add_adapter``, ``delete_adapter``): values
+  are kept per adapter and their tensors differ.
+
+It cannot see writes that bypass the version counter: ``p.data.copy_(t)``, writes through
+``p.numpy()`` or DLPack, collectives writing into a parameter's storage. After such a write
+call ``fastlora.refresh(model)``. Two cases are handled without it: PEFT's merge / unmerge
+on a patched layer (which write through ``.data``) drop the layer's values, and modules
+managed by FSDP (whose unsharded parameters are refilled in place by all-gathers) keep
+nothing. A value computed under ``torch.inference_mode()`` is an inference tensor, which
+autograd cannot save: it is not reused outside inference mode. Under ``torch.compile``
+nothing is kept (a version counter is not traceable).
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import nn
+
+from .functional import dora_weight_norm
+
+__all__ = ["Cache", "DoraNormCache", "Stamped", "refresh", "writes_visible"]
+
+
+def _stamp(t: torch.Tensor) -> tuple | None:
+    """What identifies ``t``'s values, or None for a tensor without a version counter."""
+    if t.is_inference():
+        return None
+    owner = t._base if t._base is not None else t  # a fresh W.t() view still matches
+    return (weakref.ref(owner), weakref.ref(t.untyped_storage()), t.storage_offset(),
+            t._version, t.dtype, t.device, tuple(t.shape), t.stride())
+
+
+def _same(a: tuple | None, b: tuple | None) -> bool:
+    if a is None or b is None:
+        return False
+    return (a[0]() is not None and a[0]() is b[0]() and a[1]() is not None and a[1]() is b[1]()
+            and a[2:] == b[2:])
+
+
+class Stamped:
+    """A value computed from ``tensors`` (and hashable ``extra`` facts such as a scale),
+    valid while they are unchanged (see the module docstring). Holds no strong reference
+    to the tensors."""
+
+    __slots__ = ("_stamps", "_extra", "_inference", "value")
+
+    def __init__(self, tensors, extra, value):
+        self._stamps = tuple(_stamp(t) for t in tensors)
+        self._extra = extra
+        self._inference = torch.is_inference_mode_enabled()
+        self.value = value
+
+    def valid_for(self, tensors, extra) -> bool:
+        if self._inference and not torch.is_inference_mode_enabled():
+            return False
+        return (self._extra == extra and len(tensors) == len(self._stamps)
+                and all(_same(s, _stamp(t)) for s, t in zip(self._stamps, tensors)))
+
+
+class Cache:
+    """Base of every cache fastlora keeps on a module; ``fastlora.refresh`` clears them.
+    Copies and pickles start empty."""
+
+    def clear(self) -> None:
+        raise NotImplementedError
+
+    def __reduce__(self):
+        return type(self), ()
+
+
+def writes_visible(*modules: nn.Module) -> bool:
+    """False when FSDP manages one of ``modules``: its unsharded parameters are refilled by
+    all-gathers that leave version counters unchanged, so nothing may be cached for them."""
+    return not any(getattr(m, "_is_fsdp_managed_module", False) for m in modules)
+
+
+class DoraNormCache(Cache):
+    """``||W + s B A||`` per key (an adapter name), reused while W, A, B and s are unchanged."""
+
+    def __init__(self):
+        self._entries: dict[object, Stamped] = {}
+
+    def get(self, key, weight, lora_A, lora_B, scaling: float, *, keep: bool = True
+            ) -> torch.Tensor:
+        """The detached fp32 row norm ``[N]``; ``keep=False`` computes it without caching."""
+        if not keep or torch.compiler.is_compiling():
+            return dora_weight_norm(weight, lora_A, lora_B, scaling)
+        tensors = (weight, lora_A, lora_B)
+        hit = self._entries.get(key)
+        if hit is not None and hit.valid_for(tensors, float(scaling)):
+            return hit.value
+        norm = dora_weight_norm(weight, lora_A, lora_B, scaling)
+        self._entries[key] = Stamped(tensors, float(scaling), norm)
+        return norm
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+def refresh(*objects) -> None:
+    """Drop every value fastlora derived from the parameters of ``objects`` (models or
+    modules: patched PEFT layers, ``fastlora.nn.DoraLinear``; or ``AdapterBank``s, whose
+    DoRA norms are recomputed). Needed only after writes the version counter cannot see,
+    such as ``p.data.copy_(t)``; the next forward recomputes what it needs."""
+    from .bank import AdapterBank
+
+    for obj in objects:
+        if isinstance(obj, AdapterBank):
+            obj.refresh()
+        elif isinstance(obj, nn.Module):
+            for module in obj.modules():
+                for value in list(vars(module).values()):
+                    if isinstance(value, Cache):
+                        value.clear()
+        else:
+            raise TypeError(f"fastlora.refresh takes modules or AdapterBanks, got {type(obj).__name__}")

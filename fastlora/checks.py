@@ -1,0 +1,147 @@
+"""Argument checks of the public ops (``lora_linear``, ``dora_linear``, ``dora_weight_norm``,
+``multi_lora_linear``): each raises a clear error naming the problem before any work.
+
+``kernel=True`` adds what only the Triton kernels require (fp16, bf16 or fp32 tensors).
+Nothing here synchronizes with a CUDA device: values are read only from CPU tensors.
+"""
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_float(name: str, t: torch.Tensor, kernel: bool) -> None:
+    if not t.is_floating_point():
+        raise TypeError(f"{name} has dtype {t.dtype}; a floating-point tensor is required")
+    if kernel and t.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"{name} has dtype {t.dtype}, which the Triton kernels do not support "
+                        "(float16, bfloat16, float32); use FASTLORA_BACKEND=torch")
+
+
+def check_devices(**named) -> None:
+    """Every given tensor (None: absent) is a tensor, and all are on one device."""
+    for name, t in named.items():
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    devices = {name: t.device for name, t in named.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"tensors are on different devices: {devices}")
+
+
+def check_scaling(scaling) -> None:
+    if not isinstance(scaling, numbers.Real) or isinstance(scaling, bool):
+        raise TypeError(f"scaling must be a real number, got {type(scaling).__name__}")
+
+
+def check_dropout(dropout_p) -> None:
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+
+
+def check_base(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               kernel: bool) -> None:
+    """x ``[..., K]``, weight ``[N, K]``, bias ``[N]`` or None; x and weight share a dtype."""
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        if t is not None:
+            check_float(name, t, kernel)
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (features last)")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [out_features, in_features], got shape {tuple(weight.shape)}")
+    n, k = weight.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} features but weight expects {k} (weight shape {tuple(weight.shape)})")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+    if x.dtype != weight.dtype:
+        raise TypeError(f"x ({x.dtype}) and weight ({weight.dtype}) must have the same dtype "
+                        "(outside autocast, as for F.linear)")
+
+
+def check_adapter(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                  kernel: bool) -> None:
+    """lora_A ``[r, K]`` and lora_B ``[N, r]`` (r >= 1, one float dtype) fit weight ``[N, K]``."""
+    check_float("lora_A", lora_A, kernel)
+    check_float("lora_B", lora_B, kernel)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [out_features, in_features], got shape {tuple(weight.shape)}")
+    n, k = weight.shape
+    if lora_A.dim() != 2 or lora_A.shape[1] != k:
+        raise ValueError(f"lora_A must be [r, {k}], got shape {tuple(lora_A.shape)}")
+    if lora_B.dim() != 2 or lora_B.shape[0] != n:
+        raise ValueError(f"lora_B must be [{n}, r], got shape {tuple(lora_B.shape)}")
+    if lora_A.shape[0] != lora_B.shape[1]:
+        raise ValueError(f"rank mismatch: lora_A has rank {lora_A.shape[0]}, lora_B has rank {lora_B.shape[1]}")
+    if lora_A.shape[0] == 0:
+        raise ValueError("LoRA rank must be at least 1")
+    if lora_A.dtype != lora_B.dtype:
+        raise TypeError(f"lora_A ({lora_A.dtype}) and lora_B ({lora_B.dtype}) must have the same dtype")
+
+
+def check_lora(x, weight, bias, lora_A, lora_B, scaling, dropout_p, kernel: bool) -> None:
+    """The arguments of ``lora_linear`` / ``dora_linear`` (devices are checked before autocast)."""
+    check_base(x, weight, bias, kernel)
+    check_adapter(weight, lora_A, lora_B, kernel)
+    check_scaling(scaling)
+    check_dropout(dropout_p)
+
+
+def check_magnitude(magnitude: torch.Tensor, weight: torch.Tensor, kernel: bool) -> None:
+    check_float("magnitude", magnitude, kernel)
+    if tuple(magnitude.shape) != (weight.shape[0],):
+        raise ValueError(f"magnitude must have shape ({weight.shape[0]},), got {tuple(magnitude.shape)}")
+
+
+def check_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling,
+               kernel: bool) -> None:
+    """The arguments of ``dora_weight_norm``: weight ``[N, K]`` float, the adapter fitting it."""
+    check_devices(weight=weight, lora_A=lora_A, lora_B=lora_B)
+    check_float("weight", weight, kernel)
+    check_adapter(weight, lora_A, lora_B, kernel)
+    check_scaling(scaling)
+
+
+def check_multi(x, weight, bias, bank, kernel: bool) -> None:
+    """The arguments of ``multi_lora_linear`` besides the index: the base and a
+    ``PackedAdapters`` that fits it, every bank tensor on x's device."""
+    check_base(x, weight, bias, kernel)
+    check_float("bank A", bank.A, kernel)
+    check_float("bank B", bank.B, kernel)
+    n, k = weight.shape
+    if bank.A.shape[1] != k or bank.B.shape[1] != n:
+        raise ValueError(f"bank does not fit the base layer [{n}, {k}]: A is "
+                         f"{list(bank.A.shape)} (needs [S, {k}]), B {list(bank.B.shape)} "
+                         f"(needs [S, {n}])")
+    if bank.A.dtype != bank.B.dtype:
+        raise TypeError(f"bank A ({bank.A.dtype}) and B ({bank.B.dtype}) must share a dtype")
+    tensors = (bank.A, bank.B, bank.offsets, bank.ranks, bank.scales, bank.magnitude,
+               bank.weight_norm, bank.is_dora, bank.dropout)
+    devices = {t.device for t in tensors if t is not None}
+    if devices != {x.device}:
+        raise ValueError(f"bank tensors are on {sorted(map(str, devices))}, x on {x.device}")
+
+
+def check_index(index, m: int, n: int, device: torch.device) -> None:
+    """adapter_index: an integer tensor with one entry per row of x, on x's device, each in
+    ``-1 .. n - 1``. The range is checked on the host for CPU tensors; on a GPU by a
+    device-side assert (no host sync; it surfaces at the next synchronization)."""
+    if not isinstance(index, torch.Tensor):
+        raise TypeError(f"adapter_index must be an integer tensor, got {type(index).__name__}")
+    if index.dtype == torch.bool or index.is_floating_point() or index.is_complex():
+        raise TypeError(f"adapter_index must be an integer tensor, got {index.dtype}")
+    if index.numel() != m:
+        raise ValueError(f"adapter_index has {index.numel()} entries for {m} rows of x "
+                         f"(shape {tuple(index.shape)}): one adapter per row is needed")
+    if index.device != device:
+        raise ValueError(f"adapter_index is on {index.device}, x on {device}")
+    if index.device.type == "cpu" and not torch.compiler.is_compiling():
+        bad = index[(index < -1) | (index >= n)]
+        if bad.numel():
+            raise ValueError(f"adapter_index holds {bad[0].item()}, outside -1 .. {n - 1} "
+                             f"(the bank has {n} adapters; -1 = base only)")
+    elif m:
+        torch._assert_async(((index >= -1) & (index < n)).all(),
+                            f"fastlora.multi_lora_linear: adapter_index outside -1 .. {n - 1}")

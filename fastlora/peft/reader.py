@@ -1,0 +1,287 @@
+"""What a PEFT LoRA ``Linear`` holds, read for the fused ops: its base weight and its
+adapters, or why fastlora cannot run them.
+
+The one place that knows PEFT's layer layout. ``patch`` asks it once per layer, the patched
+forward on every call and the mixed-batch forward for every adapter of a batch, so the three
+always agree. Readers only look at attributes, types and flags (no tensor data), so
+``torch.compile`` traces them without a graph break.
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+FAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_LINEAR_FORWARD = nn.Linear.forward
+
+
+def peft_lora():
+    """PEFT's LoRA layer module and ``BaseTunerLayer`` (imported on first use)."""
+    try:
+        import peft.tuners.lora.layer as lora_layer
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError as e:  # pragma: no cover - peft is an optional dependency
+        raise ImportError("fastlora.patch needs PEFT: pip install 'fastlora[peft]'") from e
+    return lora_layer, BaseTunerLayer
+
+
+def lora_tuner_class() -> type:
+    """PEFT's LoRA tuner class (``LoraModel``)."""
+    from peft.tuners.lora.model import LoraModel
+
+    return LoraModel
+
+
+@functools.cache
+def _conv1d():
+    """transformers' ``Conv1D`` class and its forward, or (None, None) without transformers."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return None, None
+    return Conv1D, Conv1D.forward
+
+
+@functools.cache
+def _sharded_types() -> tuple[type, ...]:
+    types = []
+    try:
+        from torch.distributed.tensor import DTensor
+        types.append(DTensor)
+    except ImportError:  # pragma: no cover - torch built without distributed
+        pass
+    return tuple(types)
+
+
+@functools.cache
+def _flat_param_type() -> tuple[type, ...]:
+    try:
+        from torch.distributed.fsdp._flat_param import FlatParameter
+    except ImportError:  # pragma: no cover
+        return ()
+    return (FlatParameter,)
+
+
+class NotFused(NamedTuple):
+    """Why PEFT's forward must run. ``sharded``: only because a parameter is a DTensor, which
+    FSDP2 replaces by a plain tensor inside its forward (so a layer is patched anyway)."""
+    reason: str
+    sharded: bool = False
+
+
+class Base(NamedTuple):
+    """The base layer as the fused ops take it: weight ``[N, K]`` (a transformers
+    ``Conv1D``'s ``[K, N]`` weight as its transposed view, no copy), bias ``[N]`` or None."""
+    module: nn.Module
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    kind: str
+
+
+class Adapter(NamedTuple):
+    """One adapter of a layer: lora_A ``[r, K]``, lora_B ``[N, r]``, its scale, its dropout
+    module (``nn.Dropout`` or ``nn.Identity``), DoRA magnitude ``[N]`` or None, lora_B's
+    bias ``[N]`` (``lora_bias=True``) or None. A and B share a float dtype."""
+    name: str
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: float
+    dropout: nn.Module
+    magnitude: torch.Tensor | None
+    lora_bias: torch.Tensor | None
+
+    def dropout_p(self) -> float:
+        """The dropout probability PEFT's ``nn.Dropout`` applies now (0 in eval)."""
+        drop = self.dropout
+        return drop.p if type(drop) is nn.Dropout and drop.training else 0.0
+
+
+# ------------------------------------------------------------------ parameters and modules
+
+_QUANT_HINTS = {"bitsandbytes": "bitsandbytes", "bnb": "bitsandbytes", "gptq": "GPTQ", "awq": "AWQ",
+                "aqlm": "AQLM", "hqq": "HQQ", "eetq": "EETQ", "torchao": "torchao",
+                "optimum": "optimum", "quanto": "quanto", "auto_round": "auto-round",
+                "transformer_engine": "Transformer Engine", ".inc": "Intel Neural Compressor",
+                "fp8": "FP8"}
+
+
+def quant_hint(obj) -> str | None:
+    """The quantization library an object's class comes from, guessed from its module."""
+    mod = (type(obj).__module__ or "").lower() + "." + type(obj).__name__.lower()
+    for key, label in _QUANT_HINTS.items():
+        if key in mod:
+            return label
+    return None
+
+
+def _param_problem(what: str, p) -> NotFused | None:
+    """Why a parameter cannot go to the fused ops as is (sharded, partitioned, quantized)."""
+    if p is None:
+        return None
+    if isinstance(p, _sharded_types()):
+        return NotFused(f"{what} is a DTensor (FSDP2 / tensor-parallel sharded parameter)", True)
+    if isinstance(p, _flat_param_type()):
+        return NotFused(f"{what} is an FSDP FlatParameter (sharded)")
+    if hasattr(p, "ds_id") or hasattr(p, "ds_status"):
+        return NotFused(f"{what} is a DeepSpeed ZeRO-3 partitioned parameter")
+    if type(p) not in (nn.Parameter, torch.Tensor):
+        hint = quant_hint(p)
+        kind = f"quantized ({hint}) " if hint else ""
+        return NotFused(f"{what} is a {kind}tensor subclass {type(p).__name__}")
+    if not p.is_floating_point():
+        return NotFused(f"{what} has dtype {p.dtype} (quantized?); floating point needed")
+    return None
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Hooks or a replaced forward (accelerate's offload, DeepSpeed, a user's): PEFT calls the
+    module, the fused ops would bypass them."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__
+                or hasattr(module, "_hf_hook"))
+
+
+def _plain_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) and type(module).forward is _LINEAR_FORWARD
+
+
+def _conv1d_base(module: nn.Module) -> bool:
+    conv1d, forward = _conv1d()
+    return conv1d is not None and isinstance(module, conv1d) and type(module).forward is forward
+
+
+def is_dora(layer, name: str) -> bool:
+    """Whether adapter ``name`` is a DoRA adapter (PEFT >= 0.16: a ``lora_variant`` entry;
+    older PEFT: the ``use_dora`` flag)."""
+    variants = getattr(layer, "lora_variant", {})
+    if name in variants:
+        return type(variants[name]).__name__ == "DoraLinearVariant"
+    return bool(getattr(layer, "use_dora", {}).get(name, False))
+
+
+def _variant_name(variant) -> str:
+    name = type(variant).__name__
+    for suffix in ("LinearVariant", "Variant"):
+        if name.endswith(suffix) and len(name) > len(suffix):
+            name = name[: -len(suffix)]
+            break
+    return {"Dora": "DoRA", "ALora": "aLoRA", "QALora": "QA-LoRA", "BdLora": "BD-LoRA",
+            "Kasa": "KaSA", "Velora": "VeLoRA", "Monteclora": "MonteCLoRA", "MiCA": "MiCA",
+            "Arrow": "Arrow"}.get(name, name)
+
+
+# ------------------------------------------------------------------------------ readers
+
+def layer_problem(layer) -> str | None:
+    """Why a tuner layer's class cannot be patched (it is not PEFT's LoRA ``Linear``)."""
+    lora_layer, _ = peft_lora()
+    cls = type(layer)
+    if not isinstance(layer, lora_layer.LoraLayer):
+        tuner = cls.__module__.split(".")[2] if cls.__module__.startswith("peft.tuners.") else cls.__module__
+        return f"not a LoRA layer ({tuner} tuner)"
+    if isinstance(layer, lora_layer.Linear):
+        orig = getattr(cls, "_fastlora_original_class", cls)
+        if orig.forward is not lora_layer.Linear.forward:
+            return f"{orig.__qualname__} overrides PEFT's Linear.forward"
+        return None
+    name = cls.__name__
+    hint = quant_hint(layer)
+    if hint:
+        return f"quantized base ({hint}: {name})"
+    if "adalora" in cls.__module__:
+        return f"AdaLoRA layer ({name})"
+    if isinstance(layer, getattr(lora_layer, "Embedding", ())):
+        return "LoRA on an embedding (Embedding) is not accelerated"
+    conv = tuple(c for c in (getattr(lora_layer, n, None) for n in ("Conv1d", "Conv2d", "Conv3d", "_ConvNd"))
+                 if c is not None)
+    if conv and isinstance(layer, conv):
+        return f"convolution LoRA layer ({name}) is not accelerated"
+    if name == "ParamWrapper":
+        return "LoRA on a raw nn.Parameter (ParamWrapper) is not accelerated"
+    if "tp_layer" in cls.__module__:
+        return f"tensor-parallel LoRA layer ({name})"
+    return f"unsupported LoRA layer type {cls.__module__}.{name}"
+
+
+def read_base(layer) -> Base | NotFused:
+    """The base layer of a LoRA ``Linear`` for the fused ops, or why PEFT's forward must run."""
+    base = layer.base_layer
+    _, BaseTunerLayer = peft_lora()
+    if isinstance(base, BaseTunerLayer):
+        return NotFused(f"base layer is another tuner layer ({type(base).__name__})")
+    if _plain_linear(base):
+        weight, kind = base.weight, "Linear"
+    elif _conv1d_base(base):
+        weight, kind = base.weight, "Conv1D"
+    else:
+        hint = quant_hint(base)
+        if hint:
+            return NotFused(f"quantized base layer ({hint}: {type(base).__name__})")
+        return NotFused(f"base layer {type(base).__name__} is not a plain nn.Linear or "
+                        "transformers Conv1D")
+    if _hooked(base):
+        return NotFused("base layer has forward hooks or a replaced forward "
+                        "(accelerate offload / device map?)")
+    if weight.dim() != 2:
+        return NotFused(f"base weight has shape {tuple(weight.shape)}; 2-D needed")
+    bias = base.bias
+    problem = _param_problem("base weight", weight) or _param_problem("base bias", bias)
+    if problem is not None:
+        return problem
+    return Base(base, weight.t() if kind == "Conv1D" else weight, bias, kind)
+
+
+def read_adapter(layer, name: str) -> Adapter | NotFused:
+    """Adapter ``name`` of a LoRA ``Linear`` for the fused ops, or why PEFT's forward must
+    run while it is active."""
+    dora = is_dora(layer, name)
+    variant = getattr(layer, "lora_variant", {}).get(name)
+    if variant is not None and not dora:
+        return NotFused(f"adapter '{name}' is a {_variant_name(variant)} adapter (LoRA variant)")
+    parts = []
+    for part in ("lora_A", "lora_B"):
+        mod = getattr(layer, part)[name]
+        if not _plain_linear(mod):
+            return NotFused(f"adapter '{name}': {part} is a {type(mod).__name__}, not nn.Linear")
+        if _hooked(mod):
+            return NotFused(f"adapter '{name}': {part} has forward hooks")
+        problem = _param_problem(f"adapter '{name}' {part}.weight", mod.weight)
+        if problem is not None:
+            return problem
+        if mod.weight.dtype not in FAST_DTYPES:
+            return NotFused(f"adapter '{name}' has dtype {mod.weight.dtype}; the kernels take "
+                            "fp16/bf16/fp32")
+        parts.append(mod)
+    lora_A, lora_B = parts
+    if lora_A.weight.dtype != lora_B.weight.dtype:
+        return NotFused(f"adapter '{name}': lora_A ({lora_A.weight.dtype}) and lora_B "
+                        f"({lora_B.weight.dtype}) differ in dtype")
+    lora_bias = lora_B.bias
+    problem = _param_problem(f"adapter '{name}' lora_B.bias", lora_bias)
+    if problem is not None:
+        return problem
+    magnitude = None
+    if dora:
+        if lora_bias is not None:
+            return NotFused(f"adapter '{name}': DoRA with a lora_B bias")
+        magnitude = layer.lora_magnitude_vector[name].weight
+        problem = _param_problem(f"adapter '{name}' DoRA magnitude", magnitude)
+        if problem is not None:
+            return problem
+    drop = layer.lora_dropout[name]
+    if type(drop) not in (nn.Dropout, nn.Identity):
+        return NotFused(f"adapter '{name}': dropout module {type(drop).__name__} is not "
+                        "nn.Dropout/nn.Identity")
+    if type(drop) is nn.Dropout and drop.p >= 1.0:
+        return NotFused(f"adapter '{name}': dropout p={drop.p} (>= 1)")
+    return Adapter(name, lora_A.weight, lora_B.weight, layer.scaling[name], drop, magnitude,
+                   lora_bias)
+
+
+def adapter_names(layer) -> tuple[str, ...]:
+    """Every adapter a tuner layer holds (its LoRA and LoRA-embedding adapters)."""
+    names = list(getattr(layer, "lora_A", {}).keys())
+    names += [n for n in getattr(layer, "lora_embedding_A", {}).keys() if n not in names]
+    return tuple(names)

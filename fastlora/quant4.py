@@ -1,0 +1,179 @@
+"""``Quant4Weight``: a bitsandbytes 4-bit weight (NF4 / FP4, plain or double-quantized absmax)
+as fastlora reads it, checked before any launch. bitsandbytes itself is only imported to
+turn a view back into its ``QuantState`` (the reference's dequantization).
+
+Layout (bitsandbytes 0.50): ``Params4bit.data`` is the packed weight, ``[ceil(N*K / 2), 1]``
+uint8 (or the same bytes viewed as ``quant_storage``), two codes per byte over W ``[N, K]``
+flattened row-major; ``quant_state.shape`` is ``[N, K]``; the scales are per block of
+``blocksize`` flat elements (see ``fastlora.kernels.quant4`` for the exact packing).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+QUANT_TYPES = ("nf4", "fp4")
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # those bitsandbytes' quantize_4bit takes
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def is_bnb_4bit(weight) -> bool:
+    """True for a bitsandbytes ``Params4bit`` (read without importing bitsandbytes)."""
+    return (isinstance(weight, torch.Tensor) and hasattr(weight, "quant_state")
+            and type(weight).__module__.startswith("bitsandbytes"))
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor's storage as flat uint8 (bitsandbytes' ``quant_storage`` may be a
+    wider dtype holding the same bytes)."""
+    flat = t.reshape(-1)
+    return flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
+
+
+@dataclass(frozen=True, eq=False)
+class Quant4Weight:
+    """W ``[N, K]`` (``shape``) packed by bitsandbytes: data uint8 ``[ceil(N*K / 2)]``,
+    absmax ``[ceil(N*K / blocksize)]`` (fp32, or uint8 codes when nested); nested absmax:
+    absmax2 fp32 ``[ceil(blocks / blocksize2)]``, code2 fp32 ``[256]``, offset fp32 ``[1]``.
+    ``dtype`` is the quantized weight's own dtype (``quant_state.dtype``); ``compute_dtype``
+    the layer's matmul dtype (bitsandbytes' ``Linear4bit.compute_dtype``; None: x's dtype).
+
+    Construction checks every size, dtype and device, so a mismatch raises here, naming it.
+    """
+    data: torch.Tensor
+    absmax: torch.Tensor
+    shape: tuple[int, int]
+    quant_type: str
+    blocksize: int
+    dtype: torch.dtype = torch.float32
+    absmax2: torch.Tensor | None = None
+    code2: torch.Tensor | None = None
+    offset: torch.Tensor | None = None
+    blocksize2: int = 256
+    compute_dtype: torch.dtype | None = None
+
+    def __post_init__(self):
+        if self.quant_type not in QUANT_TYPES:
+            raise ValueError(f"unsupported 4-bit quant type {self.quant_type!r}: fastlora reads "
+                             f"{', '.join(map(repr, QUANT_TYPES))}")
+        if self.blocksize not in BLOCKSIZES:
+            raise ValueError(f"unsupported 4-bit blocksize {self.blocksize!r}: bitsandbytes uses "
+                             f"{', '.join(map(str, BLOCKSIZES))}")
+        shape = tuple(self.shape)
+        if len(shape) != 2 or not all(isinstance(s, int) and s > 0 for s in shape):
+            raise ValueError(f"quant state shape {list(shape)} is not a 2-D weight shape "
+                             "[out_features, in_features]")
+        object.__setattr__(self, "shape", shape)
+        numel = shape[0] * shape[1]
+        blocks = math.ceil(numel / self.blocksize)
+        self._expect("packed data", self.data, (numel + 1) // 2, torch.uint8,
+                     f"(N*K + 1) // 2 for shape {list(shape)}")
+        nested = self.absmax2 is not None
+        if nested != (self.code2 is not None) or nested != (self.offset is not None):
+            raise ValueError("a double-quantized absmax needs absmax2, code2 and offset together")
+        self._expect("absmax", self.absmax, blocks, torch.uint8 if nested else torch.float32,
+                     f"the blocks of {list(shape)} at blocksize {self.blocksize}"
+                     + (" (uint8 codes: the absmax is double-quantized)" if nested else ""))
+        if nested:
+            if self.blocksize2 not in BLOCKSIZES:
+                raise ValueError(f"unsupported nested blocksize {self.blocksize2!r}: bitsandbytes "
+                                 f"uses {', '.join(map(str, BLOCKSIZES))}")
+            self._expect("nested absmax", self.absmax2, math.ceil(blocks / self.blocksize2),
+                         torch.float32, f"{blocks} blocks at nested blocksize {self.blocksize2}")
+            self._expect("nested code", self.code2, 256, torch.float32, "an 8-bit code book")
+            self._expect("nested offset", self.offset, 1, torch.float32, "one value")
+        compute = self.compute_dtype or self.dtype
+        for name, dt in (("dtype", self.dtype), ("compute_dtype", compute)):
+            if dt not in _DTYPES:
+                raise TypeError(f"4-bit weight {name} {dt} is not float16, bfloat16 or float32")
+        devices = {name: t.device for name, t in self.tensors().items()}
+        if len(set(devices.values())) > 1:
+            raise ValueError(f"4-bit weight parts are on different devices: {devices}")
+
+    @staticmethod
+    def _expect(name: str, t, numel: int, dtype: torch.dtype, what: str) -> None:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"4-bit {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.numel() != numel:
+            raise ValueError(f"4-bit {name} has {t.numel()} elements but {what} needs {numel}: "
+                             "the quant state does not match the packed weight")
+        if t.dtype != dtype:
+            raise TypeError(f"4-bit {name} has dtype {t.dtype}, expected {dtype}")
+        if t.dim() != 1 or not t.is_contiguous():
+            raise ValueError(f"4-bit {name} must be a contiguous 1-D tensor, got shape "
+                             f"{tuple(t.shape)} and strides {t.stride()}")
+
+    @classmethod
+    def from_bnb(cls, weight: torch.Tensor, quant_state=None,
+                 compute_dtype: torch.dtype | None = None) -> "Quant4Weight":
+        """The view of a bitsandbytes ``Params4bit`` (its own ``quant_state``), or of packed
+        data with the ``QuantState`` that ``bitsandbytes.functional.quantize_4bit`` returned.
+        No copy, no host synchronization."""
+        state = quant_state if quant_state is not None else getattr(weight, "quant_state", None)
+        if state is None:
+            raise ValueError("the 4-bit weight has no quant_state: bitsandbytes quantizes a "
+                             "Params4bit when it moves to its device (e.g. .cuda())")
+        if getattr(state, "packing_format_for_cpu", False):
+            raise ValueError("the 4-bit weight is in bitsandbytes' CPU inference packing "
+                             "(packing_format_for_cpu, set by an eval-mode Linear4bit forward "
+                             "on CPU), not the standard layout fastlora reads")
+        if not weight.is_contiguous():
+            raise ValueError("the packed 4-bit data must be contiguous")
+        shape = tuple(int(s) for s in state.shape) if state.shape is not None else ()
+        nested = {}
+        if getattr(state, "nested", False):
+            nested = dict(absmax2=state.state2.absmax.reshape(-1),
+                          code2=state.state2.code.reshape(-1), offset=state.offset.reshape(1),
+                          blocksize2=int(state.state2.blocksize))
+        return cls(data=_bytes(weight.data), absmax=state.absmax.reshape(-1), shape=shape,
+                   quant_type=state.quant_type, blocksize=state.blocksize, dtype=state.dtype,
+                   compute_dtype=compute_dtype, **nested)
+
+    @property
+    def nested(self) -> bool:
+        return self.absmax2 is not None
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors of the view by name (the nested ones when present)."""
+        named = dict(data=self.data, absmax=self.absmax)
+        if self.nested:
+            named.update(absmax2=self.absmax2, code2=self.code2, offset=self.offset)
+        return named
+
+    def check_device(self, device: torch.device, what: str = "x") -> None:
+        """Raise unless the weight lives on ``device`` (that of ``what``)."""
+        if torch.device(device) != self.device:
+            raise ValueError(f"the 4-bit weight is on {self.device} but {what} is on "
+                             f"{torch.device(device)}")
+
+    def kernel_args(self):
+        """The launch metadata of the QUANT4 kernels (imports the kernels)."""
+        from .kernels.quant4 import Quant4Args, code_book
+
+        return Quant4Args(data=self.data, absmax=self.absmax,
+                          code=code_book(self.quant_type, self.device), shape=self.shape,
+                          blocksize=self.blocksize, absmax2=self.absmax2, code2=self.code2,
+                          offset=self.offset, blocksize2=self.blocksize2)
+
+    def to_bnb(self, dtype: torch.dtype | None = None):
+        """(packed data ``[ceil(N*K / 2), 1]`` uint8, bitsandbytes ``QuantState``) for
+        ``bitsandbytes.functional.dequantize_4bit``, which then returns ``dtype`` (default
+        the weight's own)."""
+        from bitsandbytes.functional import QuantState, get_4bit_type
+
+        state2 = None
+        if self.nested:
+            state2 = QuantState(absmax=self.absmax2, code=self.code2, blocksize=self.blocksize2,
+                                dtype=torch.float32)
+        state = QuantState(absmax=self.absmax, shape=torch.Size(self.shape),
+                           code=get_4bit_type(self.quant_type, device=self.device),
+                           blocksize=self.blocksize, quant_type=self.quant_type,
+                           dtype=dtype or self.dtype,
+                           offset=self.offset.reshape(()) if self.nested else None, state2=state2)
+        return self.data.view(-1, 1), state

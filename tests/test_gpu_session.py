@@ -1,0 +1,95 @@
+"""bench/gpu_session.sh, the GPU run in steps: its CPU dry run goes through every step,
+benchmark script, result file, plot and archive; without a GPU nothing claims a measurement."""
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from render_readme import TITLES, render  # noqa: E402
+
+no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without CUDA")
+
+
+def session(*args, out: Path, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = os.environ | {"OUT": str(out), "PYTHON": sys.executable}
+    return subprocess.run(["bash", str(ROOT / "bench" / "gpu_session.sh"), *args], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@no_gpu  # on a GPU machine the steps themselves run; this CPU check would only cost time
+def test_dry_run_of_the_whole_gpu_run(tmp_path):
+    out = tmp_path / "out"
+    done = session("--dry-run", out=out)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "layer.tgz", "model.tgz", "multi.tgz", "sanitize.tgz", "session.log", "tests.tgz"]
+    unpacked = tmp_path / "unpacked"
+    names = {}
+    for archive in out.glob("*.tgz"):
+        with tarfile.open(archive) as tar:
+            tar.extractall(unpacked, filter="data")
+            names[archive.stem] = {Path(n).name for n in tar.getnames()}
+    for step, wanted in {"tests": {"gpu.xml", "gpu.log", "summary.txt"},
+                         "sanitize": {"calls.log"},
+                         "layer": {"layer-cpu-dry-run-*.png", "dora-cpu-dry-run-*.png",
+                                   "decode-cpu-dry-run-*.md"},
+                         "multi": {"multi-cpu-dry-run-*.png", "multi-cpu-dry-run-*.md"},
+                         "model": {"model-cpu-dry-run-*.md"}}.items():
+        assert {"environment.txt", "session.log"} <= names[step]
+        for pattern in wanted:
+            assert list((unpacked / step).glob(pattern)), (step, pattern, names[step])
+    assert "every kernel family ran and checked" in (unpacked / "sanitize" / "calls.log").read_text()
+    summary = (unpacked / "tests" / "summary.txt").read_text()
+    assert "gpu: " in summary and "tests collected" in summary
+
+    results = tmp_path / "results"
+    results.mkdir()
+    for path in unpacked.glob("*/*.json"):
+        data = json.loads(path.read_text())
+        assert data["env"]["dry_run"] and data["complete"] and data["rows"], path
+        path.rename(results / path.name)
+    rendered = render(results, tmp_path, dry_run=True)  # the renderer reads what the scripts write
+    for title in TITLES.values():
+        assert f"### {title} (dry run)" in rendered
+    assert render(results, tmp_path) == render(tmp_path / "none", tmp_path)  # never a dry run
+
+
+def test_lists_the_steps_and_refuses_unknown_ones(tmp_path):
+    listing = session(out=tmp_path)
+    assert listing.returncode == 0
+    for step in ("tests", "sanitize", "layer", "multi", "model"):
+        assert f"  {step} " in listing.stdout
+    unknown = session("benchmarks", out=tmp_path)
+    assert unknown.returncode == 2 and "unknown step 'benchmarks'" in unknown.stderr
+
+
+@no_gpu
+def test_gpu_steps_refuse_to_run_without_cuda(tmp_path):
+    done = session("layer", out=tmp_path)
+    assert done.returncode == 1 and "no CUDA device" in done.stdout
+    assert not list(tmp_path.glob("*.tgz"))
+
+
+@no_gpu
+@pytest.mark.parametrize("script", ["bench_layer", "bench_dora", "bench_decode", "bench_multi",
+                                    "bench_model", "sanitize_calls"])
+def test_benchmarks_exit_non_zero_when_nothing_is_measured(script, tmp_path):
+    main = __import__(script).main
+    with pytest.raises(SystemExit) as exit_:
+        main(["--out", str(tmp_path)] if script != "sanitize_calls" else [])
+    assert "no CUDA device" in str(exit_.value.code) and "nothing was measured" in str(exit_.value.code)
+    assert not list(tmp_path.iterdir())
+
+
+@no_gpu
+def test_benchmark_exit_status_from_the_shell(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_layer.py"), "--out",
+                           str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "pass --dry-run" in done.stderr
