@@ -279,7 +279,7 @@ def _q4_matmul(ab: str, dx: bool, nested: bool, blocksize: int, aligned: bool) -
                  Q4_BLOCKSIZE2=256 if nested else 0, Q4_ALIGNED=aligned, PRECISION="tf32")
     label = (f"4-bit {'dx' if dx else 'forward'} {ab}, {'nested ' if nested else ''}"
              f"b{blocksize}{'' if aligned else ' straddling'}")
-    return AotVariant(dequant4._q4_matmul_kernel, label, types, const)
+    return AotVariant(dequant4.Q4_MATMUL[aligned], label, types, const)
 
 
 # bitsandbytes 4-bit weight (the QUANT4 helper in a GEMM): QLoRA's NF4 with nested absmax,

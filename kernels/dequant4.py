@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import configs, fp32_precision, m_bucket, on_device, prune_by_m
+from .common import configs, fp32_precision, m_bucket, on_device, tune
 from .quant4 import Quant4Args, dequant4_tile
 
 
@@ -43,13 +43,11 @@ def dequantize4(q: Quant4Args, dtype: torch.dtype = torch.float32, transpose: bo
     return out
 
 
-_CONFIGS = configs(("BLOCK_M", "BLOCK_N", "BLOCK_K"),
-                   [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (16, 64, 128, 4, 4)],
-                   dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32))
+_SHAPES = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
+_INTERP = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32)
+_KEY = ["M_BUCKET", "N", "K", "DX"]
 
 
-@triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "N", "K", "DX"],
-                 prune_configs_by={"early_config_prune": prune_by_m})
 @triton.jit
 def _q4_matmul_kernel(a_ptr, out_ptr, q4_data, q4_absmax, q4_code, q4_absmax2, q4_code2,
                       q4_offset, M, N, K, M_BUCKET, stride_am, stride_ak, stride_om, stride_on,
@@ -84,6 +82,14 @@ def _q4_matmul_kernel(a_ptr, out_ptr, q4_data, q4_absmax, q4_code, q4_absmax2, q
              acc.to(out_ptr.dtype.element_ty), mask=row_in[:, None] & col_in[None, :])
 
 
+# blocks that straddle rows (K not a multiple of the blocksize) keep more scales per row in
+# registers: smaller tiles, within the spill budget of check-kernels
+Q4_MATMUL = {True: tune(_q4_matmul_kernel, configs(_SHAPES, [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4),
+                                                             (16, 64, 128, 4, 4)], _INTERP), _KEY),
+             False: tune(_q4_matmul_kernel, configs(_SHAPES, [(64, 64, 64, 4, 3), (16, 64, 128, 4, 4)],
+                                                    _INTERP), _KEY)}
+
+
 @on_device
 def q4_matmul(a: torch.Tensor, q: Quant4Args, dx: bool = False) -> torch.Tensor:
     """``a @ W^T`` (a ``[M, K]``) or, with ``dx``, ``a @ W`` (a ``[M, N]``) for the 4-bit
@@ -93,7 +99,7 @@ def q4_matmul(a: torch.Tensor, q: Quant4Args, dx: bool = False) -> torch.Tensor:
     red, out_n = (n, k) if dx else (k, n)
     out = torch.empty((m, out_n), dtype=a.dtype, device=a.device)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(out_n, meta["BLOCK_N"]))  # noqa: E731
-    _q4_matmul_kernel[grid](a, out, *q.pointers(), m, out_n, red, m_bucket(m), a.stride(0),
+    Q4_MATMUL[q.constexprs()["Q4_ALIGNED"]][grid](a, out, *q.pointers(), m, out_n, red, m_bucket(m), a.stride(0),
                             a.stride(1), out.stride(0), out.stride(1), DX=dx,
                             PRECISION=fp32_precision(), **q.constexprs())
     return out
