@@ -10,14 +10,18 @@ gradient (a = dY, b = W) run it. Its implementations (``IMPLS``):
   term, DoRA's column factor and the bias into that output in place;
 * ``tma``: a persistent kernel on TMA descriptors, sm_90 only.
 
-On the first call for a key (``StageSpec.key``: device, dtypes, M bucket, N, K, rank
-bucket, layouts, flags) every implementation that can take the call is timed as Triton's
+Each op stage has its candidates: ``FORWARD`` and ``LORA_DX`` all three, ``DORA_DX``
+fused and tma (cuBLAS cannot scale dY's columns, the reduction dimension, inside its
+product). On the first call for a key (``StageSpec.key``: device, dtypes, M bucket, N, K,
+rank bucket, layouts, flags) every candidate that can take the call is timed as Triton's
 autotuner times its configs (``triton.testing.do_bench``: warm-up and compilation
 excluded, median of repeated runs, CUDA events), the fastest is kept in memory and on disk
-(``fastlora.choice_cache``), and no later call with that key is timed again. Nothing is
-timed while a CUDA graph is being captured: a cached choice runs, else the default (with a
-warning, once); ``fastlora.warmup`` measures beforehand. ``FASTLORA_IMPL=fused|cublas|tma``
-forces one. CPU tensors (the Triton interpreter) are not timed: the default runs.
+(``fastlora.choice_cache``), and no later call with that key is timed again: a later call
+costs one tuple lookup (``Chooser.run``). Nothing is timed while a CUDA graph is being
+captured: a cached choice runs, else the default (with a warning, once);
+``fastlora.warmup`` measures beforehand. ``FASTLORA_IMPL=fused|cublas|tma`` forces one in
+every stage that has it (the others run their default); a call it cannot take raises.
+CPU tensors (the Triton interpreter) are not timed: the default runs.
 """
 from __future__ import annotations
 
@@ -34,6 +38,11 @@ from .kernels.common import m_bucket, next_pow2
 
 IMPL_ENV = "FASTLORA_IMPL"
 DEFAULT = "fused"
+
+# the candidates of each op stage (the first is the default)
+FORWARD = ("fused", "cublas", "tma")
+LORA_DX = ("fused", "cublas", "tma")
+DORA_DX = ("fused", "tma")
 
 
 @dataclass
@@ -78,7 +87,9 @@ def _name(dtype: torch.dtype | None) -> str:
 class StageSpec:
     """What a choice depends on: sizes (the key buckets M to a power of two up to 8192, as
     the kernels' autotune keys do, and r to a power of two), dtypes, layouts (a row-major;
-    b given as W^T ``[K, N]`` of a row-major ``[N, K]``: ``b_nk``, the forward) and flags."""
+    b given as W^T ``[K, N]`` of a row-major ``[N, K]``: ``b_nk``, the forward; ``aligned``:
+    a's and b's rows contiguous and starting on 16-byte boundaries, as TMA needs), flags,
+    and the stage's candidates ``impls``."""
     m: int
     n: int
     k: int
@@ -88,30 +99,35 @@ class StageSpec:
     out_dtype: torch.dtype
     a_row_major: bool = True
     b_nk: bool = True
+    aligned: bool = True
     dropout: bool = False
     bias: bool = False
     g_out: bool = False
     g_in: bool = False
+    impls: tuple[str, ...] = FORWARD
 
     @classmethod
-    def of(cls, args: LinearArgs) -> StageSpec:
+    def of(cls, args: LinearArgs, impls: tuple[str, ...] = FORWARD) -> StageSpec:
         (m, k), n = args.a.shape, args.b.shape[1]
         low = args.low
         return cls(m, n, k, low.l.shape[1] if low is not None else 0, args.a.dtype,
                    low.lb.dtype if low is not None else None, args.out_dtype or args.a.dtype,
                    args.a.stride(1) == 1, args.b.stride(0) == 1 and n > 1,
+                   kernels.tma_layout_unsupported(args.a, args.b) is None,
                    low is not None and low.dropout_p > 0.0, args.bias is not None,
-                   args.g_out is not None, args.g_in is not None)
+                   args.g_out is not None, args.g_in is not None, impls)
 
     def key(self) -> str:
         flags = [name for name in ("dropout", "bias", "g_out", "g_in") if getattr(self, name)]
+        flags += [] if self.aligned else ["unaligned"]
         return (f"m{m_bucket(self.m)} n{self.n} k{self.k} r{next_pow2(self.r) if self.r else 0} "
                 f"{_name(self.dtype)}/{_name(self.adapter_dtype)}->{_name(self.out_dtype)} "
                 f"a:{'rows' if self.a_row_major else 'strided'} b:{'nk' if self.b_nk else 'kn'}"
                 + "".join(f" +{f}" for f in flags))
 
     def synthetic(self, device, generator: torch.Generator) -> LinearArgs:
-        """Random operands of this spec, laid out as the ops pass them (for timing)."""
+        """Random operands of this spec, laid out as the ops pass them (for timing);
+        ``generator`` is on ``device``."""
         def randn(*shape, dtype=self.dtype):
             return torch.randn(*shape, generator=generator, device=device, dtype=dtype)
 
@@ -122,8 +138,8 @@ class StageSpec:
             # the forward's lb is B^T (B [N, r] row-major), the dx pass's is A [r, K]
             lb = (randn(self.n, self.r, dtype=self.adapter_dtype).t() if self.b_nk else
                   randn(self.r, self.n, dtype=self.adapter_dtype))
-            seed = (torch.zeros(1, dtype=torch.int64, device=device) if self.dropout
-                    else None)  # the kernels load the dropout seed from an int64 tensor
+            # the kernels load the dropout seed from an int64 [1] tensor on the device
+            seed = torch.zeros(1, dtype=torch.int64, device=device) if self.dropout else None
             low = kernels.LowRank(randn(self.m, self.r, dtype=torch.float32), lb, 1.0,
                                   0.1 if self.dropout else 0.0, seed)
         g_out = randn(self.n, dtype=torch.float32) if self.g_out else None
@@ -168,8 +184,22 @@ def _do_bench_ms(fn: Callable[[], object], device: torch.device) -> float:
         return float(do_bench(fn, return_mode="median"))
 
 
+def _call_key(impls: tuple[str, ...], a: torch.Tensor, b: torch.Tensor,
+              low: kernels.LowRank | None, bias, out_dtype, g_out, g_in) -> tuple:
+    """A hashable key with every fact the choice for a call depends on, built without
+    strings: finer than ``StageSpec.key`` (M by ``(M - 1).bit_length()``, exact r and
+    strides, the pointers' 16-byte offsets) and holding ``FASTLORA_IMPL``, so that setting
+    it takes effect."""
+    m, k = a.shape
+    return (impls, os.environ.get(IMPL_ENV), a.get_device(), a.dtype, out_dtype,
+            (m - 1).bit_length(), k, b.shape[1], a.stride(), b.stride(),
+            (a.data_ptr() | b.data_ptr()) & 15,
+            (low.lb.dtype, low.l.shape[1], low.dropout_p > 0.0) if low is not None else None,
+            bias is None, g_out is None, g_in is None)
+
+
 class Chooser:
-    """Picks, per key, the fastest of ``impls`` that can take a call.
+    """Picks, per key, the fastest of a stage's candidates that can take a call.
 
     ``timer(name, fn) -> ms`` replaces the GPU timing (tests inject it; with it, CPU calls
     are timed too); ``capturing() -> bool`` replaces the CUDA-graph capture check.
@@ -184,6 +214,7 @@ class Chooser:
         self.capturing = capturing
         self.default = default
         self._warned_capture = False
+        self._settled: dict[tuple, Impl] = {}  # _call_key -> final choice
 
     def forced(self) -> str | None:
         """The implementation ``FASTLORA_IMPL`` names, if set."""
@@ -195,46 +226,68 @@ class Chooser:
     def _times(self, device: torch.device) -> bool:
         return self.timer is not None or device.type == "cuda"
 
-    def choose(self, args: LinearArgs) -> Impl:
+    def run(self, impls: tuple[str, ...], a: torch.Tensor, b: torch.Tensor,
+            low: kernels.LowRank | None = None, bias: torch.Tensor | None = None,
+            out_dtype: torch.dtype | None = None, g_out: torch.Tensor | None = None,
+            g_in: torch.Tensor | None = None) -> torch.Tensor:
+        """The stage's result from the implementation chosen for this call (``impls``: the
+        stage's candidates); a settled key costs one dictionary lookup."""
+        impl = self._settled.get(_call_key(impls, a, b, low, bias, out_dtype, g_out, g_in))
+        if impl is None:
+            impl = self.choose(LinearArgs(a, b, low, bias, out_dtype, g_out, g_in), impls)
+        return impl.launch(a, b, low, bias, out_dtype, g_out=g_out, g_in=g_in)
+
+    def choose(self, args: LinearArgs, impls: tuple[str, ...] = FORWARD) -> Impl:
         """The implementation for this call; times the candidates on a key's first call."""
+        key = _call_key(impls, args.a, args.b, args.low, args.bias, args.out_dtype,
+                        args.g_out, args.g_in)
+        impl = self._settled.get(key)
+        if impl is None:
+            impl, settled = self._choose(args, impls)
+            if settled:
+                self._settled[key] = impl
+        return impl
+
+    def _choose(self, args: LinearArgs, impls: tuple[str, ...]) -> tuple[Impl, bool]:
+        """(the implementation, whether that choice is final for the key)."""
         forced = self.forced()
         if forced:
+            if forced not in impls:
+                return self.impls[self.default], True
             reason = self.impls[forced].unsupported(args)
             if reason:
                 raise RuntimeError(f"{IMPL_ENV}={forced} cannot run this call: {reason}")
-            return self.impls[forced]
+            return self.impls[forced], True
         if not self._times(args.a.device):
-            return self.impls[self.default]
-        unavailable = {name: reason for name, impl in self.impls.items()
-                       if (reason := impl.unsupported(args))}
-        usable = [name for name in self.impls if name not in unavailable]
-        device, key = device_name(args.a.device), StageSpec.of(args).key()
+            return self.impls[self.default], True
+        unavailable = {name: reason for name in impls
+                       if (reason := self.impls[name].unsupported(args))}
+        usable = [name for name in impls if name not in unavailable]
+        device, key = device_name(args.a.device), StageSpec.of(args, impls).key()
         choice = self.cache.get(device, key)
-        timings = dict(choice.timings_ms) if choice is not None else {}
-        measured = [name for name in usable if name in timings]
-        # a cached key times only the candidates it never measured (ones that could not
-        # take the earlier calls); a single candidate is never timed
-        todo = [name for name in usable if name not in timings] if len(usable) > 1 else []
-        if measured and (not todo or self.capturing()):
-            return self.impls[min(measured, key=timings.__getitem__)]
+        if choice is not None:
+            timed = [name for name in usable if name in choice.timings_ms]
+            if len(timed) == len(usable) > 1:
+                return self.impls[min(timed, key=choice.timings_ms.__getitem__)], True
+            if usable == [choice.impl]:
+                return self.impls[choice.impl], True
+            # else an entry this call's candidates disagree with (an edited file): re-time
         if len(usable) == 1:
-            if choice is None and not self.capturing():
-                self.cache.put(device, key, Choice(usable[0], {}, unavailable))
-            return self.impls[usable[0]]
+            self.cache.put(device, key, Choice(usable[0], {}, unavailable))
+            return self.impls[usable[0]], True
         if self.capturing():
             if not self._warned_capture:
                 warnings.warn(
                     f"fastlora: no measured implementation for [{key}] on {device} while a CUDA "
                     f"graph is being captured (nothing can be timed then): running "
                     f"'{self.default}'. Call fastlora.warmup(...) with the layer's shapes, or run "
-                    "the model once, before capturing.", stacklevel=3)
+                    "the model once, before capturing.", stacklevel=4)
                 self._warned_capture = True
-            return self.impls[self.default]
-        timings.update({name: self._time(self.impls[name], args) for name in todo})
-        fastest = min(usable, key=timings.__getitem__)
-        skipped = {name: reason for name, reason in unavailable.items() if name not in timings}
-        self.cache.put(device, key, Choice(min(timings, key=timings.__getitem__), timings, skipped))
-        return self.impls[fastest]
+            return self.impls[self.default], False
+        timings = {name: self._time(self.impls[name], args) for name in usable}
+        fastest = min(timings, key=timings.__getitem__)
+        self.cache.put(device, key, Choice(fastest, timings, unavailable))
+        return self.impls[fastest], True
 
     def _time(self, impl: Impl, args: LinearArgs) -> float:
         run = lambda: impl(args)  # noqa: E731
@@ -248,6 +301,10 @@ class Chooser:
         key = spec.key()
         forced = self.forced()
         if forced:
+            if forced not in spec.impls:
+                return Explanation(stage, key, self.default,
+                                   f"{IMPL_ENV}={forced} is not a candidate of this stage "
+                                   f"({', '.join(spec.impls)}): its default runs")
             return Explanation(stage, key, forced, f"forced by {IMPL_ENV}")
         if not self._times(device):
             return Explanation(stage, key, self.default, f"not timed on {device.type}")
@@ -263,12 +320,13 @@ class Chooser:
 CHOOSER = Chooser()
 
 
-def linear(a: torch.Tensor, b: torch.Tensor, low: kernels.LowRank | None = None,
-           bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None, *,
-           g_out: torch.Tensor | None = None, g_in: torch.Tensor | None = None) -> torch.Tensor:
-    """``kernels.fused_linear``'s result from the implementation ``CHOOSER`` picks."""
-    args = LinearArgs(a, b, low, bias, out_dtype, g_out, g_in)
-    return CHOOSER.choose(args)(args)
+def linear(impls: tuple[str, ...], a: torch.Tensor, b: torch.Tensor,
+           low: kernels.LowRank | None = None, bias: torch.Tensor | None = None,
+           out_dtype: torch.dtype | None = None, *, g_out: torch.Tensor | None = None,
+           g_in: torch.Tensor | None = None) -> torch.Tensor:
+    """``kernels.fused_linear``'s result from the one of ``impls`` (a stage's candidates:
+    ``FORWARD``, ``LORA_DX``, ``DORA_DX``) that ``CHOOSER`` picks for this call."""
+    return CHOOSER.run(impls, a, b, low, bias, out_dtype, g_out, g_in)
 
 
 def layer_stages(m: int, k: int, n: int, r: int, *, dtype: torch.dtype,
@@ -278,12 +336,16 @@ def layer_stages(m: int, k: int, n: int, r: int, *, dtype: torch.dtype,
     weight ``[n, k]`` row-major, rank r), as ``fastlora._ops`` makes them: "forward"
     (a = x, b = W^T, lb = B^T, the bias, DoRA's g on the output) and, in training, "dx"
     (a = dY, b = W, lb = A, dropout's keep-mask, DoRA's g on dY). DoRA with dropout in
-    training runs the PyTorch reference: no stage."""
+    training runs the PyTorch reference: no stage. Rows are 16-byte aligned when their
+    byte lengths are (fresh tensors start on such boundaries)."""
     if dora and dropout and training:
         return {}
-    stages = {"forward": StageSpec(m, n, k, r, dtype, adapter_dtype, dtype, bias=bias,
-                                   g_out=dora)}
+    size = torch.empty((), dtype=dtype).element_size()
+    k_rows, n_rows = (k * size) % 16 == 0, (n * size) % 16 == 0
+    stages = {"forward": StageSpec(m, n, k, r, dtype, adapter_dtype, dtype, aligned=k_rows,
+                                   bias=bias, g_out=dora, impls=FORWARD)}
     if training:
         stages["dx"] = StageSpec(m, k, n, r, dtype, adapter_dtype, dtype, b_nk=False,
-                                 dropout=dropout, g_in=dora)
+                                 aligned=k_rows and n_rows, dropout=dropout, g_in=dora,
+                                 impls=DORA_DX if dora else LORA_DX)
     return stages

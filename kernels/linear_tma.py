@@ -154,6 +154,13 @@ def tma_unsupported(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype | N
         return "empty reduction (K = 0)"
     if (b.shape[1] * a.element_size()) % 16:
         return f"output rows of {b.shape[1]} x {a.element_size()} bytes are not 16-byte aligned"
+    return tma_layout_unsupported(a, b)
+
+
+def tma_layout_unsupported(a: torch.Tensor, b: torch.Tensor) -> str | None:
+    """Why the layouts of a ``[M, K]`` and b ``[K, N]`` (b as W^T of a row-major W, or
+    row-major itself) cannot back TMA descriptors (rows contiguous, starting on 16-byte
+    boundaries), or None."""
     return _tma_ready("a", a) or _tma_ready("b", b.t() if b.stride(0) == 1 else b)
 
 

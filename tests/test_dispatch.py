@@ -1,6 +1,7 @@
-"""The implementation chooser with injected timings: it picks the fastest, caches the choice
-in memory and on disk, honours FASTLORA_IMPL, never re-times a cached key and never times
-while a CUDA graph is being captured; explain and warmup report what it chose."""
+"""The implementation chooser with injected timings: it picks the fastest of a stage's
+candidates, caches the choice in memory and on disk, honours FASTLORA_IMPL, never re-times
+a cached key (a settled key is one dictionary lookup) and never times while a CUDA graph is
+being captured; explain and warmup report what it chose."""
 import json
 import warnings
 
@@ -11,8 +12,8 @@ import fastlora
 from data import generator, randn
 from fastlora import dispatch
 from fastlora.choice_cache import ChoiceCache
-from fastlora.dispatch import Chooser, Impl, LinearArgs, StageSpec
-from fastlora.kernels import LowRank
+from fastlora.dispatch import DORA_DX, FORWARD, Chooser, Impl, LinearArgs, StageSpec
+from fastlora.kernels import LowRank, tma_layout_unsupported
 from tolerances import assert_close
 
 
@@ -167,17 +168,63 @@ def test_never_times_under_capture_default_then_cached_choice():
     assert len(timer.calls) == 3
 
 
-def test_cached_key_times_only_a_candidate_it_never_measured():
-    """A call that TMA could not take leaves no TMA timing; a later call it can take times
-    TMA alone (the others stay measured)."""
+def test_an_unaligned_call_is_its_own_key():
+    """TMA needs 16-byte aligned rows: a call whose rows are not (here a view one element
+    into its storage) has its own key, where TMA is no candidate."""
     timer = FakeTimer(fused=3.0, cublas=2.0, tma=1.0)
-    unsupported = {"tma": "misaligned"}
-    c = Chooser({n: Impl(n, i.launch, lambda args, _n=n: unsupported.get(_n))
-                 for n, i in fake_impls().items()}, ChoiceCache(), timer)
-    assert c.choose(call()).name == "cublas"
-    unsupported.clear()
-    assert c.choose(call()).name == "tma"
-    assert timer.calls == ["fused", "cublas", "tma"]
+    impls = fake_impls()
+    impls["tma"] = Impl("tma", impls["tma"].launch,
+                        lambda args: tma_layout_unsupported(args.a, args.b))
+    c = Chooser(impls, ChoiceCache(), timer)
+    aligned = call()
+    storage = randn(40 * 64 + 1, g=generator(5), dtype=torch.float16)
+    shifted = LinearArgs(storage[1:].view(40, 64), aligned.b, aligned.low)
+    assert c.choose(shifted).name == "cublas"
+    assert c.choose(aligned).name == "tma"
+    assert timer.calls == ["fused", "cublas", "fused", "cublas", "tma"]
+    assert StageSpec.of(shifted).key() == StageSpec.of(aligned).key() + " +unaligned"
+    choice = c.cache.get("cpu", StageSpec.of(shifted).key())
+    assert "16-byte" in choice.unavailable["tma"]
+
+
+def test_a_stage_times_only_its_candidates():
+    """DoRA's dx (g_in) has no cuBLAS form: its stage never times or runs cuBLAS."""
+    timer = FakeTimer(fused=3.0, cublas=1.0, tma=2.0)
+    c = chooser(timer)
+    args = call(g_in=torch.ones(64))
+    assert c.choose(args, DORA_DX).name == "tma"
+    assert timer.calls == ["fused", "tma"]
+
+
+def test_forced_implementation_outside_a_stage_runs_its_default(monkeypatch):
+    monkeypatch.setenv("FASTLORA_IMPL", "cublas")
+    c = chooser(FakeTimer())
+    assert c.choose(call(g_in=torch.ones(64)), DORA_DX).name == "fused"
+    spec = StageSpec.of(call(g_in=torch.ones(64)), DORA_DX)
+    e = c.describe("dx", spec, "cpu")
+    assert e.impl == "fused" and "FASTLORA_IMPL=cublas is not a candidate" in e.why
+
+
+def test_a_settled_key_is_a_lookup(monkeypatch):
+    """After a key's first call nothing is measured, checked or formatted again: the call
+    key (a tuple) finds the choice; FASTLORA_IMPL is part of it."""
+    timer = FakeTimer(fused=3.0, cublas=1.0, tma=2.0)
+    c = chooser(timer)
+    args = call()
+    assert c.run(FORWARD, args.a, args.b, args.low) == "cublas"
+
+    def fail(*a, **k):
+        raise AssertionError("slow path taken for a settled key")
+
+    monkeypatch.setattr(StageSpec, "of", fail)
+    monkeypatch.setattr(c, "_choose", fail)
+    for m in (40, 33, 64):  # one M bucket
+        again = call(m=m)
+        assert c.run(FORWARD, again.a, again.b, again.low) == "cublas"
+    assert len(timer.calls) == 3
+    monkeypatch.setenv("FASTLORA_IMPL", "tma")
+    with pytest.raises(AssertionError, match="slow path"):
+        c.run(FORWARD, args.a, args.b, args.low)
 
 
 def test_cpu_without_a_timer_runs_the_default_and_writes_nothing(cache_dir):
