@@ -55,7 +55,7 @@ def warmup(x_shape, weight_shape, rank: int, *, dtype: torch.dtype = torch.bfloa
     stages = _stages(x_shape, weight_shape, rank, dtype, adapter_dtype, bias, dropout_p, dora,
                      training)
     for spec in stages.values():
-        dispatch.CHOOSER.choose(spec.synthetic(device, generator))
+        dispatch.CHOOSER.choose(spec.synthetic(device, generator), spec.impls)
     _run_layer(x_shape, weight_shape, rank, dtype, adapter_dtype or dtype, bias, dropout_p, dora,
                training, device, generator)
     return explain(x_shape, weight_shape, rank, dtype=dtype, adapter_dtype=adapter_dtype,

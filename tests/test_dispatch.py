@@ -289,6 +289,15 @@ def test_explain_dora_and_inference(timed_chooser, device):
         fastlora.explain((7, 31), (48, 32), 4)
 
 
+def test_warmup_times_each_stage_s_candidates(timed_chooser, device):
+    """DoRA in training: the forward times three candidates, the dx pass fused and TMA."""
+    c, timer = timed_chooser
+    out = fastlora.warmup((7, 32), (48, 32), 4, dtype=torch.float32, dora=True, device=device)
+    assert timer.calls == ["fused", "cublas", "tma", "fused", "tma"]
+    assert [(e.impl, list(e.timings_ms)) for e in out] == [
+        ("cublas", ["fused", "cublas", "tma"]), ("fused", ["fused", "tma"])]
+
+
 def test_explain_reports_override_and_cpu(monkeypatch):
     monkeypatch.setenv("FASTLORA_IMPL", "cublas")
     assert all(e.impl == "cublas" and "FASTLORA_IMPL" in e.why
