@@ -61,7 +61,8 @@ export PYTHONUNBUFFERED=1
 DRYFLAG=()
 if [ $DRY = 1 ]; then
   DRYFLAG=(--dry-run)
-  export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""
+  # nothing is installed in the dry run: this checkout's fastlora comes first on the path
+  export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES="" PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
 say() { echo "=== $* ($(date -u +%T), ${SECONDS}s)" | tee -a "$LOG"; }
