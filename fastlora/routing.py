@@ -96,6 +96,7 @@ class Routing:
     expected: dict[int, tuple[int, str]] | None = None
     names: tuple[str | None, ...] | None = None
     slot_names: tuple[str, ...] | None = None
+    present: frozenset = frozenset()  # the names of ``names``
     rows: int | None = None  # a static routing's row count (its buffers' size)
     _seen: int = field(default=-1, repr=False)  # the slot-table version last validated
     _per_rows: dict = field(default_factory=dict, repr=False)  # m -> (row index, RowGroups)
@@ -117,7 +118,7 @@ class Routing:
         used = {i for i in index if i >= 0}
         expected = slots.snapshot(used) if slots is not None else None
         return cls(torch.tensor(index, dtype=torch.int32, device=device), n, slots, expected,
-                   names, slot_names)
+                   names, slot_names, frozenset(names))
 
     @classmethod
     def from_index(cls, index: torch.Tensor, n: int, *, slots: Slots | None = None,
@@ -178,7 +179,8 @@ class Routing:
             raise ValueError(f"this static routing has {self.index.numel()} entries, got "
                              f"{new.index.numel()}")
         self.index.copy_(new.index)
-        self.expected, self.names, self._seen = new.expected, new.names, new._seen
+        self.expected, self.names, self.present = new.expected, new.names, new.present
+        self._seen = new._seen
         row_index, groups = self._per_rows[self.rows]
         fresh_index, fresh = self._derive(self.rows)
         row_index.copy_(fresh_index)
