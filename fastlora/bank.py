@@ -309,7 +309,7 @@ class LayerBank:
 
 
 def _weight_of(source: nn.Module | torch.Tensor) -> torch.Tensor:
-    return _layer_weight(source) if isinstance(source, nn.Module) else source
+    return layer_weight(source) if isinstance(source, nn.Module) else source
 
 
 def base_layer(module: nn.Module) -> nn.Module:
@@ -319,7 +319,7 @@ def base_layer(module: nn.Module) -> nn.Module:
     return get() if callable(get) else module
 
 
-def _layer_weight(module: nn.Module) -> torch.Tensor | None:
+def layer_weight(module: nn.Module) -> torch.Tensor | None:
     """``[N, K]`` weight of a Linear (or transformers Conv1D, as a transposed view), seen
     through a LoRA wrapper."""
     module = base_layer(module)
@@ -349,7 +349,7 @@ class AdapterBank:
                  capacity: int = 8, rows: int = 0, max_rank: int | None = None,
                  fixed: bool = False):
         if isinstance(base, torch.Tensor) or (isinstance(base, nn.Module)
-                                              and _layer_weight(base) is not None):
+                                              and layer_weight(base) is not None):
             self._model, self._targets = None, {"": base}
         elif isinstance(base, nn.Module):
             self._model = base
@@ -369,6 +369,15 @@ class AdapterBank:
         self.layers: dict[str, LayerBank] = {}
         self.slots = Slots(capacity, self._device())
         self._covers: dict[str, list[str]] = {}  # adapter -> layers it holds
+
+    @property
+    def device(self) -> torch.device:
+        return self._device()
+
+    @property
+    def model(self) -> nn.Module | None:
+        """The model whose layers the bank serves (None for a one-layer bank)."""
+        return self._model
 
     # ------------------------------------------------------------ names
 
@@ -547,7 +556,7 @@ class AdapterBank:
             module = self._model.get_submodule(layer)
         except AttributeError:
             raise KeyError(f"the model has no module {layer!r}") from None
-        if _layer_weight(module) is None:
+        if layer_weight(module) is None:
             cls = type(base_layer(module))
             raise ValueError(f"module {layer!r} is a {cls.__module__}.{cls.__qualname__}, not an "
                              "nn.Linear or a transformers Conv1D")
