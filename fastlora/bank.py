@@ -259,8 +259,10 @@ class LayerBank:
             self.weight_norm[slot] = 1.0
 
     def _write_meta(self, slot: int) -> None:
-        """The slot's offset, rank and scale on the device (fills, no host-to-device copy)."""
-        self.offsets[slot] = self._offset[slot]
+        """The slot's offset (constant in a fixed bank), rank and scale on the device (fills,
+        no host-to-device copy)."""
+        if not self.fixed:
+            self.offsets[slot] = self._offset[slot]
         self.ranks[slot] = self._rank[slot]
         self.scales[slot] = self._scale[slot]
 
