@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Results, Run, parser  # noqa: E402
+from common import Results, Run, llama, llama_options, parser, presets  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 FULL = dict(rows=[16, 64, 128], adapters=[1, 8, 32, 128], layers=16, context=512,
@@ -50,13 +50,7 @@ COLUMNS = ["rows", "adapters", "impl", "eager_ms", "graph_ms", "bound_ms", "grap
 
 def parse_args(argv=None):
     p = parser(__doc__)
-    p.add_argument("--quick", action="store_true", help="4 layers, 64 rows, 1 and 32 adapters")
-    p.add_argument("--hidden", type=int, default=2048)
-    p.add_argument("--intermediate", type=int, default=5632)
-    p.add_argument("--layers", type=int, help="default 16 (4 with --quick)")
-    p.add_argument("--heads", type=int, default=32)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=32000)
+    llama_options(p, kv_heads=4)
     p.add_argument("--context", type=int, help="KV-cache tokens (default 512)")
     p.add_argument("--rows", type=int, nargs="+", help="decode batch sizes (default 16 64 128)")
     p.add_argument("--adapters", type=int, nargs="+", help="distinct adapters (default 1 8 32 128)")
@@ -64,23 +58,7 @@ def parse_args(argv=None):
                    help="adapters the PEFT model holds (default 32: building 128 PEFT adapters "
                         "costs minutes); larger batches have no PEFT row")
     p.add_argument("--page-reps", type=int, help="page-ins timed (default 20)")
-    args = p.parse_args(argv)
-    preset = DRY if args.dry_run else QUICK if args.quick else FULL
-    for name, value in preset.items():
-        if name in DRY and args.dry_run or getattr(args, name, None) is None:
-            setattr(args, name, value)
-    return args
-
-
-def build_base(args, run: Run):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate,
-                      num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                      num_key_value_heads=args.kv_heads, vocab_size=args.vocab,
-                      max_position_embeddings=args.context + 16, eos_token_id=None)
-    with torch.device(run.device):
-        return LlamaForCausalLM(cfg).to(run.half).eval()
+    return presets(p.parse_args(argv), FULL, QUICK, DRY)
 
 
 def random_adapter(model, seed: int, device) -> dict:
@@ -245,7 +223,7 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     run = Run.start("bench_serve.py", args)
-    base = build_base(args, run)
+    base = llama(args, run.device, run.half, args.context + 16, eos_token_id=None).eval()
     n_max = max(args.adapters)
     adapters = [random_adapter(base, i, run.device) for i in range(n_max)]
     bank = AdapterBank(base, capacity=n_max, max_rank=RANK, fixed=True)

@@ -5,6 +5,7 @@ import torch
 
 from fastlora.peft import patch, peft_mixed_batch_forward
 from fastlora.peft.state import state_of
+from spies import count_calls
 from tolerances import assert_close
 
 peft = pytest.importorskip("peft")
@@ -203,14 +204,7 @@ def test_one_routing_per_model_call(device, monkeypatch):
 
     model = make_model(device).eval()
     patch(model)
-    counts = {"batch_routing": 0, "group_rows": 0}
-    for module, name in ((mixed_batch, "batch_routing"), (multi_meta, "group_rows")):
-        original = getattr(module, name)
-
-        def counted(*a, _f=original, _n=name, **kw):
-            counts[_n] += 1
-            return _f(*a, **kw)
-        monkeypatch.setattr(module, name, counted)
+    counts = count_calls(monkeypatch, (mixed_batch, "batch_routing"), (multi_meta, "group_rows"))
     g = torch.Generator().manual_seed(60)
     x = torch.randn(7, 5, 70, generator=g).to(device)
     with torch.no_grad():

@@ -1,6 +1,9 @@
 """fastlora.routing.Routing: made once per batch, reused by every layer of a forward (no
 per-layer checks or grouping), one entry per sequence serving prefill and decode row
 counts, static buffers rewritten in place for CUDA graphs."""
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -10,7 +13,11 @@ from fastlora import checks, multi_lora_linear, reference
 from fastlora.bank import AdapterBank
 from fastlora.kernels import multi_meta
 from fastlora.routing import Routing
+from spies import count_calls
 from tolerances import assert_close
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from common import capture  # noqa: E402
 
 K, N = 40, 36
 
@@ -59,14 +66,7 @@ def test_one_routing_serves_every_layer_without_per_layer_work(monkeypatch, devi
     routing = bank.index(names)
     g = generator(31)
     x = randn(len(names), 5, K, g=g, device=device)  # [B, T, K]: 5 rows per sequence
-    counts = {"check_index": 0, "group_rows": 0}
-    for module, name in ((checks, "check_index"), (multi_meta, "group_rows")):
-        original = getattr(module, name)
-
-        def counted(*a, _f=original, _n=name, **kw):
-            counts[_n] += 1
-            return _f(*a, **kw)
-        monkeypatch.setattr(module, name, counted)
+    counts = count_calls(monkeypatch, (checks, "check_index"), (multi_meta, "group_rows"))
     with torch.no_grad():
         y = forward(model, bank, x, routing)
         assert counts == {"check_index": 0, "group_rows": 1}
@@ -189,15 +189,7 @@ def test_gpu_captured_decode_step_replays_new_assignments():
 
     with torch.no_grad():
         bank.assign(routing, ["t0"] * 16)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                step()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
+        graph = capture(step)
         g = generator(39)
         for _ in range(3):
             names = [None if i < 0 else f"t{i}" for i in randint(-1, 4, (16,), g=g).tolist()]
