@@ -6,8 +6,10 @@ A routing holds one adapter slot per *entry* (``-1``: the base layer only): per 
 entry ``m / entries`` consecutive rows, so one routing serves the prefill (``T`` tokens per
 sequence) and the decode steps (one) of a generation. Everything a layer needs is made on
 the device without a host sync and kept per row count: the per-row index and the rows
-grouped by adapter (``fastlora.kernels.multi_meta.group_rows``). So
-``fastlora.multi_lora_linear`` given a routing does no per-layer checks or grouping.
+grouped by adapter (``fastlora.kernels.multi_meta.group_rows``, made when a kernel first
+needs it), or, for a decode kernel that gathers each row's adapter without sorting, the
+per-row slots (``decode``). So ``fastlora.multi_lora_linear`` given a routing does no
+per-layer checks or grouping.
 
 Tenant isolation: a routing made from an ``AdapterBank`` (``bank.index``) records the
 generation of each slot it points to (``Slots``); a layer refuses it once one of those
@@ -75,9 +77,12 @@ class Slots:
 
 @dataclass
 class DecodeMeta:
-    """Per-row metadata of a decode-path kernel (no row sorting): filled by ``Routing`` for a
-    row count at most ``max_rows`` when a kernel asks for it. ``row_index`` ``[m]`` int32
-    (slot per row, -1 base). The decode kernels gather each row's adapter from it."""
+    """What a decode-path kernel (small M, rows not sorted, each row gathering its own
+    adapter) reads per batch: ``row_index`` ``[m]`` int32, the slot of every row (-1: base
+    only). Per-layer facts (offsets, ranks, scales, DoRA factors) stay in the layer's
+    ``PackedAdapters``. Made by ``Routing.decode(m)`` once per row count, from the same
+    buffers a static routing rewrites in ``assign`` (so a captured decode step reads the
+    new batch); further per-batch fields a kernel needs belong here, made in ``decode``."""
     row_index: torch.Tensor
 
 
@@ -99,7 +104,8 @@ class Routing:
     present: frozenset = frozenset()  # the names of ``names``
     rows: int | None = None  # a static routing's row count (its buffers' size)
     _seen: int = field(default=-1, repr=False)  # the slot-table version last validated
-    _per_rows: dict = field(default_factory=dict, repr=False)  # m -> (row index, RowGroups)
+    _rows: dict = field(default_factory=dict, repr=False)  # m -> row index [m]
+    _groups: dict = field(default_factory=dict, repr=False)  # m -> RowGroups
 
     def __post_init__(self):
         if self.slots is not None:
@@ -156,7 +162,8 @@ class Routing:
                              f"{entries} entries for {rows} rows")
         routing = cls(torch.full((entries,), -1, dtype=torch.int32, device=device), n, slots,
                       {} if slots is not None else None, rows=rows)
-        routing._per_rows[rows] = routing._derive(rows)
+        routing._rows[rows] = routing._expand(rows)
+        routing.groups(rows)
         return routing
 
     # ------------------------------------------------------------ static buffers
@@ -181,11 +188,14 @@ class Routing:
         self.index.copy_(new.index)
         self.expected, self.names, self.present = new.expected, new.names, new.present
         self._seen = new._seen
-        row_index, groups = self._per_rows[self.rows]
-        fresh_index, fresh = self._derive(self.rows)
-        row_index.copy_(fresh_index)
-        for name in ("perm", "keys", "seg"):
-            getattr(groups, name).copy_(getattr(fresh, name))
+        rows = self._rows[self.rows]
+        if rows is not self.index:
+            rows.copy_(self._expand(self.rows))
+        groups = self._groups.get(self.rows)
+        if groups is not None:
+            fresh = self._group(rows)
+            for name in ("perm", "keys", "seg"):
+                getattr(groups, name).copy_(getattr(fresh, name))
 
     # ------------------------------------------------------------ use
 
@@ -224,41 +234,45 @@ class Routing:
         if not torch.compiler.is_compiling():
             self.validate()
 
-    def per_row(self, m: int):
-        """(row index ``[m]`` int32, ``RowGroups``) for a layer input of ``m`` rows, made
+    def row_index(self, m: int) -> torch.Tensor:
+        """The slot of each of ``m`` rows (a layer input of ``m`` rows), int32 ``[m]``; made
         once per row count."""
         if torch.compiler.is_compiling():
-            return self._derive(m)
-        hit = self._per_rows.get(m)
+            return self._expand(m)
+        hit = self._rows.get(m)
         if hit is None:
             if self.rows is not None:
                 raise ValueError(f"this static routing serves batches of {self.rows} rows, "
                                  f"got {m}")
-            hit = self._per_rows[m] = self._derive(m)
+            hit = self._rows[m] = self._expand(m)
         return hit
 
-    def row_index(self, m: int) -> torch.Tensor:
-        """The slot of each of ``m`` rows, int32 ``[m]``."""
-        return self.per_row(m)[0]
-
     def groups(self, m: int):
-        """The ``m`` rows grouped by adapter (``fastlora.kernels.multi_meta.RowGroups``)."""
-        return self.per_row(m)[1]
+        """The ``m`` rows grouped by adapter (``fastlora.kernels.multi_meta.RowGroups``),
+        made once per row count, when a kernel first needs them."""
+        if torch.compiler.is_compiling():
+            return self._group(self._expand(m))
+        hit = self._groups.get(m)
+        if hit is None:
+            hit = self._groups[m] = self._group(self.row_index(m))
+        return hit
 
     def decode(self, m: int) -> DecodeMeta:
         """The per-row metadata of a decode-path kernel for ``m`` rows (no sorting)."""
         return DecodeMeta(self.row_index(m))
 
-    def _derive(self, m: int):
-        from .kernels.multi_meta import group_rows
-
+    def _expand(self, m: int) -> torch.Tensor:
         entries = self.index.numel()
         if (entries == 0 and m) or (entries and m % entries):
             raise ValueError(f"the routing has {entries} entries (sequences or rows), the "
                              f"layer's input {m} rows: rows must be a multiple of the entries")
         per = m // entries if entries else 0
-        rows = self.index if per == 1 else self.index.repeat_interleave(per)
-        return rows, group_rows(rows, self.n)
+        return self.index if per == 1 else self.index.repeat_interleave(per)
+
+    def _group(self, rows: torch.Tensor):
+        from .kernels.multi_meta import group_rows
+
+        return group_rows(rows, self.n)
 
     def __len__(self) -> int:
         return self.entries

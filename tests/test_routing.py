@@ -97,7 +97,7 @@ def test_static_routing_same_buffers_new_assignment(device):
     addresses across assign(); the outputs follow the new assignment."""
     model, bank = layers_and_bank(device)
     routing = bank.static_index(6, rows=12)  # 6 sequences, 2 rows each
-    row_index, groups = routing.per_row(12)
+    row_index, groups = routing.row_index(12), routing.groups(12)
     addresses = [t.data_ptr() for t in (routing.index, row_index, groups.perm, groups.keys,
                                         groups.seg)]
     g = generator(33)
@@ -112,6 +112,9 @@ def test_static_routing_same_buffers_new_assignment(device):
                                            groups.seg)] == addresses
             fresh = forward(model, bank, x, bank.index(names))
             assert torch.equal(forward(model, bank, x, routing), fresh)
+            decode = routing.decode(12).row_index  # the decode kernels' per-row slots
+            assert decode.data_ptr() == row_index.data_ptr()
+            assert decode.tolist() == [bank.slot(a) if a else -1 for a in names for _ in range(2)]
         bank.assign(routing, torch.tensor([0, 0, 1, 1, -1, 3], device=device))
         assert torch.equal(forward(model, bank, x, routing),
                            forward(model, bank, x, bank.index(["t0", "t0", "t1", "t1", None, "t3"])))
