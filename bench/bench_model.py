@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Results, Run, parser  # noqa: E402
+from common import Results, Run, llama, llama_options, parser, presets  # noqa: E402
 
 FULL = dict(layers=16, batch=4, seq=1024, context=1024, decode_batch=[1, 16], rep_ms=1000)
 QUICK = dict(layers=4, batch=2, seq=256, context=256, decode_batch=[1], rep_ms=300)
@@ -36,14 +36,7 @@ COLUMNS = ["step", "tokens", "peft_ms", "fastlora_ms", "speedup", "peft_tok_s",
 
 def parse_args(argv=None):
     p = parser(__doc__)
-    p.add_argument("--quick", action="store_true",
-                   help="4 layers, small batch, short timing (not the 1B figures)")
-    p.add_argument("--hidden", type=int, default=2048)
-    p.add_argument("--intermediate", type=int, default=5632)
-    p.add_argument("--layers", type=int, help="default 16 (4 with --quick)")
-    p.add_argument("--heads", type=int, default=32)
-    p.add_argument("--kv-heads", type=int, default=32)
-    p.add_argument("--vocab", type=int, default=32000)
+    llama_options(p, kv_heads=32)
     p.add_argument("--batch", type=int, help="training batch (default 4; 2 quick)")
     p.add_argument("--seq", type=int, help="training sequence length (default 1024; 256 quick)")
     p.add_argument("--context", type=int, help="decode KV-cache length (default 1024; 256 quick)")
@@ -52,26 +45,15 @@ def parse_args(argv=None):
     p.add_argument("--dropout", type=float, default=0.05)
     p.add_argument("--adapter-dtype", choices=("fp32", "bf16"), default="fp32",
                    help="fp32: PEFT's default (autocast_adapter_dtype=True) over the bf16 base")
-    args = p.parse_args(argv)
-    preset = DRY if args.dry_run else QUICK if args.quick else FULL
-    for name, value in preset.items():
-        if name in DRY and args.dry_run or getattr(args, name, None) is None:
-            setattr(args, name, value)
-    return args
+    return presets(p.parse_args(argv), FULL, QUICK, DRY)
 
 
 def build_model(args, run: Run):
     """A Llama-style model from a config, wrapped by PEFT LoRA on every linear layer."""
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate,
-                      num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                      num_key_value_heads=args.kv_heads, vocab_size=args.vocab,
-                      max_position_embeddings=max(4096, args.seq, args.context + 8),
-                      pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    with torch.device(run.device):
-        base = LlamaForCausalLM(cfg).to(run.half)
+    base = llama(args, run.device, run.half, max(4096, args.seq, args.context + 8),
+                 pad_token_id=0, bos_token_id=1, eos_token_id=2)
     lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=args.dropout,
                       target_modules="all-linear")
     model = get_peft_model(base, lora, autocast_adapter_dtype=args.adapter_dtype == "fp32")

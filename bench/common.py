@@ -45,6 +45,41 @@ def parser(doc: str) -> argparse.ArgumentParser:
     return p
 
 
+def llama_options(p: argparse.ArgumentParser, kv_heads: int) -> None:
+    """The options of a Llama-style model built from a config (~1B by default); ``--layers``
+    comes from the benchmark's preset (``presets``)."""
+    p.add_argument("--quick", action="store_true",
+                   help="4 layers, a small grid, short timing (not the 1B figures)")
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--intermediate", type=int, default=5632)
+    p.add_argument("--layers", type=int, help="default 16 (4 with --quick)")
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=kv_heads)
+    p.add_argument("--vocab", type=int, default=32000)
+
+
+def presets(args: argparse.Namespace, full: dict, quick: dict, dry: dict) -> argparse.Namespace:
+    """Options left unset take the run's preset (``--quick``, ``--dry-run``: whose values
+    always win, tiny shapes)."""
+    preset = dry if args.dry_run else quick if args.quick else full
+    for name, value in preset.items():
+        if name in dry and args.dry_run or getattr(args, name, None) is None:
+            setattr(args, name, value)
+    return args
+
+
+def llama(args: argparse.Namespace, device, dtype, positions: int, **config):
+    """A ``LlamaForCausalLM`` of ``llama_options``' shape, random weights, on ``device``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate,
+                      num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                      num_key_value_heads=args.kv_heads, vocab_size=args.vocab,
+                      max_position_embeddings=positions, **config)
+    with torch.device(device):
+        return LlamaForCausalLM(cfg).to(dtype)
+
+
 @dataclass
 class Run:
     """Where one benchmark runs: device, 16-bit dtype, timer, time budget."""

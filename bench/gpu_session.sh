@@ -19,7 +19,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 
-STEPS=(tests sanitize layer multi model)
+STEPS=(tests sanitize layer multi model serve)
 describe() {
   case $1 in
     tests)    echo "GPU tests (-m gpu), then the others one file per process, 4 at a time; per-test timeout" ;;
@@ -27,6 +27,7 @@ describe() {
     layer)    echo "decode (three timings), layer (bf16 and fp32 adapters) and DoRA benchmarks" ;;
     multi)    echo "multi-adapter benchmark, --targets grid (64-row decode, 32 adapters; M=8192, 1..128 adapters)" ;;
     model)    echo "~1B Llama-style model: PEFT vs fastlora.patch, training and decode steps" ;;
+    serve)    echo "fastlora.serve: decode steps (1-128 adapters over 16-128 rows; eager, CUDA graph, PEFT, base, bound) and adapter page-in time" ;;
   esac
 }
 usage() {
@@ -42,7 +43,7 @@ for arg in "$@"; do
     --dry-run) DRY=1 ;;
     -h|--help) usage; exit 0 ;;
     all) steps+=("${STEPS[@]}") ;;
-    tests|sanitize|layer|multi|model) steps+=("$arg") ;;
+    tests|sanitize|layer|multi|model|serve) steps+=("$arg") ;;
     *) echo "gpu_session.sh: unknown step '$arg'" >&2; usage >&2; exit 2 ;;
   esac
 done
@@ -61,8 +62,8 @@ export PYTHONUNBUFFERED=1
 DRYFLAG=()
 if [ $DRY = 1 ]; then
   DRYFLAG=(--dry-run)
-  # nothing is installed in the dry run: this checkout's fastlora comes first on the path
-  export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES="" PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout, whatever is installed
 fi
 
 say() { echo "=== $* ($(date -u +%T), ${SECONDS}s)" | tee -a "$LOG"; }
@@ -193,6 +194,8 @@ step_layer() {
 step_multi() { bench bench_multi.py 520 440 --targets; }
 
 step_model() { bench bench_model.py 520 400; }
+
+step_serve() { bench bench_serve.py 520 400; }
 
 if [ $DRY = 0 ] && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   say "no CUDA device: nothing to run on (bash bench/gpu_session.sh --dry-run checks the run on a CPU)"

@@ -21,9 +21,10 @@ from tables import header, markdown_table, nearest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- measured:start -->", "<!-- measured:end -->"
-ORDER = ["layer", "decode", "dora", "multi", "model"]
+ORDER = ["layer", "decode", "dora", "multi", "model", "serve"]
 TITLES = {"layer": "Layer: forward and backward", "decode": "Decode: three timings",
-          "dora": "DoRA", "multi": "Multi-adapter batches", "model": "Model"}
+          "dora": "DoRA", "multi": "Multi-adapter batches", "model": "Model",
+          "serve": "Serving: decode steps and adapter paging"}
 NO_RESULTS = """No GPU measurements are committed yet. `bash bench/gpu_session.sh STEP` on a GPU
 machine writes them into `STEP.tgz` archives; `python bench/collect_results.py STEP.tgz ...`
 copies them into `bench/results/`, and once they are committed
@@ -130,7 +131,22 @@ def model(data: dict) -> tuple[str, list[dict], list[str]]:
             f"{check['relative']:.1g} relative).", data["rows"], columns)
 
 
-SUMMARIES = {"layer": layer, "decode": decode, "dora": dora, "multi": multi, "model": model}
+def serve(data: dict) -> tuple[str, list[dict], list[str]]:
+    rows = data["rows"]
+    table = [{"rows": r["rows"], "adapters": r["adapters"], "fastlora graph ms": r["graph_ms"],
+              "graph / bound": r["graph/bound"], "vs base model (graph)": r["graph/base"],
+              "fastlora eager ms": r["eager_ms"], "vs PEFT mixed batch (eager)": r["eager/peft"],
+              "tokens/s (graph)": r["graph_tokens_s"]}
+             for r in rows if r["impl"] == "fastlora"]
+    paging = next((r for r in rows if r["impl"] == "page-in"), None)
+    swap = (f" Page-in of one rank-16 adapter ({paging['adapter_mb']:.1f} MiB): "
+            f"{paging['page_in_ms']:.2f} ms (median)." if paging else "")
+    return (f"Decode steps of a Llama-style model, a different adapter per request "
+            f"(`fastlora.serve`).{swap}", table, list(table[0]) if table else [])
+
+
+SUMMARIES = {"layer": layer, "decode": decode, "dora": dora, "multi": multi, "model": model,
+             "serve": serve}
 
 
 def section(path: Path, data: dict, base: Path) -> str:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .functional import dora_weight_norm
+from .routing import Slots
 
 __all__ = ["PackedAdapters", "pack_adapters"]
 
@@ -31,6 +32,8 @@ class PackedAdapters:
     fp32 probabilities applied in training, or None (no dropout). ``dora_dropout``: a host
     fact fixed at packing, True when some DoRA adapter has dropout > 0 (such a batch runs
     the PyTorch reference in training); checked against the tensors when they are on the CPU.
+    ``slots``: the slot table of the ``AdapterBank`` the adapters live in (a
+    ``fastlora.routing.Slots``, which routings are checked against), or None.
     """
     A: torch.Tensor
     B: torch.Tensor
@@ -43,6 +46,7 @@ class PackedAdapters:
     is_dora: torch.Tensor | None = None
     dropout: torch.Tensor | None = None
     dora_dropout: bool = False
+    slots: Slots | None = None
 
     def __post_init__(self):
         n = self.offsets.shape[0] if self.offsets.dim() == 1 else -1

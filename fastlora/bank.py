@@ -2,8 +2,9 @@
 
 One bank serves a model (or a single layer): adapters are loaded by name (from a PEFT
 directory, a ``.safetensors`` file, a state dict or a ``fastlora.io.Adapter``), unloaded,
-or replaced at run time; ``bank.index(names)`` gives the per-row index tensor of
-``fastlora.multi_lora_linear``, and ``bank[module_name]`` the layer's :class:`LayerBank`.
+or replaced at run time; ``bank.index(names)`` gives the ``fastlora.routing.Routing`` of a
+batch (one entry per sequence or row) for ``fastlora.multi_lora_linear``, and
+``bank[module_name]`` the layer's :class:`LayerBank`.
 
 Layout (per base layer): adapters are packed along the rank, not stacked and padded to the
 largest rank: adapter i owns rows ``offsets[i] .. offsets[i] + ranks[i]`` of ``A [S, K]``
@@ -14,52 +15,92 @@ the real ranks in memory and in the kernels. Storage has a fixed capacity (adapt
 and rows) written in place, so replacing an adapter keeps tensor addresses (CUDA graphs,
 no recompilation); when an adapter does not fit, the layer repacks into tensors of twice
 the capacity (new addresses: recapture graphs; reserve capacity up front to avoid it).
-Freed rows are reused first-fit. An adapter's index (slot) is shared by all layers; a
-layer an adapter does not cover holds rank 0 for it (the base only, as PEFT).
+Freed rows are reused first-fit. ``fixed=True`` instead gives every slot ``max_rank`` rows
+up front: nothing ever moves or grows, and a full bank refuses another adapter (the
+adapter pool of ``fastlora.serve`` pages adapters through such a bank). An adapter's index
+(slot) is shared by all layers; a layer an adapter does not cover holds rank 0 for it (the
+base only, as PEFT).
+
+Tenant isolation: the bank's slot table (``fastlora.routing.Slots``) gives each loaded
+adapter a new generation; a routing records those of its slots, and every layer refuses
+it once one of them was unloaded or replaced. An index on an empty slot is an error.
 """
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from .adapters import PackedAdapters
 from .cache import Stamped
 from .functional import dora_weight_norm
-from .adapters import PackedAdapters
+from .routing import BASE, Routing, Slots
 
-__all__ = ["AdapterBank", "LayerBank"]
+__all__ = ["AdapterBank", "LayerBank", "Prepared"]
 
-BASE = "__base__"
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+@dataclass(frozen=True)
+class LayerTensors:
+    """One layer of an adapter, checked and ready to write: A ``[r, K]``, BT ``[r, N]``
+    (lora_B transposed, contiguous), both in the bank's dtype; scale; DoRA magnitude ``[N]``
+    or None."""
+    A: torch.Tensor
+    BT: torch.Tensor
+    scale: float
+    magnitude: torch.Tensor | None
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.A, self.BT, self.magnitude)
+                   if t is not None)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """An adapter checked against a bank (``AdapterBank.prepare``): layer name ->
+    ``LayerTensors``; ``put`` writes it without checking again."""
+    name: str
+    layers: dict[str, LayerTensors]
+
+    def nbytes(self) -> int:
+        return sum(layer.nbytes() for layer in self.layers.values())
 
 
 class LayerBank:
     """One base layer's adapters (weight ``[N, K]``), packed along the rank in fixed-capacity
-    storage: ``slots`` adapters, ``rows`` rank rows in all. DoRA tensors (magnitude
-    ``[slots, N]``, the detached weight norm, flags) appear with the first DoRA adapter.
-    ``source``: the base layer (its current weight is read on every use, so a replaced
-    weight is seen) or a weight tensor."""
+    storage: ``capacity`` adapters, ``rows`` rank rows in all (``fixed``: ``max_rank`` rows per
+    slot, slot i at row ``i * max_rank``). DoRA tensors (magnitude ``[capacity, N]``, the
+    detached weight norm, flags) appear with the first DoRA adapter. ``source``: the base
+    layer (its current weight is read on every use, so a replaced weight is seen) or a
+    weight tensor; ``slots``: the bank's slot table."""
 
-    def __init__(self, source: nn.Module | torch.Tensor, slots: int, rows: int,
-                 dtype: torch.dtype, max_rank: int):
+    def __init__(self, source: nn.Module | torch.Tensor, capacity: int, rows: int,
+                 dtype: torch.dtype, max_rank: int, slots: Slots | None = None,
+                 fixed: bool = False):
         self._source = source
         weight = self.weight
         n_out, k = weight.shape
         dev = weight.device
+        self.fixed = fixed
+        rows = capacity * max_rank if fixed else rows
         self.A = torch.zeros((rows, k), dtype=dtype, device=dev)
         self.B = torch.zeros((rows, n_out), dtype=dtype, device=dev)
-        self.offsets = torch.zeros(slots, dtype=torch.int32, device=dev)
-        self.ranks = torch.zeros(slots, dtype=torch.int32, device=dev)
-        self.scales = torch.zeros(slots, dtype=torch.float32, device=dev)
+        self._offset = [i * max_rank for i in range(capacity)] if fixed else [0] * capacity
+        self.offsets = torch.tensor(self._offset, dtype=torch.int32, device=dev)
+        self.ranks = torch.zeros(capacity, dtype=torch.int32, device=dev)
+        self.scales = torch.zeros(capacity, dtype=torch.float32, device=dev)
         self.magnitude = self.weight_norm = self.is_dora = None
         self.max_rank = max_rank
-        self._offset = [0] * slots  # host mirrors
-        self._rank = [0] * slots
-        self._alloc = [0] * slots  # rows reserved per slot (>= rank)
-        self._scale = [0.0] * slots
-        self._dora = [False] * slots
-        self._free: list[tuple[int, int]] = [(0, rows)] if rows else []  # (start, length)
+        self.slots = slots
+        self._rank = [0] * capacity  # host mirrors
+        self._alloc = [0] * capacity  # rows reserved per slot (>= rank)
+        self._scale = [0.0] * capacity
+        self._dora = [False] * capacity
+        self._free: list[tuple[int, int]] = [(0, rows)] if rows and not fixed else []
         self._norm_stamp: Stamped | None = None
 
     @property
@@ -70,7 +111,7 @@ class LayerBank:
     # ------------------------------------------------------------ storage
 
     @property
-    def slots(self) -> int:
+    def capacity(self) -> int:
         return len(self._rank)
 
     @property
@@ -78,8 +119,8 @@ class LayerBank:
         """Rank rows reserved by the loaded adapters (their ranks' sum)."""
         return sum(self._alloc)
 
-    def grow_slots(self, slots: int) -> None:
-        extra = slots - self.slots
+    def grow(self, capacity: int) -> None:
+        extra = capacity - self.capacity
         dev = self.weight.device
 
         def pad(t, fill=0):
@@ -106,7 +147,7 @@ class LayerBank:
         return self._take_rows(r)
 
     def _release_rows(self, start: int, length: int) -> None:
-        if length:
+        if length and not self.fixed:
             spans = sorted(self._free + [(start, length)])
             merged = [spans[0]]
             for s, n in spans[1:]:
@@ -121,7 +162,7 @@ class LayerBank:
         A = self.A.new_zeros((rows, self.A.shape[1]))
         B = self.B.new_zeros((rows, self.B.shape[1]))
         at = 0
-        for slot in sorted(range(self.slots), key=lambda i: self._offset[i]):
+        for slot in sorted(range(self.capacity), key=lambda i: self._offset[i]):
             n, off = self._alloc[slot], self._offset[slot]
             if n:
                 A[at:at + n] = self.A[off:off + n]
@@ -134,77 +175,96 @@ class LayerBank:
 
     # ------------------------------------------------------------ adapters
 
-    def check(self, name: str, A: torch.Tensor, B: torch.Tensor,
-              magnitude: torch.Tensor | None, where: str) -> None:
-        """Raise if the adapter does not fit this layer (shapes, rank, dtypes, device)."""
+    def check(self, who: str, A: torch.Tensor, B: torch.Tensor, scale,
+              magnitude: torch.Tensor | None) -> float:
+        """Raise if the adapter does not fit this layer (shapes, rank, dtypes, device) or holds
+        NaN / Inf (as ``fastlora.io`` refuses them) or a scale beyond float32 (the kernels'
+        scale dtype); returns the scale as a float. ``who`` names the adapter (and layer)."""
+        from .io.finite import check_finite, finite_number
+
         n_out, k = self.weight.shape
         for what, t in (("A", A), ("B", B), ("magnitude", magnitude)):
             if t is None:
                 continue
             if not t.is_floating_point():
-                raise TypeError(f"adapter {name!r} {where}: {what} has dtype {t.dtype}, not float")
+                raise TypeError(f"{who}: {what} has dtype {t.dtype}, not float")
             if t.device.type != "cpu" and t.device != self.weight.device:
-                raise ValueError(f"adapter {name!r} {where}: {what} is on {t.device}, the bank on "
+                raise ValueError(f"{who}: {what} is on {t.device}, the bank on "
                                  f"{self.weight.device}")
         if A.dim() != 2 or B.dim() != 2 or A.shape[1] != k or B.shape[0] != n_out or B.shape[1] != A.shape[0]:
-            raise ValueError(f"adapter {name!r} {where}: A {list(A.shape)} and B {list(B.shape)} do not "
+            raise ValueError(f"{who}: A {list(A.shape)} and B {list(B.shape)} do not "
                              f"fit the base layer [{n_out}, {k}]: expected A [r, {k}] and B [{n_out}, r]")
         if A.shape[0] < 1:
-            raise ValueError(f"adapter {name!r} {where}: rank 0")
+            raise ValueError(f"{who}: rank 0")
         if self.max_rank and A.shape[0] > self.max_rank:
-            raise ValueError(f"adapter {name!r} {where}: rank {A.shape[0]} exceeds the bank's "
+            raise ValueError(f"{who}: rank {A.shape[0]} exceeds the bank's "
                              f"max_rank={self.max_rank}")
         if magnitude is not None and tuple(magnitude.shape) != (n_out,):
-            raise ValueError(f"adapter {name!r} {where}: DoRA magnitude {list(magnitude.shape)}, "
+            raise ValueError(f"{who}: DoRA magnitude {list(magnitude.shape)}, "
                              f"expected [{n_out}]")
+        scale = finite_number(scale, f"{who}: scale")
+        if abs(scale) > _FLOAT32_MAX:
+            raise ValueError(f"{who}: scale {scale:g} is beyond float32's "
+                             "range (the kernels' scale dtype)")
+        for what, t in (("A", A), ("B", B), ("magnitude", magnitude)):
+            if t is not None:
+                check_finite(t.detach(), f"{who}: {what}")
+        return scale
 
-    def write(self, slot: int, A: torch.Tensor, B: torch.Tensor, scale: float,
-              magnitude: torch.Tensor | None = None) -> None:
-        """Put an adapter (A ``[r, K]``, B ``[N, r]``, its scale, optional DoRA magnitude
-        ``[N]``) in ``slot``, in place; tensors are cast to the bank's dtype and device."""
-        r = A.shape[0]
-        if r > self._alloc[slot]:
-            self.clear(slot)
-            self._offset[slot], self._alloc[slot] = self._take_rows(r), r
+    def write(self, slot: int, t: LayerTensors, non_blocking: bool = False) -> None:
+        """Put one checked layer of an adapter in ``slot``, in place (``non_blocking``: copies
+        from pinned CPU memory overlap the host)."""
+        r = t.A.shape[0]
+        if self.fixed:
+            self._alloc[slot] = r
+        else:
+            if r > self._alloc[slot]:
+                self.clear(slot)
+                self._offset[slot], self._alloc[slot] = self._take_rows(r), r
+            self._release_rows(self._offset[slot] + r, self._alloc[slot] - r)  # a smaller one
+            self._alloc[slot] = r
         off = self._offset[slot]
-        self._release_rows(off + r, self._alloc[slot] - r)  # a smaller replacement
-        self._alloc[slot] = r
         with torch.no_grad():
-            self.A[off:off + r] = A.detach()
-            self.B[off:off + r] = B.detach().t()
-        self._rank[slot], self._scale[slot] = r, float(scale)
-        self._sync_meta()
-        if magnitude is not None:
+            self.A[off:off + r].copy_(t.A, non_blocking=non_blocking)
+            self.B[off:off + r].copy_(t.BT, non_blocking=non_blocking)
+        self._rank[slot], self._scale[slot] = r, t.scale
+        self._write_meta(slot)
+        if t.magnitude is not None:
             if self.magnitude is None:
                 dev = self.weight.device
-                self.magnitude = torch.ones((self.slots, self.B.shape[1]), dtype=self.A.dtype, device=dev)
-                self.weight_norm = torch.ones((self.slots, self.B.shape[1]), device=dev)
-                self.is_dora = torch.zeros(self.slots, dtype=torch.bool, device=dev)
+                self.magnitude = torch.ones((self.capacity, self.B.shape[1]), dtype=self.A.dtype, device=dev)
+                self.weight_norm = torch.ones((self.capacity, self.B.shape[1]), device=dev)
+                self.is_dora = torch.zeros(self.capacity, dtype=torch.bool, device=dev)
             self._refresh_norms()
             with torch.no_grad():
-                self.magnitude[slot] = magnitude.detach()
+                self.magnitude[slot].copy_(t.magnitude, non_blocking=non_blocking)
                 self.weight_norm[slot] = self._norm(slot)
             self.is_dora[slot] = True
         elif self.is_dora is not None:
             self.is_dora[slot] = False
             self.weight_norm[slot] = 1.0
-        self._dora[slot] = magnitude is not None
+        self._dora[slot] = t.magnitude is not None
 
     def clear(self, slot: int) -> None:
         """Empty ``slot`` (rank 0: base only) and free its rows."""
         self._release_rows(self._offset[slot], self._alloc[slot])
-        self._offset[slot] = self._rank[slot] = self._alloc[slot] = 0
+        if not self.fixed:
+            self._offset[slot] = 0
+        self._rank[slot] = self._alloc[slot] = 0
         self._scale[slot] = 0.0
         self._dora[slot] = False
-        self._sync_meta()
+        self._write_meta(slot)
         if self.is_dora is not None:
             self.is_dora[slot] = False
             self.weight_norm[slot] = 1.0
 
-    def _sync_meta(self) -> None:
-        self.offsets.copy_(torch.tensor(self._offset, dtype=torch.int32))
-        self.ranks.copy_(torch.tensor(self._rank, dtype=torch.int32))
-        self.scales.copy_(torch.tensor(self._scale, dtype=torch.float32))
+    def _write_meta(self, slot: int) -> None:
+        """The slot's offset (constant in a fixed bank), rank and scale on the device (fills,
+        no host-to-device copy)."""
+        if not self.fixed:
+            self.offsets[slot] = self._offset[slot]
+        self.ranks[slot] = self._rank[slot]
+        self.scales[slot] = self._scale[slot]
 
     def _norm(self, slot: int) -> torch.Tensor:
         off, r = self._offset[slot], self._rank[slot]
@@ -217,10 +277,15 @@ class LayerBank:
         weight = self.weight
         if force or self._norm_stamp is None or not self._norm_stamp.valid_for((weight,), None):
             with torch.no_grad():
-                for slot in range(self.slots):
+                for slot in range(self.capacity):
                     if self._dora[slot]:
                         self.weight_norm[slot] = self._norm(slot)
             self._norm_stamp = Stamped((weight,), None, None)
+
+    @property
+    def live(self) -> bool:
+        """Whether some adapter covers this layer (a rank above 0)."""
+        return any(self._rank)
 
     def packed(self) -> PackedAdapters:
         """The layer's adapters for ``fastlora.multi_lora_linear`` (views of the storage).
@@ -229,7 +294,7 @@ class LayerBank:
             self._refresh_norms()
         return PackedAdapters(self.A, self.B, self.offsets, self.ranks, self.scales,
                               self.max_rank or max(self._rank + [1]), self.magnitude,
-                              self.weight_norm, self.is_dora)
+                              self.weight_norm, self.is_dora, slots=self.slots)
 
     def nbytes(self) -> int:
         tensors = [self.A, self.B, self.offsets, self.ranks, self.scales, self.magnitude,
@@ -241,16 +306,25 @@ class LayerBank:
         dora = sum(self._dora)
         return (f"LayerBank(weight [{', '.join(map(str, self.weight.shape))}], {len(ranks)} adapters "
                 f"(rank by slot: {ranks}){f', {dora} DoRA' if dora else ''}, rows {self.used_rows}/"
-                f"{self.A.shape[0]}, slots {self.slots}, {str(self.A.dtype).removeprefix('torch.')} "
+                f"{self.A.shape[0]}, slots {self.capacity}, {str(self.A.dtype).removeprefix('torch.')} "
                 f"on {self.A.device})")
 
 
 def _weight_of(source: nn.Module | torch.Tensor) -> torch.Tensor:
-    return _layer_weight(source) if isinstance(source, nn.Module) else source
+    return layer_weight(source) if isinstance(source, nn.Module) else source
 
 
-def _layer_weight(module: nn.Module) -> torch.Tensor | None:
-    """``[N, K]`` weight of a Linear (or transformers Conv1D, as a transposed view)."""
+def base_layer(module: nn.Module) -> nn.Module:
+    """The layer a LoRA wrapper (PEFT's ``lora.Linear``: ``get_base_layer``) adapts, else
+    ``module`` itself: adapters bind to base layers, as ``fastlora.io`` resolves them."""
+    get = getattr(module, "get_base_layer", None)
+    return get() if callable(get) else module
+
+
+def layer_weight(module: nn.Module) -> torch.Tensor | None:
+    """``[N, K]`` weight of a Linear (or transformers Conv1D, as a transposed view), seen
+    through a LoRA wrapper."""
+    module = base_layer(module)
     if isinstance(module, nn.Linear):
         return module.weight
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
@@ -262,20 +336,22 @@ class AdapterBank:
     """Named adapters for a model's linear layers (or one layer), packed per layer.
 
     ``base``: a model (adapters bind to its ``nn.Linear`` / ``Conv1D`` modules by name, as
-    ``fastlora.io.load_adapter(..., base_model=model)`` resolves them), an ``nn.Linear``, or
-    a weight ``[N, K]`` (a one-layer bank, layer name ``""``). Adapter tensors are cast to
-    ``dtype`` (default: the base weight's) and copied to the base's device. ``capacity``:
-    initial adapter slots (doubled when full); ``rows``: initial rank rows per layer
-    (doubled as needed, so memory follows the adapters' real sizes);
-    ``max_rank``: the largest rank allowed (None: grows with the adapters; fixing it keeps
-    ``torch.compile`` graphs valid when adapters change).
+    ``fastlora.io.load_adapter(..., base_model=model)`` resolves them; in a PEFT model, to
+    the base layers of its LoRA layers), an ``nn.Linear``, or a weight ``[N, K]`` (a
+    one-layer bank, layer name ``""``). Adapter tensors are cast to ``dtype`` (default: the
+    base weight's) and copied to the base's device. ``capacity``: initial adapter slots
+    (doubled when full); ``rows``: initial rank rows per layer (doubled as needed, so memory
+    follows the adapters' real sizes); ``max_rank``: the largest rank allowed (None: grows
+    with the adapters; fixing it keeps ``torch.compile`` graphs valid when adapters change).
+    ``fixed=True`` (needs ``max_rank``): ``capacity`` slots of ``max_rank`` rows each,
+    allocated up front, never moved or grown; loading into a full bank raises.
     """
 
     def __init__(self, base: nn.Module | torch.Tensor, *, dtype: torch.dtype | None = None,
-                 capacity: int = 8, rows: int = 0, max_rank: int | None = None):
-        if isinstance(base, torch.Tensor):
-            self._model, self._targets = None, {"": base}
-        elif _layer_weight(base) is not None:
+                 capacity: int = 8, rows: int = 0, max_rank: int | None = None,
+                 fixed: bool = False):
+        if isinstance(base, torch.Tensor) or (isinstance(base, nn.Module)
+                                              and layer_weight(base) is not None):
             self._model, self._targets = None, {"": base}
         elif isinstance(base, nn.Module):
             self._model = base
@@ -289,44 +365,73 @@ class AdapterBank:
         self.dtype = dtype or (weight.dtype if weight is not None else next(base.parameters()).dtype)
         if not self.dtype.is_floating_point:
             raise TypeError(f"AdapterBank dtype must be a float dtype, got {self.dtype}")
-        self.capacity, self.rows, self.max_rank = capacity, rows, max_rank
+        if fixed and not max_rank:
+            raise ValueError("AdapterBank(fixed=True) needs max_rank (the rows of every slot)")
+        self.capacity, self.rows, self.max_rank, self.fixed = capacity, rows, max_rank, fixed
         self.layers: dict[str, LayerBank] = {}
-        self._slots: dict[str, int] = {}
+        self.slots = Slots(capacity, self._device())
         self._covers: dict[str, list[str]] = {}  # adapter -> layers it holds
+
+    @property
+    def device(self) -> torch.device:
+        return self._device()
+
+    @property
+    def model(self) -> nn.Module | None:
+        """The model whose layers the bank serves (None for a one-layer bank)."""
+        return self._model
 
     # ------------------------------------------------------------ names
 
     @property
     def names(self) -> list[str]:
         """Loaded adapters, in slot order."""
-        return sorted(self._slots, key=self._slots.get)
+        return [a for a in self.slots.names if a is not None]
 
     def __contains__(self, name: str) -> bool:
-        return name in self._slots
+        return name in self._covers
 
     def __len__(self) -> int:
-        return len(self._slots)
+        return len(self._covers)
 
     def __getitem__(self, layer: str) -> LayerBank:
         """The bank of one base layer (module name); a layer no adapter covers has an empty one."""
         if layer not in self.layers:
             weight = self._weight(layer)
-            bank = LayerBank(weight, self.capacity, self.rows, self.dtype, self.max_rank or 0)
+            bank = LayerBank(weight, self.capacity, self.rows, self.dtype, self.max_rank or 0,
+                             self.slots, self.fixed)
             self.layers[layer] = bank
         return self.layers[layer]
 
     def slot(self, name: str) -> int:
-        """The index of adapter ``name`` in ``multi_lora_linear``'s adapter_index."""
-        try:
-            return self._slots[name]
-        except KeyError:
-            loaded = ", ".join(self.names) or "none"
-            raise KeyError(f"unknown adapter {name!r} (loaded: {loaded})") from None
+        """The slot (index in ``multi_lora_linear``'s adapter_index) of adapter ``name``."""
+        if name in self._covers:
+            return self.slots.names.index(name)
+        loaded = ", ".join(self.names) or "none"
+        raise KeyError(f"unknown adapter {name!r} (loaded: {loaded})")
 
-    def index(self, names: Iterable[str | None], device=None) -> torch.Tensor:
-        """int32 indices for ``names`` (``None`` or ``"__base__"``: -1, the base layer)."""
-        idx = [-1 if a is None or a == BASE else self.slot(a) for a in names]
-        return torch.tensor(idx, dtype=torch.int32, device=device or self._device())
+    def index(self, names: Iterable[str | None], device=None) -> Routing:
+        """The routing of a batch: one entry per name (per sequence of x ``[B, T, K]``, or
+        per row; ``None`` or ``"__base__"``: the base layer). It records the generations of
+        the adapters it uses: a layer refuses it once one of them is unloaded or replaced."""
+        slots = {a: i for i, a in enumerate(self.slots.names) if a is not None}
+
+        def slot_of(name):
+            return slots[name] if name in slots else self.slot(name)
+
+        return Routing.from_names(names, slot_of, self.capacity, device or self._device(),
+                                  slots=self.slots)
+
+    def static_index(self, entries: int, rows: int | None = None) -> Routing:
+        """A routing over fixed buffers for batches of ``rows`` rows (default ``entries``),
+        for CUDA graphs: ``assign(routing, names)`` rewrites it in place between replays."""
+        return Routing.static(entries, rows or entries, self.capacity, self._device(),
+                              slots=self.slots)
+
+    def assign(self, routing: Routing, names) -> None:
+        """Give a static routing of this bank a new batch, in place: names (as ``index``)
+        or an integer tensor of slots."""
+        routing.assign(names if isinstance(names, torch.Tensor) else list(names), self.slot)
 
     def packed(self, layer: str = ""):
         """``self[layer].packed()``: lets a one-layer bank go straight to ``multi_lora_linear``."""
@@ -336,12 +441,36 @@ class AdapterBank:
 
     # ------------------------------------------------------------ loading
 
-    def load(self, name: str, source, *, replace: bool = False) -> int:
-        """Load adapter ``name`` from a PEFT directory, an adapter file, a state dict or a
-        ``fastlora.io.Adapter``; returns its index. ``replace=True`` overwrites a loaded
-        adapter of that name in place (same index). Checks everything before writing."""
+    def prepare(self, name: str, source, *, pin: bool = False) -> Prepared:
+        """Read adapter ``name`` (a PEFT directory, an adapter file, a state dict, a
+        ``fastlora.io.Adapter``, or ``{layer: (A, B, scale, magnitude)}`` tensors) and check
+        it against this bank (shapes, ranks, finite values); tensors in the bank's dtype,
+        where they were (``pin``: in pinned CPU memory, for ``put(..., non_blocking=True)``
+        from CUDA). Nothing is written."""
+        if not isinstance(name, str) or not name or name == BASE:
+            raise ValueError(f"invalid adapter name {name!r}")
+        layers = self._read(name, source)
+        if not layers:
+            raise ValueError(f"adapter {name!r} has no layers")
+        out = {}
+        for target, (A, B, scale, magnitude) in layers.items():
+            who = f"adapter {name!r}" + (f" layer {target!r}" if target else "")
+            scale = self[target].check(who, A, B, scale, magnitude)
+
+            def ready(t):
+                t = t.detach().to(self.dtype)
+                return t.cpu().pin_memory() if pin else t
+
+            out[target] = LayerTensors(ready(A), ready(B.t().contiguous()), scale,
+                                       ready(magnitude) if magnitude is not None else None)
+        return Prepared(name, out)
+
+    def _read(self, name: str, source) -> dict:
+        """``{layer: (A, B, scale, magnitude)}`` of ``source`` (as ``prepare`` takes it)."""
         from .io import Adapter, load_adapter
 
+        if isinstance(source, dict) and all(isinstance(v, tuple) for v in source.values()):
+            return source
         if isinstance(source, (str, os.PathLike, dict)):
             adapter = load_adapter(source, base_model=self._model)
         elif isinstance(source, Adapter):
@@ -354,6 +483,9 @@ class AdapterBank:
             if self._model is None and len(adapter.layers) != 1:
                 raise ValueError(f"adapter {name!r} has {len(adapter.layers)} layers; this bank "
                                  "serves one layer")
+            if getattr(layer, "kind", "lora") != "lora":
+                raise ValueError(f"adapter {name!r}: layer {layer_name!r} is a {layer.kind} layer; "
+                                 "turn it into LoRA first (fastlora.io.to_lora)")
             if layer.is_conv:
                 raise ValueError(f"adapter {name!r}: layer {layer_name!r} is a convolution; "
                                  "the bank holds linear layers")
@@ -361,50 +493,59 @@ class AdapterBank:
                 raise ValueError(f"adapter {name!r}: layer {layer_name!r} has a lora_B bias, "
                                  "which multi-adapter batches do not support")
             layers[target] = (layer.A, layer.B, layer.scale, layer.magnitude)
-        return self._put(name, layers, replace)
+        return layers
+
+    def load(self, name: str, source, *, replace: bool = False) -> int:
+        """Load adapter ``name`` from a PEFT directory, an adapter file, a state dict or a
+        ``fastlora.io.Adapter``; returns its index. ``replace=True`` overwrites a loaded
+        adapter of that name in place (same index, a new generation: routings made before
+        refuse it). Checks everything before writing."""
+        return self.put(self.prepare(name, source), replace=replace)
 
     def add(self, name: str, A: torch.Tensor, B: torch.Tensor, scale: float,
             magnitude: torch.Tensor | None = None, *, layer: str = "", replace: bool = False) -> int:
         """Add one layer's adapter from tensors (A ``[r, K]``, B ``[N, r]``, magnitude ``[N]``
         for DoRA); for a model bank, ``layer`` names the module. Returns the index."""
-        return self._put(name, {layer: (A, B, scale, magnitude)}, replace)
+        return self.load(name, {layer: (A, B, scale, magnitude)}, replace=replace)
+
+    def put(self, adapter: Prepared, *, replace: bool = False, non_blocking: bool = False) -> int:
+        """Write a prepared adapter into a free slot (or, with ``replace``, over the adapter
+        of that name); returns its slot. ``non_blocking``: copies from pinned memory run
+        asynchronously on the current stream."""
+        name = adapter.name
+        if name in self._covers and not replace:
+            raise ValueError(f"adapter {name!r} is already loaded; pass replace=True to replace it")
+        if name in self._covers:
+            slot = self.slot(name)
+            for stale in set(self._covers[name]) - set(adapter.layers):
+                self.layers[stale].clear(slot)
+        else:
+            slot = self._free_slot(name)
+        for target, tensors in adapter.layers.items():
+            self[target].write(slot, tensors, non_blocking)
+        self._covers[name] = list(adapter.layers)
+        self.slots.fill(slot, name)
+        return slot
 
     def unload(self, name: str) -> None:
-        """Remove adapter ``name``; its index becomes free for the next load."""
+        """Remove adapter ``name``; its index becomes free for the next load (routings that
+        use it are refused from now on)."""
         slot = self.slot(name)
         for layer in self._covers.pop(name):
             self.layers[layer].clear(slot)
-        del self._slots[name]
+        self.slots.empty(slot)
 
-    def _put(self, name: str, layers: dict, replace: bool) -> int:
-        if not isinstance(name, str) or not name or name == BASE:
-            raise ValueError(f"invalid adapter name {name!r}")
-        if name in self._slots and not replace:
-            raise ValueError(f"adapter {name!r} is already loaded; pass replace=True to replace it")
-        if not layers:
-            raise ValueError(f"adapter {name!r} has no layers")
-        for target, (A, B, _, magnitude) in layers.items():
-            self[target].check(name, A, B, magnitude, f"layer {target!r}" if target else "")
-        if name in self._slots:
-            slot = self._slots[name]
-            for stale in set(self._covers[name]) - set(layers):
-                self.layers[stale].clear(slot)
-        else:
-            slot = self._free_slot()
-        for target, (A, B, scale, magnitude) in layers.items():
-            self[target].write(slot, A, B, scale, magnitude)
-        self._slots[name] = slot
-        self._covers[name] = list(layers)
-        return slot
-
-    def _free_slot(self) -> int:
-        used = set(self._slots.values())
-        free = next((i for i in range(self.capacity) if i not in used), None)
+    def _free_slot(self, name: str) -> int:
+        free = next((i for i, a in enumerate(self.slots.names) if a is None), None)
         if free is None:
+            if self.fixed:
+                raise RuntimeError(f"cannot load adapter {name!r}: all {self.capacity} slots of "
+                                   "this fixed bank are in use (unload one first)")
             free = self.capacity
             self.capacity *= 2
             for bank in self.layers.values():
-                bank.grow_slots(self.capacity)
+                bank.grow(self.capacity)
+            self.slots.grow(self.capacity)
         return free
 
     def _weight(self, layer: str) -> nn.Module | torch.Tensor:
@@ -417,9 +558,11 @@ class AdapterBank:
             module = self._model.get_submodule(layer)
         except AttributeError:
             raise KeyError(f"the model has no module {layer!r}") from None
-        if _layer_weight(module) is None:
-            raise ValueError(f"module {layer!r} is a {type(module).__name__}, not a Linear")
-        return module
+        if layer_weight(module) is None:
+            cls = type(base_layer(module))
+            raise ValueError(f"module {layer!r} is a {cls.__module__}.{cls.__qualname__}, not an "
+                             "nn.Linear or a transformers Conv1D")
+        return base_layer(module)
 
     def _device(self) -> torch.device:
         if self._targets is not None:

@@ -124,24 +124,33 @@ def check_multi(x, weight, bias, bank, kernel: bool) -> None:
         raise ValueError(f"bank tensors are on {sorted(map(str, devices))}, x on {x.device}")
 
 
-def check_index(index, m: int, n: int, device: torch.device) -> None:
-    """adapter_index: an integer tensor with one entry per row of x, on x's device, each in
-    ``-1 .. n - 1``. The range is checked on the host for CPU tensors; on a GPU by a
-    device-side assert (no host sync; it surfaces at the next synchronization)."""
+def check_index(index, n: int, device: torch.device, m: int | None = None) -> torch.Tensor:
+    """adapter_index: an integer tensor (signed, or uint8/uint16/uint32, whose values all fit
+    int64) on x's device, each entry in ``-1 .. n - 1``; with ``m``, one entry per row of x.
+    Returns it flattened, unsigned dtypes widened to int64. The range is checked on the host
+    for CPU tensors; on a GPU by a device-side assert (no host sync; it surfaces at the next
+    synchronization)."""
     if not isinstance(index, torch.Tensor):
         raise TypeError(f"adapter_index must be an integer tensor, got {type(index).__name__}")
     if index.dtype == torch.bool or index.is_floating_point() or index.is_complex():
         raise TypeError(f"adapter_index must be an integer tensor, got {index.dtype}")
-    if index.numel() != m:
+    if index.dtype == torch.uint64:
+        raise TypeError("adapter_index has dtype uint64, whose values may not fit int64: use a "
+                        "signed integer dtype or uint8/uint16/uint32")
+    if m is not None and index.numel() != m:
         raise ValueError(f"adapter_index has {index.numel()} entries for {m} rows of x "
                          f"(shape {tuple(index.shape)}): one adapter per row is needed")
     if index.device != device:
         raise ValueError(f"adapter_index is on {index.device}, x on {device}")
-    if index.device.type == "cpu" and not torch.compiler.is_compiling():
-        bad = index[(index < -1) | (index >= n)]
+    flat = index.reshape(-1)
+    if flat.dtype in (torch.uint8, torch.uint16, torch.uint32):
+        flat = flat.long()
+    if flat.device.type == "cpu" and not torch.compiler.is_compiling():
+        bad = flat[(flat < -1) | (flat >= n)]
         if bad.numel():
             raise ValueError(f"adapter_index holds {bad[0].item()}, outside -1 .. {n - 1} "
                              f"(the bank has {n} adapters; -1 = base only)")
-    elif m:
-        torch._assert_async(((index >= -1) & (index < n)).all(),
+    elif flat.numel():
+        torch._assert_async(((flat >= -1) & (flat < n)).all(),
                             f"fastlora.multi_lora_linear: adapter_index outside -1 .. {n - 1}")
+    return flat

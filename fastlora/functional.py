@@ -16,6 +16,7 @@ import warnings
 import torch
 
 from . import backend, checks, reference
+from .routing import Routing
 
 
 def _autocast(device_type: str, *tensors):
@@ -160,13 +161,16 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 
 def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, bank,
-                      adapter_index: torch.Tensor, *, training: bool = False,
-                      seed: int | None = None, generator: torch.Generator | None = None
-                      ) -> torch.Tensor:
+                      adapter_index, *, training: bool = False, seed: int | None = None,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
     """Per-row adapters: row i of x ``[..., K]`` uses adapter ``adapter_index[i]`` of the
-    bank (-1: base only); weight ``[N, K]``, bias ``[N]`` or None; adapter_index an integer
-    tensor with one entry per row (x's leading shape, or flattened). Returns ``[..., N]`` in
+    bank (-1: base only); weight ``[N, K]``, bias ``[N]`` or None. Returns ``[..., N]`` in
     x's dtype; each row equals ``fastlora.lora_linear`` (or ``dora_linear``) with its adapter.
+
+    ``adapter_index``: a ``fastlora.routing.Routing`` (made once per model forward, e.g. by
+    ``AdapterBank.index``: this call then does no index checks and no row grouping of its
+    own; an entry per sequence serves all its rows) or an integer tensor with one entry per
+    row (x's leading shape, or flattened), checked and grouped here.
 
     The bank is a ``fastlora.adapters.PackedAdapters`` (or anything with a ``packed()``
     method giving one, such as a ``fastlora.bank.AdapterBank`` layer). Differentiable in x,
@@ -179,18 +183,25 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     be captured in a CUDA graph. Under autocast x, weight and bias are cast; the adapters'
     dots run in the bank's dtype.
 
-    Index range: on CPU an index outside ``-1 .. n - 1`` raises ``ValueError``; on CUDA it
-    is checked without a host sync by a device-side assert (``torch._assert_async``: the
-    error surfaces at the next synchronization and, as for an out-of-range ``nn.Embedding``
-    index, leaves the CUDA context unusable); the kernels clamp indices meanwhile, so they
-    never read out of bounds.
+    Index range: on CPU an index outside ``-1 .. n - 1`` (or, for a bank's adapters, on an
+    empty slot) raises ``ValueError``; on CUDA it is checked without a host sync by a
+    device-side assert (``torch._assert_async``: the error surfaces at the next
+    synchronization and, as for an out-of-range ``nn.Embedding`` index, leaves the CUDA
+    context unusable); the kernels clamp indices meanwhile, so they never read out of
+    bounds. A routing whose adapter was unloaded or replaced since it was made raises
+    ``RuntimeError`` naming it (``Routing.check``).
     """
     bank = bank.packed()
     checks.check_devices(x=x, weight=weight, bias=bias)
     x, weight, bias = _autocast(x.device.type, x, weight, bias)
     which = backend.choose(x, weight, bank.A, bank.B)
     checks.check_multi(x, weight, bias, bank, which == "triton")
-    checks.check_index(adapter_index, math.prod(x.shape[:-1]), bank.n, x.device)
+    m = math.prod(x.shape[:-1])
+    routing = adapter_index
+    if not isinstance(routing, Routing):
+        routing = Routing.from_index(adapter_index, bank.n, slots=bank.slots, device=x.device,
+                                     rows=m)
+    routing.check(bank)
     drop = training and bank.dropout is not None
     if drop and bank.dora_dropout:
         if which == "triton":
@@ -198,13 +209,12 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         which = "torch"
     if which == "torch":
         with torch.autocast(x.device.type, enabled=False):
-            return reference.multi_lora_linear(x, weight, bias, bank, adapter_index,
+            return reference.multi_lora_linear(x, weight, bias, bank, routing.row_index(m),
                                                training=drop,
                                                generator=_generator(seed, generator, x.device))
     from . import multi
-    from .kernels.multi_meta import group_rows
 
-    groups = group_rows(adapter_index, bank.n)
+    groups = routing.groups(m)
     g = flags = None
     if bank.magnitude is not None:
         g = torch.where(bank.is_dora[:, None], bank.magnitude.float() / bank.weight_norm.detach(),

@@ -127,32 +127,6 @@ def test_hundreds_of_adapters_packed_by_real_rank(device):
     assert_close(y, ref, torch.float32, "distinct adapter per row")
 
 
-def test_replacing_adapters_does_not_recompile(device):
-    layer = linear(device)
-    bank = AdapterBank(layer, capacity=4, rows=32, max_rank=8)
-    g = generator(4)
-    bank.add("a", randn(8, 70, g=g, device=device), randn(48, 8, g=g, device=device), 1.0)
-    compiles = []
-
-    def backend(gm, inputs):
-        compiles.append(gm)
-        return gm.forward
-
-    index = bank.index(["a", None, "a"])
-    fn = torch.compile(lambda x: multi_lora_linear(x, layer.weight, layer.bias, bank, index),
-                       backend=backend, fullgraph=True)
-    x = randn(3, 70, g=g, device=device)
-    with torch.no_grad():
-        first = fn(x)
-        A2, B2 = randn(5, 70, g=g, device=device), randn(48, 5, g=g, device=device)
-        bank.add("a", A2, B2, 0.5, replace=True)
-        second = fn(x)
-        want = fastlora.lora_linear(x, layer.weight, layer.bias, A2, B2, 0.5)
-    assert len(compiles) == 1
-    assert not torch.allclose(first, second)
-    assert_close(second[0], want[0].double(), torch.float32, "replaced under compile")
-
-
 def test_bank_errors(device):
     model = base_model(device)
     bank = AdapterBank(model, max_rank=16)
@@ -171,7 +145,7 @@ def test_bank_errors(device):
         bank.add("x", A, B, 1.0, torch.ones(47, device=device), layer="0")
     with pytest.raises(KeyError, match="no module 'nope'"):
         bank.add("x", A, B, 1.0, layer="nope")
-    with pytest.raises(ValueError, match="not a Linear"):
+    with pytest.raises(ValueError, match="is a torch.nn.modules.activation.ReLU, not an nn.Linear"):
         bank.add("x", A, B, 1.0, layer="1")
     with pytest.raises(ValueError, match="invalid adapter name"):
         bank.add("__base__", A, B, 1.0, layer="0")

@@ -14,6 +14,7 @@ pytest.importorskip("transformers")
 from peft import LoraConfig, get_peft_model  # noqa: E402
 
 from fastlora.peft import patch  # noqa: E402
+from spies import count_calls  # noqa: E402
 from test_patch import (PATCH_MODULE, assert_close, assert_grads_close, ids, lora_config,  # noqa: E402
                         lora_layers, lora_grads, peft_pair)
 
@@ -21,16 +22,7 @@ from test_patch import (PATCH_MODULE, assert_close, assert_grads_close, ids, lor
 @pytest.fixture
 def calls(monkeypatch):
     """Counts the fused calls the patched layers make (and PEFT fallbacks, as none)."""
-    seen = {"lora": 0, "dora": 0}
-    for op, key in (("lora_linear", "lora"), ("dora_linear", "dora")):
-        real = getattr(PATCH_MODULE, op)
-
-        def spy(*a, _real=real, _key=key, **kw):
-            seen[_key] += 1
-            return _real(*a, **kw)
-
-        monkeypatch.setattr(PATCH_MODULE, op, spy)
-    return seen
+    return count_calls(monkeypatch, (PATCH_MODULE, "lora_linear"), (PATCH_MODULE, "dora_linear"))
 
 
 def config(r: int, alpha: float, **kw) -> LoraConfig:
@@ -110,7 +102,7 @@ def test_lora_bias_single_adapter(base_bias, device, calls):
     model, ref = one_layer(device, {"a": LORA_BIAS}, base_bias=base_bias)
     assert patch(model).all_patched
     check(model, ref, device)
-    assert calls == {"lora": 1, "dora": 0}
+    assert calls == {"lora_linear": 1, "dora_linear": 0}
     assert any(n.endswith("lora_B.a.bias") for n in lora_grads(model))
 
 
@@ -118,7 +110,7 @@ def test_lora_bias_stacked_with_another_adapter(device, calls):
     model, ref = one_layer(device, {"a": LORA_BIAS, "b": PLAIN, "c": LORA_BIAS})
     patch(model)
     check(model, ref, device)
-    assert calls == {"lora": 1, "dora": 0}
+    assert calls == {"lora_linear": 1, "dora_linear": 0}
 
 
 def test_lora_bias_with_dropout_on_several_adapters(device, calls):
@@ -128,7 +120,7 @@ def test_lora_bias_with_dropout_on_several_adapters(device, calls):
     patch(model)
     out, exp = train_outputs(model, ref, device)
     assert_close(out, exp, what="output")
-    assert calls == {"lora": 1, "dora": 0}
+    assert calls == {"lora_linear": 1, "dora_linear": 0}
 
 
 ORDERS = {
@@ -145,7 +137,7 @@ def test_dora_with_other_adapters(order, device, calls):
     report = patch(model)
     assert report.all_patched
     check(model, ref, device)
-    assert calls == {"lora": 0, "dora": 1}
+    assert calls == {"lora_linear": 0, "dora_linear": 1}
     assert sum("magnitude" in n for n in lora_grads(model)) == sum(
         "use_dora" in kw for kw in ORDERS[order].values())
 
@@ -154,7 +146,7 @@ def test_dora_with_other_adapters_conv1d_no_base_bias(device, calls):
     model, ref = one_layer(device, {"a": PLAIN, "d": DORA}, fan_in_fan_out=True)
     patch(model)
     check(model, ref, device)
-    assert calls == {"lora": 0, "dora": 1}
+    assert calls == {"lora_linear": 0, "dora_linear": 1}
 
 
 def test_dora_with_dropout_beside_others_runs_peft(device, calls):
@@ -164,9 +156,9 @@ def test_dora_with_dropout_beside_others_runs_peft(device, calls):
     patch(model)
     out, exp = train_outputs(model, ref, device)
     assert_close(out, exp, what="train output")
-    assert calls == {"lora": 0, "dora": 0}
+    assert calls == {"lora_linear": 0, "dora_linear": 0}
     check(model, ref, device, train=False)
-    assert calls == {"lora": 0, "dora": 1}
+    assert calls == {"lora_linear": 0, "dora_linear": 1}
 
 
 def test_llama_dora_and_lora_bias_adapters(device, calls):
@@ -183,7 +175,7 @@ def test_llama_dora_and_lora_bias_adapters(device, calls):
     patch(model)
     x = ids(device)
     out, exp = model(x, labels=x), ref(x, labels=x)
-    assert calls["dora"] == len(lora_layers(model)) and calls["lora"] == 0
+    assert calls["dora_linear"] == len(lora_layers(model)) and calls["lora_linear"] == 0
     assert_close(out.logits, exp.logits, what="logits")
     out.loss.backward()
     exp.loss.backward()

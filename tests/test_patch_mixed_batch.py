@@ -5,6 +5,7 @@ import torch
 
 from fastlora.peft import patch, peft_mixed_batch_forward
 from fastlora.peft.state import state_of
+from spies import count_calls
 from tolerances import assert_close
 
 peft = pytest.importorskip("peft")
@@ -192,3 +193,29 @@ def test_conv1d_base(device):
         assert state_of(layer).bank.value is bank  # the transposed view does not defeat the cache
         want = per_adapter(layer, x, names)
     assert_close(got, want.double(), torch.float32, "Conv1D base")
+
+
+def test_one_routing_per_model_call(device, monkeypatch):
+    """The patched tuner's adapter_names context makes the batch's routing once for the
+    whole call (its rows grouped once per row count), not once per layer; each sequence
+    gets its adapter's output (layer 2 lacks b: the base there, as PEFT)."""
+    from fastlora.kernels import multi_meta
+    from fastlora.peft import mixed_batch
+
+    model = make_model(device).eval()
+    patch(model)
+    counts = count_calls(monkeypatch, (mixed_batch, "batch_routing"), (multi_meta, "group_rows"))
+    g = torch.Generator().manual_seed(60)
+    x = torch.randn(7, 5, 70, generator=g).to(device)
+    with torch.no_grad():
+        got = model(x, adapter_names=NAMES)
+        assert counts == {"batch_routing": 1, "group_rows": 1}
+        want = []
+        for i, a in enumerate(NAMES):
+            if a == "__base__":
+                with model.disable_adapter():
+                    want.append(model(x[i:i + 1]))
+            else:
+                model.base_model.set_adapter(a)
+                want.append(model(x[i:i + 1]))
+    assert_close(got, torch.cat(want).double(), torch.float32, "per-sequence adapters")

@@ -23,7 +23,6 @@ left out with a :class:`SkippedTensorsWarning`, or refused with ``strict=True``.
 """
 from __future__ import annotations
 
-import math
 import os
 import warnings
 
@@ -32,7 +31,8 @@ import torch
 from .adapter import Adapter, AdapterLayer, alpha_for_scale
 from .base_model import bind_to_model
 from .cores import fold_core
-from .errors import AdapterFormatError, AdapterShapeError, NonFiniteWeightError, SkippedTensorsWarning
+from .errors import AdapterFormatError, AdapterShapeError, SkippedTensorsWarning
+from .finite import check_finite, finite_number
 from .files import PEFT_CONFIG, RawAdapter, read_raw
 from .keys import ALPHA, BIAS, DOTTED_KEYS, KOHYA_KEYS, MAGNITUDE, MID, PEFT_KEYS, A, B, group_keys
 from .lycoris import LOHA_ROLES, LOKR_ROLES, build_loha, build_lokr
@@ -143,8 +143,7 @@ def _weight(raw: RawAdapter, key: str, layer: str) -> torch.Tensor:
     if tensor.dtype not in WEIGHT_DTYPES:
         raise AdapterFormatError(f"{raw.label}: {key!r}: dtype {tensor.dtype} is not a float16/bfloat16/"
                                  "float32/float64 weight")
-    if not torch.isfinite(tensor).all():
-        raise NonFiniteWeightError(f"{raw.label}: {key!r} (layer {layer!r}) holds NaN or Inf")
+    check_finite(tensor, f"{raw.label}: {key!r} (layer {layer!r})")
     return tensor
 
 
@@ -153,10 +152,7 @@ def _alpha(raw: RawAdapter, key: str, layer: str) -> float:
     if tensor.numel() != 1 or tensor.dtype == torch.bool or tensor.is_complex():
         raise AdapterFormatError(f"{raw.label}: {key!r}: alpha must be one real number, "
                                  f"got {tensor.dtype} {list(tensor.shape)}")
-    alpha = float(tensor.reshape(()).double())
-    if not math.isfinite(alpha):
-        raise NonFiniteWeightError(f"{raw.label}: {key!r} (layer {layer!r}) holds NaN or Inf")
-    return alpha
+    return finite_number(float(tensor.reshape(()).double()), f"{raw.label}: {key!r} (layer {layer!r})")
 
 
 def _build_layer(raw: RawAdapter, name: str, roles: dict[str, str], family: str,

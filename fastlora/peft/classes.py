@@ -13,6 +13,7 @@ from torch import nn
 
 from . import state
 from .forward import fused_forward
+from .mixed_batch import routing_hooks
 
 
 def _reduce_ex(self, protocol):
@@ -39,15 +40,18 @@ def _new_patched(original_class: type, *args):
 @contextlib.contextmanager
 def _tuner_forward_hooks(self, *args, **kwargs):
     """PEFT's context that routes ``adapter_names`` to the layers (pre-forward hooks), with
-    two changes. PEFT removes its hooks after its ``yield`` with no ``finally``, so a
-    forward that raises would leave them installed and every later call would run the stale
-    adapter mix: here PEFT's context is always exited as if its body had succeeded (which
-    removes them), then the error propagates. And PEFT refuses ``adapter_names`` in training
-    mode (its layers cannot train a mixed batch); the patched layers can, so in training
-    PEFT's checks run with the tuner object (only it) flagged as in eval."""
+    three changes. The patched layers get the batch's routing, made once per name list for
+    the whole call (``mixed_batch.routing_hooks``), instead of the names. PEFT removes its
+    hooks after its ``yield`` with no ``finally``, so a forward that raises would leave them
+    installed and every later call would run the stale adapter mix: here PEFT's context is
+    always exited as if its body had succeeded (which removes them), then the error
+    propagates. And PEFT refuses ``adapter_names`` in training mode (its layers cannot train
+    a mixed batch); the patched layers can, so in training PEFT's checks run with the tuner
+    object (only it) flagged as in eval."""
     original = type(self)._fastlora_original_class._enable_peft_forward_hooks
     hooks = original(self, *args, **kwargs)
-    training = self.training and kwargs.get("adapter_names") is not None
+    mixed = kwargs.get("adapter_names") is not None
+    training = self.training and mixed
     if training:
         self.training = False
     try:
@@ -55,9 +59,15 @@ def _tuner_forward_hooks(self, *args, **kwargs):
     finally:
         if training:
             self.training = True
+    routed = []
     try:
+        if mixed:
+            layers = [m for m in self.modules() if is_patched(m) and not _is_tuner(type(m))]
+            routed = routing_hooks(self, layers)
         yield
     finally:
+        for handle in routed:
+            handle.remove()
         hooks.__exit__(None, None, None)
 
 

@@ -12,7 +12,8 @@
   plain PyTorch exactly as PEFT does (same input cast chain, its own ``nn.Dropout``);
 * ``lora_bias``: lora_B's bias enters the fused bias, ``bias + s * b_B`` (autograd gives
   ``b_B`` its gradient);
-* ``adapter_names`` (a different adapter per sequence): ``mixed_batch.peft_mixed_batch_forward``.
+* ``adapter_names`` (a different adapter per sequence): ``mixed_batch.peft_mixed_batch_forward``,
+  on the batch's routing made once per model call.
 
 Everything else runs PEFT's own ``forward``: merged or disabled adapters, extra forward
 arguments, whatever ``reader`` refuses (hooks on the base layer, LoRA variants other than
@@ -36,7 +37,8 @@ def fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """PEFT ``Linear.forward`` with the LoRA branch fused into the base matmul."""
     peft_forward = type(self)._fastlora_original_class.forward
     if not args and kwargs.keys() == {"adapter_names"} and kwargs["adapter_names"] is not None:
-        # a mixed batch: PEFT's model-level hook has already rejected unknown names
+        # a mixed batch (names, or the batch's routing from mixed_batch.routing_hooks): PEFT's
+        # model-level hook has already rejected unknown names
         names = kwargs["adapter_names"]
         return peft_mixed_batch_forward(self, x, names, known_adapters=names)
     if args or kwargs or self.disable_adapters or self.merged:
