@@ -3,8 +3,12 @@
 Forward, backward and forward+backward of one bf16 layer, each implementation on the same
 input in the same run, timed by ``triton.testing.do_bench`` (medians; one call first, so
 autotuning is never timed); peak memory and the bytes each implementation keeps for
-backward. Adapters in bf16 or fp32 (PEFT's default over a bf16 model). Writes
-``layer-<gpu>-<date>.json``, ``.md`` and ``.png`` (time ratios against M).
+backward. Adapters in bf16 or fp32 (PEFT's default over a bf16 model). ``fastlora`` is
+the automatic choice of its linear stages' implementation (``fastlora.warmup`` measures it
+first; the ``choice`` column and the ``fastlora.explain`` appendix say what was chosen and
+why); ``fastlora[fused]``, ``fastlora[cublas]`` and ``fastlora[tma]`` (where the GPU and
+shapes allow) force one with ``FASTLORA_IMPL``. Writes ``layer-<gpu>-<date>.json``,
+``.md`` and ``.png`` (time ratios against M).
 
     python bench/bench_layer.py [--quick] [--adapter-dtype bf16 fp32] [--rank 16 64]
                                 [--budget-s S] [--out DIR] [--dry-run]
@@ -20,30 +24,38 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Results, Run, dtype_name, parser, relative, saved_bytes  # noqa: E402
+from common import (Results, Run, dtype_name, forced_impl, parser, relative,  # noqa: E402
+                    saved_bytes)
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (K, N)
 MS = [1, 16, 128, 2048, 8192]
 RANKS = [16, 64, 8, 128]  # the grid's order: r=16 first, so a time budget keeps it
 DROPOUTS = [0.0, 0.1]
 QUICK = dict(shapes=[(4096, 4096)], ms=[16, 2048, 8192], ranks=[16])
-DRY = dict(shapes=[(70, 48)], ms=[1, 19], ranks=[8])
+DRY = dict(shapes=[(72, 48)], ms=[1, 19], ranks=[8])  # 16-byte rows: TMA runs (interpreted)
 REFS = ("F.linear", "eager", "peft")
+CUBLAS = "fastlora[cublas]"  # cuBLAS for the base product, fastlora's pass adds the rest
 
 SAVES = ("Saved for backward (saved_mb measures it, weights included): fastlora keeps x, "
          "T = drop(x) A^T ([M, r], fp32) and the dropout seed, never the mask or a dropped "
          "copy of x; eager and PEFT keep x, the dropout mask and the dropped x (M x K each) "
          "and x A^T; F.linear alone keeps only its frozen weight.")
-COLUMNS = ["K", "N", "M", "r", "p", "adapter", "impl", "fwd_ms", "bwd_ms", "fwd_bwd_ms",
-           "fwd/F.linear", "fwd/eager", "fwd/peft", "fwd_bwd/F.linear", "fwd_bwd/eager",
-           "fwd_bwd/peft", "peak_mb", "saved_mb"]
+COLUMNS = ["K", "N", "M", "r", "p", "adapter", "impl", "choice", "fwd_ms", "bwd_ms",
+           "fwd_bwd_ms", "fwd/F.linear", "fwd/eager", "fwd/peft", f"fwd/{CUBLAS}",
+           "fwd_bwd/F.linear", "fwd_bwd/eager", "fwd_bwd/peft", f"fwd_bwd/{CUBLAS}", "peak_mb",
+           "saved_mb"]
 PREAMBLE = ("Times are medians of triton.testing.do_bench (ms, L2 flushed before each call, "
             "warm-up excluded); a ratio is time / the reference's time in the same run "
-            "(below 1: faster). " + SAVES)
+            "(below 1: faster). fastlora: the implementation of each linear stage chosen by "
+            "measurement (choice: which, per stage); fastlora[IMPL]: forced by FASTLORA_IMPL=IMPL "
+            f"(fused: one Triton GEMM; cublas: cuBLAS then fastlora's in-place pass; tma: the "
+            f"sm_90 TMA kernel). /{CUBLAS}: against cuBLAS plus fastlora's epilogue, the "
+            "alternative a user can write. " + SAVES)
 PLOT = {"x": "M", "impl": "fastlora", "series": ["K", "N"],
         "slice": {"r": 16, "p": 0.1, "adapter": "bf16"},
-        "panels": [["forward", ["fwd/F.linear", "fwd/peft"]],
-                   ["forward + backward", ["fwd_bwd/F.linear", "fwd_bwd/peft"]]]}
+        "panels": [["forward", ["fwd/F.linear", "fwd/peft", f"fwd/{CUBLAS}"]],
+                   ["forward + backward",
+                    ["fwd_bwd/F.linear", "fwd_bwd/peft", f"fwd_bwd/{CUBLAS}"]]]}
 
 
 def make_impls(k, n, r, p, dtype, adapter_dtype, device="cuda", seed=0):
@@ -95,11 +107,15 @@ def measure(run: Run, fn, params, x, dy) -> dict:
 
 def compare(run: Run, impls, m, k, n, refs, **fields) -> list[dict]:
     """Every implementation on one seeded ``[m, k]`` input: one row each, with the time
-    ratios to each of ``refs`` measured in the same run."""
+    ratios to each of ``refs`` measured in the same run. ``impls``: name -> (fn, params) or
+    (fn, params, FASTLORA_IMPL value forced while it is measured)."""
     x = run.randn(m, k, seed=m, requires_grad=True)
     dy = run.randn(m, n, seed=m + 1)
-    rows = [dict(K=k, N=n, M=m, **fields, impl=name, **measure(run, fn, params, x, dy))
-            for name, (fn, params) in impls.items()]
+    rows = []
+    for name, (fn, params, *forced) in impls.items():
+        with forced_impl(*forced or [None]):
+            rows.append(dict(K=k, N=n, M=m, **fields, impl=name,
+                             **measure(run, fn, params, x, dy)))
     for ref in refs:
         relative(rows, "fwd_ms", ref, f"fwd/{ref}")
         relative(rows, "fwd_bwd_ms", ref, f"fwd_bwd/{ref}")
@@ -145,9 +161,32 @@ def main(argv=None) -> int:
     points = itertools.product(g["ranks"], args.adapter_dtype, g["shapes"], DROPOUTS, g["ms"])
     for r, adapter, (k, n), p, m in results.budgeted(list(points)):
         dtype = adapter_dtype(run, adapter)
-        results.add(compare(run, impls(r, dtype, k, n, p), m, k, n, REFS, r=r, p=p,
-                            adapter=dtype_name(dtype)))
+        layer, explained = with_forced(impls(r, dtype, k, n, p), run, m, k, n, r, p, dtype)
+        point = dict(r=r, p=p, adapter=dtype_name(dtype))
+        rows = compare(run, layer, m, k, n, REFS + ((CUBLAS,) if CUBLAS in layer else ()),
+                       **point)
+        for row in rows:
+            if row["impl"] == "fastlora":
+                row["choice"] = " ".join(f"{e.stage}={e.impl}" for e in explained)
+        results.add(rows)
+        where = " ".join(f"{c}={v}" for c, v in dict(K=k, N=n, M=m, **point).items())
+        results.append("fastlora.explain", [f"{where}: {e}" for e in explained])
     return results.finish()
+
+
+def with_forced(layer: dict, run: Run, m, k, n, r, p, dtype) -> tuple[dict, list]:
+    """``layer`` plus ``fastlora[IMPL]`` for every implementation all of the layer's linear
+    stages can run, and ``fastlora.warmup``'s explanations (it chooses the implementations
+    first, so the timings below never include choosing)."""
+    import fastlora
+    from fastlora import dispatch
+
+    explained = fastlora.warmup((m, k), (n, k), r, dtype=run.half, adapter_dtype=dtype,
+                                bias=False, dropout_p=p, device=run.device)
+    unavailable = {name for e in explained for name in e.unavailable}
+    forced = {f"fastlora[{name}]": (*layer["fastlora"], name) for name in dispatch.IMPLS
+              if name not in unavailable}
+    return {**layer, **forced}, explained
 
 
 if __name__ == "__main__":

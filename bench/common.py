@@ -10,6 +10,7 @@ broken) and a host clock: it exercises a script end to end and measures nothing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -253,6 +254,24 @@ def capture(body):
     return graph
 
 
+@contextlib.contextmanager
+def forced_impl(name: str | None):
+    """Run the block with ``FASTLORA_IMPL=name`` (unchanged for None): fastlora's linear
+    stages, forward and backward, run that implementation (``fastlora.dispatch``)."""
+    if name is None:
+        yield
+        return
+    old = os.environ.get("FASTLORA_IMPL")
+    os.environ["FASTLORA_IMPL"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["FASTLORA_IMPL"]
+        else:
+            os.environ["FASTLORA_IMPL"] = old
+
+
 def saved_bytes(fn) -> int:
     """Bytes of distinct storages that autograd saves for backward while ``fn()`` runs."""
     storages = {}
@@ -312,6 +331,13 @@ class Results:
     def note(self, text: str) -> None:
         print(text, flush=True)
         self.data["notes"].append(text)
+        self.save()
+
+    def append(self, title: str, lines: list[str]) -> None:
+        """Add ``lines`` to the appendix ``title`` (verbatim text after the table)."""
+        for line in lines:
+            print(line, flush=True)
+        self.data.setdefault("appendix", {}).setdefault(title, []).extend(lines)
         self.save()
 
     def save(self) -> None:

@@ -2,8 +2,10 @@
 
 Forward and backward of ``lora_linear`` (16-bit and fp32 adapters, with and without
 dropout), ``dora_linear`` with its weight norm, and ``multi_lora_linear`` (LoRA adapters
-with dropout, and DoRA adapters), on odd shapes (M, K, N not multiples of 16) with a bias.
-Each call without dropout is compared with ``fastlora.reference`` computed in fp32 (so the
+with dropout, and DoRA adapters), on odd shapes (M, K, N not multiples of 16) with a bias;
+then ``lora_linear`` and ``dora_linear`` again on 16-byte rows with each implementation of
+their linear stages forced (``FASTLORA_IMPL``: fused, cublas, and tma on sm_90), since the
+automatic choice runs only the fastest. Each call without dropout is compared with ``fastlora.reference`` computed in fp32 (so the
 run checks the numbers as well as the memory accesses); calls with dropout are checked for
 finite results. Exits 1 if a check fails.
 
@@ -19,9 +21,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Run, dtype_name  # noqa: E402
+from common import Run, dtype_name, forced_impl  # noqa: E402
 
 M, K, N, R = 37, 70, 48, 8
+ALIGNED = (37, 72, 40)  # M, K, N with 16-byte rows, which the TMA kernel needs
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}  # relative norm
 
 
@@ -53,35 +56,48 @@ def run_case(fn, ref, inputs: dict, dy: torch.Tensor, tolerance: float) -> float
                for g, w in zip(got, want))
 
 
-def cases(run: Run):
-    """(name, fn, reference or None, inputs, dy, tolerance) for every kernel family."""
+def layer_cases(run: Run, m: int, k: int, n: int, dtypes):
+    """(name, fn, reference or None, inputs, dy, tolerance) of ``lora_linear`` (with and
+    without dropout) and ``dora_linear`` on one ``[m, k]`` x ``[n, k]`` layer, for each of
+    the adapter ``dtypes``."""
     import fastlora
     from fastlora import reference
-    from fastlora import pack_adapters
 
     half = run.half
-    x = run.randn(M, K, requires_grad=True, seed=1)
-    w = run.randn(N, K, seed=2) * 0.1
-    bias = run.randn(N, seed=3)
-    dy = run.randn(M, N, seed=4)
-
-    def param(*shape, dtype, seed, scale=0.1):
-        return (run.randn(*shape, dtype=dtype, seed=seed) * scale).requires_grad_()
-
-    def adapter(dtype, seed):
-        return param(R, K, dtype=dtype, seed=seed), param(N, R, dtype=dtype, seed=seed + 1)
-
-    for dtype in (half, torch.float32):
-        A, B = adapter(dtype, 10)
+    x = run.randn(m, k, requires_grad=True, seed=1)
+    w = run.randn(n, k, seed=2) * 0.1
+    bias = run.randn(n, seed=3)
+    dy = run.randn(m, n, seed=4)
+    for dtype in dtypes:
+        A = (run.randn(R, k, dtype=dtype, seed=10) * 0.1).requires_grad_()
+        B = (run.randn(n, R, dtype=dtype, seed=11) * 0.1).requires_grad_()
         base = dict(x=x, weight=w, bias=bias, lora_A=A, lora_B=B, scaling=0.5)
         yield (f"lora_linear, {dtype_name(dtype)} adapter", fastlora.lora_linear, reference.lora_linear,
                base, dy, TOLERANCE[half])
         yield (f"lora_linear with dropout, {dtype_name(dtype)} adapter",
                lambda **a: fastlora.lora_linear(**a, dropout_p=0.1, training=True, seed=5),
                None, base, dy, TOLERANCE[half])
-        mag = (run.randn(N, dtype=dtype, seed=12).abs() + 0.5).requires_grad_()
+        mag = (run.randn(n, dtype=dtype, seed=12).abs() + 0.5).requires_grad_()
         yield (f"dora_linear, {dtype_name(dtype)} adapter", fastlora.dora_linear, reference.dora_linear,
                base | {"magnitude": mag}, dy, TOLERANCE[half])
+
+
+def cases(run: Run):
+    """(name, fn, reference or None, inputs, dy, tolerance) for every kernel family."""
+    import fastlora
+    from fastlora import pack_adapters, reference
+
+    yield from layer_cases(run, M, K, N, (run.half, torch.float32))
+    half = run.half
+    x = run.randn(M, K, requires_grad=True, seed=1)
+    w = run.randn(N, K, seed=2) * 0.1
+    bias = run.randn(N, seed=3)
+    dy = run.randn(M, N, seed=4)
+
+    def adapter(dtype, seed):
+        return tuple((run.randn(*shape, dtype=dtype, seed=seed + i) * 0.1).requires_grad_()
+                     for i, shape in enumerate([(R, K), (N, R)]))
+
     lora = [adapter(half, 20 + 2 * i) for i in range(3)]
     index = torch.tensor([i % 4 - 1 for i in range(M)], dtype=torch.int32, device=run.device)
     for name, dora, dropout in (("LoRA", False, None), ("LoRA with dropout", False, (0.1, 0.0, 0.2)),
@@ -105,6 +121,15 @@ def cases(run: Run):
                dict(x=x, weight=w, bias=bias, training=dropout is not None), dy, TOLERANCE[half])
 
 
+def forced_cases(run: Run):
+    """(FASTLORA_IMPL value, case) for each implementation of the linear stages this GPU
+    runs, on 16-byte rows (16-bit adapters)."""
+    hopper = run.dry_run or torch.cuda.get_device_capability()[0] == 9
+    for impl in ("fused", "cublas", "tma") if hopper else ("fused", "cublas"):
+        for case in layer_cases(run, *ALIGNED, (run.half,)):
+            yield impl, case
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dry-run", action="store_true", help="CPU, Triton interpreter, fp16")
@@ -112,8 +137,11 @@ def main(argv=None) -> int:
     args.budget_s = None
     run = Run.start("sanitize_calls.py", args)
     failed = 0
-    for name, fn, ref, inputs, dy, tolerance in cases(run):
-        err = run_case(fn, ref, inputs, dy, tolerance)
+    every = [(None, case) for case in cases(run)] + list(forced_cases(run))
+    for impl, (name, fn, ref, inputs, dy, tolerance) in every:
+        with forced_impl(impl):
+            err = run_case(fn, ref, inputs, dy, tolerance)
+        name += f" [FASTLORA_IMPL={impl}]" if impl else ""
         ok = err <= tolerance
         failed += not ok
         what = "finite" if ref is None else f"max relative error {err:.2e} (tolerance {tolerance:.0e})"

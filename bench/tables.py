@@ -12,9 +12,13 @@ def header(env: dict) -> str:
 
 
 def markdown(data: dict, preamble: str) -> str:
+    """The result as markdown: header, preamble, notes, the table, then each appendix (a
+    title and verbatim lines) in a code block."""
     notes = "".join(f"\n- {n}" for n in data["notes"])
+    appendices = "".join(f"\n### {title}\n\n```\n" + "\n".join(lines) + "\n```\n"
+                         for title, lines in data.get("appendix", {}).items())
     return (f"{header(data['env'])}\n\n{preamble}\n{notes}\n\n"
-            f"{markdown_table(data['rows'], data['columns'])}")
+            f"{markdown_table(data['rows'], data['columns'])}{appendices}")
 
 
 def fmt(v) -> str:

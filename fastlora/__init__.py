@@ -4,7 +4,8 @@
 with a different adapter per row, from an ``AdapterBank`` or ``pack_adapters``),
 ``fastlora.nn`` holds drop-in modules, ``patch(model)`` accelerates a PEFT model in place,
 ``refresh(model)`` drops cached values after writes fastlora cannot see
-(``p.data.copy_``), ``fastlora.reference`` holds the PyTorch oracle.
+(``p.data.copy_``), ``fastlora.reference`` holds the PyTorch oracle. ``warmup`` measures
+which implementation runs each layer shape (before CUDA-graph capture), ``explain`` says.
 """
 from . import nn, reference
 from .adapters import PackedAdapters, pack_adapters
@@ -12,8 +13,9 @@ from .bank import AdapterBank
 from .cache import refresh
 from .functional import dora_linear, dora_weight_norm, lora_linear, multi_lora_linear
 from .peft import PatchReport, is_patched, patch, unpatch
+from .warmup import explain, warmup
 
 __version__ = "0.1.0"
 __all__ = ["AdapterBank", "PackedAdapters", "PatchReport", "dora_linear", "dora_weight_norm",
-           "is_patched", "lora_linear", "multi_lora_linear", "nn", "pack_adapters", "patch",
-           "reference", "refresh", "unpatch"]
+           "explain", "is_patched", "lora_linear", "multi_lora_linear", "nn", "pack_adapters",
+           "patch", "reference", "refresh", "unpatch", "warmup"]

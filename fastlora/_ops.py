@@ -3,12 +3,14 @@
 Custom ops (with fake implementations) let ``torch.compile(fullgraph=True)`` trace the
 layer without a graph break. Saved for backward: x, T = drop(x) A^T (fp32 ``[M, r]``)
 and the dropout seed; never the mask, a dropped copy of x, or anything ``M x N``.
+The linear stages (forward and dx) run the implementation ``fastlora.dispatch`` chooses
+for their shapes, inside the ops' real implementations (so under ``torch.compile`` too).
 """
 from __future__ import annotations
 
 import torch
 
-from . import kernels
+from . import dispatch, kernels
 
 
 @torch.library.custom_op("fastlora::lora_linear_fwd", mutates_args=())
@@ -19,7 +21,8 @@ def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     """x ``[M, K]``, weight ``[N, K]``; returns y ``[M, N]`` (x's dtype), T ``[M, r]`` fp32.
     seed: int64 ``[1]`` on x's device (the kernels load it), None without dropout."""
     t = kernels.lora_shrink(x, lora_A, dropout_p, seed)
-    y = kernels.fused_linear(x, weight.t(), kernels.LowRank(t, lora_B.t(), scaling), bias)
+    y = dispatch.linear(dispatch.FORWARD, x, weight.t(), kernels.LowRank(t, lora_B.t(), scaling),
+                        bias)
     return y, t
 
 
@@ -40,7 +43,7 @@ def lora_linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     da = kernels.lora_da(ds, x, lora_A.dtype, dropout_p, seed)
     if need_dx:
         low = kernels.LowRank(ds, lora_A, 1.0 / (1.0 - dropout_p), dropout_p, seed)
-        dx = kernels.fused_linear(dy, weight, low, out_dtype=x.dtype)
+        dx = dispatch.linear(dispatch.LORA_DX, dy, weight, low, out_dtype=x.dtype)
     else:
         dx = x.new_empty((0,))
     return dx, da.to(lora_A.dtype), db.to(lora_B.dtype)
@@ -104,7 +107,8 @@ def dora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
                     g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``g * (x W^T + s T B^T) + bias``, g ``[N]`` fp32; returns y and T = x A^T (fp32)."""
     t = kernels.lora_shrink(x, lora_A)
-    y = kernels.fused_linear(x, weight.t(), kernels.LowRank(t, lora_B.t(), scaling), bias, g_out=g)
+    y = dispatch.linear(dispatch.FORWARD, x, weight.t(), kernels.LowRank(t, lora_B.t(), scaling),
+                        bias, g_out=g)
     return y, t
 
 
@@ -126,8 +130,8 @@ def dora_linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     ds, db, dg = kernels.lora_dy(dy, lora_B, t, scaling, kernels.DoraBackward(g, y, bias))
     da = kernels.lora_da(ds, x, lora_A.dtype)
     if need_dx:
-        dx = kernels.fused_linear(dy, weight, kernels.LowRank(ds, lora_A, 1.0), out_dtype=x.dtype,
-                                  g_in=g)
+        dx = dispatch.linear(dispatch.DORA_DX, dy, weight, kernels.LowRank(ds, lora_A, 1.0),
+                             out_dtype=x.dtype, g_in=g)
     else:
         dx = x.new_empty((0,))
     return dx, da.to(lora_A.dtype), db.to(lora_B.dtype), dg / g

@@ -4,7 +4,9 @@
 (kernel, variant, config, target) as it finishes: shared memory, registers, spilled/stack
 bytes and the tensor-core instruction found, then a summary; it exits 1 on a compile
 failure, a kernel without tensor-core instructions, shared memory over the target's
-limit, or spills over ``SPILL_BUDGET``; 2 on bad arguments.
+limit, or spills over ``SPILL_BUDGET``; 2 on bad arguments. A kernel built for one
+architecture (the sm_90 TMA kernel) is reported skipped on the others. ``--kernel NAME``
+compiles one kernel only.
 """
 from __future__ import annotations
 
@@ -38,8 +40,11 @@ class Row:
     spill: int = 0
     mma: str = ""
     error: str = ""
+    skipped: str = ""
 
     def problems(self) -> list[str]:
+        if self.skipped:
+            return []
         if self.error:
             return [self.error]
         out = []
@@ -91,8 +96,12 @@ def _compile(job: tuple[int, int, str]) -> Row:
     cfg = ", ".join(f"{k}={v}" for k, v in config.kwargs.items())
     row = Row(fn.__name__, variant.label, f"{cfg}, w={config.num_warps}, s={config.num_stages}",
               target)
+    if variant.only is not None and int(target[3:]) != variant.only:
+        row.skipped = f"built for sm_{variant.only} only"
+        return row
     constexprs = {**variant.constexprs, **config.kwargs}
-    signature = {name: variant.types.get(name, "constexpr") for name in fn.arg_names}
+    types = variant.all_types(config.kwargs)
+    signature = {name: types.get(name, "constexpr") for name in fn.arg_names}
     missing = [n for n, t in signature.items() if t == "constexpr" and n not in constexprs]
     if missing:
         row.error = f"no type or value for {missing}"
@@ -123,14 +132,28 @@ def check_environment() -> None:
         raise RuntimeError("check-kernels compiles for GPUs: unset TRITON_INTERPRET")
 
 
-def run(targets: list[str], jobs: int | None = None, out=sys.stdout) -> int:
-    """Compile everything for ``targets`` (``sm_80``...); print each row as it finishes and a
-    summary; return the exit code (0 ok, 1 problems)."""
+def check_kernel_names(kernels: list[str] | None) -> None:
+    """Raise ValueError naming the kernels (``--kernel``) that check-kernels does not know."""
+    from fastlora.kernels.aot import VARIANTS
+
+    names = {variant.kernel.fn.__name__ for variant in VARIANTS}
+    unknown = sorted(set(kernels or ()) - names)
+    if unknown:
+        raise ValueError(f"unknown kernel {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+
+
+def run(targets: list[str], jobs: int | None = None, out=sys.stdout,
+        kernels: list[str] | None = None) -> int:
+    """Compile everything (or only the kernels named in ``kernels``) for ``targets``
+    (``sm_80``...); print each row as it finishes and a summary; return the exit code (0 ok,
+    1 problems)."""
     check_environment()
     check_targets(targets)
+    check_kernel_names(kernels)
     from fastlora.kernels.aot import VARIANTS
 
     work = [(v, c, t) for v, variant in enumerate(VARIANTS)
+            if not kernels or variant.kernel.fn.__name__ in kernels
             for c in range(len(variant.kernel.configs)) for t in targets]
     start = time.monotonic()
     print(f"compiling {len(work)} kernel variants for {', '.join(targets)}", file=out, flush=True)
@@ -142,7 +165,8 @@ def run(targets: list[str], jobs: int | None = None, out=sys.stdout) -> int:
             problems = row.problems()
             failures += bool(problems)
             rows.append(row)
-            status = "ok" if not problems else "FAIL: " + "; ".join(problems)
+            status = ("FAIL: " + "; ".join(problems) if problems else
+                      f"skipped: {row.skipped}" if row.skipped else "ok")
             print(f"{row.kernel:<22} {row.variant:<44} {row.config:<58} {row.target:<6} "
                   f"{row.shared:>7} {row.regs:>4} {row.spill:>5} {row.mma or '-':<8} {status}",
                   file=out, flush=True)
@@ -159,12 +183,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", action="append", default=None,
                         help="GPU target such as sm_80 or sm_90 (repeatable; default both)")
     parser.add_argument("--jobs", type=int, default=None, help="parallel compilations")
+    parser.add_argument("--kernel", action="append", default=None,
+                        help="compile only this kernel, e.g. _lora_linear_tma_kernel (repeatable)")
     args = parser.parse_args(argv)
     targets = args.target or ["sm_80", "sm_90"]
     try:
         check_environment()
         check_targets(targets)
+        check_kernel_names(args.kernel)
     except (ValueError, RuntimeError) as exc:
         print(f"fastlora check-kernels: {exc}", file=sys.stderr)
         return 2
-    return run(targets, args.jobs)
+    return run(targets, args.jobs, kernels=args.kernel)

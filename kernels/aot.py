@@ -5,15 +5,18 @@ fp32 operands (PEFT's default fp32 adapters) come in both precisions the launche
 ``FULL_FP32`` (tf32x3, torch's default "highest" matmul precision) and ``tf32`` ("high").
 Signatures name each argument's Triton type. As Triton does at run time for contiguous
 LLM-sized tensors, unit strides are specialized to 1 and pointers, other strides and the
-N/K sizes are marked divisible by 16."""
+N/K sizes are marked divisible by 16. The sm_90 TMA kernel's tensor descriptors are typed
+with the config's block shapes, and the kernel is reported skipped on other targets."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import triton.language as tl
 
-from . import backward, dequant4, dora, linear, multi_backward, multi_linear, multi_shrink, shrink
+from . import (backward, dequant4, dora, linear, linear_tma, multi_backward, multi_linear,
+               multi_shrink, shrink)
 from .common import FULL_FP32
 
 
@@ -27,6 +30,12 @@ class AotVariant:
     label: str
     types: dict[str, str]
     constexprs: dict[str, object] = field(default_factory=dict)
+    only: int | None = None  # the one compute capability it is built for; others are skipped
+    # types that depend on the autotune config (tensor descriptors carry their block shape)
+    config_types: Callable[[dict], dict[str, str]] | None = None
+
+    def all_types(self, config: dict) -> dict[str, str]:
+        return {**self.types, **(self.config_types(config) if self.config_types else {})}
 
     def attrs(self) -> dict:
         names = self.kernel.fn.arg_names
@@ -47,7 +56,8 @@ def _shrink(x: str, a: str, dropout: bool, precision: str = FULL_FP32) -> AotVar
 
 def _linear(ab: str, lb: str, bias: bool, dropout: bool, label: str,
             unit_strides: tuple[str, ...], scale_out: bool = False,
-            scale_in: bool = False, precision: str = FULL_FP32) -> AotVariant:
+            scale_in: bool = False, precision: str = FULL_FP32,
+            in_place: bool = False) -> AotVariant:
     strides = ["stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_lm", "stride_lr",
                "stride_lbr", "stride_lbn", "stride_om", "stride_on"]
     types = dict(a_ptr=f"*{ab}", b_ptr=f"*{ab}", l_ptr="*fp32", lb_ptr=f"*{lb}", bias_ptr=f"*{ab}",
@@ -55,10 +65,37 @@ def _linear(ab: str, lb: str, bias: bool, dropout: bool, label: str,
                  M_BUCKET="i32", scale="fp32", seed_ptr="*i64", dropout_p="fp32",
                  **{n: "i32" for n in strides if n not in unit_strides})
     const = dict(HAS_LORA=True, HAS_BIAS=bias, DROPOUT=dropout, SCALE_OUT=scale_out,
-                 SCALE_IN=scale_in, BLOCK_R=16, PRECISION=precision,
+                 SCALE_IN=scale_in, IN_PLACE=in_place, BLOCK_R=16, PRECISION=precision,
                  **{n: 1 for n in unit_strides})
-    kind = linear.kind(*(_TORCH[t] for t in (ab, lb)), dropout)
-    return AotVariant(linear.KERNELS[kind], f"{label} {precision}", types, const)
+    kernel = (linear.IN_PLACE_KERNEL if in_place else
+              linear.KERNELS[linear.kind(*(_TORCH[t] for t in (ab, lb)), dropout)])
+    return AotVariant(kernel, f"{label} {precision}", types, const)
+
+
+def _tma(ab: str, lb: str, label: str, b_nk: bool, bias: bool = False, dropout: bool = False,
+         scale_out: bool = False, scale_in: bool = False, precision: str = FULL_FP32
+         ) -> AotVariant:
+    """The sm_90 TMA kernel; b_nk: b described as W ``[N, K]`` (the forward)."""
+    # the forward reads lb = B^T ([r, N], unit stride along r), the dx pass lb = A
+    unit = "stride_lbr" if b_nk else "stride_lbn"
+    types = dict(l_ptr="*fp32", lb_ptr=f"*{lb}", bias_ptr=f"*{ab}", g_ptr="*fp32", M="i32",
+                 N="i32", K="i32", R="i32", M_BUCKET="i32", stride_lm="i32",
+                 scale="fp32", seed_ptr="*i64", dropout_p="fp32",
+                 **{n: "i32" for n in ("stride_lbr", "stride_lbn") if n != unit})
+    const = dict(HAS_LORA=True, HAS_BIAS=bias, DROPOUT=dropout, SCALE_OUT=scale_out,
+                 SCALE_IN=scale_in, B_NK=b_nk, BLOCK_R=16, PRECISION=precision, stride_lr=1,
+                 **{unit: 1})
+
+    def descriptors(config):
+        bm, bn, bk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
+        b_block = [bn, bk] if b_nk else [bk, bn]
+        return {"a_desc": f"tensordesc<{ab}[{bm}, {bk}]>",
+                "b_desc": f"tensordesc<{ab}[{b_block[0]}, {b_block[1]}]>",
+                "out_desc": f"tensordesc<{ab}[{bm}, {bn // 2}]>"}
+
+    kind = linear.kind(_TORCH[ab], _TORCH[lb], dropout or scale_in)
+    return AotVariant(linear_tma.KERNELS[kind], f"{label} {precision}", types, const, only=90,
+                      config_types=descriptors)
 
 
 def _dy(dy: str, b: str, dora: bool, precision: str = FULL_FP32) -> AotVariant:
@@ -209,6 +246,27 @@ VARIANTS: list[AotVariant] = [
     _multi_linear("bf16", "fp32", "multi DoRA forward, fp32 adapter", _MULTI_FWD, bias=True,
                   scale_out=True, precision="tf32"),
     _multi_dy("bf16", "fp32", True, "tf32"),
+]
+
+# Issue 14's alternatives to the fused linear: the pass that adds the low-rank term, g and
+# the bias into cuBLAS's output (IN_PLACE), and the sm_90 persistent TMA kernel (forward:
+# b described as W [N, K]; dx: b = W as [K_dx, N_dx]) in every form the ops launch.
+VARIANTS += [
+    _linear("bf16", "fp32", True, False, "in place forward, fp32 adapter, bias", _FWD,
+            in_place=True),
+    _linear("bf16", "bf16", False, True, "in place dx bf16, bf16 adapter, dropout", _DX,
+            precision="tf32", in_place=True),
+    _linear("fp32", "fp32", False, True, "in place dx fp32, dropout", _DX, in_place=True),
+    _tma("bf16", "fp32", "TMA forward bf16, fp32 adapter, bias", True, bias=True),
+    _tma("bf16", "fp32", "TMA dx bf16, fp32 adapter, dropout", False, dropout=True),
+    _tma("bf16", "fp32", "TMA DoRA forward, fp32 adapter", True, bias=True, scale_out=True),
+    _tma("bf16", "fp32", "TMA DoRA dx, fp32 adapter", False, scale_in=True),
+    _tma("fp16", "fp16", "TMA forward fp16, fp16 adapter", True, precision="tf32"),
+    _tma("bf16", "bf16", "TMA dx bf16, bf16 adapter, dropout", False, dropout=True,
+         precision="tf32"),
+    _tma("fp32", "fp32", "TMA forward fp32, bias", True, bias=True),
+    _tma("bf16", "fp32", "TMA forward bf16, fp32 adapter, bias", True, bias=True,
+         precision="tf32"),
 ]
 
 

@@ -15,13 +15,7 @@ import triton
 import triton.language as tl
 
 from .common import (configs, dropout_keep, fp32_precision, m_bucket, on_device, rank_block,
-                     tune)
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # interpreter: a few splits, so the tests exercise the atomic reductions
+                     sm_count, tune)
 
 
 def _dy_configs(shapes):
@@ -153,7 +147,7 @@ _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.floa
 
 def _splits(tiles: int, other_tiles: int, device: torch.device) -> int:
     """How many programs share a reduction: enough for about two waves of the GPU."""
-    return max(1, min(tiles, triton.cdiv(2 * _sm_count(device), max(other_tiles, 1))))
+    return max(1, min(tiles, triton.cdiv(2 * sm_count(device), max(other_tiles, 1))))
 
 
 @on_device

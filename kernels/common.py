@@ -46,10 +46,20 @@ def fp32_precision() -> str:
 FP32_GEMM_SHAPES = [(64, 64, 32, 4, 3), (32, 64, 32, 4, 3), (16, 64, 64, 4, 3), (16, 32, 64, 4, 3)]
 
 
-def tune(kernel, configs: list[triton.Config], key: list[str], prune: bool = True):
-    """``kernel`` autotuned over ``configs`` on ``key``, pruned by M (``prune_by_m``)."""
-    return triton.autotune(configs=configs, key=key, prune_configs_by={
+def tune(kernel, configs: list[triton.Config], key: list[str], prune: bool = True,
+         restore: list[str] | None = None):
+    """``kernel`` autotuned over ``configs`` on ``key``, pruned by M (``prune_by_m``);
+    ``restore`` names arguments a launch updates in place (autotuning reruns it on them)."""
+    return triton.autotune(configs=configs, key=key, restore_value=restore, prune_configs_by={
         "early_config_prune": prune_by_m} if prune else None)(kernel)
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 4 in the interpreter, so that the tests
+    exercise the split reductions and the persistent tile loops."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
 
 
 def next_pow2(n: int) -> int:
@@ -130,6 +140,32 @@ def dropout_keep(seed, rows, col0, n_cols, p, BLOCK_C: tl.constexpr):
     r0, r1, r2, r3 = tl.randint4x(seed, groups)
     bits = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (rows.shape[0], BLOCK_C))
     return tl.random.uint_to_uniform_float(bits) >= p
+
+
+@triton.jit
+def low_rank_tile(l_ptr, lb_ptr, rows, cols, row_in, col_in, R, stride_lm, stride_lr,
+                  stride_lbr, stride_lbn, scale, seed_ptr, dropout_p, col0, N,
+                  DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    """``scale * keep * (l[rows] @ lb[:, cols])`` for one output tile, fp32
+    ``[len(rows), BLOCK_N]``: l ``[M, R]`` fp32, lb ``[R, N]`` (the dot runs in its dtype).
+
+    With DROPOUT, keep is the keep-mask (seed loaded from ``seed_ptr``) of an ``[M, N]``
+    input (the dx pass) at columns ``col0 ..`` (``cols`` are col0 + 0..BLOCK_N-1, int64).
+    """
+    acc = tl.zeros((rows.shape[0], BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        ranks = r0 + tl.arange(0, BLOCK_R)
+        rank_in = ranks < R
+        lt = tl.load(l_ptr + rows[:, None] * stride_lm + ranks[None, :] * stride_lr,
+                     mask=row_in[:, None] & rank_in[None, :], other=0.0)
+        lb = tl.load(lb_ptr + ranks[:, None] * stride_lbr + cols[None, :] * stride_lbn,
+                     mask=rank_in[:, None] & col_in[None, :], other=0.0)
+        acc = tl.dot(lt.to(lb.dtype), lb, acc, input_precision=PRECISION)
+    if DROPOUT:
+        acc = tl.where(dropout_keep(tl.load(seed_ptr), rows, col0, N, dropout_p, BLOCK_N), acc,
+                       0.0)
+    return acc * scale
 
 
 @triton.jit

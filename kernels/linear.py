@@ -5,6 +5,11 @@ One kernel family for the forward (``y = x W^T + s T B^T + bias``) and the input
 tile's accumulator before the single store of the output, so no ``M x N`` LoRA temporary
 exists. DoRA adds the column factor ``g``: on the output columns in the forward
 (``g_out``), on dY's columns (the reduction dimension, ``g_in``) in the dx pass.
+
+``IN_PLACE`` turns the same kernel into the epilogue of someone else's GEMM: the tile's
+accumulator starts from ``out`` (which already holds ``a @ b``, from cuBLAS) instead of
+running the K loop, so ``cublas_linear`` adds the low-rank term, g and the bias to the
+cuBLAS output without an ``M x N`` temporary.
 """
 from __future__ import annotations
 
@@ -14,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (FP32_GEMM_SHAPES, dropout_keep, fp32_precision, gemm_configs, grouped_tile,
-                     m_bucket, on_device, rank_block, tune)
+from .common import (FP32_GEMM_SHAPES, configs, fp32_precision, gemm_configs, grouped_tile,
+                     low_rank_tile, m_bucket, on_device, rank_block, tune)
 
 
 _SMALL = [(128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (32, 128, 128, 4, 4), (16, 64, 128, 4, 5),
@@ -46,7 +51,7 @@ def _lora_linear_kernel(a_ptr, b_ptr, l_ptr, lb_ptr, bias_ptr, g_ptr, out_ptr, M
                         stride_lbr, stride_lbn, stride_om, stride_on,
                         scale, seed_ptr, dropout_p,
                         HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
-                        SCALE_OUT: tl.constexpr, SCALE_IN: tl.constexpr,
+                        SCALE_OUT: tl.constexpr, SCALE_IN: tl.constexpr, IN_PLACE: tl.constexpr,
                         BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
@@ -55,7 +60,7 @@ def _lora_linear_kernel(a_ptr, b_ptr, l_ptr, lb_ptr, bias_ptr, g_ptr, out_ptr, M
 
     Accumulates in fp32; with DROPOUT the low-rank term is masked by the keep-mask of an
     ``[M, N]`` input (the dx pass, where N is the layer's K). g ``[N]`` (SCALE_OUT) or
-    ``[K]`` (SCALE_IN) is fp32.
+    ``[K]`` (SCALE_IN) is fp32. IN_PLACE: out holds ``a @ b`` already; a, b are not read.
     """
     tile_m, tile_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N),
                                   GROUP_M)
@@ -65,43 +70,48 @@ def _lora_linear_kernel(a_ptr, b_ptr, l_ptr, lb_ptr, bias_ptr, g_ptr, out_ptr, M
     col_in = cols < N
     # The low-rank term goes in first, so that a single [BLOCK_M, BLOCK_N] accumulator is
     # live at a time (an epilogue would hold a second one next to the GEMM's: spills).
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if HAS_LORA:
-        for r0 in range(0, R, BLOCK_R):
-            ranks = r0 + tl.arange(0, BLOCK_R)
-            rank_in = ranks < R
-            lt = tl.load(l_ptr + rows[:, None] * stride_lm + ranks[None, :] * stride_lr,
-                         mask=row_in[:, None] & rank_in[None, :], other=0.0)
-            lb = tl.load(lb_ptr + ranks[:, None] * stride_lbr + cols[None, :] * stride_lbn,
-                         mask=rank_in[:, None] & col_in[None, :], other=0.0)
-            acc = tl.dot(lt.to(lb.dtype), lb, acc, input_precision=PRECISION)
-        if DROPOUT:
-            keep = dropout_keep(tl.load(seed_ptr), rows, tile_n * BLOCK_N, N, dropout_p, BLOCK_N)
-            acc = tl.where(keep, acc, 0.0)
-        acc *= scale
-    ks = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak
-    b_ptrs = b_ptr + ks[:, None] * stride_bk + cols[None, :] * stride_bn
-    for k0 in range(0, K, BLOCK_K):
-        k_in = ks < K - k0
-        a = tl.load(a_ptrs, mask=row_in[:, None] & k_in[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_in[:, None] & col_in[None, :], other=0.0)
-        if SCALE_IN:
-            g_in = tl.load(g_ptr + k0 + ks, mask=k_in, other=0.0)
-            a = (a.to(tl.float32) * g_in[None, :]).to(b.dtype)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+        acc = low_rank_tile(l_ptr, lb_ptr, rows, cols, row_in, col_in, R, stride_lm, stride_lr,
+                            stride_lbr, stride_lbn, scale, seed_ptr, dropout_p, tile_n * BLOCK_N, N,
+                            DROPOUT, BLOCK_R, BLOCK_N, PRECISION)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
+    out_in = row_in[:, None] & col_in[None, :]
+    if IN_PLACE:
+        acc += tl.load(out_ptrs, mask=out_in, other=0.0).to(tl.float32)
+    else:
+        ks = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak
+        b_ptrs = b_ptr + ks[:, None] * stride_bk + cols[None, :] * stride_bn
+        for k0 in range(0, K, BLOCK_K):
+            k_in = ks < K - k0
+            a = tl.load(a_ptrs, mask=row_in[:, None] & k_in[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_in[:, None] & col_in[None, :], other=0.0)
+            if SCALE_IN:
+                g_in = tl.load(g_ptr + k0 + ks, mask=k_in, other=0.0)
+                a = (a.to(tl.float32) * g_in[None, :]).to(b.dtype)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            a_ptrs += BLOCK_K * stride_ak
+            b_ptrs += BLOCK_K * stride_bk
     if SCALE_OUT:
         acc *= tl.load(g_ptr + cols, mask=col_in, other=0.0)[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_in, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on,
-             acc.to(out_ptr.dtype.element_ty), mask=row_in[:, None] & col_in[None, :])
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_in)
 
 
 KERNELS = {k: tune(_lora_linear_kernel, c, ["M_BUCKET", "N", "K", "R", "HAS_LORA", "DROPOUT"])
            for k, c in _CONFIGS.items()}
+# The in-place pass streams out once (read, add, write) plus the rank-r product: tiles of
+# an elementwise kernel, no K loop (BLOCK_K unused), one config set for every dtype.
+# Autotuning runs it repeatedly on the same output, hence restore_value.
+IN_PLACE_KERNEL = tune(
+    _lora_linear_kernel,
+    configs(("BLOCK_M", "BLOCK_N"), [(128, 128, 8, 2), (64, 128, 4, 2), (64, 64, 4, 2),
+                                     (32, 128, 4, 2), (16, 128, 4, 2), (16, 256, 4, 2)],
+            dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=4), BLOCK_K=16, GROUP_M=8),
+    ["M_BUCKET", "N", "R", "HAS_LORA", "DROPOUT", "SCALE_OUT"], restore=["out_ptr"])
 
 
 @dataclass
@@ -118,18 +128,13 @@ class LowRank:
     seed: torch.Tensor | None = None
 
 
-@on_device
-def fused_linear(a: torch.Tensor, b: torch.Tensor, low: LowRank | None = None,
-                 bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None, *,
-                 g_out: torch.Tensor | None = None, g_in: torch.Tensor | None = None
-                 ) -> torch.Tensor:
-    """``g_out * (a @ (g_in * b) + low-rank term) + bias``: a ``[M, K]``, b ``[K, N]`` (any
-    strides), the optional DoRA factors g_out ``[N]`` / g_in ``[K]`` contiguous fp32."""
+def _launch(a: torch.Tensor, b: torch.Tensor, low: LowRank | None, bias: torch.Tensor | None,
+            out: torch.Tensor, g_out: torch.Tensor | None, g_in: torch.Tensor | None,
+            in_place: bool) -> torch.Tensor:
     if g_out is not None and g_in is not None:
-        raise ValueError("fused_linear takes g_out or g_in, not both")
+        raise ValueError("the fused linear takes g_out or g_in, not both")
     m, k = a.shape
     n = b.shape[1]
-    out = torch.empty((m, n), dtype=out_dtype or a.dtype, device=a.device)
     if m == 0 or n == 0:
         return out
     has_lora = low is not None
@@ -139,7 +144,9 @@ def fused_linear(a: torch.Tensor, b: torch.Tensor, low: LowRank | None = None,
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     g = g_out if g_out is not None else g_in
     dropout = has_lora and low.dropout_p > 0.0
-    KERNELS[kind(a.dtype, low.lb.dtype if has_lora else None, dropout)][grid](
+    kernel = (IN_PLACE_KERNEL if in_place else
+              KERNELS[kind(a.dtype, low.lb.dtype if has_lora else None, dropout)])
+    kernel[grid](
         a, b, low.l, low.lb, bias if bias is not None else out, g if g is not None else out, out,
         m, n, k, r, m_bucket(m),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), low.l.stride(0), low.l.stride(1),
@@ -147,5 +154,45 @@ def fused_linear(a: torch.Tensor, b: torch.Tensor, low: LowRank | None = None,
         low.scale, low.seed if low.seed is not None else out, low.dropout_p,
         HAS_LORA=has_lora, HAS_BIAS=bias is not None, DROPOUT=dropout,
         SCALE_OUT=g_out is not None, SCALE_IN=g_in is not None,
+        IN_PLACE=in_place,
         BLOCK_R=rank_block(max(r, 1)), PRECISION=fp32_precision())
     return out
+
+
+@on_device
+def fused_linear(a: torch.Tensor, b: torch.Tensor, low: LowRank | None = None,
+                 bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None, *,
+                 g_out: torch.Tensor | None = None, g_in: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+    """``g_out * (a @ (g_in * b) + low-rank term) + bias``: a ``[M, K]``, b ``[K, N]`` (any
+    strides), the optional DoRA factors g_out ``[N]`` / g_in ``[K]`` contiguous fp32."""
+    out = torch.empty((a.shape[0], b.shape[1]), dtype=out_dtype or a.dtype, device=a.device)
+    return _launch(a, b, low, bias, out, g_out, g_in, in_place=False)
+
+
+def cublas_unsupported(a: torch.Tensor, out_dtype: torch.dtype | None = None,
+                       g_in: torch.Tensor | None = None) -> str | None:
+    """Why ``cublas_linear`` cannot take these arguments, or None."""
+    if g_in is not None:
+        return ("g_in scales the reduction dimension (DoRA's dx pass): the cuBLAS product "
+                "would need a scaled M x N copy of dY")
+    if out_dtype is not None and out_dtype != a.dtype:
+        return f"torch.mm returns {a.dtype}, not the requested {out_dtype}"
+    return None
+
+
+@on_device
+def cublas_linear(a: torch.Tensor, b: torch.Tensor, low: LowRank | None = None,
+                  bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None, *,
+                  g_out: torch.Tensor | None = None, g_in: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """``fused_linear``'s result with the base product ``a @ b`` from ``torch.mm`` (cuBLAS on
+    CUDA); the kernel then adds the low-rank term (dropout in-kernel), g_out and the bias
+    into that output in place. No g_in (see ``cublas_unsupported``)."""
+    reason = cublas_unsupported(a, out_dtype, g_in)
+    if reason:
+        raise ValueError(f"cublas_linear: {reason}")
+    out = torch.mm(a, b)
+    if low is None and bias is None and g_out is None:
+        return out
+    return _launch(a, b, low, bias, out, g_out, None, in_place=True)

@@ -13,6 +13,13 @@ if not torch.cuda.is_available():
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _choice_cache_dir(tmp_path_factory):
+    """The implementation choices the tests measure (on a GPU) go to a scratch directory,
+    never to the user's cache (fastlora.choice_cache)."""
+    os.environ["FASTLORA_CACHE_DIR"] = str(tmp_path_factory.mktemp("choices"))
+
+
 @pytest.fixture
 def device():
     return DEVICE

@@ -1,4 +1,6 @@
-"""The layer benchmark compares like with like: its four implementations agree (CPU, tiny)."""
+"""The layer benchmark compares like with like: its implementations agree (CPU, tiny),
+fastlora's forced ones included."""
+import os
 import sys
 from pathlib import Path
 
@@ -9,7 +11,8 @@ from data import generator, randn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from bench_layer import make_impls  # noqa: E402
-from common import saved_bytes  # noqa: E402
+from common import forced_impl, saved_bytes  # noqa: E402
+from tables import markdown  # noqa: E402
 
 
 @pytest.mark.parametrize("adapter_dtype", [torch.float32, torch.float16])
@@ -43,3 +46,38 @@ def test_dora_benchmark_implementations_agree(device):
     peft_out = impls["peft-dora"][0](x)
     assert torch.allclose(impls["fastlora-dora"][0](x), peft_out, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(impls["fastlora-lora"][0](x), peft_out, atol=1e-4)
+
+
+def test_forced_implementations_agree(monkeypatch, device):
+    """The layer benchmark's fastlora[IMPL] rows: the same layer under FASTLORA_IMPL=IMPL
+    (forward and backward), which the context restores afterwards."""
+    monkeypatch.setenv("FASTLORA_IMPL", "fused")
+    impls = make_impls(72, 48, 8, 0.0, torch.float32, torch.float32, device=device)
+    x = randn(19, 72, g=generator(3), device=device, requires_grad=True)
+    fn, params = impls["fastlora"]
+    dy = randn(19, 48, g=generator(4), device=device)
+    eager = impls["eager"][0](x)
+    eager.backward(dy)
+    want = [x.grad, *(p.grad for p in params)]
+    hopper = not x.is_cuda or torch.cuda.get_device_capability(x.device)[0] == 9
+    for name in ("fused", "cublas", "tma") if hopper else ("fused", "cublas"):
+        for t in (x, *params):
+            t.grad = None
+        with forced_impl(name):
+            assert os.environ["FASTLORA_IMPL"] == name
+            out = fn(x)
+            out.backward(dy)
+        torch.testing.assert_close(out, eager, atol=1e-4, rtol=1e-4)
+        for got, ref in zip([x.grad, *(p.grad for p in params)], want):
+            torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+        assert os.environ["FASTLORA_IMPL"] == "fused"
+
+
+def test_result_markdown_has_the_explain_appendix():
+    data = {"env": {"dry_run": True, "torch": "t", "triton": "t", "date": "d"}, "notes": [],
+            "columns": ["impl", "choice"],
+            "rows": [{"impl": "fastlora", "choice": "forward=cublas dx=fused"}],
+            "appendix": {"fastlora.explain": ["forward [m1 ...]: cublas (measured: ...)"]}}
+    text = markdown(data, "preamble")
+    assert text.endswith("### fastlora.explain\n\n```\nforward [m1 ...]: cublas (measured: "
+                         "...)\n```\n")

@@ -1,7 +1,9 @@
 """The GPU-less kernel check: every kernel and autotune config compiles for sm_80/sm_90,
 uses tensor cores and stays within the shared-memory limit and the spill budget,
-including the fp32-adapter variants at torch's default "highest" matmul precision."""
+including the fp32-adapter variants at torch's default "highest" matmul precision, and
+the sm_90 TMA kernel (wgmma, no spills; skipped on sm_80)."""
 import os
+import re
 import subprocess
 import sys
 
@@ -24,9 +26,20 @@ def test_check_kernels_passes_for_sm80_and_sm90():
             "_dora_norm_kernel", "_multi_shrink_kernel", "_multi_linear_kernel",
             "_multi_dy_kernel", "_multi_da_kernel"}
     assert {line.split()[0] for line in rows} >= lora | {"_q4_matmul_kernel"}
-    assert all(line.rstrip().endswith("ok") for line in rows)
+    tma = [re.search(r" (sm_\d+) +\d+ +\d+ +(\d+) +(\S+) +(.+)$", line).groups()
+           for line in rows if line.startswith("_lora_linear_tma_kernel ")]
+    assert all(line.rstrip().endswith("ok") for line in rows if "_tma_" not in line)
     # fp32 adapters at the default precision: every LoRA kernel, as tf32x3
-    assert {line.split()[0] for line in rows if "fp32" in line and "tf32x3" in line} >= lora
+    assert {line.split()[0] for line in rows if "fp32" in line and "tf32x3" in line} >= (
+        lora | {"_lora_linear_tma_kernel"})
+    # the persistent TMA kernel: wgmma without spills on sm_90, skipped (not failed) on sm_80
+    assert {target for target, *_ in tma} == {"sm_80", "sm_90"}
+    for target, spill, mma, status in tma:
+        if target == "sm_90":
+            assert (spill, mma, status) == ("0", "wgmma", "ok")
+        else:
+            assert status == "skipped: built for sm_90 only"
+    assert any("in place" in line and "tf32x3" in line for line in rows)
     assert any(" sm_90 " in line and "wgmma" in line for line in rows)
     assert lines[-2].startswith(f"summary: {len(rows)} compilations in ")
     assert f"budget {SPILL_BUDGET} B" in lines[-2]
@@ -47,8 +60,13 @@ def test_check_accepts_a_good_row():
     assert Row("k", "v", "c", "sm_90", shared=1024, mma="wgmma", spill=SPILL_BUDGET).problems() == []
 
 
+def test_a_skipped_row_is_no_failure():
+    assert Row("k", "v", "c", "sm_80", skipped="built for sm_90 only").problems() == []
+
+
 @pytest.mark.parametrize("args, env, message", [
     (["--target", "sm_99"], ENV, "fastlora check-kernels: unknown target 'sm_99'; known: sm_80, sm_90"),
+    (["--kernel", "_nope"], ENV, "fastlora check-kernels: unknown kernel _nope; known: "),
     ([], {**ENV, "TRITON_INTERPRET": "1"},
      "fastlora check-kernels: check-kernels compiles for GPUs: unset TRITON_INTERPRET"),
 ])
@@ -56,7 +74,8 @@ def test_bad_invocation_is_one_line_and_exit_code_2(args, env, message):
     proc = subprocess.run([sys.executable, "-m", "fastlora", "check-kernels", *args],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == message and proc.stdout == ""
+    assert proc.stderr.strip().startswith(message) and proc.stdout == ""
+    assert len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_run_refuses_interpreter_and_unknown_target(monkeypatch):

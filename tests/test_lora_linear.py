@@ -415,8 +415,19 @@ def _capture(step, warmup: int = 2) -> torch.cuda.CUDAGraph:
 
 
 @pytest.mark.gpu
-def test_gpu_cuda_graph_replay():
-    """Forward and backward capture in a CUDA graph (after a warm-up that autotunes)."""
+def test_gpu_cuda_graph_replay(monkeypatch):
+    """Forward and backward capture in a CUDA graph: fastlora.warmup chooses the
+    implementation of every linear stage beforehand (nothing is timed afterwards), then a
+    warm-up step on the side stream autotunes."""
+    from fastlora import dispatch
+
+    for e in fastlora.warmup((256, 1024), (768, 1024), 16, dtype=torch.bfloat16, device="cuda"):
+        assert e.why == "measured" and e.impl in e.timings_ms, str(e)
+
+    def no_timing(*args):
+        raise AssertionError("a linear stage was timed after fastlora.warmup")
+
+    monkeypatch.setattr(dispatch, "_do_bench_ms", no_timing)
     x, w, b, a, bb = make(256, 1024, 768, 16, torch.bfloat16, device="cuda")
     static_x = x.detach().clone().requires_grad_()
     dy = randn(256, 768, g=generator(3), device="cuda", dtype=torch.bfloat16)

@@ -1,0 +1,86 @@
+"""``fastlora.warmup`` and ``fastlora.explain``: measure before CUDA-graph capture, and say
+which implementation runs a layer's stages (see ``fastlora.dispatch``).
+
+Both describe one layer call by its shapes: x ``[..., K]`` (leading dims flattened to M),
+weight ``[N, K]``, LoRA rank r. The kernels (and Triton) are imported on first use.
+"""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from .dispatch import Explanation, StageSpec
+
+
+def _stages(x_shape, weight_shape, rank: int, dtype, adapter_dtype, bias: bool,
+            dropout_p: float, dora: bool, training: bool) -> dict[str, StageSpec]:
+    from . import dispatch
+
+    n, k = weight_shape
+    if x_shape[-1] != k:
+        raise ValueError(f"x has {x_shape[-1]} features but weight expects {k}")
+    return dispatch.layer_stages(math.prod(x_shape[:-1]), k, n, rank, dtype=dtype,
+                                 adapter_dtype=adapter_dtype or dtype, bias=bias,
+                                 dropout=dropout_p > 0.0, dora=dora, training=training)
+
+
+def explain(x_shape, weight_shape, rank: int, *, dtype: torch.dtype = torch.bfloat16,
+            adapter_dtype: torch.dtype | None = None, bias: bool = True, dropout_p: float = 0.0,
+            dora: bool = False, training: bool = True, device="cuda") -> list[Explanation]:
+    """Which implementation runs each linear stage of ``lora_linear`` (``dora_linear`` with
+    ``dora=True``) for these shapes on ``device``, why, and the median times (ms) of the
+    candidates that chose it. Times nothing: see ``warmup``. ``print`` the items for a
+    one-line summary each."""
+    from . import dispatch
+
+    stages = _stages(x_shape, weight_shape, rank, dtype, adapter_dtype, bias, dropout_p, dora,
+                     training)
+    return [dispatch.CHOOSER.describe(stage, spec, device) for stage, spec in stages.items()]
+
+
+def warmup(x_shape, weight_shape, rank: int, *, dtype: torch.dtype = torch.bfloat16,
+           adapter_dtype: torch.dtype | None = None, bias: bool = True, dropout_p: float = 0.0,
+           dora: bool = False, training: bool = True, device="cuda") -> list[Explanation]:
+    """Choose the implementation of every linear stage of one layer call (timing the
+    candidates of keys not chosen yet), then run the op forward (and backward when
+    ``training``) once on random data, so that every Triton kernel is compiled and
+    autotuned. Call it, outside CUDA-graph capture, for each distinct layer shape before
+    capturing (or run the model once). Returns ``explain``'s answer."""
+    from . import dispatch
+
+    generator = torch.Generator(device=device).manual_seed(0)
+    stages = _stages(x_shape, weight_shape, rank, dtype, adapter_dtype, bias, dropout_p, dora,
+                     training)
+    for spec in stages.values():
+        dispatch.CHOOSER.choose(spec.synthetic(device, generator), spec.impls)
+    _run_layer(x_shape, weight_shape, rank, dtype, adapter_dtype or dtype, bias, dropout_p, dora,
+               training, device, generator)
+    return explain(x_shape, weight_shape, rank, dtype=dtype, adapter_dtype=adapter_dtype,
+                   bias=bias, dropout_p=dropout_p, dora=dora, training=training, device=device)
+
+
+def _run_layer(x_shape, weight_shape, rank, dtype, adapter_dtype, bias, dropout_p, dora,
+               training, device, generator) -> None:
+    from .functional import dora_linear, lora_linear
+
+    n, k = weight_shape
+
+    def randn(*shape, dt=dtype, scale=1.0):
+        return torch.randn(*shape, generator=generator, device=device, dtype=dt) * scale
+
+    x = randn(*x_shape).requires_grad_(training)
+    weight = randn(n, k, scale=k ** -0.5)
+    b = randn(n) if bias else None
+    lora_A = randn(rank, k, dt=adapter_dtype, scale=k ** -0.5).requires_grad_(training)
+    lora_B = randn(n, rank, dt=adapter_dtype, scale=0.01).requires_grad_(training)
+    kwargs = dict(dropout_p=dropout_p, training=training, seed=0)
+    if dora:
+        magnitude = weight.float().norm(dim=1).requires_grad_(training)
+        y = dora_linear(x, weight, b, lora_A, lora_B, 1.0, magnitude, **kwargs)
+    else:
+        y = lora_linear(x, weight, b, lora_A, lora_B, 1.0, **kwargs)
+    if training:
+        y.backward(torch.randn(y.shape, generator=generator, device=device, dtype=y.dtype))
