@@ -16,8 +16,12 @@ if TYPE_CHECKING:
 
 
 def _stages(x_shape, weight_shape, rank: int, dtype, adapter_dtype, bias: bool,
-            dropout_p: float, dora: bool, training: bool) -> dict[str, StageSpec]:
+            dropout_p: float, dora: bool, training: bool, device) -> dict[str, StageSpec]:
     from . import dispatch
+
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device={device!r} but no CUDA device is available: pass "
+                           "device='cpu' to see what a CPU call runs")
 
     n, k = weight_shape
     if x_shape[-1] != k:
@@ -37,7 +41,7 @@ def explain(x_shape, weight_shape, rank: int, *, dtype: torch.dtype = torch.bflo
     from . import dispatch
 
     stages = _stages(x_shape, weight_shape, rank, dtype, adapter_dtype, bias, dropout_p, dora,
-                     training)
+                     training, device)
     return [dispatch.CHOOSER.describe(stage, spec, device) for stage, spec in stages.items()]
 
 
@@ -53,7 +57,7 @@ def warmup(x_shape, weight_shape, rank: int, *, dtype: torch.dtype = torch.bfloa
 
     generator = torch.Generator(device=device).manual_seed(0)
     stages = _stages(x_shape, weight_shape, rank, dtype, adapter_dtype, bias, dropout_p, dora,
-                     training)
+                     training, device)
     for spec in stages.values():
         dispatch.CHOOSER.choose(spec.synthetic(device, generator), spec.impls)
     _run_layer(x_shape, weight_shape, rank, dtype, adapter_dtype or dtype, bias, dropout_p, dora,

@@ -286,7 +286,7 @@ def test_explain_dora_and_inference(timed_chooser, device):
     assert [e.stage for e in fastlora.explain((7, 32), (48, 32), 4, training=False,
                                               device=device)] == ["forward"]
     with pytest.raises(ValueError, match="x has 31 features"):
-        fastlora.explain((7, 31), (48, 32), 4)
+        fastlora.explain((7, 31), (48, 32), 4, device=device)
 
 
 def test_warmup_times_each_stage_s_candidates(timed_chooser, device):
@@ -324,3 +324,9 @@ def test_gpu_first_call_times_on_cuda_then_capture_replays(cache_dir):
             out = c.choose(args)(args)
     graph.replay()
     torch.testing.assert_close(out, ref)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without CUDA")
+def test_explain_without_cuda_says_so():
+    with pytest.raises(RuntimeError, match="no CUDA device is available: pass device='cpu'"):
+        fastlora.explain((4, 64), (32, 64), 8)
