@@ -1,18 +1,15 @@
 """The layer benchmark compares like with like: its implementations agree (CPU, tiny),
 fastlora's forced ones included."""
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from data import generator, randn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from bench_layer import make_impls  # noqa: E402
-from common import forced_impl, saved_bytes  # noqa: E402
-from tables import markdown  # noqa: E402
+from bench_layer import make_impls
+from common import forced_impl, saved_bytes
+from tables import markdown
 
 
 @pytest.mark.parametrize("adapter_dtype", [torch.float32, torch.float16])

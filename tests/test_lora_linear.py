@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import fastlora
+from common import capture
 from data import generator, randn
 from fastlora import functional, reference
 from fastlora.kernels import dropout_mask
@@ -401,19 +402,6 @@ def test_gpu_fp32_adapters_error_vs_fp64(m, k, n, r):
     check(args, 2.0, torch.float32)
 
 
-def _capture(step, warmup: int = 2) -> torch.cuda.CUDAGraph:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(warmup):  # autotuning happens here, outside the capture
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph
-
-
 @pytest.mark.gpu
 def test_gpu_cuda_graph_replay(monkeypatch):
     """Forward and backward capture in a CUDA graph: fastlora.warmup chooses the
@@ -439,7 +427,7 @@ def test_gpu_cuda_graph_replay(monkeypatch):
         out["y"] = fastlora.lora_linear(static_x, w, b, a, bb, 2.0)
         out["y"].backward(dy)
 
-    graph = _capture(step)
+    graph = capture(step)
     with torch.no_grad():
         static_x.copy_(randn(256, 1024, g=generator(4), device="cuda", dtype=torch.bfloat16))
     graph.replay()
@@ -462,7 +450,7 @@ def test_gpu_cuda_graph_replays_draw_fresh_dropout_masks():
             out["y"] = fastlora.lora_linear(*args, 2.0, dropout_p=0.1, training=True, seed=seed)
             out["y"].backward(dy)
 
-        graph = _capture(step)
+        graph = capture(step)
         graph.replay()
         first = out["y"].clone()
         graph.replay()

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import fastlora
+from common import capture
 from data import generator, randint, randn
 from fastlora import functional, reference
 from fastlora import multi_lora_linear
@@ -379,15 +380,7 @@ def test_gpu_multi_training_step_in_a_cuda_graph():
         out["y"] = multi_lora_linear(x, weight, bias, bank, index, training=True)
         out["y"].backward(dy)
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    graph = capture(step)
     graph.replay()
     first = out["y"].clone()
     graph.replay()

@@ -1,15 +1,12 @@
 """The multi-adapter benchmark compares like with like: its implementations agree (CPU, tiny)."""
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from data import generator, randn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 pytest.importorskip("peft")
-from bench_multi import assign, make_impls, make_layer  # noqa: E402
+from bench_multi import assign, make_impls, make_layer
 
 
 @pytest.mark.parametrize("kind", ["uniform", "skewed", "distinct"])

@@ -1,16 +1,14 @@
 """README's Measured section comes from committed result files only (bench/render_readme.py)."""
 import io
 import json
-import sys
 import tarfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-from collect_results import collect  # noqa: E402
-from render_readme import END, NO_RESULTS, START, main, render, replace_block  # noqa: E402
+from collect_results import collect
+from render_readme import END, NO_RESULTS, START, main, render, replace_block
 
 
 def env(gpu="NVIDIA H100 80GB HBM3", date="2026-11-20", dry_run=False):

@@ -1,8 +1,6 @@
 """fastlora.routing.Routing: made once per batch, reused by every layer of a forward (no
 per-layer checks or grouping), one entry per sequence serving prefill and decode row
 counts, static buffers rewritten in place for CUDA graphs."""
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,8 +14,7 @@ from fastlora.routing import Routing
 from spies import count_calls
 from tolerances import assert_close
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from common import capture  # noqa: E402
+from common import capture
 
 K, N = 40, 36
 

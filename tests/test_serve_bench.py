@@ -1,17 +1,14 @@
 """The serving benchmark compares like with like: the attached model and PEFT's mixed batch
 agree on the same adapters, and its memory-traffic bound counts what a decode step reads."""
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
-from bench_serve import (RANK, TARGETS, build_peft, check_outputs, random_adapter,  # noqa: E402
+from bench_serve import (RANK, TARGETS, build_peft, check_outputs, random_adapter,
                          traffic_bytes)
-from common import Run  # noqa: E402
+from common import Run
 
 
 def test_attached_model_agrees_with_peft_and_the_bound_counts_the_step(device):
