@@ -61,12 +61,35 @@ def check_base(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                         "(outside autocast, as for F.linear)")
 
 
-def check_adapter(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
-                  kernel: bool) -> None:
-    """lora_A ``[r, K]`` and lora_B ``[N, r]`` (r >= 1, one float dtype) fit weight ``[N, K]``."""
+def check_quant4_base(x: torch.Tensor, weight, bias: torch.Tensor | None, kernel: bool) -> None:
+    """x ``[..., K]`` and bias ``[N]`` or None over a 4-bit ``Quant4Weight`` W ``[N, K]``
+    (its quant state's shape) on x's device; x may have any float dtype (it is cast to the
+    compute dtype, as bitsandbytes' ``Linear4bit`` does)."""
+    for name, t in (("x", x), ("bias", bias)):
+        if t is not None:
+            check_float(name, t, kernel)
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (features last)")
+    weight.check_device(x.device)
+    n, k = weight.shape
+    if x.shape[-1] != k:
+        if x.shape[-1] == n:
+            raise ValueError(
+                f"the 4-bit weight was quantized from a [K, N] tensor (quant state shape "
+                f"[{n}, {k}], x has {n} features): bitsandbytes' deprecated orientation; "
+                "re-quantize the weight as [out_features, in_features]")
+        raise ValueError(f"x has {x.shape[-1]} features but the 4-bit weight expects {k} "
+                         f"(quant state shape [{n}, {k}])")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+
+
+def check_adapter(weight, lora_A: torch.Tensor, lora_B: torch.Tensor, kernel: bool) -> None:
+    """lora_A ``[r, K]`` and lora_B ``[N, r]`` (r >= 1, one float dtype) fit weight ``[N, K]``
+    (a tensor or a 4-bit ``Quant4Weight``)."""
     check_float("lora_A", lora_A, kernel)
     check_float("lora_B", lora_B, kernel)
-    if weight.dim() != 2:
+    if len(weight.shape) != 2:
         raise ValueError(f"weight must be [out_features, in_features], got shape {tuple(weight.shape)}")
     n, k = weight.shape
     if lora_A.dim() != 2 or lora_A.shape[1] != k:
@@ -82,8 +105,12 @@ def check_adapter(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tens
 
 
 def check_lora(x, weight, bias, lora_A, lora_B, scaling, dropout_p, kernel: bool) -> None:
-    """The arguments of ``lora_linear`` / ``dora_linear`` (devices are checked before autocast)."""
-    check_base(x, weight, bias, kernel)
+    """The arguments of ``lora_linear`` / ``dora_linear`` (devices are checked before autocast);
+    weight dense or a 4-bit ``Quant4Weight``."""
+    if isinstance(weight, torch.Tensor):
+        check_base(x, weight, bias, kernel)
+    else:
+        check_quant4_base(x, weight, bias, kernel)
     check_adapter(weight, lora_A, lora_B, kernel)
     check_scaling(scaling)
     check_dropout(dropout_p)
@@ -95,11 +122,16 @@ def check_magnitude(magnitude: torch.Tensor, weight: torch.Tensor, kernel: bool)
         raise ValueError(f"magnitude must have shape ({weight.shape[0]},), got {tuple(magnitude.shape)}")
 
 
-def check_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling,
+def check_norm(weight, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling,
                kernel: bool) -> None:
-    """The arguments of ``dora_weight_norm``: weight ``[N, K]`` float, the adapter fitting it."""
-    check_devices(weight=weight, lora_A=lora_A, lora_B=lora_B)
-    check_float("weight", weight, kernel)
+    """The arguments of ``dora_weight_norm``: weight ``[N, K]`` float (or a 4-bit
+    ``Quant4Weight`` on the adapter's device), the adapter fitting it."""
+    if isinstance(weight, torch.Tensor):
+        check_devices(weight=weight, lora_A=lora_A, lora_B=lora_B)
+        check_float("weight", weight, kernel)
+    else:
+        check_devices(lora_A=lora_A, lora_B=lora_B)
+        weight.check_device(lora_A.device, "lora_A")
     check_adapter(weight, lora_A, lora_B, kernel)
     check_scaling(scaling)
 

@@ -9,6 +9,7 @@ flattened row-major; ``quant_state.shape`` is ``[N, K]``; the scales are per blo
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -23,6 +24,19 @@ def is_bnb_4bit(weight) -> bool:
     """True for a bitsandbytes ``Params4bit`` (read without importing bitsandbytes)."""
     return (isinstance(weight, torch.Tensor) and hasattr(weight, "quant_state")
             and type(weight).__module__.startswith("bitsandbytes"))
+
+
+def as_quant4(weight, compute_dtype: torch.dtype) -> "Quant4Weight | None":
+    """A 4-bit ``weight`` (``Quant4Weight`` or bitsandbytes ``Params4bit``) as a
+    ``Quant4Weight`` with its compute dtype set (its own, else ``compute_dtype``); None for
+    any other weight."""
+    if isinstance(weight, Quant4Weight):
+        if weight.compute_dtype is not None:
+            return weight
+        return dataclasses.replace(weight, compute_dtype=compute_dtype)
+    if is_bnb_4bit(weight):
+        return Quant4Weight.from_bnb(weight, compute_dtype=compute_dtype)
+    return None
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
@@ -153,13 +167,27 @@ class Quant4Weight:
                              f"{torch.device(device)}")
 
     def kernel_args(self):
-        """The launch metadata of the QUANT4 kernels (imports the kernels)."""
-        from .kernels.quant4 import Quant4Args, code_book
+        """The launch metadata of the QUANT4 kernels, W ``[N, K]`` dequantized to the compute
+        dtype (imports the kernels)."""
+        from .kernels.quant4 import Quant4Args
 
-        return Quant4Args(data=self.data, absmax=self.absmax,
-                          code=code_book(self.quant_type, self.device), shape=self.shape,
-                          blocksize=self.blocksize, absmax2=self.absmax2, code2=self.code2,
-                          offset=self.offset, blocksize2=self.blocksize2)
+        data, quant, meta = self.op_args()
+        absmax, code, *nested = quant
+        absmax2, code2, offset = nested or (None, None, None)
+        return Quant4Args(data, absmax, code, self.shape, self.blocksize, absmax2, code2, offset,
+                          self.blocksize2, self.compute_dtype or self.dtype)
+
+    def op_args(self) -> tuple[torch.Tensor, list[torch.Tensor], list[int]]:
+        """What ``fastlora._ops`` takes for this weight: (packed data, [absmax, code book
+        (+ absmax2, code2, offset when nested)], [N, K, blocksize, blocksize2]); the code
+        book is fastlora's fp32 copy of bitsandbytes' on the weight's device (imports the
+        kernels)."""
+        from .kernels.quant4 import code_book
+
+        quant = [self.absmax, code_book(self.quant_type, self.device)]
+        if self.nested:
+            quant += [self.absmax2, self.code2, self.offset]
+        return self.data, quant, [*self.shape, self.blocksize, self.blocksize2]
 
     def to_bnb(self, dtype: torch.dtype | None = None):
         """(packed data ``[ceil(N*K / 2), 1]`` uint8, bitsandbytes ``QuantState``) for
