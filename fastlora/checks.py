@@ -6,11 +6,14 @@ Nothing here synchronizes with a CUDA device: values are read only from CPU tens
 """
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+QUANT4_TYPES = ("nf4", "fp4")
+QUANT4_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # bitsandbytes' quantize_4bit's
 
 
 def check_float(name: str, t: torch.Tensor, kernel: bool) -> None:
@@ -59,6 +62,65 @@ def check_base(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     if x.dtype != weight.dtype:
         raise TypeError(f"x ({x.dtype}) and weight ({weight.dtype}) must have the same dtype "
                         "(outside autocast, as for F.linear)")
+
+
+def _check_quant4_part(name: str, t, numel: int, dtype: torch.dtype, what: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"4-bit {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.numel() != numel:
+        raise ValueError(f"4-bit {name} has {t.numel()} elements but {what} needs {numel}: "
+                         "the quant state does not match the packed weight")
+    if t.dtype != dtype:
+        raise TypeError(f"4-bit {name} has dtype {t.dtype}, expected {dtype}")
+    if t.dim() != 1 or not t.is_contiguous():
+        raise ValueError(f"4-bit {name} must be a contiguous 1-D tensor, got shape "
+                         f"{tuple(t.shape)} and strides {t.stride()}")
+
+
+def check_quant4(w) -> None:
+    """A ``Quant4Weight``'s layout: quant type and blocksizes fastlora reads, the packed data
+    and every scale sized for its shape, dtypes, one device."""
+    if w.quant_type not in QUANT4_TYPES:
+        raise ValueError(f"unsupported 4-bit quant type {w.quant_type!r}: fastlora reads "
+                         f"{', '.join(map(repr, QUANT4_TYPES))}")
+    if w.blocksize not in QUANT4_BLOCKSIZES:
+        raise ValueError(f"unsupported 4-bit blocksize {w.blocksize!r}: bitsandbytes uses "
+                         f"{', '.join(map(str, QUANT4_BLOCKSIZES))}")
+    shape = w.shape
+    if len(shape) != 2 or not all(isinstance(s, int) and s > 0 for s in shape):
+        raise ValueError(f"quant state shape {list(shape)} is not a 2-D weight shape "
+                         "[out_features, in_features]")
+    numel = shape[0] * shape[1]
+    blocks = math.ceil(numel / w.blocksize)
+    _check_quant4_part("packed data", w.data, (numel + 1) // 2, torch.uint8,
+                       f"(N*K + 1) // 2 for shape {list(shape)}")
+    nested = w.absmax2 is not None
+    if nested != (w.code2 is not None) or nested != (w.offset is not None):
+        raise ValueError("a double-quantized absmax needs absmax2, code2 and offset together")
+    _check_quant4_part("absmax", w.absmax, blocks, torch.uint8 if nested else torch.float32,
+                       f"the blocks of {list(shape)} at blocksize {w.blocksize}"
+                       + (" (uint8 codes: the absmax is double-quantized)" if nested else ""))
+    if nested:
+        if w.blocksize2 not in QUANT4_BLOCKSIZES:
+            raise ValueError(f"unsupported nested blocksize {w.blocksize2!r}: bitsandbytes "
+                             f"uses {', '.join(map(str, QUANT4_BLOCKSIZES))}")
+        _check_quant4_part("nested absmax", w.absmax2, math.ceil(blocks / w.blocksize2),
+                           torch.float32, f"{blocks} blocks at nested blocksize {w.blocksize2}")
+        _check_quant4_part("nested code", w.code2, 256, torch.float32, "an 8-bit code book")
+        _check_quant4_part("nested offset", w.offset, 1, torch.float32, "one value")
+    for name, dt in (("dtype", w.dtype), ("compute_dtype", w.compute_dtype or w.dtype)):
+        if dt not in KERNEL_DTYPES:
+            raise TypeError(f"4-bit weight {name} {dt} is not float16, bfloat16 or float32")
+    devices = {name: t.device for name, t in w.tensors().items()}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"4-bit weight parts are on different devices: {devices}")
+
+
+def check_quant4_device(w, device: torch.device, what: str = "x") -> None:
+    """A ``Quant4Weight`` lives on ``device`` (that of ``what``)."""
+    if torch.device(device) != w.device:
+        raise ValueError(f"the 4-bit weight is on {w.device} but {what} is on "
+                         f"{torch.device(device)}")
 
 
 def check_quant4_base(x: torch.Tensor, weight, bias: torch.Tensor | None, kernel: bool) -> None:

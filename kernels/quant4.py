@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .backward import _TL_DTYPES
+
 # The code books, in code order: NF4 (normal quantiles) and FP4 (sign bit, 2 exponent bits,
 # 1 mantissa bit, in bitsandbytes' bias), both scaled to [-1, 1] in fp32.
 _NF4 = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
@@ -44,9 +46,6 @@ def code_book(quant_type: str, device) -> torch.Tensor:
             raise ValueError(f"no 4-bit code book {quant_type!r}; known: 'nf4', 'fp4'")
         _CODE_BOOKS[key] = values.to(device)
     return _CODE_BOOKS[key]
-
-
-_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
 @dataclass(frozen=True, eq=False)
