@@ -82,7 +82,7 @@ def test_gpu_steps_refuse_to_run_without_cuda(tmp_path):
 
 @no_gpu
 @pytest.mark.parametrize("script", ["bench_layer", "bench_dora", "bench_decode", "bench_multi",
-                                    "bench_model", "bench_serve", "sanitize_calls"])
+                                    "bench_model", "bench_serve", "bench_qlora", "sanitize_calls"])
 def test_benchmarks_exit_non_zero_when_nothing_is_measured(script, tmp_path):
     main = __import__(script).main
     with pytest.raises(SystemExit) as exit_:
