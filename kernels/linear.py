@@ -44,8 +44,9 @@ _CONFIGS = {"light": gemm_configs([(128, 256, 64, 8, 3), (128, 128, 64, 4, 4),
 
 
 # 4-bit weights (QUANT4), by (kind, aligned). The dequantization's codes and scales sit in
-# registers beside the accumulator: no tile wider than 128 x 128, and no 64-wide tile with a
-# 128-long K step (those spill on sm_80, check-kernels). Decode (M <= 16): 16-row tiles,
+# registers beside the accumulator: no tile wider than 128 x 128, K steps of 64 for 64-row
+# tiles, 16-row tiles at most 64 x 128 or 32 x 256 (larger ones spill on sm_80, check-kernels:
+# 128 x 256, 64 x 128 x 128, 16 x 64 x 256 all did). Decode (M <= 16): 16-row tiles,
 # column tiles narrow enough that N / BLOCK_N programs stream the packed weight from every
 # SM, long K steps. Blocks that straddle rows (K not a multiple of the blocksize: odd
 # shapes) keep more scales per row: small tiles.
