@@ -19,7 +19,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 
-STEPS=(tests sanitize layer multi model serve)
+STEPS=(tests sanitize layer multi model serve qlora)
 describe() {
   case $1 in
     tests)    echo "GPU tests (-m gpu), then the others one file per process, 4 at a time; per-test timeout" ;;
@@ -28,6 +28,7 @@ describe() {
     multi)    echo "multi-adapter benchmark, --targets grid (64-row decode, 32 adapters; M=8192, 1..128 adapters)" ;;
     model)    echo "~1B Llama-style model: PEFT vs fastlora.patch, training and decode steps" ;;
     serve)    echo "fastlora.serve: decode steps (1-128 adapters over 16-128 rows; eager, CUDA graph, PEFT, base, bound) and adapter page-in time" ;;
+    qlora)    echo "4-bit (bitsandbytes NF4) base: fastlora vs F.linear and PEFT Linear4bit, decode and M=8192, traffic bound" ;;
   esac
 }
 usage() {
@@ -43,7 +44,7 @@ for arg in "$@"; do
     --dry-run) DRY=1 ;;
     -h|--help) usage; exit 0 ;;
     all) steps+=("${STEPS[@]}") ;;
-    tests|sanitize|layer|multi|model|serve) steps+=("$arg") ;;
+    tests|sanitize|layer|multi|model|serve|qlora) steps+=("$arg") ;;
     *) echo "gpu_session.sh: unknown step '$arg'" >&2; usage >&2; exit 2 ;;
   esac
 done
@@ -92,7 +93,8 @@ environment() {
     (cd / && "$PY" - <<'EOF'
 import importlib.metadata as md, sys
 print("python", sys.version.split()[0])
-for name in ("torch", "triton", "peft", "transformers", "matplotlib", "pytest", "pytest-timeout"):
+for name in ("torch", "triton", "peft", "transformers", "bitsandbytes", "matplotlib", "pytest",
+             "pytest-timeout"):
     try:
         print(name, md.version(name))
     except md.PackageNotFoundError:
@@ -196,6 +198,16 @@ step_multi() { bench bench_multi.py 520 440 --targets; }
 step_model() { bench bench_model.py 520 400; }
 
 step_serve() { bench bench_serve.py 520 400; }
+
+# bitsandbytes is not on the GPU machine: installed from the ignored .whl/ folder when its
+# wheel is there; without it bench_qlora.py leaves out the PEFT rows and says so
+step_qlora() {
+  if [ $DRY = 0 ] && ! "$PY" -c "import bitsandbytes" 2>/dev/null; then
+    run 120 "$PY" -m pip install -q --no-index --find-links .whl bitsandbytes \
+      || say "bitsandbytes not installed (no wheel in .whl/): the PEFT Linear4bit rows are left out"
+  fi
+  bench bench_qlora.py 300 240
+}
 
 if [ $DRY = 0 ] && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   say "no CUDA device: nothing to run on (bash bench/gpu_session.sh --dry-run checks the run on a CPU)"

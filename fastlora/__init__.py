@@ -1,7 +1,8 @@
 """fastlora: fused Triton kernels for LoRA in PyTorch.
 
 ``lora_linear`` / ``dora_linear`` / ``multi_lora_linear`` are the fused ops (the last one
-with a different adapter per row, from an ``AdapterBank`` or ``pack_adapters``),
+with a different adapter per row, from an ``AdapterBank`` or ``pack_adapters``; the first
+two also take a bitsandbytes 4-bit base weight, a ``Params4bit`` or a ``Quant4Weight``),
 ``fastlora.nn`` holds drop-in modules, ``patch(model)`` accelerates a PEFT model in place,
 ``refresh(model)`` drops cached values after writes fastlora cannot see
 (``p.data.copy_``), ``fastlora.reference`` holds the PyTorch oracle. ``warmup`` measures
@@ -13,9 +14,10 @@ from .bank import AdapterBank
 from .cache import refresh
 from .functional import dora_linear, dora_weight_norm, lora_linear, multi_lora_linear
 from .peft import PatchReport, is_patched, patch, unpatch
+from .quant4 import Quant4Weight
 from .warmup import explain, warmup
 
 __version__ = "0.1.0"
 __all__ = ["AdapterBank", "PackedAdapters", "PatchReport", "dora_linear", "dora_weight_norm",
            "explain", "is_patched", "lora_linear", "multi_lora_linear", "nn", "pack_adapters",
-           "patch", "reference", "refresh", "unpatch", "warmup"]
+           "patch", "Quant4Weight", "reference", "refresh", "unpatch", "warmup"]

@@ -24,9 +24,11 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def choose(x: torch.Tensor, *operands: torch.Tensor | None) -> str:
+def choose(x: torch.Tensor, *operands: torch.Tensor | None,
+           compute_dtype: torch.dtype | None = None) -> str:
     """The backend for an op whose main input is ``x`` and whose matmul operands (x among
-    them) are ``x, *operands``.
+    them) are ``x, *operands`` (``compute_dtype``: a further dtype a matmul runs in, that of
+    a 4-bit base weight's tiles).
 
     Raises where the choice cannot give a right answer: Triton forced for a CPU tensor
     without the interpreter, or a bfloat16 operand in the interpreter (whose bf16 ``tl.dot``
@@ -41,8 +43,8 @@ def choose(x: torch.Tensor, *operands: torch.Tensor | None) -> str:
             "need a CUDA tensor, or TRITON_INTERPRET=1 for CPU tensors")
     which = forced or ("triton" if x.is_cuda or (x.device.type == "cpu" and interpreting())
                        else "torch")
-    if which == "triton" and not x.is_cuda and any(
-            t is not None and t.dtype == torch.bfloat16 for t in (x, *operands)):
+    dtypes = [t.dtype for t in (x, *operands) if t is not None] + [compute_dtype]
+    if which == "triton" and not x.is_cuda and torch.bfloat16 in dtypes:
         raise RuntimeError(
             "bfloat16 under TRITON_INTERPRET=1: the Triton interpreter computes bf16 matmuls "
             "wrongly; use float16/float32 in the interpreter, or FASTLORA_BACKEND=torch (the "

@@ -6,11 +6,14 @@ Nothing here synchronizes with a CUDA device: values are read only from CPU tens
 """
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+QUANT4_TYPES = ("nf4", "fp4")
+QUANT4_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # bitsandbytes' quantize_4bit's
 
 
 def check_float(name: str, t: torch.Tensor, kernel: bool) -> None:
@@ -61,12 +64,94 @@ def check_base(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                         "(outside autocast, as for F.linear)")
 
 
-def check_adapter(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
-                  kernel: bool) -> None:
-    """lora_A ``[r, K]`` and lora_B ``[N, r]`` (r >= 1, one float dtype) fit weight ``[N, K]``."""
+def _check_quant4_part(name: str, t, numel: int, dtype: torch.dtype, what: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"4-bit {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.numel() != numel:
+        raise ValueError(f"4-bit {name} has {t.numel()} elements but {what} needs {numel}: "
+                         "the quant state does not match the packed weight")
+    if t.dtype != dtype:
+        raise TypeError(f"4-bit {name} has dtype {t.dtype}, expected {dtype}")
+    if t.dim() != 1 or not t.is_contiguous():
+        raise ValueError(f"4-bit {name} must be a contiguous 1-D tensor, got shape "
+                         f"{tuple(t.shape)} and strides {t.stride()}")
+
+
+def check_quant4(w) -> None:
+    """A ``Quant4Weight``'s layout: quant type and blocksizes fastlora reads, the packed data
+    and every scale sized for its shape, dtypes, one device."""
+    if w.quant_type not in QUANT4_TYPES:
+        raise ValueError(f"unsupported 4-bit quant type {w.quant_type!r}: fastlora reads "
+                         f"{', '.join(map(repr, QUANT4_TYPES))}")
+    if w.blocksize not in QUANT4_BLOCKSIZES:
+        raise ValueError(f"unsupported 4-bit blocksize {w.blocksize!r}: bitsandbytes uses "
+                         f"{', '.join(map(str, QUANT4_BLOCKSIZES))}")
+    shape = w.shape
+    if len(shape) != 2 or not all(isinstance(s, int) and s > 0 for s in shape):
+        raise ValueError(f"quant state shape {list(shape)} is not a 2-D weight shape "
+                         "[out_features, in_features]")
+    numel = shape[0] * shape[1]
+    blocks = math.ceil(numel / w.blocksize)
+    _check_quant4_part("packed data", w.data, (numel + 1) // 2, torch.uint8,
+                       f"(N*K + 1) // 2 for shape {list(shape)}")
+    nested = w.absmax2 is not None
+    if nested != (w.code2 is not None) or nested != (w.offset is not None):
+        raise ValueError("a double-quantized absmax needs absmax2, code2 and offset together")
+    _check_quant4_part("absmax", w.absmax, blocks, torch.uint8 if nested else torch.float32,
+                       f"the blocks of {list(shape)} at blocksize {w.blocksize}"
+                       + (" (uint8 codes: the absmax is double-quantized)" if nested else ""))
+    if nested:
+        if w.blocksize2 not in QUANT4_BLOCKSIZES:
+            raise ValueError(f"unsupported nested blocksize {w.blocksize2!r}: bitsandbytes "
+                             f"uses {', '.join(map(str, QUANT4_BLOCKSIZES))}")
+        _check_quant4_part("nested absmax", w.absmax2, math.ceil(blocks / w.blocksize2),
+                           torch.float32, f"{blocks} blocks at nested blocksize {w.blocksize2}")
+        _check_quant4_part("nested code", w.code2, 256, torch.float32, "an 8-bit code book")
+        _check_quant4_part("nested offset", w.offset, 1, torch.float32, "one value")
+    for name, dt in (("dtype", w.dtype), ("compute_dtype", w.compute_dtype or w.dtype)):
+        if dt not in KERNEL_DTYPES:
+            raise TypeError(f"4-bit weight {name} {dt} is not float16, bfloat16 or float32")
+    devices = {name: t.device for name, t in w.tensors().items()}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"4-bit weight parts are on different devices: {devices}")
+
+
+def check_quant4_device(w, device: torch.device, what: str = "x") -> None:
+    """A ``Quant4Weight`` lives on ``device`` (that of ``what``)."""
+    if torch.device(device) != w.device:
+        raise ValueError(f"the 4-bit weight is on {w.device} but {what} is on "
+                         f"{torch.device(device)}")
+
+
+def check_quant4_base(x: torch.Tensor, weight, bias: torch.Tensor | None, kernel: bool) -> None:
+    """x ``[..., K]`` and bias ``[N]`` or None over a 4-bit ``Quant4Weight`` W ``[N, K]``
+    (its quant state's shape) on x's device; x may have any float dtype (it is cast to the
+    compute dtype, as bitsandbytes' ``Linear4bit`` does)."""
+    for name, t in (("x", x), ("bias", bias)):
+        if t is not None:
+            check_float(name, t, kernel)
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (features last)")
+    weight.check_device(x.device)
+    n, k = weight.shape
+    if x.shape[-1] != k:
+        if x.shape[-1] == n:
+            raise ValueError(
+                f"the 4-bit weight was quantized from a [K, N] tensor (quant state shape "
+                f"[{n}, {k}], x has {n} features): bitsandbytes' deprecated orientation; "
+                "re-quantize the weight as [out_features, in_features]")
+        raise ValueError(f"x has {x.shape[-1]} features but the 4-bit weight expects {k} "
+                         f"(quant state shape [{n}, {k}])")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+
+
+def check_adapter(weight, lora_A: torch.Tensor, lora_B: torch.Tensor, kernel: bool) -> None:
+    """lora_A ``[r, K]`` and lora_B ``[N, r]`` (r >= 1, one float dtype) fit weight ``[N, K]``
+    (a tensor or a 4-bit ``Quant4Weight``)."""
     check_float("lora_A", lora_A, kernel)
     check_float("lora_B", lora_B, kernel)
-    if weight.dim() != 2:
+    if len(weight.shape) != 2:
         raise ValueError(f"weight must be [out_features, in_features], got shape {tuple(weight.shape)}")
     n, k = weight.shape
     if lora_A.dim() != 2 or lora_A.shape[1] != k:
@@ -82,8 +167,12 @@ def check_adapter(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tens
 
 
 def check_lora(x, weight, bias, lora_A, lora_B, scaling, dropout_p, kernel: bool) -> None:
-    """The arguments of ``lora_linear`` / ``dora_linear`` (devices are checked before autocast)."""
-    check_base(x, weight, bias, kernel)
+    """The arguments of ``lora_linear`` / ``dora_linear`` (devices are checked before autocast);
+    weight dense or a 4-bit ``Quant4Weight``."""
+    if isinstance(weight, torch.Tensor):
+        check_base(x, weight, bias, kernel)
+    else:
+        check_quant4_base(x, weight, bias, kernel)
     check_adapter(weight, lora_A, lora_B, kernel)
     check_scaling(scaling)
     check_dropout(dropout_p)
@@ -95,11 +184,16 @@ def check_magnitude(magnitude: torch.Tensor, weight: torch.Tensor, kernel: bool)
         raise ValueError(f"magnitude must have shape ({weight.shape[0]},), got {tuple(magnitude.shape)}")
 
 
-def check_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling,
+def check_norm(weight, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling,
                kernel: bool) -> None:
-    """The arguments of ``dora_weight_norm``: weight ``[N, K]`` float, the adapter fitting it."""
-    check_devices(weight=weight, lora_A=lora_A, lora_B=lora_B)
-    check_float("weight", weight, kernel)
+    """The arguments of ``dora_weight_norm``: weight ``[N, K]`` float (or a 4-bit
+    ``Quant4Weight`` on the adapter's device), the adapter fitting it."""
+    if isinstance(weight, torch.Tensor):
+        check_devices(weight=weight, lora_A=lora_A, lora_B=lora_B)
+        check_float("weight", weight, kernel)
+    else:
+        check_devices(lora_A=lora_A, lora_B=lora_B)
+        weight.check_device(lora_A.device, "lora_A")
     check_adapter(weight, lora_A, lora_B, kernel)
     check_scaling(scaling)
 

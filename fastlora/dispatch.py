@@ -12,7 +12,9 @@ gradient (a = dY, b = W) run it. Its implementations (``IMPLS``):
 
 Each op stage has its candidates: ``FORWARD`` and ``LORA_DX`` all three, ``DORA_DX``
 fused and tma (cuBLAS cannot scale dY's columns, the reduction dimension, inside its
-product). On the first call for a key (``StageSpec.key``: device, dtypes, M bucket, N, K,
+product). A bitsandbytes 4-bit weight (b a ``kernels.Quant4Args``) has one: ``fused``,
+which dequantizes each tile in registers (``QUANT4_UNAVAILABLE`` says why not the others);
+nothing is timed for it. On the first call for a key (``StageSpec.key``: device, dtypes, M bucket, N, K,
 rank bucket, layouts, flags) every candidate that can take the call is timed as Triton's
 autotuner times its configs (``triton.testing.do_bench``: warm-up and compilation
 excluded, median of repeated runs, CUDA events), the fastest is kept in memory and on disk
@@ -43,6 +45,12 @@ DEFAULT = "fused"
 FORWARD = ("fused", "cublas", "tma")
 LORA_DX = ("fused", "cublas", "tma")
 DORA_DX = ("fused", "tma")
+QUANT4 = ("fused",)  # every stage over a 4-bit weight
+QUANT4_UNAVAILABLE = {
+    "cublas": "a 4-bit weight: cuBLAS multiplies 16/32-bit matrices, so it would need the "
+              "dequantized N x K weight in memory (what PEFT's Linear4bit builds per call)",
+    "tma": "a 4-bit weight: the TMA kernel loads 16/32-bit tiles of W",
+}
 
 
 @dataclass
@@ -105,6 +113,7 @@ class StageSpec:
     g_out: bool = False
     g_in: bool = False
     impls: tuple[str, ...] = FORWARD
+    quant4: bool = False
 
     @classmethod
     def of(cls, args: LinearArgs, impls: tuple[str, ...] = FORWARD) -> StageSpec:
@@ -118,7 +127,8 @@ class StageSpec:
                    args.g_out is not None, args.g_in is not None, impls)
 
     def key(self) -> str:
-        flags = [name for name in ("dropout", "bias", "g_out", "g_in") if getattr(self, name)]
+        flags = [name for name in ("dropout", "bias", "g_out", "g_in", "quant4")
+                 if getattr(self, name)]
         flags += [] if self.aligned else ["unaligned"]
         return (f"m{m_bucket(self.m)} n{self.n} k{self.k} r{next_pow2(self.r) if self.r else 0} "
                 f"{_name(self.dtype)}/{_name(self.adapter_dtype)}->{_name(self.out_dtype)} "
@@ -299,6 +309,9 @@ class Chooser:
         """What runs for ``spec`` on ``device`` now, from the cache (times nothing)."""
         device = torch.device(device)
         key = spec.key()
+        if spec.quant4:
+            return Explanation(stage, key, DEFAULT, "the only implementation for a 4-bit weight",
+                               unavailable=dict(QUANT4_UNAVAILABLE))
         forced = self.forced()
         if forced:
             if forced not in spec.impls:
@@ -325,27 +338,32 @@ def linear(impls: tuple[str, ...], a: torch.Tensor, b: torch.Tensor,
            out_dtype: torch.dtype | None = None, *, g_out: torch.Tensor | None = None,
            g_in: torch.Tensor | None = None) -> torch.Tensor:
     """``kernels.fused_linear``'s result from the one of ``impls`` (a stage's candidates:
-    ``FORWARD``, ``LORA_DX``, ``DORA_DX``) that ``CHOOSER`` picks for this call."""
+    ``FORWARD``, ``LORA_DX``, ``DORA_DX``) that ``CHOOSER`` picks for this call; for a
+    4-bit b (``kernels.Quant4Args``) from the fused kernel, its only implementation."""
+    if isinstance(b, kernels.Quant4Args):
+        return IMPLS[DEFAULT].launch(a, b, low, bias, out_dtype, g_out=g_out, g_in=g_in)
     return CHOOSER.run(impls, a, b, low, bias, out_dtype, g_out, g_in)
 
 
 def layer_stages(m: int, k: int, n: int, r: int, *, dtype: torch.dtype,
                  adapter_dtype: torch.dtype, bias: bool, dropout: bool, dora: bool,
-                 training: bool) -> dict[str, StageSpec]:
+                 training: bool, quant4: bool = False) -> dict[str, StageSpec]:
     """The linear-stage calls one ``lora_linear``/``dora_linear`` call makes (x ``[m, k]``,
-    weight ``[n, k]`` row-major, rank r), as ``fastlora._ops`` makes them: "forward"
-    (a = x, b = W^T, lb = B^T, the bias, DoRA's g on the output) and, in training, "dx"
-    (a = dY, b = W, lb = A, dropout's keep-mask, DoRA's g on dY). DoRA with dropout in
-    training runs the PyTorch reference: no stage. Rows are 16-byte aligned when their
-    byte lengths are (fresh tensors start on such boundaries)."""
+    weight ``[n, k]`` row-major, or 4-bit with ``quant4``, rank r), as ``fastlora._ops``
+    makes them: "forward" (a = x, b = W^T, lb = B^T, the bias, DoRA's g on the output) and,
+    in training, "dx" (a = dY, b = W, lb = A, dropout's keep-mask, DoRA's g on dY). DoRA
+    with dropout in training runs the PyTorch reference: no stage. Rows are 16-byte
+    aligned when their byte lengths are (fresh tensors start on such boundaries)."""
     if dora and dropout and training:
         return {}
     size = torch.empty((), dtype=dtype).element_size()
     k_rows, n_rows = (k * size) % 16 == 0, (n * size) % 16 == 0
     stages = {"forward": StageSpec(m, n, k, r, dtype, adapter_dtype, dtype, aligned=k_rows,
-                                   bias=bias, g_out=dora, impls=FORWARD)}
+                                   bias=bias, g_out=dora, impls=QUANT4 if quant4 else FORWARD,
+                                   quant4=quant4)}
     if training:
+        dx = QUANT4 if quant4 else DORA_DX if dora else LORA_DX
         stages["dx"] = StageSpec(m, k, n, r, dtype, adapter_dtype, dtype, b_nk=False,
                                  aligned=k_rows and n_rows, dropout=dropout, g_in=dora,
-                                 impls=DORA_DX if dora else LORA_DX)
+                                 impls=dx, quant4=quant4)
     return stages

@@ -16,26 +16,57 @@ import warnings
 import torch
 
 from . import backend, checks, reference
+from .quant4 import Quant4Weight, as_quant4, is_bnb_4bit
 from .routing import Routing
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype of ``device_type`` when autocast is on there, else None."""
+    available = getattr(torch.amp, "is_autocast_available", lambda d: d in ("cpu", "cuda"))
+    if not available(device_type) or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
 
 
 def _autocast(device_type: str, *tensors):
     """Cast floating tensors to the autocast dtype when autocast is on, as F.linear would."""
-    available = getattr(torch.amp, "is_autocast_available", lambda d: d in ("cpu", "cuda"))
-    if not available(device_type) or not torch.is_autocast_enabled(device_type):
+    dtype = _autocast_dtype(device_type)
+    if dtype is None:
         return tensors
-    dtype = torch.get_autocast_dtype(device_type)
     return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
 
 
 def _prepare(x, weight, bias, lora_A, lora_B, scaling, dropout_p, **others):
     """Checks (``others``: further tensors that must share the device), autocast and
-    backend choice shared by the LoRA ops; returns the cast tensors and the backend."""
-    checks.check_devices(x=x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B, **others)
-    x, weight, bias, lora_A, lora_B = _autocast(x.device.type, x, weight, bias, lora_A, lora_B)
-    which = backend.choose(x, weight, lora_A, lora_B)
+    backend choice shared by the LoRA ops; returns the cast tensors (a 4-bit weight as a
+    ``Quant4Weight`` with its compute dtype set) and the backend.
+
+    A 4-bit weight follows bitsandbytes' ``Linear4bit``: its compute dtype is the view's
+    ``compute_dtype``, else the autocast dtype, else x's; x, the bias and the result keep
+    their dtypes (the kernels cast x's tiles), autocast casts the adapter only."""
+    quant = as_quant4(weight, _autocast_dtype(x.device.type) or x.dtype) \
+        if isinstance(x, torch.Tensor) else None
+    if quant is None:
+        checks.check_devices(x=x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B,
+                             **others)
+        x, weight, bias, lora_A, lora_B = _autocast(x.device.type, x, weight, bias, lora_A,
+                                                    lora_B)
+        which = backend.choose(x, weight, lora_A, lora_B)
+    else:
+        checks.check_devices(x=x, bias=bias, lora_A=lora_A, lora_B=lora_B, **others)
+        weight = quant
+        lora_A, lora_B = _autocast(x.device.type, lora_A, lora_B)
+        which = backend.choose(x, lora_A, lora_B, compute_dtype=quant.compute_dtype)
     checks.check_lora(x, weight, bias, lora_A, lora_B, scaling, dropout_p, which == "triton")
     return x, weight, bias, lora_A, lora_B, which
+
+
+def _op_weight(weight) -> tuple:
+    """(weight, quant, quant_meta, compute_dtype) as ``fastlora._ops`` takes a dense or a
+    4-bit (``Quant4Weight``) base weight."""
+    if isinstance(weight, Quant4Weight):
+        return (*weight.op_args(), weight.compute_dtype)
+    return weight, [], None, None
 
 
 def _seed(seed: int | None, generator: torch.Generator | None,
@@ -70,7 +101,14 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     x ``[..., K]``; weight ``[N, K]``; bias ``[N]`` or None; lora_A ``[r, K]``; lora_B
     ``[N, r]``. x and weight share a dtype (fp16/bf16/fp32); the adapter may be fp32 over a
     16-bit base: the LoRA branch then runs in fp32, as PEFT's. Returns ``[..., N]`` in x's
-    dtype. Dropout (LoRA branch only) applies when ``training``; its mask comes from
+    dtype.
+
+    weight may be bitsandbytes 4-bit: a ``Params4bit`` or a ``fastlora.quant4.Quant4Weight``
+    (NF4/FP4, double-quantized absmax or not). Its tiles are dequantized inside the fused
+    kernels (the ``N x K`` weight is never built) in the compute dtype of bitsandbytes'
+    ``Linear4bit``: the view's ``compute_dtype``, else the autocast dtype, else x's; x may
+    have another float dtype, and the result has x's. The 4-bit weight gets no gradient.
+    Dropout (LoRA branch only) applies when ``training``; its mask comes from
     ``seed`` (or from ``generator`` / the default generator of x's device) and is never
     stored: the backward regenerates it. A seed reproduces a mask on one backend; the
     Triton kernels and the PyTorch reference draw different masks from the same seed.
@@ -86,8 +124,9 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
     lead = x.shape[:-1]
     seed_t = _seed(seed, generator, x.device) if p > 0.0 else None
-    y, _ = _ops.lora_linear_fwd(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B,
-                                float(scaling), p, seed_t)
+    w, quant, meta, compute = _op_weight(weight)
+    y, _ = _ops.lora_linear_fwd(x.reshape(-1, x.shape[-1]), w, bias, lora_A, lora_B,
+                                float(scaling), p, seed_t, quant, meta, compute)
     return y.view(*lead, weight.shape[0])
 
 
@@ -95,20 +134,27 @@ def dora_weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.T
                      scaling: float) -> torch.Tensor:
     """``||weight + scaling * lora_B @ lora_A||`` per output row, fp32 ``[N]``, detached.
 
-    weight ``[N, K]``, lora_A ``[r, K]``, lora_B ``[N, r]`` (float, one device). The Triton
-    path never forms ``lora_B @ lora_A`` (``N x K``): it uses
+    weight ``[N, K]`` (or bitsandbytes 4-bit, as in ``lora_linear``: dequantized tile by
+    tile, in fp32 on the Triton path, to the adapter's dtype on the PyTorch one), lora_A
+    ``[r, K]``, lora_B ``[N, r]`` (float, one device). The Triton path never forms
+    ``lora_B @ lora_A`` (``N x K``): it uses
     ``||W||^2 + 2s rowsum(B * (W A^T)) + s^2 rowsum((B (A A^T)) * B)``.
     """
-    checks.check_devices(weight=weight, lora_A=lora_A, lora_B=lora_B)
+    quant = as_quant4(weight, lora_A.dtype) if isinstance(lora_A, torch.Tensor) else None
+    if quant is None:
+        checks.check_devices(weight=weight, lora_A=lora_A, lora_B=lora_B)
     with torch.no_grad():
-        which = backend.choose(weight, lora_A)
-        checks.check_norm(weight, lora_A, lora_B, scaling, which == "triton")
+        which = backend.choose(weight, lora_A) if quant is None else backend.choose(lora_A, lora_B)
+        checks.check_norm(quant or weight, lora_A, lora_B, scaling, which == "triton")
         if which == "torch":
-            w = weight.to(lora_A.dtype)
+            w = weight.to(lora_A.dtype) if quant is None else \
+                reference.dequantize_4bit(quant, lora_A.dtype)
             return reference.dora_weight_norm(w.float(), lora_A.float(), lora_B.float(), scaling)
         from . import _ops
 
-        return _ops.dora_norm(weight, lora_A.detach(), lora_B.detach(), float(scaling))
+        w, quant_parts, meta, _ = _op_weight(quant or weight)
+        return _ops.dora_norm(w, lora_A.detach(), lora_B.detach(), float(scaling), quant_parts,
+                              meta)
 
 
 _warned_dora_dropout: set[str] = set()  # the ops that warned
@@ -128,7 +174,8 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                 weight_norm: torch.Tensor | None = None) -> torch.Tensor:
     """PEFT's DoRA Linear: ``g * (x W^T + s x A^T B^T) + bias``, ``g = magnitude / ||W + s B A||``.
 
-    Shapes as ``lora_linear``, magnitude ``[N]``. The row norm is detached (as in the paper
+    Shapes as ``lora_linear`` (weight dense or bitsandbytes 4-bit, as there), magnitude
+    ``[N]``. The row norm is detached (as in the paper
     and PEFT); pass ``weight_norm`` (from ``dora_weight_norm``) to reuse a cached one. The
     base bias stays outside the factor. In training with dropout PEFT computes
     ``x W^T + bias + (g - 1) xd W^T + g s xd A^T B^T`` (xd = dropped x, so two base
@@ -151,12 +198,14 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                                      weight_norm=weight_norm)
     from . import _ops
 
+    w, quant, meta, compute = _op_weight(weight)
     if weight_norm is None:
-        weight_norm = _ops.dora_norm(weight, lora_A.detach(), lora_B.detach(), float(scaling))
+        weight_norm = _ops.dora_norm(w, lora_A.detach(), lora_B.detach(), float(scaling),
+                                     quant, meta)
     g = (magnitude.float() / weight_norm.detach().float()).contiguous()
     lead = x.shape[:-1]
-    y, _ = _ops.dora_linear_fwd(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B,
-                                float(scaling), g)
+    y, _ = _ops.dora_linear_fwd(x.reshape(-1, x.shape[-1]), w, bias, lora_A, lora_B,
+                                float(scaling), g, quant, meta, compute)
     return y.view(*lead, weight.shape[0])
 
 
@@ -191,6 +240,9 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     bounds. A routing whose adapter was unloaded or replaced since it was made raises
     ``RuntimeError`` naming it (``Routing.check``).
     """
+    if isinstance(weight, Quant4Weight) or is_bnb_4bit(weight):
+        raise TypeError("multi_lora_linear takes a dense base weight; a bitsandbytes 4-bit "
+                        "weight is not supported here (lora_linear and dora_linear take it)")
     bank = bank.packed()
     checks.check_devices(x=x, weight=weight, bias=bias)
     x, weight, bias = _autocast(x.device.type, x, weight, bias)

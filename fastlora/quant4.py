@@ -9,20 +9,31 @@ flattened row-major; ``quant_state.shape`` is ``[N, K]``; the scales are per blo
 """
 from __future__ import annotations
 
-import math
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
-QUANT_TYPES = ("nf4", "fp4")
-BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # those bitsandbytes' quantize_4bit takes
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from . import checks
 
 
 def is_bnb_4bit(weight) -> bool:
     """True for a bitsandbytes ``Params4bit`` (read without importing bitsandbytes)."""
     return (isinstance(weight, torch.Tensor) and hasattr(weight, "quant_state")
             and type(weight).__module__.startswith("bitsandbytes"))
+
+
+def as_quant4(weight, compute_dtype: torch.dtype) -> "Quant4Weight | None":
+    """A 4-bit ``weight`` (``Quant4Weight`` or bitsandbytes ``Params4bit``) as a
+    ``Quant4Weight`` with its compute dtype set (its own, else ``compute_dtype``); None for
+    any other weight."""
+    if isinstance(weight, Quant4Weight):
+        if weight.compute_dtype is not None:
+            return weight
+        return dataclasses.replace(weight, compute_dtype=compute_dtype)
+    if is_bnb_4bit(weight):
+        return Quant4Weight.from_bnb(weight, compute_dtype=compute_dtype)
+    return None
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
@@ -55,55 +66,8 @@ class Quant4Weight:
     compute_dtype: torch.dtype | None = None
 
     def __post_init__(self):
-        if self.quant_type not in QUANT_TYPES:
-            raise ValueError(f"unsupported 4-bit quant type {self.quant_type!r}: fastlora reads "
-                             f"{', '.join(map(repr, QUANT_TYPES))}")
-        if self.blocksize not in BLOCKSIZES:
-            raise ValueError(f"unsupported 4-bit blocksize {self.blocksize!r}: bitsandbytes uses "
-                             f"{', '.join(map(str, BLOCKSIZES))}")
-        shape = tuple(self.shape)
-        if len(shape) != 2 or not all(isinstance(s, int) and s > 0 for s in shape):
-            raise ValueError(f"quant state shape {list(shape)} is not a 2-D weight shape "
-                             "[out_features, in_features]")
-        object.__setattr__(self, "shape", shape)
-        numel = shape[0] * shape[1]
-        blocks = math.ceil(numel / self.blocksize)
-        self._expect("packed data", self.data, (numel + 1) // 2, torch.uint8,
-                     f"(N*K + 1) // 2 for shape {list(shape)}")
-        nested = self.absmax2 is not None
-        if nested != (self.code2 is not None) or nested != (self.offset is not None):
-            raise ValueError("a double-quantized absmax needs absmax2, code2 and offset together")
-        self._expect("absmax", self.absmax, blocks, torch.uint8 if nested else torch.float32,
-                     f"the blocks of {list(shape)} at blocksize {self.blocksize}"
-                     + (" (uint8 codes: the absmax is double-quantized)" if nested else ""))
-        if nested:
-            if self.blocksize2 not in BLOCKSIZES:
-                raise ValueError(f"unsupported nested blocksize {self.blocksize2!r}: bitsandbytes "
-                                 f"uses {', '.join(map(str, BLOCKSIZES))}")
-            self._expect("nested absmax", self.absmax2, math.ceil(blocks / self.blocksize2),
-                         torch.float32, f"{blocks} blocks at nested blocksize {self.blocksize2}")
-            self._expect("nested code", self.code2, 256, torch.float32, "an 8-bit code book")
-            self._expect("nested offset", self.offset, 1, torch.float32, "one value")
-        compute = self.compute_dtype or self.dtype
-        for name, dt in (("dtype", self.dtype), ("compute_dtype", compute)):
-            if dt not in _DTYPES:
-                raise TypeError(f"4-bit weight {name} {dt} is not float16, bfloat16 or float32")
-        devices = {name: t.device for name, t in self.tensors().items()}
-        if len(set(devices.values())) > 1:
-            raise ValueError(f"4-bit weight parts are on different devices: {devices}")
-
-    @staticmethod
-    def _expect(name: str, t, numel: int, dtype: torch.dtype, what: str) -> None:
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"4-bit {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.numel() != numel:
-            raise ValueError(f"4-bit {name} has {t.numel()} elements but {what} needs {numel}: "
-                             "the quant state does not match the packed weight")
-        if t.dtype != dtype:
-            raise TypeError(f"4-bit {name} has dtype {t.dtype}, expected {dtype}")
-        if t.dim() != 1 or not t.is_contiguous():
-            raise ValueError(f"4-bit {name} must be a contiguous 1-D tensor, got shape "
-                             f"{tuple(t.shape)} and strides {t.stride()}")
+        object.__setattr__(self, "shape", tuple(self.shape))
+        checks.check_quant4(self)
 
     @classmethod
     def from_bnb(cls, weight: torch.Tensor, quant_state=None,
@@ -148,18 +112,30 @@ class Quant4Weight:
 
     def check_device(self, device: torch.device, what: str = "x") -> None:
         """Raise unless the weight lives on ``device`` (that of ``what``)."""
-        if torch.device(device) != self.device:
-            raise ValueError(f"the 4-bit weight is on {self.device} but {what} is on "
-                             f"{torch.device(device)}")
+        checks.check_quant4_device(self, device, what)
 
     def kernel_args(self):
-        """The launch metadata of the QUANT4 kernels (imports the kernels)."""
-        from .kernels.quant4 import Quant4Args, code_book
+        """The launch metadata of the QUANT4 kernels, W ``[N, K]`` dequantized to the compute
+        dtype (imports the kernels)."""
+        from .kernels.quant4 import Quant4Args
 
-        return Quant4Args(data=self.data, absmax=self.absmax,
-                          code=code_book(self.quant_type, self.device), shape=self.shape,
-                          blocksize=self.blocksize, absmax2=self.absmax2, code2=self.code2,
-                          offset=self.offset, blocksize2=self.blocksize2)
+        data, quant, meta = self.op_args()
+        absmax, code, *nested = quant
+        absmax2, code2, offset = nested or (None, None, None)
+        return Quant4Args(data, absmax, code, self.shape, self.blocksize, absmax2, code2, offset,
+                          self.blocksize2, self.compute_dtype or self.dtype)
+
+    def op_args(self) -> tuple[torch.Tensor, list[torch.Tensor], list[int]]:
+        """What ``fastlora._ops`` takes for this weight: (packed data, [absmax, code book
+        (+ absmax2, code2, offset when nested)], [N, K, blocksize, blocksize2]); the code
+        book is fastlora's fp32 copy of bitsandbytes' on the weight's device (imports the
+        kernels)."""
+        from .kernels.quant4 import code_book
+
+        quant = [self.absmax, code_book(self.quant_type, self.device)]
+        if self.nested:
+            quant += [self.absmax2, self.code2, self.offset]
+        return self.data, quant, [*self.shape, self.blocksize, self.blocksize2]
 
     def to_bnb(self, dtype: torch.dtype | None = None):
         """(packed data ``[ceil(N*K / 2), 1]`` uint8, bitsandbytes ``QuantState``) for

@@ -3,8 +3,10 @@
 Shapes follow PEFT: x ``[..., K]``, weight ``[N, K]``, bias ``[N]``, lora_A ``[r, K]``,
 lora_B ``[N, r]``. Any float dtype works; the tests run these in float32 (or float64).
 A weight may also be bitsandbytes 4-bit (a ``Params4bit`` or a ``fastlora.quant4.Quant4Weight``):
-it is dequantized by bitsandbytes' own ``dequantize_4bit`` straight to x's dtype (as
-bitsandbytes' forward does to its compute dtype), then the ops run as on a dense weight.
+it is dequantized by bitsandbytes' own ``dequantize_4bit``, and the base layer is computed
+as bitsandbytes' ``Linear4bit`` does: x and the bias cast to the compute dtype (the view's
+``compute_dtype``, else x's), W dequantized straight to it, the result cast back to x's
+dtype; the LoRA branch and DoRA's norm take W dequantized to the adapter dtype.
 """
 from __future__ import annotations
 
@@ -39,6 +41,15 @@ def _dense(weight, dtype: torch.dtype) -> torch.Tensor:
     return weight
 
 
+def _linear(x, weight, bias) -> torch.Tensor:
+    """The base layer ``x W^T + bias``; for a 4-bit W as bitsandbytes' ``Linear4bit``."""
+    if isinstance(weight, Quant4Weight) or is_bnb_4bit(weight):
+        dtype = getattr(weight, "compute_dtype", None) or x.dtype
+        cast_bias = bias.to(dtype) if bias is not None else None
+        return F.linear(x.to(dtype), dequantize_4bit(weight, dtype), cast_bias).to(x.dtype)
+    return F.linear(x, weight, bias)
+
+
 def keep_mask(shape, p: float, *, generator: torch.Generator | None = None,
                  device=None) -> torch.Tensor:
     """Bernoulli keep-mask (bool, ``shape``) with keep probability ``1 - p``."""
@@ -54,7 +65,7 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, *, dropout_p: float = 
     result is cast back to x's dtype. ``dropout_mask`` (bool, x's shape) replaces the
     random mask, so a test can replay the mask a kernel generated.
     """
-    result = F.linear(x, _dense(weight, x.dtype), bias)
+    result = _linear(x, weight, bias)
     xl = x.to(lora_A.dtype)
     if training and dropout_p > 0.0:
         if dropout_mask is None:
@@ -80,10 +91,9 @@ def dora_linear(x, weight, bias, lora_A, lora_B, scaling, magnitude, *, dropout_
     dropout: ``x W^T + bias + (g - 1) * xd W^T + g * s * xd A^T B^T``, xd the dropped x.
     x is cast to the adapter dtype for the branch, as PEFT; the result has x's dtype.
     """
-    weight = _dense(weight, x.dtype)
-    result = F.linear(x, weight, bias)
+    result = _linear(x, weight, bias)
     xl = x.to(lora_A.dtype)
-    w = weight.to(xl.dtype)
+    w = _dense(weight, xl.dtype).to(xl.dtype)
     if weight_norm is None:
         weight_norm = dora_weight_norm(w, lora_A.detach(), lora_B.detach(), scaling)
     g = magnitude / weight_norm.detach()

@@ -16,7 +16,8 @@ if TYPE_CHECKING:
 
 
 def _stages(x_shape, weight_shape, rank: int, dtype, adapter_dtype, bias: bool,
-            dropout_p: float, dora: bool, training: bool, device) -> dict[str, StageSpec]:
+            dropout_p: float, dora: bool, training: bool, device, quant4: bool = False
+            ) -> dict[str, StageSpec]:
     from . import dispatch
 
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
@@ -28,20 +29,23 @@ def _stages(x_shape, weight_shape, rank: int, dtype, adapter_dtype, bias: bool,
         raise ValueError(f"x has {x_shape[-1]} features but weight expects {k}")
     return dispatch.layer_stages(math.prod(x_shape[:-1]), k, n, rank, dtype=dtype,
                                  adapter_dtype=adapter_dtype or dtype, bias=bias,
-                                 dropout=dropout_p > 0.0, dora=dora, training=training)
+                                 dropout=dropout_p > 0.0, dora=dora, training=training,
+                                 quant4=quant4)
 
 
 def explain(x_shape, weight_shape, rank: int, *, dtype: torch.dtype = torch.bfloat16,
             adapter_dtype: torch.dtype | None = None, bias: bool = True, dropout_p: float = 0.0,
-            dora: bool = False, training: bool = True, device="cuda") -> list[Explanation]:
+            dora: bool = False, training: bool = True, device="cuda",
+            quant4: bool = False) -> list[Explanation]:
     """Which implementation runs each linear stage of ``lora_linear`` (``dora_linear`` with
     ``dora=True``) for these shapes on ``device``, why, and the median times (ms) of the
     candidates that chose it. Times nothing: see ``warmup``. ``print`` the items for a
-    one-line summary each."""
+    one-line summary each. ``quant4``: the weight is bitsandbytes 4-bit (``dtype`` its
+    compute dtype), which only the fused kernel takes."""
     from . import dispatch
 
     stages = _stages(x_shape, weight_shape, rank, dtype, adapter_dtype, bias, dropout_p, dora,
-                     training, device)
+                     training, device, quant4)
     return [dispatch.CHOOSER.describe(stage, spec, device) for stage, spec in stages.items()]
 
 

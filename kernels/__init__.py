@@ -3,7 +3,7 @@
 Imports neither ``fastlora.nn`` nor ``peft``. Launchers take 2-D tensors of any strides.
 """
 from .backward import DoraBackward, lora_da, lora_dy
-from .dequant4 import dequantize4, q4_matmul
+from .dequant4 import dequantize4
 from .dora import dora_norm
 from .dropout import dropout_mask
 from .linear import LowRank, cublas_linear, cublas_unsupported, fused_linear
@@ -18,5 +18,5 @@ from .shrink import lora_shrink
 __all__ = ["DoraBackward", "LowRank", "MultiLowRank", "Quant4Args", "RowGroups", "cublas_linear",
            "cublas_unsupported", "dequantize4", "dora_norm", "dropout_mask", "fused_linear",
            "group_rows", "lora_da", "lora_dy", "lora_shrink", "multi_fused_linear",
-           "multi_lora_da", "multi_lora_dy", "multi_lora_shrink", "q4_matmul",
+           "multi_lora_da", "multi_lora_dy", "multi_lora_shrink",
            "tma_layout_unsupported", "tma_linear", "tma_unsupported"]

@@ -15,9 +15,10 @@ from typing import Callable
 import torch
 import triton.language as tl
 
-from . import (backward, dequant4, dora, linear, linear_tma, multi_backward, multi_linear,
+from . import (backward, dora, linear, linear_tma, multi_backward, multi_linear,
                multi_shrink, shrink)
 from .common import FULL_FP32
+from .quant4 import DENSE_CONSTEXPRS
 
 
 _TORCH = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -54,21 +55,43 @@ def _shrink(x: str, a: str, dropout: bool, precision: str = FULL_FP32) -> AotVar
                       types, const)
 
 
+def _q4_types(quant4: dict | None) -> dict[str, str]:
+    """The q4_* pointer types: a 4-bit weight's quant state (``quant4``: its QUANT4
+    constexprs), or the placeholders a dense launch passes (never read)."""
+    nested = bool(quant4 and quant4["Q4_BLOCKSIZE2"])
+    return dict(q4_absmax="*u8" if nested else "*fp32", q4_code="*fp32", q4_absmax2="*fp32",
+                q4_code2="*fp32", q4_offset="*fp32")
+
+
+def _q4(dtype: str, dx: bool, nested: bool, blocksize: int, aligned: bool) -> dict:
+    """The QUANT4 constexprs of a bitsandbytes 4-bit weight (compute dtype ``dtype``)."""
+    return dict(QUANT4=True, Q4_DX=dx, Q4_DTYPE=getattr(tl, _TL[dtype]), Q4_BLOCKSIZE=blocksize,
+                Q4_BLOCKSIZE2=256 if nested else 0, Q4_ALIGNED=aligned)
+
+
+_TL = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
 def _linear(ab: str, lb: str, bias: bool, dropout: bool, label: str,
             unit_strides: tuple[str, ...], scale_out: bool = False,
             scale_in: bool = False, precision: str = FULL_FP32,
-            in_place: bool = False) -> AotVariant:
+            in_place: bool = False, quant4: dict | None = None) -> AotVariant:
     strides = ["stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_lm", "stride_lr",
                "stride_lbr", "stride_lbn", "stride_om", "stride_on"]
     types = dict(a_ptr=f"*{ab}", b_ptr=f"*{ab}", l_ptr="*fp32", lb_ptr=f"*{lb}", bias_ptr=f"*{ab}",
                  g_ptr="*fp32", out_ptr=f"*{ab}", M="i32", N="i32", K="i32", R="i32",
                  M_BUCKET="i32", scale="fp32", seed_ptr="*i64", dropout_p="fp32",
-                 **{n: "i32" for n in strides if n not in unit_strides})
+                 **{n: "i32" for n in strides if n not in unit_strides}, **_q4_types(quant4))
     const = dict(HAS_LORA=True, HAS_BIAS=bias, DROPOUT=dropout, SCALE_OUT=scale_out,
                  SCALE_IN=scale_in, IN_PLACE=in_place, BLOCK_R=16, PRECISION=precision,
-                 **{n: 1 for n in unit_strides})
-    kernel = (linear.IN_PLACE_KERNEL if in_place else
-              linear.KERNELS[linear.kind(*(_TORCH[t] for t in (ab, lb)), dropout)])
+                 **{n: 1 for n in unit_strides}, **(quant4 or DENSE_CONSTEXPRS))
+    if quant4:  # the 4-bit weight is read as packed bytes, its strides unused
+        types["b_ptr"] = "*u8"
+        kernel = linear.Q4_KERNELS[linear.kind(_TORCH[ab], _TORCH[lb], dropout),
+                                   quant4["Q4_ALIGNED"]]
+    else:
+        kernel = (linear.IN_PLACE_KERNEL if in_place else
+                  linear.KERNELS[linear.kind(*(_TORCH[t] for t in (ab, lb)), dropout)])
     return AotVariant(kernel, f"{label} {precision}", types, const)
 
 
@@ -119,11 +142,22 @@ def _da(x: str, dot, precision: str = FULL_FP32) -> AotVariant:
                       types, const)
 
 
-def _dora_norm(w: str, a: str, precision: str = FULL_FP32) -> AotVariant:
-    types = dict(w_ptr=f"*{w}", a_ptr=f"*{a}", wa_ptr="*fp32", sq_ptr="*fp32", N="i32", K="i32",
-                 R="i32", stride_wn="i32", stride_ar="i32")
-    const = dict(stride_wk=1, stride_ak=1, BLOCK_R=16, PRECISION=precision)
-    return AotVariant(dora.KERNELS[a == "fp32"], f"W={w} A={a} {precision}", types, const)
+def _dora_norm(w: str, a: str, precision: str = FULL_FP32, quant4: dict | None = None
+               ) -> AotVariant:
+    """The row-norm pass over W (``quant4``: a 4-bit W's QUANT4 constexprs, w ignored)."""
+    types = dict(w_ptr="*u8" if quant4 else f"*{w}", a_ptr=f"*{a}", wa_ptr="*fp32",
+                 sq_ptr="*fp32", N="i32", K="i32", R="i32", stride_wn="i32", stride_ar="i32",
+                 **_q4_types(quant4))
+    flags = {n: (quant4 or DENSE_CONSTEXPRS)[n]
+             for n in ("QUANT4", "Q4_BLOCKSIZE", "Q4_BLOCKSIZE2", "Q4_ALIGNED")}
+    const = dict(stride_wk=1, stride_ak=1, BLOCK_R=16, PRECISION=precision, **flags)
+    if quant4:
+        kernel = dora.Q4_KERNELS[a == "fp32", quant4["Q4_ALIGNED"]]
+        label = (f"4-bit W {'nested ' if flags['Q4_BLOCKSIZE2'] else ''}"
+                 f"b{flags['Q4_BLOCKSIZE']}{'' if flags['Q4_ALIGNED'] else ' straddling'}")
+    else:
+        kernel, label = dora.KERNELS[a == "fp32"], f"W={w}"
+    return AotVariant(kernel, f"{label} A={a} {precision}", types, const)
 
 
 _MULTI_META = dict(perm_ptr="*i32", seg_ptr="*i32", off_ptr="*i32", rank_ptr="*i32",
@@ -270,22 +304,32 @@ VARIANTS += [
 ]
 
 
-def _q4_matmul(ab: str, dx: bool, nested: bool, blocksize: int, aligned: bool) -> AotVariant:
-    types = dict(a_ptr=f"*{ab}", out_ptr=f"*{ab}", q4_data="*u8",
-                 q4_absmax="*u8" if nested else "*fp32", q4_code="*fp32", q4_absmax2="*fp32",
-                 q4_code2="*fp32", q4_offset="*fp32", M="i32", N="i32", K="i32", M_BUCKET="i32",
-                 stride_am="i32", stride_om="i32")
-    const = dict(stride_ak=1, stride_on=1, DX=dx, Q4_BLOCKSIZE=blocksize,
-                 Q4_BLOCKSIZE2=256 if nested else 0, Q4_ALIGNED=aligned, PRECISION="tf32")
-    label = (f"4-bit {'dx' if dx else 'forward'} {ab}, {'nested ' if nested else ''}"
-             f"b{blocksize}{'' if aligned else ' straddling'}")
-    return AotVariant(dequant4.Q4_MATMUL[aligned], label, types, const)
-
-
-# bitsandbytes 4-bit weight (the QUANT4 helper in a GEMM): QLoRA's NF4 with nested absmax,
-# forward (W^T tiles) and dx (W tiles); a plain absmax whose blocks straddle rows
+# bitsandbytes 4-bit base weights (QUANT4): QLoRA's NF4 with nested absmax (bf16 compute,
+# fp32 adapters as PEFT's default, at both precisions), forward (W^T tiles, with the decode
+# configs) and dx (W tiles), DoRA's forms and norm, and a plain absmax whose blocks straddle
+# rows (odd K)
+_Q4_NF4 = dict(nested=True, blocksize=64, aligned=True)
+_Q4_ODD = dict(nested=False, blocksize=128, aligned=False)
 VARIANTS += [
-    _q4_matmul("bf16", False, True, 64, True),
-    _q4_matmul("bf16", True, True, 64, True),
-    _q4_matmul("fp16", False, False, 128, False),
+    _linear("bf16", "fp32", True, False, "4-bit forward bf16, fp32 adapter, bias", _FWD,
+            quant4=_q4("bf16", False, **_Q4_NF4)),
+    _linear("bf16", "fp32", False, True, "4-bit dx bf16, fp32 adapter, dropout", _DX,
+            quant4=_q4("bf16", True, **_Q4_NF4)),
+    _linear("bf16", "fp32", True, False, "4-bit forward bf16, fp32 adapter, bias", _FWD,
+            precision="tf32", quant4=_q4("bf16", False, **_Q4_NF4)),
+    _linear("bf16", "fp32", False, True, "4-bit dx bf16, fp32 adapter, dropout", _DX,
+            precision="tf32", quant4=_q4("bf16", True, **_Q4_NF4)),
+    _linear("bf16", "bf16", True, False, "4-bit forward bf16, bf16 adapter", _FWD,
+            precision="tf32", quant4=_q4("bf16", False, **_Q4_NF4)),
+    _linear("bf16", "fp32", True, False, "4-bit DoRA forward, fp32 adapter", _FWD,
+            scale_out=True, quant4=_q4("bf16", False, **_Q4_NF4)),
+    _linear("bf16", "fp32", False, False, "4-bit DoRA dx, fp32 adapter", _DX, scale_in=True,
+            quant4=_q4("bf16", True, **_Q4_NF4)),
+    _linear("fp16", "fp16", True, False, "4-bit forward fp16, b128 straddling", _FWD,
+            precision="tf32", quant4=_q4("fp16", False, **_Q4_ODD)),
+    _linear("fp16", "fp16", False, False, "4-bit dx fp16, b128 straddling", _DX,
+            precision="tf32", quant4=_q4("fp16", True, **_Q4_ODD)),
+    _dora_norm("bf16", "fp32", quant4=_q4("bf16", False, **_Q4_NF4)),
+    _dora_norm("bf16", "fp32", "tf32", quant4=_q4("bf16", False, **_Q4_NF4)),
+    _dora_norm("fp16", "fp16", "tf32", quant4=_q4("fp16", False, **_Q4_ODD)),
 ]

@@ -2,7 +2,8 @@
 
 ``||W + sBA||^2 = ||W||^2 + 2s rowsum(B * (W A^T)) + s^2 rowsum((B (A A^T)) * B)``: one
 pass over W gives ``||W||^2`` and ``W A^T`` (``[N, r]``, on tensor cores); the rest is
-``N x r`` and ``r x r`` work.
+``N x r`` and ``r x r`` work. A 4-bit W (``QUANT4``) is dequantized tile by tile in
+registers, in fp32: its squares are summed exactly, the dot with A runs in A's dtype.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import triton
 import triton.language as tl
 
 from .common import configs, fp32_precision, on_device, rank_block, tune
+from .quant4 import DENSE_CONSTEXPRS, Quant4Args, dequant4_tile
 
 
 def _configs(shapes):
@@ -20,15 +22,25 @@ def _configs(shapes):
 # keyed by "A is fp32" (tf32x3 splits of the W and A tiles)
 _CONFIGS = {False: _configs([(32, 256, 4, 3), (64, 128, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3)]),
             True: _configs([(64, 64, 4, 3), (64, 128, 8, 3), (128, 32, 4, 3), (128, 64, 8, 3)])}
+# 4-bit W, by (A is fp32, K a multiple of the blocksize): rows of codes at most 256 wide
+_Q4_CONFIGS = {(False, True): _configs([(32, 256, 4, 3), (64, 128, 4, 3), (128, 64, 4, 4)]),
+               (True, True): _configs([(64, 64, 4, 3), (64, 128, 8, 3), (128, 32, 4, 3)]),
+               (False, False): _configs([(32, 128, 4, 3), (64, 64, 4, 3)]),
+               (True, False): _configs([(32, 64, 4, 3), (64, 32, 4, 3)])}
 
 
 @triton.jit
 def _dora_norm_kernel(w_ptr, a_ptr, wa_ptr, sq_ptr, N, K, R,
                       stride_wn, stride_wk, stride_ar, stride_ak,
+                      q4_absmax, q4_code, q4_absmax2, q4_code2, q4_offset,
+                      QUANT4: tl.constexpr, Q4_BLOCKSIZE: tl.constexpr,
+                      Q4_BLOCKSIZE2: tl.constexpr, Q4_ALIGNED: tl.constexpr,
                       BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """W ``[N, K]`` (any float), A ``[R, K]`` (adapter dtype: the dot runs in it);
     writes ``W A^T`` to wa ``[N, R]`` and ``rowsum(W^2)`` to sq ``[N]``, both contiguous fp32.
+    QUANT4: w_ptr is a 4-bit W's packed data (the q4_* parts of ``Quant4Args``), W's
+    strides are unused.
 
     Grid: (row tiles, rank tiles); rank tile 0 also sums the squares.
     """
@@ -41,8 +53,13 @@ def _dora_norm_kernel(w_ptr, a_ptr, wa_ptr, sq_ptr, N, K, R,
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         col_in = cols < K
-        w = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :] * stride_wk,
-                    mask=row_in[:, None] & col_in[None, :], other=0.0)
+        if QUANT4:
+            w = dequant4_tile(w_ptr, q4_absmax, q4_code, q4_absmax2, q4_code2, q4_offset, rows,
+                              row_in, k0, K, False, tl.float32, BLOCK_K, Q4_BLOCKSIZE,
+                              Q4_BLOCKSIZE2, Q4_ALIGNED)
+        else:
+            w = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :] * stride_wk,
+                        mask=row_in[:, None] & col_in[None, :], other=0.0)
         a = tl.load(a_ptr + ranks[None, :] * stride_ar + cols[:, None] * stride_ak,
                     mask=col_in[:, None] & rank_in[None, :], other=0.0)
         acc = tl.dot(w.to(a.dtype), a, acc, input_precision=PRECISION)
@@ -54,24 +71,34 @@ def _dora_norm_kernel(w_ptr, a_ptr, wa_ptr, sq_ptr, N, K, R,
         tl.store(sq_ptr + rows, sq, mask=row_in)
 
 
-KERNELS = {fp32: tune(_dora_norm_kernel, c, ["N", "K", "R"], prune=False)
-           for fp32, c in _CONFIGS.items()}
+_KEY = ["N", "K", "R", "QUANT4"]
+KERNELS = {fp32: tune(_dora_norm_kernel, c, _KEY, prune=False) for fp32, c in _CONFIGS.items()}
+Q4_KERNELS = {key: tune(_dora_norm_kernel, c, _KEY, prune=False) for key, c in _Q4_CONFIGS.items()}
+_DENSE = {name: DENSE_CONSTEXPRS[name] for name in ("QUANT4", "Q4_BLOCKSIZE", "Q4_BLOCKSIZE2",
+                                                    "Q4_ALIGNED")}
 
 
 @on_device
-def dora_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+def dora_norm(weight: torch.Tensor | Quant4Args, lora_A: torch.Tensor, lora_B: torch.Tensor,
               scaling: float) -> torch.Tensor:
     """``||weight + scaling * lora_B @ lora_A||`` per row, fp32 ``[N]``; weight ``[N, K]``
-    (any strides, e.g. a transposed Conv1D weight), lora_A ``[r, K]``, lora_B ``[N, r]``."""
-    n, k = weight.shape
+    (any strides, e.g. a transposed Conv1D weight; or a 4-bit ``Quant4Args``), lora_A
+    ``[r, K]``, lora_B ``[N, r]``."""
     r = lora_A.shape[0]
-    wa = torch.empty((n, r), dtype=torch.float32, device=weight.device)
-    sq = torch.empty((n,), dtype=torch.float32, device=weight.device)
+    fp32 = lora_A.dtype == torch.float32
+    if isinstance(weight, Quant4Args):
+        (n, k), w_ptr, strides = weight.shape, weight.data, (0, 0)
+        quant, flags = weight.pointers()[1:], dict(QUANT4=True, **weight.constexprs())
+        kernel = Q4_KERNELS[fp32, flags["Q4_ALIGNED"]]
+    else:
+        (n, k), w_ptr, strides = weight.shape, weight, weight.stride()
+        quant, flags, kernel = (lora_A,) * 5, _DENSE, KERNELS[fp32]
+    wa = torch.empty((n, r), dtype=torch.float32, device=lora_A.device)
+    sq = torch.empty((n,), dtype=torch.float32, device=lora_A.device)
     block_r = rank_block(r)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(r, block_r))  # noqa: E731
-    KERNELS[lora_A.dtype == torch.float32][grid](weight, lora_A, wa, sq, n, k, r, weight.stride(0), weight.stride(1),
-                            lora_A.stride(0), lora_A.stride(1), BLOCK_R=block_r,
-                            PRECISION=fp32_precision())
+    kernel[grid](w_ptr, lora_A, wa, sq, n, k, r, *strides, lora_A.stride(0), lora_A.stride(1),
+                 *quant, **flags, BLOCK_R=block_r, PRECISION=fp32_precision())
     a = lora_A.float()
     b = lora_B.float()
     cross = (b * wa).sum(1)

@@ -6,6 +6,11 @@ tile's accumulator before the single store of the output, so no ``M x N`` LoRA t
 exists. DoRA adds the column factor ``g``: on the output columns in the forward
 (``g_out``), on dY's columns (the reduction dimension, ``g_in``) in the dx pass.
 
+``QUANT4``: b is a bitsandbytes 4-bit weight (``Quant4Args``), W^T in the forward, W in the
+dx pass; each ``[BLOCK_K, BLOCK_N]`` tile of b is dequantized in registers (``dequant4_tile``)
+right where the 16-bit kernel loads it, and a's tile is cast to the compute dtype, so the
+dequantized ``N x K`` weight never exists in memory.
+
 ``IN_PLACE`` turns the same kernel into the epilogue of someone else's GEMM: the tile's
 accumulator starts from ``out`` (which already holds ``a @ b``, from cuBLAS) instead of
 running the K loop, so ``cublas_linear`` adds the low-rank term, g and the bias to the
@@ -21,6 +26,7 @@ import triton.language as tl
 
 from .common import (FP32_GEMM_SHAPES, configs, fp32_precision, gemm_configs, grouped_tile,
                      low_rank_tile, m_bucket, on_device, rank_block, tune)
+from .quant4 import DENSE_CONSTEXPRS, Quant4Args, dequant4_tile
 
 
 _SMALL = [(128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (32, 128, 128, 4, 4), (16, 64, 128, 4, 5),
@@ -37,6 +43,20 @@ _CONFIGS = {"light": gemm_configs([(128, 256, 64, 8, 3), (128, 128, 64, 4, 4),
             "fp32": gemm_configs(FP32_GEMM_SHAPES)}
 
 
+# 4-bit weights (QUANT4), by (kind, aligned). The dequantization's codes and scales sit in
+# registers beside the accumulator: no tile wider than 128 x 128, K steps of 64 for 64-row
+# tiles, 16-row tiles at most 64 x 128 or 32 x 256 (larger ones spill on sm_80, check-kernels:
+# 128 x 256, 64 x 128 x 128, 16 x 64 x 256 all did). Decode (M <= 16): 16-row tiles,
+# column tiles narrow enough that N / BLOCK_N programs stream the packed weight from every
+# SM, long K steps. Blocks that straddle rows (K not a multiple of the blocksize: odd
+# shapes) keep more scales per row: small tiles.
+_Q4_DECODE = [(16, 32, 256, 4, 4), (16, 64, 128, 4, 4), (16, 32, 128, 4, 5)]
+_Q4_ODD = [(64, 64, 64, 4, 3), (16, 32, 128, 4, 4)]
+_Q4_SHAPES = {True: [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4)] + _Q4_DECODE, False: _Q4_ODD}
+_Q4_CONFIGS = {(kind, aligned): gemm_configs(FP32_GEMM_SHAPES if kind == "fp32" else shapes)
+               for kind in ("light", "heavy", "fp32") for aligned, shapes in _Q4_SHAPES.items()}
+
+
 def kind(a: torch.dtype, lb: torch.dtype | None, dropout: bool) -> str:
     """Which configs a launch takes: ``a``/``lb`` the GEMM's and the low-rank term's
     operand dtypes (None: no low-rank term)."""
@@ -50,8 +70,12 @@ def _lora_linear_kernel(a_ptr, b_ptr, l_ptr, lb_ptr, bias_ptr, g_ptr, out_ptr, M
                         stride_am, stride_ak, stride_bk, stride_bn, stride_lm, stride_lr,
                         stride_lbr, stride_lbn, stride_om, stride_on,
                         scale, seed_ptr, dropout_p,
+                        q4_absmax, q4_code, q4_absmax2, q4_code2, q4_offset,
                         HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
                         SCALE_OUT: tl.constexpr, SCALE_IN: tl.constexpr, IN_PLACE: tl.constexpr,
+                        QUANT4: tl.constexpr, Q4_DX: tl.constexpr, Q4_DTYPE: tl.constexpr,
+                        Q4_BLOCKSIZE: tl.constexpr, Q4_BLOCKSIZE2: tl.constexpr,
+                        Q4_ALIGNED: tl.constexpr,
                         BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
@@ -61,6 +85,11 @@ def _lora_linear_kernel(a_ptr, b_ptr, l_ptr, lb_ptr, bias_ptr, g_ptr, out_ptr, M
     Accumulates in fp32; with DROPOUT the low-rank term is masked by the keep-mask of an
     ``[M, N]`` input (the dx pass, where N is the layer's K). g ``[N]`` (SCALE_OUT) or
     ``[K]`` (SCALE_IN) is fp32. IN_PLACE: out holds ``a @ b`` already; a, b are not read.
+
+    QUANT4: b_ptr is the packed data of a 4-bit W (``Quant4Args``: the q4_* pointers and
+    Q4_* constexprs) and b's strides are unused: b = W^T (W ``[N, K]``) or, with Q4_DX,
+    b = W (W ``[K, N]``: the dx pass). The dot runs in Q4_DTYPE (the compute dtype; a may
+    be of another float dtype, e.g. fp32 activations over a bf16 compute dtype).
     """
     tile_m, tile_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N),
                                   GROUP_M)
@@ -87,13 +116,25 @@ def _lora_linear_kernel(a_ptr, b_ptr, l_ptr, lb_ptr, bias_ptr, g_ptr, out_ptr, M
         for k0 in range(0, K, BLOCK_K):
             k_in = ks < K - k0
             a = tl.load(a_ptrs, mask=row_in[:, None] & k_in[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=k_in[:, None] & col_in[None, :], other=0.0)
+            if QUANT4:
+                if Q4_DX:  # rows k0.. of W, columns of this tile
+                    b = dequant4_tile(b_ptr, q4_absmax, q4_code, q4_absmax2, q4_code2, q4_offset,
+                                      k0 + ks.to(tl.int64), k_in, tile_n * BLOCK_N, N, False,
+                                      Q4_DTYPE, BLOCK_N, Q4_BLOCKSIZE, Q4_BLOCKSIZE2, Q4_ALIGNED)
+                else:
+                    b = dequant4_tile(b_ptr, q4_absmax, q4_code, q4_absmax2, q4_code2, q4_offset,
+                                      cols, col_in, k0, K, True, Q4_DTYPE, BLOCK_K, Q4_BLOCKSIZE,
+                                      Q4_BLOCKSIZE2, Q4_ALIGNED)
+            else:
+                b = tl.load(b_ptrs, mask=k_in[:, None] & col_in[None, :], other=0.0)
+                b_ptrs += BLOCK_K * stride_bk
             if SCALE_IN:
                 g_in = tl.load(g_ptr + k0 + ks, mask=k_in, other=0.0)
                 a = (a.to(tl.float32) * g_in[None, :]).to(b.dtype)
+            else:
+                a = a.to(b.dtype)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
             a_ptrs += BLOCK_K * stride_ak
-            b_ptrs += BLOCK_K * stride_bk
     if SCALE_OUT:
         acc *= tl.load(g_ptr + cols, mask=col_in, other=0.0)[None, :]
     if HAS_BIAS:
@@ -101,8 +142,9 @@ def _lora_linear_kernel(a_ptr, b_ptr, l_ptr, lb_ptr, bias_ptr, g_ptr, out_ptr, M
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_in)
 
 
-KERNELS = {k: tune(_lora_linear_kernel, c, ["M_BUCKET", "N", "K", "R", "HAS_LORA", "DROPOUT"])
-           for k, c in _CONFIGS.items()}
+_KEY = ["M_BUCKET", "N", "K", "R", "HAS_LORA", "DROPOUT", "QUANT4", "Q4_DX"]
+KERNELS = {k: tune(_lora_linear_kernel, c, _KEY) for k, c in _CONFIGS.items()}
+Q4_KERNELS = {k: tune(_lora_linear_kernel, c, _KEY) for k, c in _Q4_CONFIGS.items()}
 # The in-place pass streams out once (read, add, write) plus the rank-r product: tiles of
 # an elementwise kernel, no K loop (BLOCK_K unused), one config set for every dtype.
 # Autotuning runs it repeatedly on the same output, hence restore_value.
@@ -128,45 +170,58 @@ class LowRank:
     seed: torch.Tensor | None = None
 
 
-def _launch(a: torch.Tensor, b: torch.Tensor, low: LowRank | None, bias: torch.Tensor | None,
-            out: torch.Tensor, g_out: torch.Tensor | None, g_in: torch.Tensor | None,
-            in_place: bool) -> torch.Tensor:
+def b_shape(b: torch.Tensor | Quant4Args) -> tuple[int, int]:
+    """The ``[K, N]`` shape of a GEMM's b operand, dense or 4-bit."""
+    return b.b_shape if isinstance(b, Quant4Args) else (b.shape[0], b.shape[1])
+
+
+def _launch(a: torch.Tensor, b: torch.Tensor | Quant4Args, low: LowRank | None,
+            bias: torch.Tensor | None, out: torch.Tensor, g_out: torch.Tensor | None,
+            g_in: torch.Tensor | None, in_place: bool) -> torch.Tensor:
     if g_out is not None and g_in is not None:
         raise ValueError("the fused linear takes g_out or g_in, not both")
     m, k = a.shape
-    n = b.shape[1]
+    n = b_shape(b)[1]
     if m == 0 or n == 0:
         return out
     has_lora = low is not None
     if low is None:  # placeholders: HAS_LORA=False never reads them
-        low = LowRank(l=a, lb=b, scale=0.0)
+        low = LowRank(l=a, lb=a, scale=0.0)
     r = low.l.shape[1] if has_lora else 0
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     g = g_out if g_out is not None else g_in
     dropout = has_lora and low.dropout_p > 0.0
-    kernel = (IN_PLACE_KERNEL if in_place else
-              KERNELS[kind(a.dtype, low.lb.dtype if has_lora else None, dropout)])
+    lb_dtype = low.lb.dtype if has_lora else None
+    if isinstance(b, Quant4Args):  # b's strides are unused; the quant parts follow the seed
+        b_ptr, b_strides, quant = b.data, (0, 0), b.pointers()[1:]
+        flags = b.gemm_constexprs()
+        kernel = Q4_KERNELS[kind(b.dtype, lb_dtype, dropout), flags["Q4_ALIGNED"]]
+    else:
+        b_ptr, b_strides, quant, flags = b, b.stride(), (out,) * 5, DENSE_CONSTEXPRS
+        kernel = IN_PLACE_KERNEL if in_place else KERNELS[kind(a.dtype, lb_dtype, dropout)]
     kernel[grid](
-        a, b, low.l, low.lb, bias if bias is not None else out, g if g is not None else out, out,
-        m, n, k, r, m_bucket(m),
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), low.l.stride(0), low.l.stride(1),
+        a, b_ptr, low.l, low.lb, bias if bias is not None else out, g if g is not None else out,
+        out, m, n, k, r, m_bucket(m),
+        a.stride(0), a.stride(1), *b_strides, low.l.stride(0), low.l.stride(1),
         low.lb.stride(0), low.lb.stride(1), out.stride(0), out.stride(1),
-        low.scale, low.seed if low.seed is not None else out, low.dropout_p,
+        low.scale, low.seed if low.seed is not None else out, low.dropout_p, *quant,
         HAS_LORA=has_lora, HAS_BIAS=bias is not None, DROPOUT=dropout,
         SCALE_OUT=g_out is not None, SCALE_IN=g_in is not None,
-        IN_PLACE=in_place,
+        IN_PLACE=in_place, **flags,
         BLOCK_R=rank_block(max(r, 1)), PRECISION=fp32_precision())
     return out
 
 
 @on_device
-def fused_linear(a: torch.Tensor, b: torch.Tensor, low: LowRank | None = None,
+def fused_linear(a: torch.Tensor, b: torch.Tensor | Quant4Args, low: LowRank | None = None,
                  bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None, *,
                  g_out: torch.Tensor | None = None, g_in: torch.Tensor | None = None
                  ) -> torch.Tensor:
     """``g_out * (a @ (g_in * b) + low-rank term) + bias``: a ``[M, K]``, b ``[K, N]`` (any
-    strides), the optional DoRA factors g_out ``[N]`` / g_in ``[K]`` contiguous fp32."""
-    out = torch.empty((a.shape[0], b.shape[1]), dtype=out_dtype or a.dtype, device=a.device)
+    strides; or a 4-bit ``Quant4Args``, W^T or W, whose tiles are dequantized in the
+    kernel: the dot runs in its compute dtype), the optional DoRA factors g_out ``[N]`` /
+    g_in ``[K]`` contiguous fp32."""
+    out = torch.empty((a.shape[0], b_shape(b)[1]), dtype=out_dtype or a.dtype, device=a.device)
     return _launch(a, b, low, bias, out, g_out, g_in, in_place=False)
 
 

@@ -13,11 +13,14 @@ the compute dtype. Double quantization ("nested") stores absmax as uint8 codes q
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+
+from .backward import _TL_DTYPES
 
 # The code books, in code order: NF4 (normal quantiles) and FP4 (sign bit, 2 exponent bits,
 # 1 mantissa bit, in bitsandbytes' bias), both scaled to [-1, 1] in fp32.
@@ -50,7 +53,11 @@ class Quant4Args:
     """What a QUANT4 kernel reads for a bitsandbytes 4-bit weight W ``[N, K]`` (``shape``):
     data uint8 ``[ceil(N*K / 2)]``, absmax ``[ceil(N*K / blocksize)]`` (fp32, or uint8 codes
     when nested), code fp32 ``[16]``; nested: absmax2 fp32 ``[ceil(blocks / blocksize2)]``,
-    code2 fp32 ``[256]``, offset fp32 ``[1]``. All contiguous, on one device."""
+    code2 fp32 ``[256]``, offset fp32 ``[1]``. All contiguous, on one device.
+
+    As the b operand of a GEMM (``fused_linear``): W ``[N, K]`` (the dx pass), or
+    ``W^T`` ``[K, N]`` once ``t()`` flipped ``transposed`` (the forward), its tiles
+    dequantized to ``dtype``, the compute dtype the dot runs in."""
     data: torch.Tensor
     absmax: torch.Tensor
     code: torch.Tensor
@@ -60,10 +67,30 @@ class Quant4Args:
     code2: torch.Tensor | None = None
     offset: torch.Tensor | None = None
     blocksize2: int = 256
+    dtype: torch.dtype = torch.float16
+    transposed: bool = False
 
     @property
     def nested(self) -> bool:
         return self.absmax2 is not None
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.data.is_cuda
+
+    def t(self) -> "Quant4Args":
+        """The same weight as the other operand: W^T for W and back (no copy)."""
+        return dataclasses.replace(self, transposed=not self.transposed)
+
+    @property
+    def b_shape(self) -> tuple[int, int]:
+        """The shape as a GEMM's b: ``[K, N]`` when transposed, else ``[N, K]``."""
+        n, k = self.shape
+        return (k, n) if self.transposed else (n, k)
 
     def pointers(self) -> tuple[torch.Tensor, ...]:
         """The six pointer arguments ``q4_data .. q4_offset`` (absmax stands in for the
@@ -78,6 +105,17 @@ class Quant4Args:
         return dict(Q4_BLOCKSIZE=self.blocksize,
                     Q4_BLOCKSIZE2=self.blocksize2 if self.nested else 0,
                     Q4_ALIGNED=self.shape[1] % self.blocksize == 0)
+
+    def gemm_constexprs(self) -> dict:
+        """The fused GEMM's: ``QUANT4``, ``Q4_DX`` (b is W, not W^T), ``Q4_DTYPE`` (the
+        compute dtype) and the layout (``constexprs``)."""
+        return dict(QUANT4=True, Q4_DX=not self.transposed, Q4_DTYPE=_TL_DTYPES[self.dtype],
+                    **self.constexprs())
+
+
+# what a QUANT4-capable kernel gets for a dense weight (never read: QUANT4 is off)
+DENSE_CONSTEXPRS = dict(QUANT4=False, Q4_DX=False, Q4_DTYPE=tl.float16, Q4_BLOCKSIZE=64,
+                        Q4_BLOCKSIZE2=0, Q4_ALIGNED=True)
 
 
 @triton.jit

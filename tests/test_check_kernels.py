@@ -11,6 +11,8 @@ import pytest
 
 from fastlora.check_kernels import SMEM_LIMIT, SPILL_BUDGET, Row
 
+_Q4_LABELS = ("4-bit forward", "4-bit dx", "4-bit DoRA forward", "4-bit DoRA dx",
+              "4-bit W nested b64", "straddling")
 ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 
 
@@ -25,7 +27,13 @@ def test_check_kernels_passes_for_sm80_and_sm90():
     lora = {"_lora_shrink_kernel", "_lora_linear_kernel", "_lora_dy_kernel", "_lora_da_kernel",
             "_dora_norm_kernel", "_multi_shrink_kernel", "_multi_linear_kernel",
             "_multi_dy_kernel", "_multi_da_kernel"}
-    assert {line.split()[0] for line in rows} >= lora | {"_q4_matmul_kernel"}
+    assert {line.split()[0] for line in rows} >= lora
+    # bitsandbytes 4-bit weights (QUANT4): the fused linear's forward (with the decode
+    # configs) and dx pass, DoRA's forms, the row norm; a layout whose blocks straddle rows
+    q4 = [line for line in rows if "4-bit" in line]
+    assert {line.split()[0] for line in q4} == {"_lora_linear_kernel", "_dora_norm_kernel"}
+    assert all(any(label in line for line in q4) for label in _Q4_LABELS)
+    assert any("BLOCK_M=16," in line for line in q4 if "4-bit forward" in line)
     tma = [re.search(r" (sm_\d+) +\d+ +\d+ +(\d+) +(\S+) +(.+)$", line).groups()
            for line in rows if line.startswith("_lora_linear_tma_kernel ")]
     assert all(line.rstrip().endswith("ok") for line in rows if "_tma_" not in line)

@@ -307,6 +307,19 @@ def test_explain_reports_override_and_cpu(monkeypatch):
                for e in fastlora.explain((7, 32), (48, 32), 4, device="cpu"))
 
 
+def test_explain_4bit_weight_is_fused_only(monkeypatch):
+    """A bitsandbytes 4-bit weight: the fused kernel, for the forward and the dx pass, with
+    the reason the others cannot run; FASTLORA_IMPL does not apply."""
+    monkeypatch.setenv("FASTLORA_IMPL", "cublas")
+    out = fastlora.explain((7, 64), (48, 64), 4, dtype=torch.float16, quant4=True, device="cpu")
+    assert [(e.stage, e.impl, e.key.split()[-1]) for e in out] == [
+        ("forward", "fused", "+quant4"), ("dx", "fused", "+quant4")]
+    assert all(e.why == "the only implementation for a 4-bit weight" for e in out)
+    assert all("cuBLAS multiplies 16/32-bit matrices" in e.unavailable["cublas"]
+               and "tma" in e.unavailable for e in out)
+    assert "not run: cublas: a 4-bit weight" in str(out[0])
+
+
 @pytest.mark.gpu
 def test_gpu_first_call_times_on_cuda_then_capture_replays(cache_dir):
     """Real CUDA-event timing picks one of the candidates and writes the file; a later

@@ -28,8 +28,8 @@ def test_dry_run_of_the_whole_gpu_run(tmp_path):
     done = session("--dry-run", out=out)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert sorted(p.name for p in out.iterdir()) == [
-        "layer.tgz", "model.tgz", "multi.tgz", "sanitize.tgz", "serve.tgz", "session.log",
-        "tests.tgz"]
+        "layer.tgz", "model.tgz", "multi.tgz", "qlora.tgz", "sanitize.tgz", "serve.tgz",
+        "session.log", "tests.tgz"]
     unpacked = tmp_path / "unpacked"
     names = {}
     for archive in out.glob("*.tgz"):
@@ -42,7 +42,8 @@ def test_dry_run_of_the_whole_gpu_run(tmp_path):
                                    "decode-cpu-dry-run-*.md"},
                          "multi": {"multi-cpu-dry-run-*.png", "multi-cpu-dry-run-*.md"},
                          "model": {"model-cpu-dry-run-*.md"},
-                         "serve": {"serve-cpu-dry-run-*.md"}}.items():
+                         "serve": {"serve-cpu-dry-run-*.md"},
+                         "qlora": {"qlora-cpu-dry-run-*.md"}}.items():
         assert {"environment.txt", "session.log"} <= names[step]
         for pattern in wanted:
             assert list((unpacked / step).glob(pattern)), (step, pattern, names[step])
@@ -65,7 +66,7 @@ def test_dry_run_of_the_whole_gpu_run(tmp_path):
 def test_lists_the_steps_and_refuses_unknown_ones(tmp_path):
     listing = session(out=tmp_path)
     assert listing.returncode == 0
-    for step in ("tests", "sanitize", "layer", "multi", "model", "serve"):
+    for step in ("tests", "sanitize", "layer", "multi", "model", "serve", "qlora"):
         assert f"  {step} " in listing.stdout
     unknown = session("benchmarks", out=tmp_path)
     assert unknown.returncode == 2 and "unknown step 'benchmarks'" in unknown.stderr
@@ -80,7 +81,7 @@ def test_gpu_steps_refuse_to_run_without_cuda(tmp_path):
 
 @no_gpu
 @pytest.mark.parametrize("script", ["bench_layer", "bench_dora", "bench_decode", "bench_multi",
-                                    "bench_model", "bench_serve", "sanitize_calls"])
+                                    "bench_model", "bench_serve", "bench_qlora", "sanitize_calls"])
 def test_benchmarks_exit_non_zero_when_nothing_is_measured(script, tmp_path):
     main = __import__(script).main
     with pytest.raises(SystemExit) as exit_:

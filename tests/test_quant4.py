@@ -1,6 +1,6 @@
 """bitsandbytes 4-bit base weights: the ``Quant4Weight`` view and its checks, the kernels'
-in-register dequantization (``dequant4_tile``, run tile by tile and inside a GEMM) against
-bitsandbytes' own ``dequantize_4bit``, and the 4-bit path of ``fastlora.reference``."""
+in-register dequantization (``dequant4_tile``, run tile by tile and inside the fused GEMM)
+against bitsandbytes' own ``dequantize_4bit``, and the 4-bit path of ``fastlora.reference``."""
 import copy
 import subprocess
 import sys
@@ -10,7 +10,7 @@ import torch
 
 from data import generator, randn
 from fastlora import reference
-from fastlora.kernels import dequantize4, q4_matmul
+from fastlora.kernels import dequantize4, fused_linear
 from fastlora.kernels.quant4 import code_book
 from fastlora.quant4 import Quant4Weight, is_bnb_4bit
 from tolerances import assert_close
@@ -80,17 +80,18 @@ def test_tiles_dequantize_as_bitsandbytes(bnbf, case, quant_type, nested, device
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("case", CASES[:4], ids=case_id)
 def test_gemm_reads_packed_weight_both_ways(bnbf, case, quant_type, nested, dtype, device):
-    """``x @ W^T`` (the forward's tiles) and ``dy @ W`` (the dx pass's) on the packed weight."""
+    """The fused GEMM alone: ``x @ W^T`` (the forward's tiles) and ``dy @ W`` (the dx
+    pass's) on the packed weight, the dot in the compute dtype."""
     shape, blocksize = case
     n, k = shape
     packed, state = quantized(bnbf, shape, blocksize, quant_type, nested, device, seed=1)
-    args = Quant4Weight.from_bnb(packed, state).kernel_args()
-    w = bnb_dequantized(bnbf, packed, state, torch.float32).double()
+    args = Quant4Weight.from_bnb(packed, state, compute_dtype=dtype).kernel_args()
+    w = bnb_dequantized(bnbf, packed, state, dtype).double()
     g = generator(2)
     x = randn(37, k, g=g, device=device, dtype=dtype)
     dy = randn(37, n, g=g, device=device, dtype=dtype)
-    y = q4_matmul(x, args)
-    dx = q4_matmul(dy, args, dx=True)
+    y = fused_linear(x, args.t())
+    dx = fused_linear(dy, args)
     assert y.dtype == dx.dtype == dtype
     assert_close(y, x.double() @ w.t(), dtype, "x @ W^T")
     assert_close(dx, dy.double() @ w, dtype, "dy @ W")

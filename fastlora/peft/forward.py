@@ -29,7 +29,7 @@ from torch import nn
 
 from ..functional import dora_linear, lora_linear
 from .mixed_batch import peft_mixed_batch_forward
-from .reader import FAST_DTYPES, Adapter, Base, NotFused, read_adapter, read_base
+from .reader import BNB_4BIT, FAST_DTYPES, Adapter, Base, NotFused, read_adapter, read_base
 from .state import dora_norm
 
 
@@ -50,7 +50,9 @@ def fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if not adapters or any(isinstance(a, NotFused) for a in adapters):
         return peft_forward(self, x)
     autocast = torch.is_autocast_enabled(x.device.type)
-    if not autocast and (x.dtype != base.weight.dtype or x.dtype not in FAST_DTYPES):
+    # a bitsandbytes 4-bit base casts x to its compute dtype (x may have any float dtype)
+    same = base.kind == BNB_4BIT or x.dtype == base.weight.dtype
+    if not autocast and (not same or x.dtype not in FAST_DTYPES):
         return peft_forward(self, x)
     if (not getattr(self, "cast_input_dtype_enabled", True) and not autocast
             and any(a.A.dtype != x.dtype for a in adapters)):

@@ -19,7 +19,7 @@ import torch
 from ..adapters import PackedAdapters, pack_adapters
 from ..functional import multi_lora_linear
 from ..routing import BASE, Routing
-from .reader import Adapter, NotFused, read_adapter, read_base
+from .reader import BNB_4BIT, Adapter, NotFused, read_adapter, read_base
 from .state import cached_bank, dora_norm
 
 
@@ -127,8 +127,9 @@ def peft_mixed_batch_forward(layer, x: torch.Tensor, adapter_names, *,
         return layer.get_base_layer()(x)
     base = read_base(layer)
     adapters = {a: read_adapter(layer, a) for a in used}
-    if (isinstance(base, NotFused) or any(isinstance(a, NotFused) or a.lora_bias is not None
-                                          for a in adapters.values())
+    # a bitsandbytes 4-bit base: multi_lora_linear takes dense weights only (PEFT's loop runs)
+    if (isinstance(base, NotFused) or base.kind == BNB_4BIT
+            or any(isinstance(a, NotFused) or a.lora_bias is not None for a in adapters.values())
             or len({a.A.dtype for a in adapters.values()}) != 1
             or (not torch.is_autocast_enabled(x.device.type) and x.dtype != base.weight.dtype)):
         return layer._mixed_batch_forward(x, adapter_names=list(names))

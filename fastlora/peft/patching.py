@@ -19,7 +19,7 @@ from torch import nn
 from ..cache import writes_visible
 from . import classes
 from .classes import is_patched
-from .reader import (NotFused, adapter_names, is_dora, layer_problem, lora_tuner_class,
+from .reader import (BNB_4BIT, NotFused, adapter_names, is_dora, layer_problem, lora_tuner_class,
                      peft_lora, read_adapter, read_base)
 from .report import LayerReport, PatchReport
 
@@ -58,6 +58,12 @@ def _judge(name: str, layer, selected: set[str] | None) -> LayerReport:
     entry.patched = True
     if not isinstance(read, NotFused) and read.kind == "Conv1D":
         entry.notes.append("Conv1D base (fan_in_fan_out): weight passed as a transposed view")
+    if not isinstance(read, NotFused) and read.kind == BNB_4BIT:
+        w = read.weight
+        entry.notes.append(
+            f"bitsandbytes 4-bit base ({w.quant_type.upper()}, blocksize {w.blocksize}"
+            f"{', nested absmax' if w.nested else ''}): fused, its tiles dequantized in the "
+            "kernels; mixed batches (adapter_names) run PEFT's loop")
     if sharded:
         entry.notes.append(_SHARDED)
     if not writes_visible(layer, layer.base_layer):

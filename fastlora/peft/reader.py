@@ -9,13 +9,17 @@ always agree. Readers only look at attributes, types and flags (no tensor data),
 from __future__ import annotations
 
 import functools
+import sys
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
+from ..quant4 import Quant4Weight
+
 FAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LINEAR_FORWARD = nn.Linear.forward
+BNB_4BIT = "bnb 4-bit"  # the base kind of a bitsandbytes Linear4bit
 
 
 def peft_lora():
@@ -43,6 +47,21 @@ def _conv1d():
     except ImportError:
         return None, None
     return Conv1D, Conv1D.forward
+
+
+def _loaded_class(module: str, name: str) -> type | None:
+    """Class ``name`` of ``module`` if that module is already imported (a model holding
+    bitsandbytes layers has imported it; nothing is imported here, so bitsandbytes stays
+    optional and its import cost is never paid for a model without it)."""
+    return getattr(sys.modules.get(module), name, None)
+
+
+def _bnb_4bit_base(module: nn.Module) -> bool:
+    """A bitsandbytes ``Linear4bit`` (or subclass: ``LinearNF4``/``LinearFP4``) with its
+    own forward."""
+    cls = _loaded_class("bitsandbytes.nn.modules", "Linear4bit")
+    return (cls is not None and isinstance(module, cls)
+            and type(module).forward is cls.forward)
 
 
 @functools.cache
@@ -74,9 +93,11 @@ class NotFused(NamedTuple):
 
 class Base(NamedTuple):
     """The base layer as the fused ops take it: weight ``[N, K]`` (a transformers
-    ``Conv1D``'s ``[K, N]`` weight as its transposed view, no copy), bias ``[N]`` or None."""
+    ``Conv1D``'s ``[K, N]`` weight as its transposed view, no copy; a bitsandbytes
+    ``Linear4bit``'s as a ``Quant4Weight`` view of its packed data, with the layer's compute
+    dtype), bias ``[N]`` or None."""
     module: nn.Module
-    weight: torch.Tensor
+    weight: torch.Tensor | Quant4Weight
     bias: torch.Tensor | None
     kind: str
 
@@ -178,6 +199,15 @@ def layer_problem(layer) -> str | None:
     """Why a tuner layer's class cannot be patched (it is not PEFT's LoRA ``Linear``)."""
     lora_layer, _ = peft_lora()
     cls = type(layer)
+    lora_4bit = _loaded_class("peft.tuners.lora.bnb", "Linear4bit")
+    if lora_4bit is not None and isinstance(layer, lora_4bit):
+        orig = getattr(cls, "_fastlora_original_class", cls)
+        if orig.forward is not lora_4bit.forward:
+            return f"{orig.__qualname__} overrides PEFT's Linear4bit.forward"
+        return None
+    if cls.__name__ == "Linear8bitLt":
+        return ("bitsandbytes 8-bit base (Linear8bitLt) is not accelerated: the fused kernels "
+                "read 16/32-bit and bitsandbytes 4-bit (NF4/FP4) weights")
     if not isinstance(layer, lora_layer.LoraLayer):
         tuner = cls.__module__.split(".")[2] if cls.__module__.startswith("peft.tuners.") else cls.__module__
         return f"not a LoRA layer ({tuner} tuner)"
@@ -215,6 +245,8 @@ def read_base(layer) -> Base | NotFused:
         weight, kind = base.weight, "Linear"
     elif _conv1d_base(base):
         weight, kind = base.weight, "Conv1D"
+    elif _bnb_4bit_base(base):
+        weight, kind = base.weight, BNB_4BIT
     else:
         hint = quant_hint(base)
         if hint:
@@ -224,13 +256,30 @@ def read_base(layer) -> Base | NotFused:
     if _hooked(base):
         return NotFused("base layer has forward hooks or a replaced forward "
                         "(accelerate offload / device map?)")
+    bias = base.bias
+    if kind == BNB_4BIT:
+        return _bnb_4bit(base, weight, bias)
     if weight.dim() != 2:
         return NotFused(f"base weight has shape {tuple(weight.shape)}; 2-D needed")
-    bias = base.bias
     problem = _param_problem("base weight", weight) or _param_problem("base bias", bias)
     if problem is not None:
         return problem
     return Base(base, weight.t() if kind == "Conv1D" else weight, bias, kind)
+
+
+def _bnb_4bit(base: nn.Module, weight, bias) -> Base | NotFused:
+    """A bitsandbytes ``Linear4bit`` as a ``Quant4Weight`` view (its quant state as the
+    module keeps it; compute dtype the layer's, None until bitsandbytes sets it from x),
+    or why its layout cannot be read (not quantized yet, repacked for CPU inference, ...)."""
+    state = getattr(weight, "quant_state", None) or getattr(base, "quant_state", None)
+    try:
+        view = Quant4Weight.from_bnb(weight, state, compute_dtype=base.compute_dtype)
+    except (ValueError, TypeError) as e:
+        return NotFused(f"bitsandbytes 4-bit weight not accelerated: {e}")
+    problem = _param_problem("base bias", bias)
+    if problem is not None:
+        return problem
+    return Base(base, view, bias, BNB_4BIT)
 
 
 def read_adapter(layer, name: str) -> Adapter | NotFused:
