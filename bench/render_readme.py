@@ -21,9 +21,9 @@ from tables import header, markdown_table, nearest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- measured:start -->", "<!-- measured:end -->"
-ORDER = ["layer", "decode", "dora", "multi", "model", "serve"]
+ORDER = ["layer", "decode", "dora", "qlora", "multi", "model", "serve"]
 TITLES = {"layer": "Layer: forward and backward", "decode": "Decode: three timings",
-          "dora": "DoRA", "multi": "Multi-adapter batches", "model": "Model",
+          "dora": "DoRA", "qlora": "QLoRA: bitsandbytes 4-bit base", "multi": "Multi-adapter batches", "model": "Model",
           "serve": "Serving: decode steps and adapter paging"}
 NO_RESULTS = """No GPU measurements are committed yet. `bash bench/gpu_session.sh STEP` on a GPU
 machine writes them into `STEP.tgz` archives; `python bench/collect_results.py STEP.tgz ...`
@@ -114,6 +114,19 @@ def dora(data: dict) -> tuple[str, list[dict], list[str]]:
     return what, table, list(table[0]) if table else []
 
 
+def qlora(data: dict) -> tuple[str, list[dict], list[str]]:
+    rows = data["rows"]
+    table = [{"K x N": f"{r['K']} x {r['N']}", "M": r["M"], "fwd ms": r["fwd_ms"],
+              "fwd vs 16-bit F.linear": r["fwd/F.linear"], "fwd / traffic bound": r["fwd/bound"],
+              "fwd vs PEFT 4-bit": r.get("fwd/peft-4bit"),
+              "fwd+bwd vs PEFT 4-bit": r.get("fwd_bwd/peft-4bit")}
+             for r in rows if r["impl"] == "fastlora-4bit"]
+    r = rows[0]["r"] if rows else "-"
+    return (f"One LoRA layer (rank {r}) over an NF4 weight (double-quantized absmax), bf16 "
+            f"compute, the 4-bit tiles decoded in the fused kernel.", table,
+            list(table[0]) if table else [])
+
+
 def multi(data: dict) -> tuple[str, list[dict], list[str]]:
     table = [{"M": r["M"], "adapters": r["adapters"], "assignment": r["assignment"],
               "ranks": r["ranks"], "fastlora graph us": r["graph_us"],
@@ -145,7 +158,7 @@ def serve(data: dict) -> tuple[str, list[dict], list[str]]:
             f"(`fastlora.serve`).{swap}", table, list(table[0]) if table else [])
 
 
-SUMMARIES = {"layer": layer, "decode": decode, "dora": dora, "multi": multi, "model": model,
+SUMMARIES = {"layer": layer, "decode": decode, "dora": dora, "qlora": qlora, "multi": multi, "model": model,
              "serve": serve}
 
 

@@ -56,14 +56,20 @@ def results(tmp_path):
     write(folder, "model-h100-2026-11-20.json", result("model", complete=False, rows=[
         {"step": "training step (fwd+bwd)", "peft_ms": 300.0, "fastlora_ms": 200.0, "speedup": 1.5,
          "peft_peak_gib": 20.0, "fastlora_peak_gib": 15.0}]))
+    q4 = dict(K=4096, N=4096, M=16, r=16)
+    write(folder, "qlora-h100-2026-11-20.json", result("qlora", [
+        q4 | {"impl": "F.linear", "fwd_ms": 0.02},
+        q4 | {"impl": "fastlora-4bit", "fwd_ms": 0.009, "fwd/F.linear": 0.45, "fwd/bound": 1.2,
+              "fwd/peft-4bit": 0.11, "fwd_bwd/peft-4bit": 0.6}]))
     return folder
 
 
 def test_renders_the_newest_real_result_per_benchmark(results, tmp_path):
     text = render(results, tmp_path)
-    layer, multi, model = (text.index(f"### {t}") for t in
-                           ("Layer: forward and backward", "Multi-adapter", "Model"))
-    assert layer < multi < model
+    layer, qlora, multi, model = (text.index(f"### {t}") for t in
+                                  ("Layer: forward and backward", "QLoRA", "Multi-adapter", "Model"))
+    assert layer < qlora < multi < model
+    assert "| 4096 x 4096 | 16 | 0.009 | 0.45 | 1.2 | 0.11 | 0.6 |" in text
     assert "| 0.42 |" in text and "0.77" not in text  # the newer of two files
     assert "0.01" not in text and "DRY RUN" not in text  # dry runs are never rendered
     assert "9.9" not in text  # the summary holds r=16 only
