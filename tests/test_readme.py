@@ -3,6 +3,7 @@ Triton's interpreter as tests/conftest.py sets up), and the text holds what CI a
 from __future__ import annotations
 
 import re
+import socket
 from pathlib import Path
 
 import pytest
@@ -17,10 +18,14 @@ def test_readme_has_python_examples():
 
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
-def test_python_block_runs(index):
-    """Each block alone, in a fresh namespace, as a user would paste it."""
+def test_python_block_runs(index, monkeypatch):
+    """Each block alone, in a fresh namespace, as a user would paste it (the distributed
+    example's rendezvous on a free port, so that a concurrent run cannot collide with it)."""
     pytest.importorskip("peft")
     pytest.importorskip("transformers")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("MASTER_PORT", str(s.getsockname()[1]))
     code = compile(BLOCKS[index], f"README.md python block {index + 1}", "exec")
     exec(code, {"__name__": "__readme__"})
 
