@@ -94,6 +94,26 @@ def test_routing_from_an_index_tensor_equals_the_tensor(device):
     assert torch.equal(direct, routed)
 
 
+def test_static_decode_routing_sorts_nothing(monkeypatch, device):
+    """A static routing for a decode bucket (at most GATHER_MAX_M rows) never groups its
+    rows, neither when made nor on assign (the layers gather each row's adapter); a larger
+    one groups when made and on every assign."""
+    model, bank = layers_and_bank(device)
+    counts = count_calls(monkeypatch, (multi_meta, "group_rows"))
+    names = ["t0", None, "t2", "t1", "t3", "t0"]
+    routing = bank.static_index(6, rows=12)
+    bank.assign(routing, names)
+    x = randn(12, K, g=generator(34), device=device)
+    with torch.no_grad():
+        y = forward(model, bank, x, routing)
+    assert counts == {"group_rows": 0}
+    monkeypatch.setattr(multi_meta, "GATHER_MAX_M", 8)
+    bank.assign(bank.static_index(6, rows=12), names)
+    assert counts == {"group_rows": 2}
+    rows = torch.tensor([-1 if a is None else int(a[1]) for a in names]).repeat_interleave(2)
+    assert_close(y, per_layer_reference(model, bank, x, rows), torch.float32, "static decode")
+
+
 def test_static_routing_same_buffers_new_assignment(device):
     """The CUDA-graph mechanism on any device: the buffers a captured step reads keep their
     addresses across assign(); the outputs follow the new assignment."""
