@@ -221,6 +221,12 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     own; an entry per sequence serves all its rows) or an integer tensor with one entry per
     row (x's leading shape, or flattened), checked and grouped here.
 
+    Batches of at most ``fastlora.kernels.multi_meta.GATHER_MAX_M`` (128) rows (decode
+    steps) take a path that sorts nothing: two launches per call, a shrink in which every
+    row gathers its adapter's A and the fused linear gathering its B (W read once, DoRA's
+    g made in the kernel). Larger batches use the rows grouped by adapter (made once per
+    routing and row count) and tensor-core dots per adapter.
+
     The bank is a ``fastlora.adapters.PackedAdapters`` (or anything with a ``packed()``
     method giving one, such as a ``fastlora.bank.AdapterBank`` layer). Differentiable in x,
     weight, bias and the bank's A, B and magnitude: each adapter's rows get the gradient of
@@ -265,16 +271,20 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
                                                training=drop,
                                                generator=_generator(seed, generator, x.device))
     from . import multi
+    from .kernels.multi_meta import GATHER_MAX_M
 
-    groups = routing.groups(m)
-    g = flags = None
-    if bank.magnitude is not None:
-        g = torch.where(bank.is_dora[:, None], bank.magnitude.float() / bank.weight_norm.detach(),
-                        1.0).contiguous()
-        flags = bank.is_dora.view(torch.int8)
+    index = perm = keys = seg = None
+    if m <= GATHER_MAX_M:  # decode: each row gathers its adapter, nothing sorted
+        index = routing.decode(m).row_index
+    else:
+        groups = routing.groups(m)
+        perm, keys, seg = groups.perm, groups.keys, groups.seg
+    dora = bank.magnitude is not None
     y, _ = multi.multi_lora_fwd(x.reshape(-1, x.shape[-1]), weight, bias, bank.A, bank.B,
-                                bank.offsets, bank.ranks, bank.scales, g, flags,
-                                bank.dropout if drop else None, groups.perm, groups.keys,
-                                groups.seg, int(bank.max_rank),
+                                bank.offsets, bank.ranks, bank.scales, bank.magnitude,
+                                bank.weight_norm.detach() if dora else None,
+                                bank.is_dora.view(torch.int8) if dora else None,
+                                bank.dropout if drop else None, index, perm, keys, seg,
+                                int(bank.max_rank),
                                 _seed(seed, generator, x.device) if drop else None)
     return y.view(*x.shape[:-1], weight.shape[0])

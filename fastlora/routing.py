@@ -163,7 +163,10 @@ class Routing:
         routing = cls(torch.full((entries,), -1, dtype=torch.int32, device=device), n, slots,
                       {} if slots is not None else None, rows=rows)
         routing._rows[rows] = routing._expand(rows)
-        routing.groups(rows)
+        from .kernels.multi_meta import GATHER_MAX_M
+
+        if rows > GATHER_MAX_M:  # decode buckets gather each row's adapter: nothing to sort
+            routing.groups(rows)
         return routing
 
     # ------------------------------------------------------------ static buffers

@@ -15,8 +15,7 @@ from typing import Callable
 import torch
 import triton.language as tl
 
-from . import (backward, dora, linear, linear_tma, multi_backward, multi_linear,
-               multi_shrink, shrink)
+from . import backward, dora, linear, linear_tma, shrink
 from .common import FULL_FP32
 from .quant4 import DENSE_CONSTEXPRS
 
@@ -34,9 +33,18 @@ class AotVariant:
     only: int | None = None  # the one compute capability it is built for; others are skipped
     # types that depend on the autotune config (tensor descriptors carry their block shape)
     config_types: Callable[[dict], dict[str, str]] | None = None
+    dots: bool = True  # False: no tl.dot (CUDA-core products), so no tensor cores expected
 
     def all_types(self, config: dict) -> dict[str, str]:
         return {**self.types, **(self.config_types(config) if self.config_types else {})}
+
+    def all_constexprs(self, config: dict) -> dict[str, object]:
+        """The variant's constexprs and config values; arguments a launch leaves at their
+        defaults (the multi-adapter ones, in single-adapter launches) keep them."""
+        types = self.all_types(config)
+        unset = {p.name: p.default for p in self.kernel.fn.params
+                 if p.has_default and p.name not in types}
+        return {**unset, **self.constexprs, **config}
 
     def attrs(self) -> dict:
         names = self.kernel.fn.arg_names
@@ -45,14 +53,36 @@ class AotVariant:
         return {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
 
 
-def _shrink(x: str, a: str, dropout: bool, precision: str = FULL_FP32) -> AotVariant:
+_MULTI_ROWS = {"sorted": dict(perm_ptr="*i32", seg_ptr="*i32"), "positions": dict(perm_ptr="*i32", key_ptr="*i32"),
+               "gather": dict(index_ptr="*i32")}
+
+
+def _multi(rows: str) -> tuple[dict, dict]:
+    """(types, constexprs) of a MULTI launch: rows "sorted" (segment tiles), "positions"
+    (tiles of sorted positions: the fused linear) or "gather" (rows in batch order)."""
+    types = dict(off_ptr="*i32", rank_ptr="*i32", n_adapters="i32", **_MULTI_ROWS[rows])
+    const = dict(MULTI=True, **({"N_POW2": 64} if rows == "sorted" else {}))
+    if rows == "gather":
+        const["GATHER"] = True
+    return types, const
+
+
+def _shrink(x: str, a: str, dropout: bool, precision: str = FULL_FP32,
+            rows: str | None = None) -> AotVariant:
+    """rows: None (one adapter), "sorted" or "gather" (multi-adapter rows)."""
     types = dict(x_ptr=f"*{x}", a_ptr=f"*{a}", t_ptr="*fp32", M="i32", K="i32", R="i32",
                  M_BUCKET="i32", stride_xm="i32", stride_ar="i32", stride_tm="i32",
                  seed_ptr="*i64", dropout_p="fp32", keep_scale="fp32")
     const = dict(stride_xk=1, stride_ak=1, stride_tr=1, DROPOUT=dropout, BLOCK_R=16,
                  PRECISION=precision)
-    return AotVariant(shrink.KERNELS[a == "fp32"], f"x={x} A={a} dropout={dropout} {precision}",
-                      types, const)
+    if rows:
+        more, multi = _multi(rows)
+        types.update(more, stride_ts="i32", k_chunk="i32", scale_ptr="*fp32",
+                     **({"p_ptr": "*fp32"} if dropout else {}))
+        const.update(multi)
+    label = f"{rows + ' ' if rows else ''}x={x} A={a} dropout={dropout} {precision}"
+    return AotVariant(shrink.KERNELS[rows or "single", a == "fp32"], label, types, const,
+                      dots=rows != "gather")
 
 
 def _q4_types(quant4: dict | None) -> dict[str, str]:
@@ -75,7 +105,10 @@ _TL = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 def _linear(ab: str, lb: str, bias: bool, dropout: bool, label: str,
             unit_strides: tuple[str, ...], scale_out: bool = False,
             scale_in: bool = False, precision: str = FULL_FP32,
-            in_place: bool = False, quant4: dict | None = None) -> AotVariant:
+            in_place: bool = False, quant4: dict | None = None,
+            rows: str | None = None) -> AotVariant:
+    """quant4: a 4-bit W's QUANT4 constexprs (``_q4``); rows: None (one adapter), "positions"
+    (sorted multi-adapter rows) or "gather"."""
     strides = ["stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_lm", "stride_lr",
                "stride_lbr", "stride_lbn", "stride_om", "stride_on"]
     types = dict(a_ptr=f"*{ab}", b_ptr=f"*{ab}", l_ptr="*fp32", lb_ptr=f"*{lb}", bias_ptr=f"*{ab}",
@@ -89,10 +122,24 @@ def _linear(ab: str, lb: str, bias: bool, dropout: bool, label: str,
         types["b_ptr"] = "*u8"
         kernel = linear.Q4_KERNELS[linear.kind(_TORCH[ab], _TORCH[lb], dropout),
                                    quant4["Q4_ALIGNED"]]
+    elif rows:
+        more, multi = _multi(rows)
+        del types["g_ptr"]  # (DoRA's g comes from the bank's facts)
+        types.update(more, stride_ls="i32", chunks="i32", **({"p_ptr": "*fp32"} if dropout else {}),
+                     **(_dora_bank(lb) if scale_out or scale_in else {}))
+        const.update(multi, g_ptr=None)
+        path = "scale_in" if scale_in else "gather" if rows == "gather" else "sorted"
+        kernel = linear.MULTI_KERNELS[path, ab == "fp32"]
     else:
         kernel = (linear.IN_PLACE_KERNEL if in_place else
                   linear.KERNELS[linear.kind(*(_TORCH[t] for t in (ab, lb)), dropout)])
     return AotVariant(kernel, f"{label} {precision}", types, const)
+
+
+def _dora_bank(mag: str) -> dict[str, str]:
+    """The DoRA facts of a multi-adapter bank (``AdapterMeta.kwargs("dora")``)."""
+    return dict(mag_ptr=f"*{mag}", norm_ptr="*fp32", dora_ptr="*i8", stride_mag="i32",
+                stride_norm="i32")
 
 
 def _tma(ab: str, lb: str, label: str, b_nk: bool, bias: bool = False, dropout: bool = False,
@@ -121,25 +168,41 @@ def _tma(ab: str, lb: str, label: str, b_nk: bool, bias: bool = False, dropout: 
                       config_types=descriptors)
 
 
-def _dy(dy: str, b: str, dora: bool, precision: str = FULL_FP32) -> AotVariant:
+def _dy(dy: str, b: str, dora: bool, precision: str = FULL_FP32, multi: bool = False
+        ) -> AotVariant:
+    """multi: sorted multi-adapter rows, B and dB the packed ``[S, N]`` B^T."""
     types = dict(dy_ptr=f"*{dy}", b_ptr=f"*{b}", t_ptr="*fp32", ds_ptr="*fp32", db_ptr="*fp32",
                  g_ptr="*fp32", y_ptr=f"*{dy}", bias_ptr=f"*{dy}", dg_ptr="*fp32",
-                 M="i32", N="i32", R="i32", M_BUCKET="i32", stride_dym="i32", stride_bn="i32",
-                 stride_tm="i32", stride_ym="i32", scale="fp32")
-    const = dict(stride_dyn=1, stride_br=1, stride_tr=1, stride_yn=1, DORA=dora, HAS_BIAS=dora,
+                 M="i32", N="i32", R="i32", M_BUCKET="i32", stride_dym="i32", stride_tm="i32",
+                 stride_ym="i32", scale="fp32")
+    const = dict(stride_dyn=1, stride_tr=1, stride_yn=1, DORA=dora, HAS_BIAS=dora,
                  BLOCK_R=16, PRECISION=precision)
-    return AotVariant(backward.DY_KERNELS[b == "fp32"], f"dy={dy} B={b} dora={dora} {precision}",
-                      types, const)
+    if multi:
+        more, flags = _multi("sorted")
+        del types["g_ptr"]
+        types.update(more, stride_br="i32", stride_dbr="i32", scale_ptr="*fp32",
+                     **(_dora_bank(b) if dora else {}))
+        const.update(flags, g_ptr=None, stride_bn=1, stride_dbn=1)
+    else:
+        types.update(stride_bn="i32", stride_dbn="i32")
+        const.update(stride_br=1, stride_dbr=1)
+    label = f"{'sorted ' if multi else ''}dy={dy} B={b} dora={dora} {precision}"
+    return AotVariant(backward.DY_KERNELS[multi, b == "fp32"], label, types, const)
 
 
-def _da(x: str, dot, precision: str = FULL_FP32) -> AotVariant:
+def _da(x: str, dot, precision: str = FULL_FP32, multi: bool = False) -> AotVariant:
+    """multi: sorted multi-adapter rows, dA the packed ``[S, K]`` gradient."""
     types = dict(ds_ptr="*fp32", x_ptr=f"*{x}", da_ptr="*fp32", M="i32", K="i32", R="i32",
                  M_BUCKET="i32", stride_dsm="i32", stride_xm="i32", seed_ptr="*i64",
                  dropout_p="fp32", keep_scale="fp32")
     const = dict(stride_dsr=1, stride_xk=1, DOT_DTYPE=dot, DROPOUT=True, BLOCK_R=16,
                  PRECISION=precision)
-    return AotVariant(backward.DA_KERNELS[dot == tl.float32], f"x={x} dot={dot} {precision}",
-                      types, const)
+    if multi:
+        more, flags = _multi("sorted")
+        types.update(more, p_ptr="*fp32")
+        const.update(flags)
+    label = f"{'sorted ' if multi else ''}x={x} dot={dot} {precision}"
+    return AotVariant(backward.DA_KERNELS[multi, dot == tl.float32], label, types, const)
 
 
 def _dora_norm(w: str, a: str, precision: str = FULL_FP32, quant4: dict | None = None
@@ -160,65 +223,12 @@ def _dora_norm(w: str, a: str, precision: str = FULL_FP32, quant4: dict | None =
     return AotVariant(kernel, f"{label} A={a} {precision}", types, const)
 
 
-_MULTI_META = dict(perm_ptr="*i32", seg_ptr="*i32", off_ptr="*i32", rank_ptr="*i32",
-                   n_adapters="i32")
-
-
-def _multi_shrink(x: str, a: str, dropout: bool, precision: str = FULL_FP32) -> AotVariant:
-    types = dict(x_ptr=f"*{x}", a_ptr=f"*{a}", s_ptr="*fp32", scale_ptr="*fp32", p_ptr="*fp32",
-                 M="i32", K="i32", R="i32", M_BUCKET="i32", stride_xm="i32", stride_am="i32",
-                 stride_sm="i32", seed_ptr="*i64", **_MULTI_META)
-    const = dict(stride_xk=1, stride_ak=1, stride_sr=1, DROPOUT=dropout, BLOCK_R=16, N_POW2=64,
-                 PRECISION=precision)
-    return AotVariant(multi_shrink.KERNELS[a == "fp32"],
-                      f"x={x} A={a} dropout={dropout} {precision}", types, const)
-
-
-def _multi_linear(ab: str, lb: str, label: str, unit_strides: tuple[str, ...], bias: bool = False,
-                  dropout: bool = False, scale_out: bool = False, scale_in: bool = False,
-                  gather: bool = False, precision: str = FULL_FP32) -> AotVariant:
-    path = "scale_in" if scale_in else "gather" if gather else "main"
-    kernel = multi_linear.KERNELS[path, ab == "fp32"]
-    strides = ["stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_lm", "stride_lr",
-               "stride_lbr", "stride_lbn", "stride_gm", "stride_gn", "stride_om", "stride_on"]
-    types = dict(a_ptr=f"*{ab}", b_ptr=f"*{ab}", l_ptr="*fp32", lb_ptr=f"*{lb}", bias_ptr=f"*{ab}",
-                 g_ptr="*fp32", p_ptr="*fp32", out_ptr=f"*{ab}", perm_ptr="*i32", key_ptr="*i32",
-                 off_ptr="*i32", rank_ptr="*i32", n_adapters="i32", M="i32", N="i32", K="i32",
-                 R="i32", M_BUCKET="i32", seed_ptr="*i64",
-                 **{n: "i32" for n in strides if n not in unit_strides})
-    const = dict(HAS_BIAS=bias, DROPOUT=dropout, SCALE_OUT=scale_out, SCALE_IN=scale_in,
-                 GATHER=gather, BLOCK_R=16, PRECISION=precision, **{n: 1 for n in unit_strides})
-    return AotVariant(kernel, f"{label} {precision}", types, const)
-
-
-def _multi_dy(dy: str, b: str, dora: bool, precision: str = FULL_FP32) -> AotVariant:
-    types = dict(dy_ptr=f"*{dy}", b_ptr=f"*{b}", s_ptr="*fp32", ds_ptr="*fp32", db_ptr="*fp32",
-                 g_ptr="*fp32", y_ptr=f"*{dy}", bias_ptr=f"*{dy}", dg_ptr="*fp32",
-                 scale_ptr="*fp32", dora_ptr="*i8", M="i32", N="i32", R="i32", M_BUCKET="i32",
-                 stride_dym="i32", stride_bm="i32", stride_sm="i32", stride_ym="i32",
-                 **_MULTI_META)
-    const = dict(stride_dyn=1, stride_bn=1, stride_sr=1, stride_yn=1, DORA=dora, HAS_BIAS=dora,
-                 BLOCK_R=16, N_POW2=64, PRECISION=precision)
-    return AotVariant(multi_backward.DY_KERNELS[b == "fp32"],
-                      f"dy={dy} B={b} dora={dora} {precision}", types, const)
-
-
-def _multi_da(x: str, dot, dropout: bool, precision: str = FULL_FP32) -> AotVariant:
-    types = dict(ds_ptr="*fp32", x_ptr=f"*{x}", da_ptr="*fp32", p_ptr="*fp32", M="i32", K="i32",
-                 R="i32", M_BUCKET="i32", stride_dsm="i32", stride_xm="i32", seed_ptr="*i64",
-                 **_MULTI_META)
-    const = dict(stride_dsr=1, stride_xk=1, DOT_DTYPE=dot, DROPOUT=dropout, BLOCK_R=16, N_POW2=64,
-                 PRECISION=precision)
-    return AotVariant(multi_backward.DA_KERNEL, f"x={x} dot={dot} dropout={dropout} {precision}",
-                      types, const)
-
-
 # unit strides of the fused linear: forward a = x, b = W^T, l = T, lb = B^T; dx: a = dy,
-# b = W, l = dS, lb = A (multi: lb = packed B^T or A, plus g)
+# b = W, l = dS, lb = A (multi: lb = packed B^T or A)
 _FWD = ("stride_ak", "stride_bk", "stride_lr", "stride_lbr", "stride_on")
 _DX = ("stride_ak", "stride_bn", "stride_lr", "stride_lbn", "stride_on")
-_MULTI_FWD = ("stride_ak", "stride_bk", "stride_lr", "stride_lbn", "stride_gn", "stride_on")
-_MULTI_DX = ("stride_ak", "stride_bn", "stride_lr", "stride_lbn", "stride_gn", "stride_on")
+_MULTI_FWD = ("stride_ak", "stride_bk", "stride_lr", "stride_lbn", "stride_on")
+_MULTI_DX = ("stride_ak", "stride_bn", "stride_lr", "stride_lbn", "stride_on")
 
 
 # Every kernel with fp32 adapters (PEFT's default dtype) over a 16-bit base, at FULL_FP32
@@ -233,16 +243,20 @@ _FP32_ADAPTERS = [
     _dy("bf16", "fp32", True),
     _da("bf16", tl.float32),
     _dora_norm("bf16", "fp32"),
-    _multi_shrink("bf16", "fp32", True),
-    _multi_linear("bf16", "fp32", "multi forward, fp32 adapter, bias", _MULTI_FWD, bias=True),
-    _multi_linear("bf16", "fp32", "multi DoRA forward, fp32 adapter", _MULTI_FWD, bias=True,
-                  scale_out=True),
-    _multi_linear("bf16", "fp32", "multi decode DoRA, fp32 adapter, gather", _MULTI_FWD,
-                  bias=True, scale_out=True, gather=True),
-    _multi_linear("bf16", "fp32", "multi dx, fp32 adapter, dropout", _MULTI_DX, dropout=True),
-    _multi_linear("bf16", "fp32", "multi DoRA dx, fp32 adapter", _MULTI_DX, scale_in=True),
-    _multi_dy("bf16", "fp32", True),
-    _multi_da("bf16", tl.float32, True),
+    _shrink("bf16", "fp32", True, rows="sorted"),
+    _shrink("bf16", "fp32", True, rows="gather"),
+    _linear("bf16", "fp32", True, False, "multi forward, fp32 adapter, bias", _MULTI_FWD,
+            rows="positions"),
+    _linear("bf16", "fp32", True, False, "multi DoRA forward, fp32 adapter", _MULTI_FWD,
+            scale_out=True, rows="positions"),
+    _linear("bf16", "fp32", True, False, "multi decode DoRA, fp32 adapter, gather", _MULTI_FWD,
+            scale_out=True, rows="gather"),
+    _linear("bf16", "fp32", False, True, "multi dx, fp32 adapter, dropout", _MULTI_DX,
+            rows="positions"),
+    _linear("bf16", "fp32", False, False, "multi DoRA dx, fp32 adapter", _MULTI_DX,
+            scale_in=True, rows="positions"),
+    _dy("bf16", "fp32", True, multi=True),
+    _da("bf16", tl.float32, multi=True),
 ]
 
 
@@ -253,20 +267,24 @@ VARIANTS: list[AotVariant] = [
     _linear("bf16", "bf16", False, True, "dx bf16, bf16 adapter, dropout", _DX, precision="tf32"),
     _dy("fp16", "fp16", False, "tf32"),
     _da("bf16", tl.bfloat16, "tf32"),
-    _multi_shrink("bf16", "bf16", False, "tf32"),
-    _multi_linear("bf16", "bf16", "multi forward bf16, bias", _MULTI_FWD, bias=True,
-                  precision="tf32"),
-    _multi_linear("bf16", "bf16", "multi dx bf16, dropout", _MULTI_DX, dropout=True,
-                  precision="tf32"),
-    _multi_dy("bf16", "bf16", False, "tf32"),
-    _multi_da("bf16", tl.bfloat16, True, "tf32"),
+    _shrink("bf16", "bf16", False, "tf32", rows="sorted"),
+    _shrink("bf16", "bf16", False, "tf32", rows="gather"),
+    _linear("bf16", "bf16", True, False, "multi forward bf16, bias", _MULTI_FWD, precision="tf32",
+            rows="positions"),
+    _linear("bf16", "bf16", True, False, "multi decode bf16, bias, gather", _MULTI_FWD,
+            precision="tf32", rows="gather"),
+    _linear("bf16", "bf16", False, True, "multi dx bf16, dropout", _MULTI_DX, precision="tf32",
+            rows="positions"),
+    _dy("bf16", "bf16", False, "tf32", multi=True),
+    _da("bf16", tl.bfloat16, "tf32", multi=True),
     # a full-fp32 layer at the default precision
     _linear("fp32", "fp32", True, False, "forward fp32, fp32 adapter, bias", _FWD),
     _linear("fp32", "fp32", False, True, "dx fp32, fp32 adapter, dropout", _DX),
-    _multi_linear("fp32", "fp32", "multi DoRA forward fp32, bias", _MULTI_FWD, bias=True,
-                  scale_out=True),
-    _multi_linear("fp32", "fp32", "multi decode fp32, gather", _MULTI_FWD, gather=True),
-    _multi_linear("fp32", "fp32", "multi DoRA dx fp32", _MULTI_DX, scale_in=True),
+    _linear("fp32", "fp32", True, False, "multi DoRA forward fp32, bias", _MULTI_FWD,
+            scale_out=True, rows="positions"),
+    _linear("fp32", "fp32", False, False, "multi decode fp32, gather", _MULTI_FWD, rows="gather"),
+    _linear("fp32", "fp32", False, False, "multi DoRA dx fp32", _MULTI_DX, scale_in=True,
+            rows="positions"),
     # fp32 adapters at torch's default "highest" precision
     *_FP32_ADAPTERS,
     # ... and at "high" (TF32), the kernels whose registers the precision changes most
@@ -276,10 +294,10 @@ VARIANTS: list[AotVariant] = [
     _dy("bf16", "fp32", True, "tf32"),
     _da("bf16", tl.float32, "tf32"),
     _dora_norm("bf16", "fp32", "tf32"),
-    _multi_shrink("bf16", "fp32", True, "tf32"),
-    _multi_linear("bf16", "fp32", "multi DoRA forward, fp32 adapter", _MULTI_FWD, bias=True,
-                  scale_out=True, precision="tf32"),
-    _multi_dy("bf16", "fp32", True, "tf32"),
+    _shrink("bf16", "fp32", True, "tf32", rows="sorted"),
+    _linear("bf16", "fp32", True, False, "multi DoRA forward, fp32 adapter", _MULTI_FWD,
+            scale_out=True, precision="tf32", rows="positions"),
+    _dy("bf16", "fp32", True, "tf32", multi=True),
 ]
 
 # Issue 14's alternatives to the fused linear: the pass that adds the low-rank term, g and

@@ -1,8 +1,13 @@
-"""LoRA backward pieces that the fused linear kernel does not cover.
+"""LoRA backward pieces that the fused linear kernel does not cover, for one adapter and
+for multi-adapter batches (``MULTI``, over segment tiles of sorted rows: a tile never
+straddles adapters, ranks stop at each adapter's real rank):
 
-* ``_lora_dy_kernel``: one pass over dY gives ``dS = s dY B`` ``[M, r]`` and
-  ``dB = s dY^T T`` ``[N, r]``;
-* ``_lora_da_kernel``: ``dA = dS^T drop(x)`` ``[r, K]``, the dropout mask regenerated.
+* ``_lora_dy_kernel``: one pass over dY gives ``dS = s dY' B`` ``[M, r]`` and
+  ``dB = s dY'^T T`` (multi: each adapter's ``dB_a^T = dY'^T S`` into the packed ``[S, N]``
+  gradient, S the scaled shrink), dY' = dY, or ``g dY`` with DoRA, which also sums
+  ``dY * (Y - bias)`` over the rows (per adapter);
+* ``_lora_da_kernel``: ``dA = dS^T drop(x)`` ``[r, K]`` (multi: adapter a's rows of the packed
+  ``[S, K]`` gradient), the dropout mask regenerated.
 
 Both reduce across programs with fp32 atomics into buffers a config pre-hook zeroes.
 """
@@ -14,42 +19,63 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (configs, dropout_keep, fp32_precision, m_bucket, on_device, rank_block,
-                     sm_count, tune)
-
-
-def _dy_configs(shapes):
-    return configs(("BLOCK_M", "BLOCK_N"), shapes, dict(BLOCK_M=32, BLOCK_N=32),
-                   zero=("ds_ptr", "db_ptr", "dg_ptr"))
-
-
-# keyed by "B is fp32": tf32x3 splits a [BLOCK_M, BLOCK_N] tile of dY, so narrow tiles
-_DY_CONFIGS = {
-    False: _dy_configs([(16, 128, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 3)]),
-    True: _dy_configs([(32, 32, 4, 3), (64, 32, 4, 3)]),
-}
+from .common import (configs, dora_factor, dropout_keep, fp32_precision, m_bucket, on_device,
+                     operand, rank_block, sm_count, tune)
+from .multi_meta import AdapterMeta, RowMap, segment_tile, segment_tiles
 
 
 @triton.jit
 def _lora_dy_kernel(dy_ptr, b_ptr, t_ptr, ds_ptr, db_ptr, g_ptr, y_ptr, bias_ptr, dg_ptr,
                     M, N, R, M_BUCKET, stride_dym, stride_dyn, stride_bn, stride_br,
-                    stride_tm, stride_tr, stride_ym, stride_yn, scale,
+                    stride_tm, stride_tr, stride_ym, stride_yn, stride_dbn, stride_dbr, scale,
                     DORA: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
-                    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    perm_ptr=None, seg_ptr=None, off_ptr=None, rank_ptr=None,
+                    scale_ptr=None, mag_ptr=None, norm_ptr=None, dora_ptr=None, stride_mag=0,
+                    stride_norm=0, n_adapters=0, MULTI: tl.constexpr = False,
+                    N_POW2: tl.constexpr = 2):
     """dY ``[M, N]``, B ``[N, R]`` (adapter dtype: the dots run in it), T ``[M, R]`` fp32;
-    dS ``[M, R]`` and dB ``[N, R]`` are contiguous fp32 accumulators.
+    dS ``[M, R]`` (contiguous) and dB ``[N, R]`` are fp32 accumulators.
 
     DORA: the LoRA gradients are those of ``g * dY`` (g ``[N]`` fp32), and the same pass
     over dY accumulates ``dg * g = colsum(dY * (Y - bias))`` into dg ``[N]`` fp32 from the
     saved output Y ``[M, N]``.
 
-    Grid: (row tiles, column splits, rank tiles); split j visits column tiles j, j + splits...
+    MULTI: B is the packed B^T ``[S, N]`` and dB its gradient (adapter a's rows ``off[a]
+    ..``, strides given), T the scaled shrink (dB gets no scale; dS each adapter's),
+    rows through perm (T, dS in batch row order); DoRA adapters (flags) take g from
+    magnitude / weight norm and sum into their row of dg ``[n, N]``. Grid: (segment tiles,
+    column splits, rank tiles). Otherwise grid: (row tiles, column splits, rank tiles).
+    Split j visits column tiles j, j + splits, ...
     """
     splits = tl.num_programs(1)
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    ranks = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_in = rows < M
-    rank_in = ranks < R
+    r0 = tl.program_id(2) * BLOCK_R
+    ranks = r0 + tl.arange(0, BLOCK_R)
+    if MULTI:
+        adapter, rows, row_in, rank = segment_tile(tl.program_id(0), seg_ptr, perm_ptr,
+                                                   rank_ptr, n_adapters, BLOCK_M, N_POW2)
+        if r0 >= rank:
+            return
+        rank_in = ranks < rank
+        b_rows = tl.load(off_ptr + adapter).to(tl.int64) + ranks
+        ds_scale = tl.load(scale_ptr + adapter)
+        db_scale = 1.0
+        adapter = adapter.to(tl.int64)
+        dora = False
+        colsum = False
+        if DORA:
+            dora = tl.load(dora_ptr + adapter) != 0
+            colsum = dora & (tl.program_id(2) == 0)
+    else:
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_in = rows < M
+        rank_in = ranks < R
+        b_rows = ranks
+        ds_scale = scale
+        db_scale = scale
+        adapter = 0
+        dora = True
+        colsum = tl.program_id(2) == 0
     t = tl.load(t_ptr + rows[:, None] * stride_tm + ranks[None, :] * stride_tr,
                 mask=row_in[:, None] & rank_in[None, :], other=0.0)
     ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -58,38 +84,57 @@ def _lora_dy_kernel(dy_ptr, b_ptr, t_ptr, ds_ptr, db_ptr, g_ptr, y_ptr, bias_ptr
         col_in = cols < N
         dy = tl.load(dy_ptr + rows[:, None] * stride_dym + cols[None, :] * stride_dyn,
                      mask=row_in[:, None] & col_in[None, :], other=0.0)
-        b = tl.load(b_ptr + cols[:, None] * stride_bn + ranks[None, :] * stride_br,
+        b = tl.load(b_ptr + cols[:, None] * stride_bn + b_rows[None, :] * stride_br,
                     mask=col_in[:, None] & rank_in[None, :], other=0.0)
         if DORA:
-            y = tl.load(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn,
-                        mask=row_in[:, None] & col_in[None, :], other=0.0).to(tl.float32)
-            if HAS_BIAS:
-                y -= tl.load(bias_ptr + cols, mask=col_in, other=0.0).to(tl.float32)[None, :]
-            if tl.program_id(2) == 0:
-                tl.atomic_add(dg_ptr + cols, tl.sum(dy.to(tl.float32) * y, axis=0), mask=col_in)
-            dy = dy.to(tl.float32) * tl.load(g_ptr + cols, mask=col_in, other=0.0)[None, :]
+            if colsum:
+                y = tl.load(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn,
+                            mask=row_in[:, None] & col_in[None, :], other=0.0).to(tl.float32)
+                if HAS_BIAS:
+                    y -= tl.load(bias_ptr + cols, mask=col_in, other=0.0).to(tl.float32)[None, :]
+                tl.atomic_add(dg_ptr + adapter * N + cols, tl.sum(dy.to(tl.float32) * y, axis=0),
+                              mask=col_in)
+            dy = dy.to(tl.float32) * dora_factor(g_ptr, mag_ptr, norm_ptr, stride_mag,
+                                                 stride_norm, adapter, dora, cols, col_in, MULTI)
         dy = dy.to(b.dtype)
         ds = tl.dot(dy, b, ds, input_precision=PRECISION)
         db = tl.dot(tl.trans(dy), t.to(b.dtype), input_precision=PRECISION)
-        tl.atomic_add(db_ptr + cols[:, None] * R + ranks[None, :], db * scale,
-                      mask=col_in[:, None] & rank_in[None, :])
-    tl.atomic_add(ds_ptr + rows[:, None] * R + ranks[None, :], ds * scale,
+        tl.atomic_add(db_ptr + cols[:, None] * stride_dbn + b_rows[None, :] * stride_dbr,
+                      db * db_scale, mask=col_in[:, None] & rank_in[None, :])
+    tl.atomic_add(ds_ptr + rows[:, None] * R + ranks[None, :], ds * ds_scale,
                   mask=row_in[:, None] & rank_in[None, :])
 
 
-DY_KERNELS = {fp32: tune(_lora_dy_kernel, c, ["M_BUCKET", "N", "R", "DORA"])
-              for fp32, c in _DY_CONFIGS.items()}
+def _dy_configs(shapes, block_m=32):
+    return configs(("BLOCK_M", "BLOCK_N"), shapes, dict(BLOCK_M=block_m, BLOCK_N=32),
+                   zero=("ds_ptr", "db_ptr", "dg_ptr"))
 
 
-def _da_configs(shapes):
-    return configs(("BLOCK_M", "BLOCK_K"), shapes, dict(BLOCK_M=32, BLOCK_K=32), zero=("da_ptr",))
+# keyed by (multi-adapter rows, "B is fp32"): tf32x3 splits a [BLOCK_M, BLOCK_N] tile of
+# dY, so narrow tiles
+DY_KERNELS = {
+    key: tune(_lora_dy_kernel, _dy_configs(shapes, 16 if key[0] else 32),
+              ["M_BUCKET", "N", "R", "DORA"])
+    for key, shapes in {
+        (False, False): [(16, 128, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 3)],
+        (False, True): [(32, 32, 4, 3), (64, 32, 4, 3)],
+        (True, False): [(16, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3)],
+        (True, True): [(32, 32, 4, 3), (64, 32, 4, 3)],
+    }.items()}
 
 
-# keyed by "the dot runs in fp32"
-_DA_CONFIGS = {
-    False: _da_configs([(64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3)]),
-    True: _da_configs([(64, 64, 4, 3), (64, 128, 8, 3), (128, 64, 4, 3)]),
-}
+@triton.jit
+def _da_tile(acc, ds_ptr, x_ptr, rows, row_in, ranks, rank_in, cols, col_in, col0, K,
+             stride_dsm, stride_dsr, stride_xm, stride_xk, seed, p, DOT_DTYPE: tl.constexpr,
+             DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``acc + dS[rows]^T drop(x[rows])`` for one tile of rows: ``[BLOCK_R, BLOCK_K]`` fp32."""
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+                mask=row_in[:, None] & col_in[None, :], other=0.0)
+    if DROPOUT:
+        x = tl.where(dropout_keep(seed, rows, col0, K, p, BLOCK_K), x, 0.0)
+    ds = tl.load(ds_ptr + rows[:, None] * stride_dsm + ranks[None, :] * stride_dsr,
+                 mask=row_in[:, None] & rank_in[None, :], other=0.0)
+    return tl.dot(tl.trans(ds).to(DOT_DTYPE), x.to(DOT_DTYPE), acc, input_precision=PRECISION)
 
 
 @triton.jit
@@ -98,39 +143,71 @@ def _lora_da_kernel(ds_ptr, x_ptr, da_ptr, M, K, R, M_BUCKET,
                     seed_ptr, dropout_p, keep_scale,
                     DOT_DTYPE: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr,
                     PRECISION: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                    perm_ptr=None, seg_ptr=None, off_ptr=None, rank_ptr=None,
+                    p_ptr=None, n_adapters=0, MULTI: tl.constexpr = False,
+                    N_POW2: tl.constexpr = 2):
     """dS ``[M, R]`` fp32, x ``[M, K]``; dA ``[R, K]`` a contiguous fp32 accumulator.
 
     The dot runs in DOT_DTYPE, the adapter's dtype (PEFT casts x to it).
-    Grid: (column tiles, row splits, rank tiles); split j visits row tiles j, j + splits...
+    MULTI: dA is the packed ``[S, K]`` gradient, adapter a's rows ``off[a] ..``, its rows
+    through perm, p ``[n]`` fp32 its dropout; grid (column tiles, segment tiles, rank
+    tiles). Otherwise grid (column tiles, row splits, rank tiles); split j visits row tiles
+    j, j + splits...
     """
-    splits = tl.num_programs(1)
     col0 = tl.program_id(0) * BLOCK_K
     cols = col0.to(tl.int64) + tl.arange(0, BLOCK_K)
-    ranks = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r0 = tl.program_id(2) * BLOCK_R
+    ranks = r0 + tl.arange(0, BLOCK_R)
     col_in = cols < K
-    rank_in = ranks < R
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    seed = 0
     if DROPOUT:
         seed = tl.load(seed_ptr)
-    for m0 in range(tl.program_id(1) * BLOCK_M, M, splits * BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
-        row_in = rows < M
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
-                    mask=row_in[:, None] & col_in[None, :], other=0.0)
+    if MULTI:
+        adapter, rows, row_in, rank = segment_tile(tl.program_id(1), seg_ptr, perm_ptr,
+                                                   rank_ptr, n_adapters, BLOCK_M, N_POW2)
+        if r0 >= rank:
+            return
+        rank_in = ranks < rank
+        p = 0.0
         if DROPOUT:
-            x = tl.where(dropout_keep(seed, rows, col0, K, dropout_p, BLOCK_K), x, 0.0)
-        ds = tl.load(ds_ptr + rows[:, None] * stride_dsm + ranks[None, :] * stride_dsr,
-                     mask=row_in[:, None] & rank_in[None, :], other=0.0)
-        acc = tl.dot(tl.trans(ds).to(DOT_DTYPE), x.to(DOT_DTYPE), acc, input_precision=PRECISION)
+            p = tl.load(p_ptr + adapter)
+        acc = _da_tile(acc, ds_ptr, x_ptr, rows, row_in, ranks, rank_in, cols, col_in, col0, K,
+                       stride_dsm, stride_dsr, stride_xm, stride_xk, seed, p, DOT_DTYPE, DROPOUT,
+                       PRECISION, BLOCK_K)
+        keep_scale = 1.0 / (1.0 - p)
+        a_rows = tl.load(off_ptr + adapter).to(tl.int64) + ranks
+    else:
+        rank_in = ranks < R
+        for m0 in range(tl.program_id(1) * BLOCK_M, M, tl.num_programs(1) * BLOCK_M):
+            rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+            acc = _da_tile(acc, ds_ptr, x_ptr, rows, rows < M, ranks, rank_in, cols, col_in,
+                           col0, K, stride_dsm, stride_dsr, stride_xm, stride_xk, seed,
+                           dropout_p, DOT_DTYPE, DROPOUT, PRECISION, BLOCK_K)
+        a_rows = ranks
     if DROPOUT:
         acc *= keep_scale
-    tl.atomic_add(da_ptr + ranks[:, None] * K + cols[None, :], acc,
+    tl.atomic_add(da_ptr + a_rows[:, None] * K + cols[None, :], acc,
                   mask=rank_in[:, None] & col_in[None, :])
 
 
-DA_KERNELS = {fp32: tune(_lora_da_kernel, c, ["M_BUCKET", "K", "R", "DROPOUT"], prune=False)
-              for fp32, c in _DA_CONFIGS.items()}
+def _da_configs(shapes, block_m=32):
+    return configs(("BLOCK_M", "BLOCK_K"), shapes, dict(BLOCK_M=block_m, BLOCK_K=32),
+                   zero=("da_ptr",))
+
+
+# keyed by (multi-adapter rows, "the dot runs in fp32"); the multi-adapter dot fits its
+# tiles in fp32 too
+_DA_MULTI = [(64, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3)]
+DA_KERNELS = {
+    key: tune(_lora_da_kernel, _da_configs(shapes, 16 if key[0] else 32),
+              ["M_BUCKET", "K", "R", "DROPOUT"], prune=key[0])
+    for key, shapes in {
+        (False, False): [(64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3)],
+        (False, True): [(64, 64, 4, 3), (64, 128, 8, 3), (128, 64, 4, 3)],
+        (True, False): _DA_MULTI, (True, True): _DA_MULTI,
+    }.items()}
 
 
 @dataclass
@@ -150,6 +227,31 @@ def _splits(tiles: int, other_tiles: int, device: torch.device) -> int:
     return max(1, min(tiles, triton.cdiv(2 * sm_count(device), max(other_tiles, 1))))
 
 
+def _dy_launch(row_tiles, dy: torch.Tensor, b: torch.Tensor, b_dims: str, t: torch.Tensor,
+               db: torch.Tensor, y: torch.Tensor | None, bias: torch.Tensor | None,
+               dg: torch.Tensor, multi: bool, **args) -> torch.Tensor:
+    """dS ``[M, R]`` fp32 (the rest of the results accumulate into db and dg);
+    ``row_tiles(BLOCK_M)``: the grid's first axis."""
+    m, n = dy.shape
+    r = t.shape[1]
+    ds = torch.empty((m, r), dtype=torch.float32, device=dy.device)
+    block_r = rank_block(r)
+    rank_tiles = triton.cdiv(r, block_r)
+
+    def grid(meta):
+        tiles = row_tiles(meta["BLOCK_M"])
+        splits = _splits(triton.cdiv(n, meta["BLOCK_N"]), tiles * rank_tiles, dy.device)
+        return (tiles, splits, rank_tiles)
+
+    DY_KERNELS[multi, b.dtype == torch.float32][grid](
+        **operand("dy", dy, "mn"), **operand("b", b, b_dims), **operand("t", t, "mr"),
+        **operand("y", y if y is not None else dy, "mn"), **operand("db", db, b_dims),
+        ds_ptr=ds, dg_ptr=dg, bias_ptr=bias, DORA=y is not None, HAS_BIAS=bias is not None,
+        M=m, N=n, R=r, M_BUCKET=m_bucket(m), BLOCK_R=block_r, PRECISION=fp32_precision(),
+        MULTI=multi, **args)
+    return ds
+
+
 @on_device
 def lora_dy(dy: torch.Tensor, lora_B: torch.Tensor, t: torch.Tensor, scaling: float,
             dora: DoraBackward | None = None) -> tuple[torch.Tensor, ...]:
@@ -158,27 +260,55 @@ def lora_dy(dy: torch.Tensor, lora_B: torch.Tensor, t: torch.Tensor, scaling: fl
     t ``[M, r]``."""
     m, n = dy.shape
     r = lora_B.shape[1]
-    ds = torch.empty((m, r), dtype=torch.float32, device=dy.device)
     db = torch.empty((n, r), dtype=torch.float32, device=dy.device)
     dg = torch.empty((n if dora is not None else 1,), dtype=torch.float32, device=dy.device)
     if m == 0:
+        ds = torch.empty((m, r), dtype=torch.float32, device=dy.device)
         return (ds, db.zero_()) + ((dg.zero_(),) if dora is not None else ())
+    ds = _dy_launch(lambda block_m: triton.cdiv(m, block_m), dy, lora_B, "nr", t, db,
+                    dora.y if dora else None, dora.bias if dora else None, dg, False,
+                    g_ptr=dora.g if dora else None, scale=scaling)
+    return (ds, db) + ((dg,) if dora is not None else ())
+
+
+@on_device
+def multi_lora_dy(dy: torch.Tensor, B: torch.Tensor, t: torch.Tensor, bank: AdapterMeta,
+                  rows: RowMap, y: torch.Tensor | None = None, bias: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, ...]:
+    """``(dS, dB^T)`` as fp32 ``[M, R]`` (rows in batch order) and packed ``[S, N]``; with a
+    DoRA bank and the forward's output y ``[M, N]`` (and bias), also ``colsum(dY * (Y -
+    bias))`` per DoRA adapter ``[n, N]``. dy ``[M, N]``, B ``[S, N]`` packed B^T, t ``[M, R]``
+    from ``multi_lora_shrink`` (summed over its chunks); sorted rows."""
+    m, n = dy.shape
+    dora = y is not None and bank.dora
+    db = torch.empty(B.shape, dtype=torch.float32, device=dy.device)
+    dg = torch.empty((rows.n, n) if dora else (1,), dtype=torch.float32, device=dy.device)
+    if m == 0 or rows.n == 0:
+        ds = torch.zeros((m, t.shape[1]), dtype=torch.float32, device=dy.device)
+        return (ds, db.zero_()) + ((dg.zero_(),) if dora else ())
+    ds = _dy_launch(lambda block_m: segment_tiles(m, rows.n, block_m), dy, B, "rn", t, db,
+                    y if dora else None, bias if dora else None, dg, True, g_ptr=None,
+                    scale=1.0, **rows.kwargs(), **bank.kwargs("offsets", "ranks", "scales", "dora"))
+    return (ds, db) + ((dg,) if dora else ())
+
+
+def _da_launch(da: torch.Tensor, ds: torch.Tensor, x: torch.Tensor, adapter_dtype: torch.dtype,
+               second_axis, multi: bool, **args) -> torch.Tensor:
+    """``second_axis(BLOCK_M, column tiles, rank tiles)``: the grid's second axis."""
+    m, k = x.shape
+    r = ds.shape[1]
     block_r = rank_block(r)
     rank_tiles = triton.cdiv(r, block_r)
 
     def grid(meta):
-        row_tiles = triton.cdiv(m, meta["BLOCK_M"])
-        splits = _splits(triton.cdiv(n, meta["BLOCK_N"]), row_tiles * rank_tiles, dy.device)
-        return (row_tiles, splits, rank_tiles)
+        col_tiles = triton.cdiv(k, meta["BLOCK_K"])
+        return (col_tiles, second_axis(meta["BLOCK_M"], col_tiles * rank_tiles), rank_tiles)
 
-    g, y, bias = (dora.g, dora.y, dora.bias) if dora is not None else (dg, dy, None)
-    DY_KERNELS[lora_B.dtype == torch.float32][grid](
-        dy, lora_B, t, ds, db, g, y, bias if bias is not None else dg, dg, m, n, r, m_bucket(m),
-        dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), t.stride(0), t.stride(1),
-        y.stride(0), y.stride(1), scaling,
-        DORA=dora is not None, HAS_BIAS=bias is not None, BLOCK_R=block_r,
-        PRECISION=fp32_precision())
-    return (ds, db) + ((dg,) if dora is not None else ())
+    DA_KERNELS[multi, adapter_dtype == torch.float32][grid](
+        **operand("ds", ds, "mr"), **operand("x", x, "mk"), da_ptr=da, M=m, K=k, R=r,
+        M_BUCKET=m_bucket(m), DOT_DTYPE=_TL_DTYPES[adapter_dtype], BLOCK_R=block_r,
+        PRECISION=fp32_precision(), MULTI=multi, **args)
+    return da
 
 
 @on_device
@@ -187,21 +317,28 @@ def lora_da(ds: torch.Tensor, x: torch.Tensor, adapter_dtype: torch.dtype,
     """``dS^T drop(x)`` as fp32 ``[r, K]``: ds ``[M, r]`` fp32, x ``[M, K]``, seed int64 ``[1]``
     (dropout only)."""
     m, k = x.shape
-    r = ds.shape[1]
-    da = torch.empty((r, k), dtype=torch.float32, device=x.device)
+    da = torch.empty((ds.shape[1], k), dtype=torch.float32, device=x.device)
     if m == 0:
         return da.zero_()
-    block_r = rank_block(r)
-    rank_tiles = triton.cdiv(r, block_r)
+    splits = lambda block_m, others: _splits(triton.cdiv(m, block_m), others, x.device)  # noqa: E731
+    return _da_launch(da, ds, x, adapter_dtype, splits, False, seed_ptr=seed,
+                      dropout_p=dropout_p, keep_scale=1.0 / (1.0 - dropout_p),
+                      DROPOUT=dropout_p > 0.0)
 
-    def grid(meta):
-        col_tiles = triton.cdiv(k, meta["BLOCK_K"])
-        splits = _splits(triton.cdiv(m, meta["BLOCK_M"]), col_tiles * rank_tiles, x.device)
-        return (col_tiles, splits, rank_tiles)
 
-    DA_KERNELS[adapter_dtype == torch.float32][grid](
-        ds, x, da, m, k, r, m_bucket(m), ds.stride(0), ds.stride(1), x.stride(0), x.stride(1),
-        seed if seed is not None else da, dropout_p, 1.0 / (1.0 - dropout_p),
-        DOT_DTYPE=_TL_DTYPES[adapter_dtype], DROPOUT=dropout_p > 0.0, BLOCK_R=block_r,
-        PRECISION=fp32_precision())
-    return da
+@on_device
+def multi_lora_da(ds: torch.Tensor, x: torch.Tensor, bank: AdapterMeta, rows: RowMap,
+                  packed_rows: int, adapter_dtype: torch.dtype,
+                  seed: torch.Tensor | None = None) -> torch.Tensor:
+    """Packed ``dA`` fp32 ``[packed_rows, K]``: ``dS_a^T drop(x_a)`` in adapter a's rows (the
+    bank's dropout with ``seed``); ds ``[M, R]`` fp32 (rows in batch order), x ``[M, K]``,
+    sorted rows."""
+    m, k = x.shape
+    da = torch.empty((packed_rows, k), dtype=torch.float32, device=x.device)
+    if m == 0 or rows.n == 0:
+        return da.zero_()
+    tiles = lambda block_m, others: segment_tiles(m, rows.n, block_m)  # noqa: E731
+    dropout = bank.dropout is not None
+    return _da_launch(da, ds, x, adapter_dtype, tiles, True, seed_ptr=seed if dropout else None,
+                      dropout_p=0.0, keep_scale=1.0, DROPOUT=dropout, **rows.kwargs(),
+                      **bank.kwargs("offsets", "ranks", "dropout"))

@@ -71,6 +71,13 @@ def rank_block(r: int) -> int:
     return min(max(16, next_pow2(r)), 64)
 
 
+def operand(name: str, t: torch.Tensor, dims: str) -> dict:
+    """A tensor as kernel keyword arguments: ``{name}_ptr`` and ``stride_{name}{d}`` for each
+    dimension letter d of ``dims`` (e.g. ``operand("x", x, "mk")``: x_ptr, stride_xm,
+    stride_xk)."""
+    return {f"{name}_ptr": t, **{f"stride_{name}{d}": t.stride(i) for i, d in enumerate(dims)}}
+
+
 def m_bucket(m: int) -> int:
     """Autotune key for the row count: tuning once per power of two, not once per M."""
     return min(next_pow2(m), 8192)
@@ -107,8 +114,9 @@ def gemm_configs(shapes: list[tuple]) -> list[triton.Config]:
 
 
 def prune_by_m(configs, named_args, **kwargs):
-    """Drop configs whose BLOCK_M is far above M (decode shapes), keeping at least one."""
-    cap = max(16, next_pow2(named_args["M"]))
+    """Drop configs whose BLOCK_M is far above M (decode shapes), keeping at least one.
+    (M arrives among ``named_args`` when passed by position, in ``kwargs`` by keyword.)"""
+    cap = max(16, next_pow2(named_args["M"] if "M" in named_args else kwargs["M"]))
     kept = [c for c in configs if c.kwargs["BLOCK_M"] <= cap]
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"])]
 
@@ -189,3 +197,21 @@ def shrink_tile(x_ptr, rows, row_in, stride_xm, stride_xk, a_ptr, a_rows, rank_i
                     mask=col_in[:, None] & rank_in[None, :], other=0.0)
         acc = tl.dot(x.to(a.dtype), a, acc, input_precision=PRECISION)
     return acc
+
+
+@triton.jit
+def dora_factor(g_ptr, mag_ptr, norm_ptr, stride_mag, stride_norm, key, dora, cols, col_in,
+                MULTI: tl.constexpr):
+    """DoRA's column factor at ``cols`` (int64 vector) as fp32: ``g[cols]`` ``[1, C]`` of a
+    given g (one adapter), or with MULTI ``magnitude[key] / weight_norm[key]`` where
+    ``dora`` holds and 1 elsewhere, for ``key`` / ``dora`` ``[BLOCK_M, 1]`` (a row's
+    adapter) or scalars (one adapter of a bank); magnitude and weight_norm rows have unit
+    column stride."""
+    if MULTI:
+        mask = tl.where(dora, col_in[None, :], False)  # (the interpreter's & of a scalar
+        # and a vector mask is no mask)
+        mag = tl.load(mag_ptr + key * stride_mag + cols[None, :], mask=mask, other=1.0)
+        norm = tl.load(norm_ptr + key * stride_norm + cols[None, :], mask=mask, other=1.0)
+        return mag.to(tl.float32) / norm
+    else:
+        return tl.load(g_ptr + cols, mask=col_in, other=0.0)[None, :]

@@ -15,6 +15,21 @@ dequantized ``N x K`` weight never exists in memory.
 accumulator starts from ``out`` (which already holds ``a @ b``, from cuBLAS) instead of
 running the K loop, so ``cublas_linear`` adds the low-rank term, g and the bias to the
 cuBLAS output without an ``M x N`` temporary.
+
+``MULTI`` makes it the multi-adapter GEMM (``multi_fused_linear``): the base GEMM is tiled
+over *all* rows, so each tile reads its slab of W once whatever adapters its rows use,
+and the tile adds each row's own adapter's low-rank term in its prologue, over that
+adapter's real rank only, in one of two ways (``multi_meta.RowMap``):
+
+* sorted rows (x rows gathered, output rows scattered through ``perm``): a loop over the
+  tile's segments (runs of rows with one adapter; a tile of sorted rows holds few), each a
+  tensor-core dot kept on its own rows;
+* ``GATHER`` (decode: rows in batch order, nothing sorted): every row gathers its own
+  adapter's rows of lb, on CUDA cores.
+
+The same kernel computes the multi-adapter input gradient (``dx = (g dY) W + drop'(dS
+A_a)``): g scales the rows of dY (``SCALE_IN``) and the low-rank term carries the dropout
+keep-mask of each row's adapter.
 """
 from __future__ import annotations
 
@@ -24,8 +39,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (FP32_GEMM_SHAPES, configs, fp32_precision, gemm_configs, grouped_tile,
-                     low_rank_tile, m_bucket, on_device, rank_block, tune)
+from .common import (FP32_GEMM_SHAPES, configs, dora_factor, dropout_keep, fp32_precision,
+                     gemm_configs, grouped_tile, low_rank_tile, m_bucket, on_device, operand,
+                     rank_block, tune)
+from .multi_meta import AdapterMeta, RowMap, tile_rows
 from .quant4 import DENSE_CONSTEXPRS, Quant4Args, dequant4_tile
 
 
@@ -66,6 +83,64 @@ def kind(a: torch.dtype, lb: torch.dtype | None, dropout: bool) -> str:
 
 
 @triton.jit
+def _segment_low_rank(l_rows, stride_lr, lb_ptr, row_off, row_rank, keys, has_adapter, cols,
+                      col_in, stride_lbr, stride_lbn, first, PRECISION: tl.constexpr,
+                      BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The low-rank term of a tile of sorted rows (positions ``first ..``): the tile's
+    adapters come in runs (segments), base rows last; one tensor-core dot per segment over
+    its adapter's real rank, kept on that segment's rows only. The per-row adapter
+    metadata is loaded once as vectors, so the loop issues no dependent scalar loads."""
+    pos = first + tl.arange(0, BLOCK_M)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    last = tl.min(tl.where(has_adapter, first + BLOCK_M, pos), axis=0)
+    start = first
+    while start < last:  # one segment (adapter) of the tile per iteration
+        here = pos == start
+        adapter = tl.sum(tl.where(here, keys, 0), axis=0)
+        rank = tl.sum(tl.where(here, row_rank, 0), axis=0)
+        lb_row0 = tl.sum(tl.where(here, row_off, 0), axis=0)
+        in_seg = keys == adapter
+        for r0 in range(0, rank, BLOCK_R):
+            ranks = r0 + tl.arange(0, BLOCK_R)
+            rank_in = ranks < rank
+            lt = tl.load(l_rows + ranks[None, :] * stride_lr,
+                         mask=in_seg[:, None] & rank_in[None, :], other=0.0)
+            lb = tl.load(lb_ptr + (lb_row0 + ranks)[:, None] * stride_lbr
+                         + cols[None, :] * stride_lbn,
+                         mask=rank_in[:, None] & col_in[None, :], other=0.0)
+            # the dot adds 0 * lb to the other segments' rows: a NaN or Inf in this
+            # adapter's B must not reach them (tenant isolation), so they keep their sums
+            acc = tl.where(in_seg[:, None], tl.dot(lt.to(lb.dtype), lb, acc,
+                                                   input_precision=PRECISION), acc)
+        start = tl.min(tl.where(keys > adapter, pos, first + BLOCK_M), axis=0)
+    return acc
+
+
+@triton.jit
+def _gathered_low_rank(l_rows, stride_ls, chunks, stride_lr, lb_ptr, row_off, row_rank, cols,
+                       col_in, stride_lbr, stride_lbn, GATHER_R: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The low-rank term of a tile of gathered rows: every row its own adapter's rows of lb,
+    ``sum_r l[m, r] * lb[off[a_m] + r, :]`` on CUDA cores in rank chunks of GATHER_R (a
+    tile of distinct adapters costs one round trip to memory per chunk, not one per
+    adapter). l holds ``chunks`` partial sums (the gathered shrink's K chunks)."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, tl.max(row_rank, axis=0), GATHER_R):
+        ranks = r0 + tl.arange(0, GATHER_R)
+        rank_in = ranks[None, :] < row_rank[:, None]
+        lt = tl.zeros((BLOCK_M, GATHER_R), dtype=tl.float32)
+        for c in range(0, chunks):
+            lt += tl.load(l_rows + c * stride_ls + ranks[None, :] * stride_lr, mask=rank_in,
+                          other=0.0)
+        lb_rows = (row_off[:, None] + ranks[None, :])[:, :, None] * stride_lbr
+        lb = tl.load(lb_ptr + lb_rows + cols[None, None, :] * stride_lbn,
+                     mask=rank_in[:, :, None] & col_in[None, None, :], other=0.0)
+        lt = lt.to(lb.dtype).to(tl.float32)
+        acc += tl.sum(lt[:, :, None] * lb.to(tl.float32), axis=1)
+    return acc
+
+
+@triton.jit
 def _lora_linear_kernel(a_ptr, b_ptr, l_ptr, lb_ptr, bias_ptr, g_ptr, out_ptr, M, N, K, R, M_BUCKET,
                         stride_am, stride_ak, stride_bk, stride_bn, stride_lm, stride_lr,
                         stride_lbr, stride_lbn, stride_om, stride_on,
@@ -78,13 +153,25 @@ def _lora_linear_kernel(a_ptr, b_ptr, l_ptr, lb_ptr, bias_ptr, g_ptr, out_ptr, M
                         Q4_ALIGNED: tl.constexpr,
                         BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                        stride_ls=0, chunks=1, index_ptr=None, perm_ptr=None, key_ptr=None,
+                        off_ptr=None, rank_ptr=None, p_ptr=None, mag_ptr=None, norm_ptr=None,
+                        dora_ptr=None, stride_mag=0, stride_norm=0, n_adapters=0,
+                        MULTI: tl.constexpr = False, GATHER: tl.constexpr = False,
+                        GATHER_R: tl.constexpr = 16):
     """a ``[M, K]`` and b ``[K, N]`` (same 16/32-bit float dtype), l ``[M, R]`` fp32,
     lb ``[R, N]`` (adapter dtype; the low-rank dot runs in it), bias ``[N]``, out ``[M, N]``.
 
     Accumulates in fp32; with DROPOUT the low-rank term is masked by the keep-mask of an
     ``[M, N]`` input (the dx pass, where N is the layer's K). g ``[N]`` (SCALE_OUT) or
     ``[K]`` (SCALE_IN) is fp32. IN_PLACE: out holds ``a @ b`` already; a, b are not read.
+
+    MULTI (per-row adapters, ``multi_meta``): packed lb ``[S, N]``, adapter a's rows
+    ``off[a] ..`` (``rank[a]`` of them), l ``[chunks, M, R]`` (R the largest rank), no
+    scale (l is scaled); rows sorted (perm, key: tiles of sorted positions, a row's output
+    written in its place) or GATHER (index: rows in batch order). DROPOUT: per-adapter p
+    ``[n]``. SCALE_OUT / SCALE_IN: DoRA's g of each row's adapter from magnitude, weight
+    norm and flags (``dora_factor``).
 
     QUANT4: b_ptr is the packed data of a 4-bit W (``Quant4Args``: the q4_* pointers and
     Q4_* constexprs) and b's strides are unused: b = W^T (W ``[N, K]``) or, with Q4_DX,
@@ -93,18 +180,43 @@ def _lora_linear_kernel(a_ptr, b_ptr, l_ptr, lb_ptr, bias_ptr, g_ptr, out_ptr, M
     """
     tile_m, tile_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N),
                                   GROUP_M)
-    rows = tile_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tile_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_in = rows < M
     col_in = cols < N
     # The low-rank term goes in first, so that a single [BLOCK_M, BLOCK_N] accumulator is
     # live at a time (an epilogue would hold a second one next to the GEMM's: spills).
-    if HAS_LORA:
-        acc = low_rank_tile(l_ptr, lb_ptr, rows, cols, row_in, col_in, R, stride_lm, stride_lr,
-                            stride_lbr, stride_lbn, scale, seed_ptr, dropout_p, tile_n * BLOCK_N, N,
-                            DROPOUT, BLOCK_R, BLOCK_N, PRECISION)
+    if MULTI:
+        rows, row_in, keys, has_adapter = tile_rows(tile_m * BLOCK_M, M, index_ptr, perm_ptr,
+                                                    key_ptr, n_adapters, BLOCK_M, GATHER)
+        row_rank = tl.load(rank_ptr + keys, mask=has_adapter, other=0)
+        row_off = tl.load(off_ptr + keys, mask=has_adapter, other=0).to(tl.int64)
+        l_rows = l_ptr + rows[:, None] * stride_lm
+        if GATHER:
+            acc = _gathered_low_rank(l_rows, stride_ls, chunks, stride_lr, lb_ptr, row_off,
+                                     row_rank, cols, col_in, stride_lbr, stride_lbn, GATHER_R,
+                                     BLOCK_M, BLOCK_N)
+        else:
+            acc = _segment_low_rank(l_rows, stride_lr, lb_ptr, row_off, row_rank, keys,
+                                    has_adapter, cols, col_in, stride_lbr, stride_lbn,
+                                    tile_m * BLOCK_M, PRECISION, BLOCK_R, BLOCK_M, BLOCK_N)
+        if DROPOUT:
+            p = tl.load(p_ptr + keys, mask=has_adapter, other=0.0)[:, None]
+            keep = dropout_keep(tl.load(seed_ptr), rows, tile_n * BLOCK_N, N, p, BLOCK_N)
+            acc = tl.where(keep, acc / (1.0 - p), 0.0)
+        key = keys[:, None].to(tl.int64)
+        dora = has_adapter[:, None]
+        if SCALE_OUT or SCALE_IN:
+            dora = dora & (tl.load(dora_ptr + key, mask=dora, other=0) != 0)
     else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        rows = tile_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_in = rows < M
+        key = 0
+        dora = False
+        if HAS_LORA:
+            acc = low_rank_tile(l_ptr, lb_ptr, rows, cols, row_in, col_in, R, stride_lm,
+                                stride_lr, stride_lbr, stride_lbn, scale, seed_ptr, dropout_p,
+                                tile_n * BLOCK_N, N, DROPOUT, BLOCK_R, BLOCK_N, PRECISION)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
     out_in = row_in[:, None] & col_in[None, :]
     if IN_PLACE:
@@ -129,14 +241,16 @@ def _lora_linear_kernel(a_ptr, b_ptr, l_ptr, lb_ptr, bias_ptr, g_ptr, out_ptr, M
                 b = tl.load(b_ptrs, mask=k_in[:, None] & col_in[None, :], other=0.0)
                 b_ptrs += BLOCK_K * stride_bk
             if SCALE_IN:
-                g_in = tl.load(g_ptr + k0 + ks, mask=k_in, other=0.0)
-                a = (a.to(tl.float32) * g_in[None, :]).to(b.dtype)
+                g_in = dora_factor(g_ptr, mag_ptr, norm_ptr, stride_mag, stride_norm, key, dora,
+                                   k0 + ks, k_in, MULTI)
+                a = (a.to(tl.float32) * g_in).to(b.dtype)
             else:
                 a = a.to(b.dtype)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
             a_ptrs += BLOCK_K * stride_ak
     if SCALE_OUT:
-        acc *= tl.load(g_ptr + cols, mask=col_in, other=0.0)[None, :]
+        acc *= dora_factor(g_ptr, mag_ptr, norm_ptr, stride_mag, stride_norm, key, dora, cols,
+                           col_in, MULTI)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_in, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_in)
@@ -175,40 +289,53 @@ def b_shape(b: torch.Tensor | Quant4Args) -> tuple[int, int]:
     return b.b_shape if isinstance(b, Quant4Args) else (b.shape[0], b.shape[1])
 
 
+_Q4_POINTERS = ("q4_absmax", "q4_code", "q4_absmax2", "q4_code2", "q4_offset")
+
+
+def _gemm_args(a: torch.Tensor, b: torch.Tensor | Quant4Args, bias: torch.Tensor | None,
+               out: torch.Tensor) -> dict:
+    """The keyword arguments of the base GEMM (a ``[M, K]`` @ b ``[K, N]`` + bias -> out); a
+    4-bit b (``Quant4Args``) passes its packed data, quant state and QUANT4 constexprs (its
+    strides unused), a dense b placeholders that QUANT4=False never reads."""
+    (m, k), n = a.shape, b_shape(b)[1]
+    if isinstance(b, Quant4Args):
+        _, *state = b.pointers()
+        b_args = dict(b_ptr=b.data, stride_bk=0, stride_bn=0, **b.gemm_constexprs())
+    else:
+        state = [None] * 5
+        b_args = dict(**operand("b", b, "kn"), **DENSE_CONSTEXPRS)
+    return dict(**operand("a", a, "mk"), **b_args, **dict(zip(_Q4_POINTERS, state)),
+                out_ptr=out, stride_om=out.stride(0), stride_on=out.stride(1), bias_ptr=bias,
+                HAS_BIAS=bias is not None, M=m, N=n, K=k, M_BUCKET=m_bucket(m),
+                PRECISION=fp32_precision())
+
+
 def _launch(a: torch.Tensor, b: torch.Tensor | Quant4Args, low: LowRank | None,
             bias: torch.Tensor | None, out: torch.Tensor, g_out: torch.Tensor | None,
             g_in: torch.Tensor | None, in_place: bool) -> torch.Tensor:
     if g_out is not None and g_in is not None:
         raise ValueError("the fused linear takes g_out or g_in, not both")
-    m, k = a.shape
-    n = b_shape(b)[1]
+    m, n = out.shape
     if m == 0 or n == 0:
         return out
-    has_lora = low is not None
-    if low is None:  # placeholders: HAS_LORA=False never reads them
-        low = LowRank(l=a, lb=a, scale=0.0)
-    r = low.l.shape[1] if has_lora else 0
+    if low is not None:
+        term = dict(**operand("l", low.l, "mr"), **operand("lb", low.lb, "rn"), R=low.l.shape[1],
+                    scale=low.scale, seed_ptr=low.seed, dropout_p=low.dropout_p,
+                    DROPOUT=low.dropout_p > 0.0, BLOCK_R=rank_block(low.l.shape[1]))
+    else:  # HAS_LORA=False reads none of them
+        term = dict(l_ptr=None, lb_ptr=None, stride_lm=0, stride_lr=0, stride_lbr=0,
+                    stride_lbn=0, R=0, scale=0.0, seed_ptr=None, dropout_p=0.0, DROPOUT=False,
+                    BLOCK_R=16)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    g = g_out if g_out is not None else g_in
-    dropout = has_lora and low.dropout_p > 0.0
-    lb_dtype = low.lb.dtype if has_lora else None
-    if isinstance(b, Quant4Args):  # b's strides are unused; the quant parts follow the seed
-        b_ptr, b_strides, quant = b.data, (0, 0), b.pointers()[1:]
-        flags = b.gemm_constexprs()
-        kernel = Q4_KERNELS[kind(b.dtype, lb_dtype, dropout), flags["Q4_ALIGNED"]]
+    lb_dtype = low.lb.dtype if low is not None else None
+    if isinstance(b, Quant4Args):
+        kernel = Q4_KERNELS[kind(b.dtype, lb_dtype, term["DROPOUT"]),
+                            b.gemm_constexprs()["Q4_ALIGNED"]]
     else:
-        b_ptr, b_strides, quant, flags = b, b.stride(), (out,) * 5, DENSE_CONSTEXPRS
-        kernel = IN_PLACE_KERNEL if in_place else KERNELS[kind(a.dtype, lb_dtype, dropout)]
-    kernel[grid](
-        a, b_ptr, low.l, low.lb, bias if bias is not None else out, g if g is not None else out,
-        out, m, n, k, r, m_bucket(m),
-        a.stride(0), a.stride(1), *b_strides, low.l.stride(0), low.l.stride(1),
-        low.lb.stride(0), low.lb.stride(1), out.stride(0), out.stride(1),
-        low.scale, low.seed if low.seed is not None else out, low.dropout_p, *quant,
-        HAS_LORA=has_lora, HAS_BIAS=bias is not None, DROPOUT=dropout,
-        SCALE_OUT=g_out is not None, SCALE_IN=g_in is not None,
-        IN_PLACE=in_place, **flags,
-        BLOCK_R=rank_block(max(r, 1)), PRECISION=fp32_precision())
+        kernel = IN_PLACE_KERNEL if in_place else KERNELS[kind(a.dtype, lb_dtype, term["DROPOUT"])]
+    kernel[grid](**_gemm_args(a, b, bias, out), **term,
+                 g_ptr=g_out if g_out is not None else g_in, HAS_LORA=low is not None,
+                 SCALE_OUT=g_out is not None, SCALE_IN=g_in is not None, IN_PLACE=in_place)
     return out
 
 
@@ -251,3 +378,81 @@ def cublas_linear(a: torch.Tensor, b: torch.Tensor, low: LowRank | None = None,
     if low is None and bias is None and g_out is None:
         return out
     return _launch(a, b, low, bias, out, g_out, None, in_place=True)
+
+
+# The multi-adapter GEMM's tiles per path ("sorted"; "scale_in": DoRA's dx pass, which also
+# streams fp32 tiles of the magnitude and the weight norm per step, so fewer stages and
+# more warps; "gather": decode, whose prologue holds
+# [BLOCK_M, GATHER_R, BLOCK_N] products, so small column tiles and rank chunks that shrink
+# as the row tiles grow). Shapes (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages), gather ones
+# (BLOCK_M, BLOCK_N, BLOCK_K, GATHER_R, warps, stages).
+_MULTI_SHAPES = {
+    "sorted": [(128, 128, 64, 8, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
+               (32, 128, 128, 4, 4), (16, 64, 128, 4, 5),
+               # decode: N / BLOCK_N programs must fill the GPU to stream W at full bandwidth
+               (16, 16, 512, 4, 3)],
+    "scale_in": [(64, 128, 64, 8, 3), (64, 64, 64, 8, 3), (128, 64, 32, 8, 2), (16, 64, 128, 4, 4),
+                 (16, 32, 128, 4, 3)],
+}
+_GATHER_SHAPES = {False: [(16, 16, 512, 16, 4, 3), (16, 32, 256, 16, 4, 3), (32, 32, 256, 8, 4, 3),
+                          (64, 32, 128, 4, 8, 3)],
+                  True: [(16, 32, 64, 16, 4, 3), (16, 64, 64, 8, 4, 3), (32, 32, 64, 8, 4, 3)]}
+_MULTI_KEY = ["M_BUCKET", "N", "K", "R", "DROPOUT", "SCALE_OUT", "SCALE_IN"]
+_INTERP = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)
+
+
+def _gather_configs(shapes):
+    return configs(("BLOCK_M", "BLOCK_N", "BLOCK_K", "GATHER_R"), shapes,
+                   dict(_INTERP, BLOCK_M=16, GATHER_R=8), GROUP_M=8)
+
+
+# keyed by (path, fp32 x and W); fp32 x and W (tf32x3 GEMM) take short K steps everywhere
+MULTI_KERNELS = {
+    **{(path, False): tune(_lora_linear_kernel, gemm_configs(shapes), _MULTI_KEY)
+       for path, shapes in _MULTI_SHAPES.items()},
+    **{(path, True): tune(_lora_linear_kernel, gemm_configs(FP32_GEMM_SHAPES), _MULTI_KEY)
+       for path in _MULTI_SHAPES},
+    **{("gather", fp32): tune(_lora_linear_kernel, _gather_configs(shapes), _MULTI_KEY)
+       for fp32, shapes in _GATHER_SHAPES.items()},
+}
+
+
+@dataclass
+class MultiLowRank:
+    """The prologue term of ``multi_fused_linear``: l ``[chunks, M, R]`` fp32 (summed over
+    chunks; rows in batch order, R the largest rank) times each row's adapter's rows of the
+    packed lb ``[S, N]``, for the bank's adapters (``bank``) and rows (``rows``). ``seed``:
+    masks the term with the keep-mask of an ``[M, N]`` input at each adapter's
+    ``bank.dropout`` (the dx pass); None: no mask."""
+    l: torch.Tensor
+    lb: torch.Tensor
+    bank: AdapterMeta
+    rows: RowMap
+    seed: torch.Tensor | None = None
+
+
+@on_device
+def multi_fused_linear(a: torch.Tensor, b: torch.Tensor, low: MultiLowRank,
+                       bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None, *,
+                       scale_out: bool = False, scale_in: bool = False) -> torch.Tensor:
+    """``g * (a @ b + low-rank term) + bias`` with per-row adapters: a ``[M, K]``, b
+    ``[K, N]`` (any strides); with a DoRA bank, each row's adapter's g scales the output
+    (``scale_out``: the forward) or a's columns (``scale_in``: the dx pass)."""
+    if scale_out and scale_in:
+        raise ValueError("multi_fused_linear scales the output or the input, not both")
+    m, n = a.shape[0], b.shape[1]
+    out = torch.empty((m, n), dtype=out_dtype or a.dtype, device=a.device)
+    if m == 0 or n == 0:
+        return out
+    dropout = low.seed is not None and low.bank.dropout is not None
+    dora = low.bank.dora and (scale_out or scale_in)
+    path = "scale_in" if dora and scale_in else "gather" if low.rows.gather else "sorted"
+    r = low.l.shape[2]
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    MULTI_KERNELS[path, a.dtype == torch.float32][grid](
+        **_gemm_args(a, b, bias, out), **operand("l", low.l, "smr"), **operand("lb", low.lb, "rn"),
+        R=r, chunks=low.l.shape[0], scale=1.0, seed_ptr=low.seed if dropout else None,
+        dropout_p=0.0, g_ptr=None, HAS_LORA=True, DROPOUT=dropout, SCALE_OUT=dora and scale_out,
+        SCALE_IN=dora and scale_in, IN_PLACE=False, BLOCK_R=rank_block(r), MULTI=True,
+        **low.rows.kwargs(segments=False), **low.bank.kwargs("offsets", "ranks", "dropout", "dora"))
+    return out

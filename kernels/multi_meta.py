@@ -1,12 +1,29 @@
-"""Row grouping for multi-adapter batches: rows sorted by adapter, on the device, no host sync.
+"""Launch metadata of multi-adapter batches: which adapter each row uses (``RowMap``), the
+bank's per-adapter facts (``AdapterMeta``), and the jit helpers that read them.
 
-Every row of x carries an adapter index (-1: base only). ``group_rows`` sorts the rows
-stably by adapter (base rows last) and gives, for sorted position ``pos``, the original row
-``perm[pos]`` and its adapter ``keys[pos]``, and per adapter the range of sorted positions
-``seg[a] .. seg[a + 1]`` (``seg[n] .. seg[n + 1] = M``: the base rows). The kernels then use
-either tiles of sorted rows (the GEMM, which loops over the few adapters present in a tile)
-or *segment tiles*, which never straddle adapters (``segment_tile``). Sizes depend on M and
-the number of adapters only, so the launches are CUDA-graph safe.
+Every row of x carries an adapter index (-1: base only). The kernels read it in one of two
+ways (``RowMap``):
+
+* gathered (``index``, rows in batch order; decode, ``M <= GATHER_MAX_M``): every row
+  loads its own adapter's rows of A (shrink) and of B (the GEMM prologue). Nothing is
+  sorted, so a layer costs two launches, whatever the adapters;
+* sorted (``groups``, from ``group_rows``): rows sorted stably by adapter (base rows last),
+  for sorted position ``pos`` the original row ``perm[pos]`` and its adapter ``keys[pos]``,
+  per adapter the range ``seg[a] .. seg[a + 1]`` of positions (``seg[n] .. seg[n + 1] = M``:
+  the base rows). Kernels use tiles of sorted rows (the GEMM, which loops over the few
+  adapters present in a tile) or *segment tiles*, which never straddle adapters
+  (``segment_tile``): tensor-core dots per adapter.
+
+Where the two meet (``GATHER_MAX_M``): the gathered low-rank term runs on CUDA cores and
+reads ``M x r`` rows of B per column tile, the sorted one ``adapters present x r`` rows on
+tensor cores but after a sort (a few small launches per batch) and a dependent loop over
+the tile's segments. Decode batches (up to 128 rows: the serving buckets of
+bench/bench_serve.py) rarely share adapters between many rows, so each row's own B rows
+are about what the sorted path reads too, without its segment loop; prefill rows (hundreds
+per sequence) share adapters, and tensor cores win. 128 is the issue's bound for decode
+batches, not a measurement: tune it on a GPU (bench/bench_multi.py, M in 64..256).
+
+Sizes depend on M and the number of adapters only, so the launches are CUDA-graph safe.
 """
 from __future__ import annotations
 
@@ -17,6 +34,8 @@ import triton
 import triton.language as tl
 
 from .common import next_pow2
+
+GATHER_MAX_M = 128  # batches of at most this many rows take the gathered (decode) path
 
 
 @dataclass
@@ -44,22 +63,93 @@ def group_rows(index: torch.Tensor, n: int) -> RowGroups:
     return RowGroups(perm, keys, seg, n)
 
 
+@dataclass(frozen=True)
+class RowMap:
+    """Which adapter each row of a batch uses, as the kernels read it: ``index`` ``[M]``
+    int32 (the slot per row, -1 base only: the gathered path) or ``groups`` (the sorted
+    path); ``n`` adapter slots. Indices outside ``-1 .. n - 1`` read as base rows."""
+    n: int
+    index: torch.Tensor | None = None
+    groups: RowGroups | None = None
+
+    @property
+    def gather(self) -> bool:
+        return self.groups is None
+
+    def grouped(self) -> RowMap:
+        """The sorted form (groups made from the index when this map has none)."""
+        return self if self.groups is not None else RowMap(self.n, groups=group_rows(self.index, self.n))
+
+    def kwargs(self, segments: bool = True) -> dict:
+        """The kernels' row arguments: ``index_ptr`` and ``GATHER``, or the sorted rows'
+        ``perm_ptr`` and ``seg_ptr``, ``N_POW2`` (kernels over segment tiles) or ``key_ptr``
+        (``segments=False``: tiles of sorted positions); ``n_adapters``."""
+        if self.gather:
+            return dict(index_ptr=self.index, n_adapters=self.n, GATHER=True)
+        g = self.groups
+        if segments:
+            return dict(perm_ptr=g.perm, seg_ptr=g.seg, n_adapters=self.n,
+                        N_POW2=max(next_pow2(self.n), 2))
+        return dict(perm_ptr=g.perm, key_ptr=g.keys, n_adapters=self.n)
+
+
+@dataclass(frozen=True)
+class AdapterMeta:
+    """The per-adapter facts of a packed bank the kernels load, all on the device: adapter a
+    owns rows ``offsets[a] .. offsets[a] + ranks[a]`` of the packed A / B^T (int32 ``[n]``),
+    scales fp32 ``[n]``; ``max_rank`` (host) sizes the ``[M, max_rank]`` buffers. dropout:
+    fp32 ``[n]`` probabilities, or None (no dropout). DoRA: magnitude ``[n, N]`` (any float,
+    unit column stride), weight_norm fp32 ``[n, N]`` (unit column stride) and flags
+    ``[n]`` int8 (nonzero: a DoRA adapter, ``g = magnitude / weight_norm``; else g = 1), or
+    None."""
+    offsets: torch.Tensor
+    ranks: torch.Tensor
+    scales: torch.Tensor
+    max_rank: int
+    dropout: torch.Tensor | None = None
+    magnitude: torch.Tensor | None = None
+    weight_norm: torch.Tensor | None = None
+    flags: torch.Tensor | None = None
+
+    @property
+    def n(self) -> int:
+        return self.offsets.shape[0]
+
+    @property
+    def dora(self) -> bool:
+        return self.flags is not None
+
+    def kwargs(self, *facts: str) -> dict:
+        """Kernel arguments of the named facts: "offsets" (off_ptr), "ranks" (rank_ptr),
+        "scales" (scale_ptr), "dropout" (p_ptr, when set), "dora" (mag_ptr, norm_ptr,
+        dora_ptr and their row strides, when set)."""
+        out = {}
+        for fact in facts:
+            if fact == "dora":
+                if self.dora:
+                    out.update(mag_ptr=self.magnitude, norm_ptr=self.weight_norm,
+                               dora_ptr=self.flags, stride_mag=self.magnitude.stride(0),
+                               stride_norm=self.weight_norm.stride(0))
+            elif getattr(self, fact) is not None:
+                name = {"offsets": "off_ptr", "ranks": "rank_ptr", "scales": "scale_ptr",
+                        "dropout": "p_ptr"}[fact]
+                out[name] = getattr(self, fact)
+        return out
+
+
 def segment_tiles(m: int, n: int, block_m: int) -> int:
     """Programs that cover every segment tile: each adapter adds at most one partial tile,
     and no tile is empty, so ``min(cdiv(M, BLOCK_M) + n, M)`` (static: M and n only)."""
     return max(min(triton.cdiv(m, block_m) + n, m), 1)
 
 
-def adapters_pow2(n: int) -> int:
-    """``N_POW2`` for ``segment_tile``: n rounded up to a power of two."""
-    return max(next_pow2(n), 2)
-
-
 @triton.jit
-def segment_tile(pid, seg_ptr, n_adapters, BLOCK_M: tl.constexpr, N_POW2: tl.constexpr):
+def segment_tile(pid, seg_ptr, perm_ptr, rank_ptr, n_adapters, BLOCK_M: tl.constexpr,
+                 N_POW2: tl.constexpr):
     """Segment tile ``pid``: adapter a's sorted rows ``seg[a] .. seg[a + 1]`` cut into tiles
-    of BLOCK_M rows, adapters in order. Returns (adapter, first position, end position);
-    adapter >= n_adapters when ``pid`` is past the last tile (the program has no work)."""
+    of BLOCK_M rows, adapters in order. Returns (adapter, rows int64 through perm, row_in,
+    the adapter's rank); rank 0 when ``pid`` is past the last tile (the program has no
+    work)."""
     ids = tl.arange(0, N_POW2)
     valid = ids < n_adapters
     start = tl.load(seg_ptr + ids, mask=valid, other=0)
@@ -69,6 +159,26 @@ def segment_tile(pid, seg_ptr, n_adapters, BLOCK_M: tl.constexpr, N_POW2: tl.con
     adapter = tl.sum((cum <= pid).to(tl.int32), axis=0)
     mine = ids == adapter
     first_tile = tl.sum(tl.where(mine, cum - tiles, 0), axis=0)
-    row0 = tl.sum(tl.where(mine, start, 0), axis=0) + (pid - first_tile) * BLOCK_M
-    row_end = tl.sum(tl.where(mine, end, 0), axis=0)
-    return adapter, row0, row_end
+    pos = (tl.sum(tl.where(mine, start, 0), axis=0) + (pid - first_tile) * BLOCK_M
+           + tl.arange(0, BLOCK_M))
+    row_in = pos < tl.sum(tl.where(mine, end, 0), axis=0)
+    rows = tl.load(perm_ptr + pos, mask=row_in, other=0).to(tl.int64)
+    rank = tl.load(rank_ptr + adapter, mask=adapter < n_adapters, other=0)
+    return adapter, rows, row_in, rank
+
+
+@triton.jit
+def tile_rows(first, M, index_ptr, perm_ptr, key_ptr, n_adapters, BLOCK_M: tl.constexpr,
+              GATHER: tl.constexpr):
+    """Rows ``first .. first + BLOCK_M`` of a multi-adapter tile: (rows int64, row_in, keys,
+    has_adapter). GATHER: rows in batch order, ``keys = index[rows]``; else sorted
+    positions, rows through perm and keys from the sorted keys."""
+    pos = first + tl.arange(0, BLOCK_M)
+    row_in = pos < M
+    if GATHER:
+        rows = pos.to(tl.int64)
+        keys = tl.load(index_ptr + rows, mask=row_in, other=-1)
+    else:
+        rows = tl.load(perm_ptr + pos, mask=row_in, other=0).to(tl.int64)
+        keys = tl.load(key_ptr + pos, mask=row_in, other=n_adapters)
+    return rows, row_in, keys, (keys >= 0) & (keys < n_adapters)

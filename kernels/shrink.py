@@ -1,21 +1,52 @@
-"""Shrink: ``T = drop(x) @ A^T`` (fp32 ``[M, r]``), dropout drawn in-kernel, mask never stored."""
+"""Shrink: ``T = drop(x) @ A^T`` (fp32 ``[M, r]``), dropout drawn in-kernel, mask never stored.
+
+One kernel for one adapter and for multi-adapter batches (``MULTI``): adapters packed
+along the rank, adapter a owning rows ``off[a] .. off[a] + rank[a]`` of A ``[S, K]``, each
+row scaled by its adapter's ``s_a / (1 - p_a)``, T in the batch's row order. Sorted rows
+(``multi_meta.RowMap``) run over segment tiles, which never straddle adapters (tensor-core
+dots; rank tiles past an adapter's real rank exit at once, so a rank-8 adapter in a bank
+of rank-64 ones costs rank 8). Gathered rows (``GATHER``, decode) are not sorted: every row
+multiplies its own adapter's rows of A on CUDA cores, and K is cut into chunks whose
+partial sums the fused linear's prologue adds (``gather_splits``), so a batch of a few
+rows still spreads over the GPU.
+"""
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
 
-from .common import (configs, fp32_precision, m_bucket, on_device, rank_block, shrink_tile,
-                     tune)
+from .common import (configs, dropout_keep, fp32_precision, interpreting, m_bucket, on_device,
+                     operand, rank_block, shrink_tile, tune)
+from .multi_meta import AdapterMeta, RowMap, segment_tile, segment_tiles
+
+_GATHER_R = 16  # rank tile of the gathered shrink: [BLOCK_M, 16, BLOCK_K] products
 
 
-def _configs(shapes):
-    return configs(("BLOCK_M", "BLOCK_K"), shapes, dict(BLOCK_M=32, BLOCK_K=32))
-
-
-# keyed by "A is fp32": the tf32x3 splits of x and A need smaller tiles (check-kernels)
-_CONFIGS = {False: _configs([(16, 256, 4, 3), (64, 128, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3)]),
-            True: _configs([(16, 64, 4, 3), (32, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 3)])}
+@triton.jit
+def _gathered_shrink(x_ptr, a_ptr, rows, row_in, row_off, ranks, rank_in, stride_xm, stride_xk,
+                     stride_ar, stride_ak, k_begin, k_end, K, seed_ptr, p,
+                     DROPOUT: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``keep(x[rows]) @ A[row_off + ranks]^T`` per row over columns ``k_begin .. k_end``
+    (k_begin a multiple of 4), fp32 ``[BLOCK_M, len(ranks)]``: each row its own rows of A
+    (``rank_in`` ``[BLOCK_M, R]``), products in A's dtype, sums in fp32. p ``[BLOCK_M, 1]``:
+    the rows' dropout."""
+    acc = tl.zeros((rows.shape[0], ranks.shape[0]), dtype=tl.float32)
+    a_rows = (row_off[:, None] + ranks[None, :])[:, :, None] * stride_ar
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        col_in = cols < k_end
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+                    mask=row_in[:, None] & col_in[None, :], other=0.0)
+        if DROPOUT:
+            x = tl.where(dropout_keep(seed, rows, k0, K, p, BLOCK_K), x, 0.0)
+        a = tl.load(a_ptr + a_rows + cols[None, None, :] * stride_ak,
+                    mask=rank_in[:, :, None] & col_in[None, None, :], other=0.0)
+        x = x.to(a.dtype).to(tl.float32)
+        acc += tl.sum(x[:, None, :] * a.to(tl.float32), axis=2)
+    return acc
 
 
 @triton.jit
@@ -23,26 +54,116 @@ def _lora_shrink_kernel(x_ptr, a_ptr, t_ptr, M, K, R, M_BUCKET,
                         stride_xm, stride_xk, stride_ar, stride_ak, stride_tm, stride_tr,
                         seed_ptr, dropout_p, keep_scale,
                         DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """x ``[M, K]`` (any float), A ``[R, K]`` (adapter dtype), T ``[M, R]`` fp32.
+                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                        stride_ts=0, k_chunk=0, index_ptr=None, perm_ptr=None,
+                        seg_ptr=None, off_ptr=None, rank_ptr=None, scale_ptr=None, p_ptr=None,
+                        n_adapters=0, MULTI: tl.constexpr = False, GATHER: tl.constexpr = False,
+                        N_POW2: tl.constexpr = 2):
+    """x ``[M, K]`` (any float), A ``[R, K]`` (adapter dtype: the dot runs in it, as PEFT
+    casts x to it), T ``[M, R]`` fp32, times keep_scale (1 / (1 - p)) with DROPOUT.
 
-    Grid: (row tiles, rank tiles). The dot runs in A's dtype, as PEFT casts x to it.
+    MULTI: packed A ``[S, K]``; off/rank int32, scale/p fp32 ``[n]`` (``AdapterMeta``); rows
+    of adapter a get ``s_a / (1 - p_a) * drop(x) @ A_a^T`` in their first ``rank[a]``
+    columns of T ``[M, R]`` (R the largest rank; other columns and base rows are never
+    written). Sorted rows (perm, seg): grid (segment tiles, rank tiles). GATHER (index
+    ``[M]``): grid (row tiles, rank tiles of 16, K chunks of ``k_chunk`` columns), chunk c's
+    partial sum in ``T[c]`` of T ``[chunks, M, R]`` (stride_ts). Otherwise grid (row
+    tiles, rank tiles).
     """
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    ranks = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_in = rows < M
-    rank_in = ranks < R
-    acc = shrink_tile(x_ptr, rows, row_in, stride_xm, stride_xk, a_ptr, ranks.to(tl.int64),
-                      rank_in, stride_ar, stride_ak, K, seed_ptr, dropout_p, DROPOUT, PRECISION,
-                      BLOCK_K)
-    if DROPOUT:
-        acc *= keep_scale
-    tl.store(t_ptr + rows[:, None] * stride_tm + ranks[None, :] * stride_tr, acc,
-             mask=row_in[:, None] & rank_in[None, :])
+    r0 = tl.program_id(1) * BLOCK_R
+    ranks = r0 + tl.arange(0, BLOCK_R)
+    if MULTI:
+        if GATHER:
+            rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+            row_in = rows < M
+            keys = tl.load(index_ptr + rows, mask=row_in, other=-1)
+            has_adapter = (keys >= 0) & (keys < n_adapters)
+            row_rank = tl.load(rank_ptr + keys, mask=has_adapter, other=0)
+            if r0 >= tl.max(row_rank, axis=0):
+                return
+            row_off = tl.load(off_ptr + keys, mask=has_adapter, other=0).to(tl.int64)
+            scale = tl.load(scale_ptr + keys, mask=has_adapter, other=0.0)[:, None]
+            p = tl.zeros_like(scale)
+            if DROPOUT:
+                p = tl.load(p_ptr + keys, mask=has_adapter, other=0.0)[:, None]
+                scale = scale / (1.0 - p)
+            out_in = ranks[None, :] < row_rank[:, None]
+            k_begin = tl.program_id(2) * k_chunk
+            acc = _gathered_shrink(x_ptr, a_ptr, rows, row_in, row_off, ranks, out_in,
+                                   stride_xm, stride_xk, stride_ar, stride_ak, k_begin,
+                                   tl.minimum(k_begin + k_chunk, K), K, seed_ptr, p, DROPOUT,
+                                   BLOCK_K)
+            t_ptr += tl.program_id(2).to(tl.int64) * stride_ts
+        else:
+            adapter, rows, row_in, rank = segment_tile(tl.program_id(0), seg_ptr, perm_ptr,
+                                                       rank_ptr, n_adapters, BLOCK_M, N_POW2)
+            if r0 >= rank:
+                return
+            rank_in = ranks < rank
+            scale = tl.load(scale_ptr + adapter)
+            p = 0.0
+            if DROPOUT:
+                p = tl.load(p_ptr + adapter)
+                scale = scale / (1.0 - p)
+            a_rows = tl.load(off_ptr + adapter).to(tl.int64) + ranks
+            acc = shrink_tile(x_ptr, rows, row_in, stride_xm, stride_xk, a_ptr, a_rows, rank_in,
+                              stride_ar, stride_ak, K, seed_ptr, p, DROPOUT, PRECISION, BLOCK_K)
+            out_in = row_in[:, None] & rank_in[None, :]
+    else:
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_in = rows < M
+        rank_in = ranks < R
+        acc = shrink_tile(x_ptr, rows, row_in, stride_xm, stride_xk, a_ptr, ranks.to(tl.int64),
+                          rank_in, stride_ar, stride_ak, K, seed_ptr, dropout_p, DROPOUT,
+                          PRECISION, BLOCK_K)
+        scale = 1.0
+        if DROPOUT:
+            scale = keep_scale
+        out_in = row_in[:, None] & rank_in[None, :]
+    tl.store(t_ptr + rows[:, None] * stride_tm + ranks[None, :] * stride_tr, acc * scale,
+             mask=out_in)
 
 
-KERNELS = {fp32: tune(_lora_shrink_kernel, c, ["M_BUCKET", "K", "R", "DROPOUT"])
-           for fp32, c in _CONFIGS.items()}
+_KEY = ["M_BUCKET", "K", "R", "DROPOUT"]
+
+
+def _configs(shapes, interp=dict(BLOCK_M=32, BLOCK_K=32)):
+    return configs(("BLOCK_M", "BLOCK_K"), shapes, interp)
+
+
+# keyed by (rows, "A is fp32"): one adapter ("single"), sorted multi-adapter rows
+# ("sorted"), gathered rows ("gather": [BLOCK_M, 16, BLOCK_K] products on CUDA cores, no
+# dot, so one set for both dtypes). The tf32x3 splits of x and A need smaller tiles
+# (check-kernels).
+_SHAPES = {("single", False): [(16, 256, 4, 3), (64, 128, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3)],
+           ("single", True): [(16, 64, 4, 3), (32, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 3)],
+           ("sorted", False): [(16, 256, 4, 3), (64, 128, 4, 3), (128, 64, 4, 4)],
+           ("sorted", True): [(16, 64, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)]}
+KERNELS = {key: tune(_lora_shrink_kernel, _configs(
+    shapes, dict(BLOCK_M=32 if key[0] == "single" else 16, BLOCK_K=32)), _KEY)
+    for key, shapes in _SHAPES.items()}
+_GATHER_KERNEL = tune(_lora_shrink_kernel, _configs(
+    [(4, 64, 4, 2), (8, 32, 4, 2), (8, 64, 8, 2), (16, 32, 8, 2)], dict(BLOCK_M=16, BLOCK_K=32)),
+    _KEY)
+KERNELS["gather", False] = KERNELS["gather", True] = _GATHER_KERNEL
+
+
+def gather_splits(k: int) -> tuple[int, int]:
+    """``(chunks, chunk)``: the gathered shrink cuts K into ``chunks`` runs of ``chunk``
+    columns (a multiple of 64, at least 512, so that at most 8 partial sums reach the
+    GEMM's prologue; 64 in the interpreter, so that the tests cross chunk edges)."""
+    least = 64 if interpreting() else 512
+    chunk = max(least, triton.cdiv(triton.cdiv(k, 8), 64) * 64)
+    return max(triton.cdiv(k, chunk), 1), chunk
+
+
+def _launch(kernel, grid, x: torch.Tensor, a: torch.Tensor, t: torch.Tensor, dims: str,
+            **args) -> torch.Tensor:
+    m, k = x.shape
+    kernel[grid](**operand("x", x, "mk"), **operand("a", a, "rk"), **operand("t", t, dims),
+                 M=m, K=k, R=t.shape[-1], M_BUCKET=m_bucket(m), PRECISION=fp32_precision(),
+                 **args)
+    return t
 
 
 @on_device
@@ -50,16 +171,38 @@ def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float = 0.0,
                 seed: torch.Tensor | None = None) -> torch.Tensor:
     """``drop(x) @ lora_A.T`` as fp32 ``[M, r]``; x ``[M, K]``, lora_A ``[r, K]``; seed int64
     ``[1]`` on x's device when ``dropout_p > 0``."""
-    m, k = x.shape
+    m = x.shape[0]
     r = lora_A.shape[0]
     t = torch.empty((m, r), dtype=torch.float32, device=x.device)
     if m == 0:
         return t
     block_r = rank_block(r)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(r, block_r))  # noqa: E731
-    KERNELS[lora_A.dtype == torch.float32][grid](
-        x, lora_A, t, m, k, r, m_bucket(m),
-        x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), t.stride(0), t.stride(1),
-        seed if seed is not None else t, dropout_p, 1.0 / (1.0 - dropout_p),
-        DROPOUT=dropout_p > 0.0, BLOCK_R=block_r, PRECISION=fp32_precision())
-    return t
+    return _launch(KERNELS["single", lora_A.dtype == torch.float32], grid, x, lora_A, t, "mr",
+                   seed_ptr=seed, dropout_p=dropout_p, keep_scale=1.0 / (1.0 - dropout_p),
+                   DROPOUT=dropout_p > 0.0, BLOCK_R=block_r)
+
+
+@on_device
+def multi_lora_shrink(x: torch.Tensor, A: torch.Tensor, bank: AdapterMeta, rows: RowMap,
+                      seed: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 ``[chunks, M, max_rank]``: summed over chunks, row i holds ``s_a / (1 - p_a) *
+    drop(x_i) @ A_a^T`` in its first ``rank[a]`` columns for its adapter a (the rest, and
+    base rows, are never written). One chunk for sorted rows, ``gather_splits(K)`` for
+    gathered ones. x ``[M, K]``; A ``[S, K]``; dropout (``bank.dropout``) needs ``seed``."""
+    m, k = x.shape
+    r = max(bank.max_rank, 1)
+    chunks, chunk = gather_splits(k) if rows.gather else (1, k)
+    t = torch.empty((chunks, m, r), dtype=torch.float32, device=x.device)
+    if m == 0 or rows.n == 0:
+        return t
+    if rows.gather:
+        block_r = _GATHER_R
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(r, block_r), chunks)  # noqa: E731
+    else:
+        block_r = rank_block(r)
+        grid = lambda meta: (segment_tiles(m, rows.n, meta["BLOCK_M"]), triton.cdiv(r, block_r))  # noqa: E731
+    kernel = KERNELS["gather" if rows.gather else "sorted", A.dtype == torch.float32]
+    return _launch(kernel, grid, x, A, t, "smr", seed_ptr=seed, dropout_p=0.0, keep_scale=1.0,
+                   DROPOUT=bank.dropout is not None, BLOCK_R=block_r, k_chunk=chunk, MULTI=True,
+                   **rows.kwargs(), **bank.kwargs("offsets", "ranks", "scales", "dropout"))

@@ -32,3 +32,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("gpu") is not None:  # not item.keywords: it holds folder names
             item.add_marker(skip)
+
+
+@pytest.fixture(params=["gather", "sorted"])
+def multi_path(request, monkeypatch):
+    """Runs a multi-adapter test on both row paths whatever its row count: "gather" (the
+    decode path, rows in batch order) and "sorted" (rows grouped by adapter, segment
+    tiles), by moving ``fastlora.kernels.multi_meta.GATHER_MAX_M``."""
+    from fastlora.kernels import multi_meta
+
+    monkeypatch.setattr(multi_meta, "GATHER_MAX_M", 1 << 30 if request.param == "gather" else 0)
+    return request.param

@@ -25,9 +25,18 @@ def test_check_kernels_passes_for_sm80_and_sm90():
     rows = [line for line in lines if line.startswith("_")]
     assert lines[0] == f"compiling {len(rows)} kernel variants for sm_80, sm_90"
     lora = {"_lora_shrink_kernel", "_lora_linear_kernel", "_lora_dy_kernel", "_lora_da_kernel",
-            "_dora_norm_kernel", "_multi_shrink_kernel", "_multi_linear_kernel",
-            "_multi_dy_kernel", "_multi_da_kernel"}
+            "_dora_norm_kernel"}
     assert {line.split()[0] for line in rows} >= lora
+    # one kernel per stage: the multi-adapter (MULTI) variants are rows of the same kernels
+    variants = {(line.split()[0], line.split()[1]) for line in rows}
+    for kernel, variant in [("_lora_shrink_kernel", "sorted"), ("_lora_shrink_kernel", "gather"),
+                            ("_lora_linear_kernel", "multi"), ("_lora_dy_kernel", "sorted"),
+                            ("_lora_da_kernel", "sorted")]:
+        assert (kernel, variant) in variants, (kernel, variant)
+    assert any(line.startswith("_lora_linear_kernel ") and "gather" in line for line in rows)
+    # the gathered shrink multiplies on CUDA cores (no dot): no tensor cores required
+    assert all(" - " in line for line in rows
+               if line.startswith("_lora_shrink_kernel ") and line.split()[1] == "gather")
     # bitsandbytes 4-bit weights (QUANT4): the fused linear's forward (with the decode
     # configs) and dx pass, DoRA's forms, the row norm; a layout whose blocks straddle rows
     q4 = [line for line in rows if "4-bit" in line]
@@ -62,6 +71,10 @@ def test_check_kernels_passes_for_sm80_and_sm90():
 ])
 def test_check_flags_problems(row, expect):
     assert any(expect in p for p in row.problems())
+
+
+def test_check_accepts_a_variant_without_dots_on_cuda_cores():
+    assert Row("k", "v", "c", "sm_90", shared=1024, mma="", dots=False).problems() == []
 
 
 def test_check_accepts_a_good_row():

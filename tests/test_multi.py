@@ -80,7 +80,7 @@ DORA = [False, True, False, True, False]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_rows_equal_their_single_adapter_result(dtype, device):
+def test_rows_equal_their_single_adapter_result(dtype, multi_path, device):
     """Mixed ranks, DoRA and LoRA, base rows, an absent adapter, an unsorted assignment:
     every row equals fastlora.lora_linear / dora_linear with its own adapter."""
     weight, bias, bank = make_bank(RANKS, DORA, dtype, device=device)
@@ -117,7 +117,7 @@ def _assignment(kind, m, n, g):
 
 @pytest.mark.parametrize("kind", ["one adapter", "all base", "skewed", "sorted blocks",
                                   "distinct per row"])
-def test_assignments(kind, device):
+def test_assignments(kind, multi_path, device):
     n = 40 if kind == "distinct per row" else 5
     ranks = [(1, 8, 64, 3, 16)[i % 5] for i in range(n)]
     weight, bias, bank = make_bank(ranks, [i % 3 == 1 for i in range(n)], device=device)
@@ -128,7 +128,7 @@ def test_assignments(kind, device):
     check(x, weight, bias, bank, index, torch.float32)
 
 
-def test_decode_few_rows_many_adapters(device):
+def test_decode_few_rows_many_adapters(multi_path, device):
     """M < n: the static grid min(cdiv(M, BLOCK_M) + n, M) must still reach every row."""
     weight, bias, bank = make_bank([(1, 8, 16)[i % 3] for i in range(40)],
                                    [i % 5 == 0 for i in range(40)], device=device)
@@ -136,8 +136,7 @@ def test_decode_few_rows_many_adapters(device):
     check(x, weight, bias, bank, torch.tensor([39, 7, -1], device=device), torch.float32)
 
 
-@pytest.mark.parametrize("m", [9, 40], ids=["gather", "segments"])
-def test_rank_padding_is_never_read(m, monkeypatch, device):
+def test_rank_padding_is_never_read(multi_path, monkeypatch, device):
     """Columns of the [M, max_rank] buffers past an adapter's rank are never written: fill
     every fresh buffer with NaN, and the results must not see it."""
     empty = torch.empty
@@ -147,10 +146,51 @@ def test_rank_padding_is_never_read(m, monkeypatch, device):
         return t.fill_(float("nan")) if t.is_floating_point() else t
 
     weight, bias, bank = make_bank([1, 16, 4], [False, True, False], device=device)
-    x = randn(m, K, g=generator(4), device=device, requires_grad=True)
-    index = torch.arange(m, device=device) % 4 - 1
+    x = randn(40, K, g=generator(4), device=device, requires_grad=True)
+    index = torch.arange(40, device=device) % 4 - 1
     monkeypatch.setattr(torch, "empty", poisoned)
     check(x, weight, bias, bank, index, torch.float32)
+
+
+def test_decode_forward_is_two_launches_reading_w_once(monkeypatch, device):
+    """A decode batch (64 rows, 32 distinct adapters, DoRA ones among them, base rows) costs
+    two launches per layer forward, whatever the adapters: the gathered shrink and the
+    fused linear (every row its own adapter's B, DoRA's g made in the kernel). Nothing is
+    sorted, and no torch op runs besides allocations and views."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fastlora.kernels import multi_meta
+    from fastlora.routing import Routing
+    from spies import count_calls, count_launches
+
+    weight, bias, bank = make_bank([(1, 8, 16, 3)[i % 4] for i in range(32)],
+                                   [i % 3 == 0 for i in range(32)], device=device)
+    g = generator(15)
+    index = (torch.randperm(64, generator=g) % 33 - 1).to(device)  # all 32 adapters, base rows
+    x = randn(64, K, g=g, device=device)
+    routing = Routing.from_index(index, bank.n)
+    routing.decode(64)  # made once per model forward, before the layers
+
+    class TorchOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.add(func.name())
+            return func(*args, **(kwargs or {}))
+
+    grouped = count_calls(monkeypatch, (multi_meta, "group_rows"))
+    launches = count_launches(monkeypatch)
+    with torch.no_grad(), TorchOps() as ops:
+        y = multi_lora_linear(x, weight, bias, bank, routing)
+    assert launches == ["_lora_shrink_kernel", "_lora_linear_kernel"], launches
+    assert grouped == {"group_rows": 0}
+    assert ops.ops <= {"fastlora::multi_lora_fwd", "aten::view", "aten::view.dtype", "aten::t",
+                       "aten::detach", "aten::empty.memory_format"}, ops.ops
+    want = reference.multi_lora_linear(x.double(), weight.double(), bias.double(),
+                                       bank.map(torch.Tensor.double), index)
+    assert_close(y, want, torch.float32, "decode rows")
 
 
 def test_3d_input_and_index(device):
@@ -186,7 +226,7 @@ def test_trainable_base_and_expanded_gradient(device):
             torch.ones_like(y), torch.float32, NAMES)
 
 
-def test_dropout_matches_reference_with_same_masks(device):
+def test_dropout_matches_reference_with_same_masks(multi_path, device):
     p = (0.3, 0.0, 0.5)
     weight, bias, bank = make_bank([8, 1, 16], [False] * 3, device=device, dropout=p)
     assert bank.dropout.device == torch.device(device) and bank.dropout.dtype == torch.float32

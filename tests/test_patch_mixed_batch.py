@@ -204,6 +204,7 @@ def test_one_routing_per_model_call(device, monkeypatch):
 
     model = make_model(device).eval()
     patch(model)
+    monkeypatch.setattr(multi_meta, "GATHER_MAX_M", 16)  # 35 rows: grouped, not gathered
     counts = count_calls(monkeypatch, (mixed_batch, "batch_routing"), (multi_meta, "group_rows"))
     g = torch.Generator().manual_seed(60)
     x = torch.randn(7, 5, 70, generator=g).to(device)

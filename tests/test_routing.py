@@ -57,7 +57,9 @@ def per_layer_reference(model, bank, x, rows):
 
 def test_one_routing_serves_every_layer_without_per_layer_work(monkeypatch, device):
     """Made once, a routing is checked and grouped once per row count: three layers call
-    neither the index check nor group_rows again."""
+    neither the index check nor group_rows again; decode batches (at most GATHER_MAX_M
+    rows, here 16) are never grouped."""
+    monkeypatch.setattr(multi_meta, "GATHER_MAX_M", 16)
     model, bank = layers_and_bank(device)
     names = ["t0", None, "t2", "t1", "t3", "t0", "__base__"]
     routing = bank.index(names)
@@ -67,10 +69,10 @@ def test_one_routing_serves_every_layer_without_per_layer_work(monkeypatch, devi
     with torch.no_grad():
         y = forward(model, bank, x, routing)
         assert counts == {"check_index": 0, "group_rows": 1}
-        y_decode = forward(model, bank, x[:, :1], routing)  # 1 row per sequence: one more grouping
-        assert counts == {"check_index": 0, "group_rows": 2}
+        y_decode = forward(model, bank, x[:, :1], routing)  # 1 row per sequence: gathered
+        assert counts == {"check_index": 0, "group_rows": 1}
         forward(model, bank, x, routing)
-        assert counts == {"check_index": 0, "group_rows": 2}
+        assert counts == {"check_index": 0, "group_rows": 1}
     rows = torch.tensor([-1 if a in (None, "__base__") else int(a[1]) for a in names])
     want = per_layer_reference(model, bank, x, rows.repeat_interleave(5).view(len(names), 5))
     assert_close(y, want, torch.float32, "per-sequence routing over [B, T, K]")
@@ -87,6 +89,26 @@ def test_routing_from_an_index_tensor_equals_the_tensor(device):
         direct = forward(model, bank, x, index)
         routed = forward(model, bank, x, Routing.from_index(index, bank.capacity, slots=bank.slots))
     assert torch.equal(direct, routed)
+
+
+def test_static_decode_routing_sorts_nothing(monkeypatch, device):
+    """A static routing for a decode bucket (at most GATHER_MAX_M rows) never groups its
+    rows, neither when made nor on assign (the layers gather each row's adapter); a larger
+    one groups when made and on every assign."""
+    model, bank = layers_and_bank(device)
+    counts = count_calls(monkeypatch, (multi_meta, "group_rows"))
+    names = ["t0", None, "t2", "t1", "t3", "t0"]
+    routing = bank.static_index(6, rows=12)
+    bank.assign(routing, names)
+    x = randn(12, K, g=generator(34), device=device)
+    with torch.no_grad():
+        y = forward(model, bank, x, routing)
+    assert counts == {"group_rows": 0}
+    monkeypatch.setattr(multi_meta, "GATHER_MAX_M", 8)
+    bank.assign(bank.static_index(6, rows=12), names)
+    assert counts == {"group_rows": 2}
+    rows = torch.tensor([-1 if a is None else int(a[1]) for a in names]).repeat_interleave(2)
+    assert_close(y, per_layer_reference(model, bank, x, rows), torch.float32, "static decode")
 
 
 def test_static_routing_same_buffers_new_assignment(device):

@@ -4,6 +4,7 @@ never reaches an adapter loaded after it was made, an empty slot is an error, a 
 spoils only its own rows; and the bank's input checks (index dtypes, scales, PEFT models)."""
 import copy
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -129,15 +130,10 @@ def test_empty_slots_are_errors_not_base_rows(device):
         bank.index(["b"])
 
 
-@pytest.mark.parametrize("m", [
-    12,
-    pytest.param(40, marks=pytest.mark.xfail(
-        strict=True, reason="kernels/multi_linear.py (issue 12 part A): the segment loop adds "
-                            "tl.dot(lt masked to the segment, lb of the segment's adapter) to "
-                            "the whole tile, so a NaN in one adapter's B reaches the other rows "
-                            "of its tile as 0 * NaN")),
-], ids=["gather", "segments"])
-def test_nan_adapter_spoils_only_its_rows(m, device):
+def test_nan_adapter_spoils_only_its_rows(multi_path, device):
+    """A NaN in one adapter's B (or a DoRA magnitude) reaches its own rows only: in the
+    forward (on the sorted path a tile's dot per segment must not add 0 * NaN to the other
+    segments' rows) and in every gradient of the other rows and adapters."""
     layer = linear(device)
     g = generator(44)
     adapters = [tenant(i, layer, g) for i in range(4)]
@@ -146,12 +142,17 @@ def test_nan_adapter_spoils_only_its_rows(m, device):
     adapters[2] = (adapters[2][0], adapters[2][1], 0.5, torch.full((N,), math.nan))  # DoRA
     bank = pack_adapters([tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in a)
                           for a in adapters], weight=layer.weight.detach())
-    index = (torch.arange(m) % 5 - 1).to(device)
-    x = randn(m, K, g=g, device=device)
-    with torch.no_grad():
-        y = multi_lora_linear(x, layer.weight, layer.bias, bank, index)
+    bank = replace(bank, A=bank.A.detach().requires_grad_(), B=bank.B.detach().requires_grad_())
+    index = (torch.arange(40) % 5 - 1).to(device)
+    x = randn(40, K, g=g, device=device, requires_grad=True)
+    y = multi_lora_linear(x, layer.weight.detach(), layer.bias.detach(), bank, index)
     spoiled = torch.isnan(y).any(1)
     assert torch.equal(spoiled, (index == 1) | (index == 2)), spoiled.nonzero().flatten().tolist()
+    y.backward(randn(*y.shape, g=g, device=device))
+    assert torch.isfinite(x.grad[~spoiled]).all()
+    for a in (0, 3):
+        own = slice(bank.offsets[a].item(), bank.offsets[a].item() + bank.ranks[a].item())
+        assert torch.isfinite(bank.A.grad[own]).all() and torch.isfinite(bank.B.grad[own]).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.uint16, torch.uint32, torch.int8, torch.int16])
