@@ -34,7 +34,9 @@ from common import (Results, Run, llama, llama_options, parser, presets,  # noqa
 
 FULL = dict(layers=16, batch=4, seq=1024, context=1024, decode_batch=[1, 16], rep_ms=1000)
 QUICK = dict(layers=4, batch=2, seq=256, context=256, decode_batch=[1], rep_ms=300)
-DRY = dict(hidden=64, intermediate=96, layers=1, heads=4, kv_heads=4, vocab=256, batch=2,
+# K and N multiples of 64, as in real models: bitsandbytes 0.50's CPU dequantize_4bit (the
+# --quant4 dry run's PEFT reference) is wrong when K is a multiple of 16 but not of the blocksize
+DRY = dict(hidden=64, intermediate=128, layers=1, heads=4, kv_heads=4, vocab=256, batch=2,
            seq=16, context=16, decode_batch=[1], rep_ms=0)
 COLUMNS = ["step", "tokens", "peft_ms", "fastlora_ms", "speedup", "peft_tok_s",
            "fastlora_tok_s", "peft_peak_gib", "fastlora_peak_gib", "peft_step_gib",

@@ -83,7 +83,7 @@ def test_result_markdown_has_the_explain_appendix():
 def test_4bit_model_benchmark_compares_like_with_like():
     """bench_model.py --quant4: the decoder layers' linears are bitsandbytes NF4 (nested
     absmax) under PEFT's bitsandbytes LoRA layer, every one patched, and the patched logits
-    match PEFT's (K and N multiples of the blocksize, as in real models)."""
+    match PEFT's."""
     bnb = pytest.importorskip("bitsandbytes")
     from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
 
@@ -92,7 +92,6 @@ def test_4bit_model_benchmark_compares_like_with_like():
     import fastlora
 
     args = parse_args(["--quant4", "--dry-run"])
-    args.intermediate = 128
     run = Run("bench_model.py", True, None)
     with torch.random.fork_rng():  # the model's initialisation draws from torch's RNG
         torch.manual_seed(0)
