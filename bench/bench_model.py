@@ -6,6 +6,11 @@ PEFT's default fp32 (``--adapter-dtype bf16`` for bf16 adapters). The model is b
 a config (random weights, no download). Each step is measured on unpatched PEFT, then on
 the same model patched in place, one right after the other.
 
+``--quant4``: the QLoRA variant. The decoder layers' linear layers become bitsandbytes
+``Linear4bit`` quantized from the random weights (NF4, double-quantized absmax, 16-bit
+compute; embeddings, norms and the LM head stay 16-bit), so PEFT wraps them in its
+bitsandbytes LoRA layer. Needs bitsandbytes. Writes ``model-4bit-<gpu>-<date>.*``.
+
 Times: training, the median of ``triton.testing.do_bench`` (one step first, so autotuning
 is never timed); decode, steps back to back from the host with no flush between them
 (host time included, as ``generate`` sees it). Memory: ``torch.cuda.max_memory_allocated``
@@ -13,21 +18,25 @@ over one step.
 
 Writes ``model-<gpu>-<date>.json`` and ``.md``:
 
-    python bench/bench_model.py [--quick] [--budget-s S] [--out DIR] [--dry-run] [sizes]
+    python bench/bench_model.py [--quant4] [--quick] [--budget-s S] [--out DIR] [--dry-run] [sizes]
 """
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Results, Run, llama, llama_options, parser, presets  # noqa: E402
+from common import (Results, Run, llama, llama_options, parser, presets,  # noqa: E402
+                    quantize_linears4)
 
 FULL = dict(layers=16, batch=4, seq=1024, context=1024, decode_batch=[1, 16], rep_ms=1000)
 QUICK = dict(layers=4, batch=2, seq=256, context=256, decode_batch=[1], rep_ms=300)
-DRY = dict(hidden=64, intermediate=96, layers=1, heads=4, kv_heads=4, vocab=256, batch=2,
+# K and N multiples of 64, as in real models: bitsandbytes 0.50's CPU dequantize_4bit (the
+# --quant4 dry run's PEFT reference) is wrong when K is a multiple of 16 but not of the blocksize
+DRY = dict(hidden=64, intermediate=128, layers=1, heads=4, kv_heads=4, vocab=256, batch=2,
            seq=16, context=16, decode_batch=[1], rep_ms=0)
 COLUMNS = ["step", "tokens", "peft_ms", "fastlora_ms", "speedup", "peft_tok_s",
            "fastlora_tok_s", "peft_peak_gib", "fastlora_peak_gib", "peft_step_gib",
@@ -45,6 +54,9 @@ def parse_args(argv=None):
     p.add_argument("--dropout", type=float, default=0.05)
     p.add_argument("--adapter-dtype", choices=("fp32", "bf16"), default="fp32",
                    help="fp32: PEFT's default (autocast_adapter_dtype=True) over the bf16 base")
+    p.add_argument("--quant4", action="store_true",
+                   help="QLoRA: the decoder layers' linear weights in bitsandbytes NF4 "
+                        "(double-quantized absmax, bf16 compute); needs bitsandbytes")
     return presets(p.parse_args(argv), FULL, QUICK, DRY)
 
 
@@ -54,6 +66,8 @@ def build_model(args, run: Run):
 
     base = llama(args, run.device, run.half, max(4096, args.seq, args.context + 8),
                  pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if args.quant4:
+        quantize_linears4(base, run.half, within=base.model.layers)
     lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=args.dropout,
                       target_modules="all-linear")
     model = get_peft_model(base, lora, autocast_adapter_dtype=args.adapter_dtype == "fp32")
@@ -144,12 +158,15 @@ def check_outputs(model, args, run: Run) -> dict:
 
 
 def preamble(args, model, report, check: dict) -> str:
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = sum(math.prod(p.quant_state.shape) if getattr(p, "quant_state", None) else
+                   p.numel() for p in model.parameters())  # a 4-bit weight: its unpacked size
+    base = ("decoder layers' linear weights bitsandbytes NF4 (double-quantized absmax, "
+            "blocksize 64), 16-bit compute and other weights" if args.quant4 else "16-bit base")
     n_lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     return "\n".join([
         f"- model: Llama-style, hidden {args.hidden}, intermediate {args.intermediate}, "
         f"{args.layers} layers, {args.heads} heads ({args.kv_heads} KV), vocab {args.vocab}, "
-        f"{n_params / 1e6:,.1f}M parameters, 16-bit base" + ("; **--quick run**" if args.quick else ""),
+        f"{n_params / 1e6:,.1f}M parameters, {base}" + ("; **--quick run**" if args.quick else ""),
         f"- LoRA r={args.rank} alpha={2 * args.rank} dropout {args.dropout} on all linear layers "
         f"({n_lora / 1e6:,.2f}M parameters), {args.adapter_dtype} adapters, "
         f"{len(report.patched)}/{len(report.layers)} layers patched",
@@ -166,12 +183,19 @@ def main(argv=None) -> int:
     import fastlora
 
     args = parse_args(argv)
+    if args.quant4:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as e:
+            sys.exit(f"bench_model.py: --quant4 needs bitsandbytes ({e}): nothing was measured. "
+                     "pip install bitsandbytes (offline: --no-index --find-links .whl)")
     run = Run.start("bench_model.py", args)
     model = build_model(args, run)
     report = fastlora.patch(model)
     check = check_outputs(model, args, run)  # leaves the model unpatched
-    results = Results(run, args.out, "model", "model", COLUMNS,
-                      preamble(args, model, report, check), check=check)
+    name = "model-4bit" if args.quant4 else "model"
+    results = Results(run, args.out, name, name, COLUMNS, preamble(args, model, report, check),
+                      check=check)
     points = [("training step (fwd+bwd)", train_step, ())]
     points += [(f"decode step, batch {b}, context {args.context}", decode_step, (b,))
                for b in args.decode_batch]

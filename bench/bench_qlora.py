@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_layer import measure  # noqa: E402
-from common import Results, Run, nbytes, parser, relative  # noqa: E402
+from common import Results, Run, nbytes, parser, quantize_linears4, relative  # noqa: E402
 
 FULL = dict(k=4096, n=4096, r=16, ms=[16, 8192])
 DRY = dict(k=128, n=192, r=8, ms=[16, 19])
@@ -63,21 +63,19 @@ def peft_4bit(k: int, n: int, r: int, dtype: torch.dtype, device):
     """PEFT's LoRA layer on a bitsandbytes ``Linear4bit`` (NF4, nested), or None without
     bitsandbytes."""
     try:
-        import bitsandbytes as bnb
+        import bitsandbytes  # noqa: F401
     except ImportError:
         return None
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
-    base = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=dtype, compress_statistics=True,
-                             quant_type="nf4")
-    base.weight.data = base.weight.data.to(dtype)
-    base = base.to(device)
+    model = torch.nn.Sequential(torch.nn.Linear(k, n, bias=False, device=device, dtype=dtype))
+    quantize_linears4(model, dtype)
     config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"], init_lora_weights=False)
-    layer = get_peft_model(torch.nn.Sequential(base), config).base_model.model[0]
+    layer = get_peft_model(model, config).base_model.model[0]
     layer.lora_A["default"].to(dtype)
     layer.lora_B["default"].to(dtype)
-    layer.train()  # as in fine-tuning (bitsandbytes' CPU inference repacking stays off)
+    layer.train()  # as in fine-tuning
     return layer, [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
 
 

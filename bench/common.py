@@ -80,6 +80,37 @@ def llama(args: argparse.Namespace, device, dtype, positions: int, **config):
         return LlamaForCausalLM(cfg).to(dtype)
 
 
+def quantize_linears4(model: torch.nn.Module, compute_dtype: torch.dtype,
+                      within: torch.nn.Module | None = None) -> int:
+    """Replace every ``nn.Linear`` under ``within`` (default: all of ``model``) by a
+    bitsandbytes ``Linear4bit`` quantized from its weight, on that weight's device, as QLoRA
+    does: NF4 codes, blocks of 64, the absmax double-quantized, ``compute_dtype`` matmuls.
+    Marks ``model`` loaded in 4-bit as transformers does, so that PEFT wraps these layers in
+    its bitsandbytes LoRA layer. Returns how many layers were replaced.
+
+    On CPU, bitsandbytes' eval-mode inference repacking is turned off, so the layers keep
+    the standard layout (the one PEFT's training and fastlora read). Needs bitsandbytes."""
+    import bitsandbytes as bnb
+
+    found = [(parent, name, child) for parent in (within or model).modules()
+             for name, child in parent.named_children() if type(child) is torch.nn.Linear]
+    for parent, name, linear in found:
+        weight = linear.weight.detach()
+        q = bnb.nn.Linear4bit(linear.in_features, linear.out_features,
+                              bias=linear.bias is not None, compute_dtype=compute_dtype,
+                              compress_statistics=True, quant_type="nf4", device="meta")
+        q.weight = bnb.nn.Params4bit(weight, requires_grad=False, blocksize=64,
+                                     compress_statistics=True, quant_type="nf4",
+                                     module=q).to(weight.device)
+        if linear.bias is not None:
+            q.bias = torch.nn.Parameter(linear.bias.detach(), requires_grad=False)
+        if weight.device.type == "cpu":
+            q.support_avx512bf16_for_cpu = False
+        setattr(parent, name, q)
+    model.is_loaded_in_4bit = True
+    return len(found)
+
+
 @dataclass
 class Run:
     """Where one benchmark runs: device, 16-bit dtype, timer, time budget."""

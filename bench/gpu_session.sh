@@ -28,7 +28,7 @@ describe() {
     multi)    echo "multi-adapter benchmark, --targets grid (64-row decode, 32 adapters; M=8192, 1..128 adapters)" ;;
     model)    echo "~1B Llama-style model: PEFT vs fastlora.patch, training and decode steps" ;;
     serve)    echo "fastlora.serve: decode steps (1-128 adapters over 16-128 rows; eager, CUDA graph, PEFT, base, bound) and adapter page-in time" ;;
-    qlora)    echo "4-bit (bitsandbytes NF4) base: fastlora vs F.linear and PEFT Linear4bit, decode and M=8192, traffic bound" ;;
+    qlora)    echo "4-bit (bitsandbytes NF4) base: one layer (fastlora vs F.linear and PEFT Linear4bit, decode and M=8192, traffic bound), then the ~1B model (training and decode steps)" ;;
   esac
 }
 usage() {
@@ -200,13 +200,21 @@ step_model() { bench bench_model.py 520 400; }
 step_serve() { bench bench_serve.py 520 400; }
 
 # bitsandbytes is not on the GPU machine: installed from the ignored .whl/ folder when its
-# wheel is there; without it bench_qlora.py leaves out the PEFT rows and says so
+# wheel is there; without it bench_qlora.py leaves out the PEFT rows and says so, and the
+# 4-bit model benchmark (which quantizes with bitsandbytes) is skipped
 step_qlora() {
+  local rc=0
   if [ $DRY = 0 ] && ! "$PY" -c "import bitsandbytes" 2>/dev/null; then
     run 120 "$PY" -m pip install -q --no-index --find-links .whl bitsandbytes \
       || say "bitsandbytes not installed (no wheel in .whl/): the PEFT Linear4bit rows are left out"
   fi
-  bench bench_qlora.py 300 240
+  bench bench_qlora.py 200 150 || rc=1
+  if "$PY" -c "import bitsandbytes" 2>/dev/null; then
+    bench bench_model.py 320 240 --quant4 || rc=1
+  else
+    say "bitsandbytes not installed: the 4-bit model benchmark (bench_model.py --quant4) is skipped"
+  fi
+  return $rc
 }
 
 if [ $DRY = 0 ] && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then

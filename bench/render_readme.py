@@ -21,9 +21,10 @@ from tables import header, markdown_table, nearest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- measured:start -->", "<!-- measured:end -->"
-ORDER = ["layer", "decode", "dora", "qlora", "multi", "model", "serve"]
+ORDER = ["layer", "decode", "dora", "qlora", "multi", "model", "model-4bit", "serve"]
 TITLES = {"layer": "Layer: forward and backward", "decode": "Decode: three timings",
           "dora": "DoRA", "qlora": "QLoRA: bitsandbytes 4-bit base", "multi": "Multi-adapter batches", "model": "Model",
+          "model-4bit": "Model: QLoRA, bitsandbytes 4-bit base",
           "serve": "Serving: decode steps and adapter paging"}
 NO_RESULTS = """No GPU measurements are committed yet. `bash bench/gpu_session.sh STEP` on a GPU
 machine writes them into `STEP.tgz` archives; `python bench/collect_results.py STEP.tgz ...`
@@ -137,11 +138,16 @@ def multi(data: dict) -> tuple[str, list[dict], list[str]]:
             list(table[0]) if table else [])
 
 
-def model(data: dict) -> tuple[str, list[dict], list[str]]:
+def model(data: dict, base: str = "") -> tuple[str, list[dict], list[str]]:
     columns = ["step", "peft_ms", "fastlora_ms", "speedup", "peft_peak_gib", "fastlora_peak_gib"]
     check = data["meta"]["check"]
-    return (f"A Llama-style model, PEFT LoRA vs `fastlora.patch` (logits of the two agree to "
-            f"{check['relative']:.1g} relative).", data["rows"], columns)
+    return (f"A Llama-style model{base}, PEFT LoRA vs `fastlora.patch` (logits of the two agree "
+            f"to {check['relative']:.1g} relative).", data["rows"], columns)
+
+
+def model_4bit(data: dict) -> tuple[str, list[dict], list[str]]:
+    return model(data, " whose decoder layers' linear weights are bitsandbytes NF4 "
+                       "(double-quantized absmax, bf16 compute: QLoRA)")
 
 
 def serve(data: dict) -> tuple[str, list[dict], list[str]]:
@@ -159,7 +165,7 @@ def serve(data: dict) -> tuple[str, list[dict], list[str]]:
 
 
 SUMMARIES = {"layer": layer, "decode": decode, "dora": dora, "qlora": qlora, "multi": multi, "model": model,
-             "serve": serve}
+             "model-4bit": model_4bit, "serve": serve}
 
 
 def section(path: Path, data: dict, base: Path) -> str:

@@ -78,3 +78,33 @@ def test_result_markdown_has_the_explain_appendix():
     text = markdown(data, "preamble")
     assert text.endswith("### fastlora.explain\n\n```\nforward [m1 ...]: cublas (measured: "
                          "...)\n```\n")
+
+
+def test_4bit_model_benchmark_compares_like_with_like():
+    """bench_model.py --quant4: the decoder layers' linears are bitsandbytes NF4 (nested
+    absmax) under PEFT's bitsandbytes LoRA layer, every one patched, and the patched logits
+    match PEFT's."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
+
+    from bench_model import build_model, check_outputs, parse_args
+    from common import Run
+    import fastlora
+
+    args = parse_args(["--quant4", "--dry-run"])
+    run = Run("bench_model.py", True, None)
+    with torch.random.fork_rng():  # the model's initialisation draws from torch's RNG
+        torch.manual_seed(0)
+        model = build_model(args, run)
+    lora = [m for m in model.modules() if isinstance(m, PeftLinear4bit)]
+    assert len(lora) == 7 * args.layers
+    for layer in lora:
+        base = layer.base_layer
+        assert isinstance(base, bnb.nn.Linear4bit) and base.compute_dtype == run.half
+        state = base.weight.quant_state
+        assert (state.quant_type, state.blocksize, state.nested) == ("nf4", 64, True)
+    assert type(model.base_model.model.lm_head) is torch.nn.Linear  # stays 16-bit
+    report = fastlora.patch(model)
+    assert report.all_patched and len(report.patched) == len(lora)
+    check = check_outputs(model, args, run)
+    assert check["logits_max_abs"] > 0.1 and check["relative"] < 5e-3

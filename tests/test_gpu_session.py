@@ -16,8 +16,8 @@ from render_readme import TITLES, render
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without CUDA")
 
 
-def session(*args, out: Path, timeout: int = 900) -> subprocess.CompletedProcess:
-    env = os.environ | {"OUT": str(out), "PYTHON": sys.executable}
+def session(*args, out: Path, timeout: int = 900, **env) -> subprocess.CompletedProcess:
+    env = os.environ | {"OUT": str(out), "PYTHON": sys.executable} | env
     return subprocess.run(["bash", str(ROOT / "bench" / "gpu_session.sh"), *args], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -43,7 +43,7 @@ def test_dry_run_of_the_whole_gpu_run(tmp_path):
                          "multi": {"multi-cpu-dry-run-*.png", "multi-cpu-dry-run-*.md"},
                          "model": {"model-cpu-dry-run-*.md"},
                          "serve": {"serve-cpu-dry-run-*.md"},
-                         "qlora": {"qlora-cpu-dry-run-*.md"}}.items():
+                         "qlora": {"qlora-cpu-dry-run-*.md", "model-4bit-cpu-dry-run-*.md"}}.items():
         assert {"environment.txt", "session.log"} <= names[step]
         for pattern in wanted:
             assert list((unpacked / step).glob(pattern)), (step, pattern, names[step])
@@ -88,6 +88,36 @@ def test_benchmarks_exit_non_zero_when_nothing_is_measured(script, tmp_path):
         main(["--out", str(tmp_path)] if script != "sanitize_calls" else [])
     assert "no CUDA device" in str(exit_.value.code) and "nothing was measured" in str(exit_.value.code)
     assert not list(tmp_path.iterdir())
+
+
+def hide_bitsandbytes(folder: Path) -> Path:
+    """A folder whose ``bitsandbytes`` package fails to import, as where it is not installed."""
+    (folder / "bitsandbytes").mkdir(parents=True)
+    (folder / "bitsandbytes" / "__init__.py").write_text(
+        "raise ImportError('No module named bitsandbytes (hidden by the test)')\n")
+    return folder
+
+
+@no_gpu
+def test_qlora_step_skips_the_4bit_model_without_bitsandbytes(tmp_path):
+    hidden = hide_bitsandbytes(tmp_path / "site")
+    done = session("--dry-run", "qlora", out=tmp_path / "out", PYTHONPATH=str(hidden))
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert "the 4-bit model benchmark (bench_model.py --quant4) is skipped" in done.stdout
+    with tarfile.open(tmp_path / "out" / "qlora.tgz") as tar:
+        names = [Path(n).name for n in tar.getnames()]
+    assert any(n.startswith("qlora-cpu-dry-run") for n in names)
+    assert not any(n.startswith("model-4bit") for n in names)
+
+
+def test_quant4_model_needs_bitsandbytes(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes: ImportError
+    main = __import__("bench_model").main
+    with pytest.raises(SystemExit) as exit_:
+        main(["--quant4", "--dry-run", "--out", str(tmp_path / "out")])
+    message = str(exit_.value.code)
+    assert "--quant4 needs bitsandbytes" in message and "\n" not in message
+    assert not (tmp_path / "out").exists()
 
 
 @no_gpu

@@ -56,6 +56,9 @@ def results(tmp_path):
     write(folder, "model-h100-2026-11-20.json", result("model", complete=False, rows=[
         {"step": "training step (fwd+bwd)", "peft_ms": 300.0, "fastlora_ms": 200.0, "speedup": 1.5,
          "peft_peak_gib": 20.0, "fastlora_peak_gib": 15.0}]))
+    write(folder, "model-4bit-h100-2026-11-20.json", result("model-4bit", rows=[
+        {"step": "training step (fwd+bwd)", "peft_ms": 410.0, "fastlora_ms": 250.0, "speedup": 1.64,
+         "peft_peak_gib": 9.0, "fastlora_peak_gib": 6.5}]))
     q4 = dict(K=4096, N=4096, M=16, r=16)
     write(folder, "qlora-h100-2026-11-20.json", result("qlora", [
         q4 | {"impl": "F.linear", "fwd_ms": 0.02},
@@ -66,9 +69,10 @@ def results(tmp_path):
 
 def test_renders_the_newest_real_result_per_benchmark(results, tmp_path):
     text = render(results, tmp_path)
-    layer, qlora, multi, model = (text.index(f"### {t}") for t in
-                                  ("Layer: forward and backward", "QLoRA", "Multi-adapter", "Model"))
-    assert layer < qlora < multi < model
+    layer, qlora, multi, model, model4 = (
+        text.index(f"### {t}") for t in ("Layer: forward and backward", "QLoRA", "Multi-adapter",
+                                         "Model (", "Model: QLoRA, bitsandbytes 4-bit base ("))
+    assert layer < qlora < multi < model < model4
     assert "| 4096 x 4096 | 16 | 0.009 | 0.45 | 1.2 | 0.11 | 0.6 |" in text
     assert "| 0.42 |" in text and "0.77" not in text  # the newer of two files
     assert "0.01" not in text and "DRY RUN" not in text  # dry runs are never rendered
@@ -79,6 +83,9 @@ def test_renders_the_newest_real_result_per_benchmark(results, tmp_path):
     assert "- Sanity: F.linear graph time" in text
     assert "| 64 | 32 | distinct | 16 | 15.5 | 1.07 | 1.29 | 0.08 | 0.2 |" in text
     assert "| training step (fwd+bwd) | 300 | 200 | 1.5 | 20 | 15 |" in text
+    assert text.count("| training step (fwd+bwd) | 410 | 250 | 1.64 | 9 | 6.5 |") == 1
+    assert text[model4:].index("bitsandbytes NF4") < text[model4:].index("| 410 |")
+    assert "[model-4bit-h100-2026-11-20.md](results/model-4bit-h100-2026-11-20.md)" in text
     assert text.count("- The run was cut short") == 1  # the model run, killed by its timeout
     assert "GPU: NVIDIA H100 80GB HBM3; torch 2.11.0, Triton 3.6.0" in text
 
