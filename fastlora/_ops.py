@@ -27,11 +27,7 @@ def _base(weight: torch.Tensor, quant: list[torch.Tensor], quant_meta: list[int]
     """The base weight as the kernels take it: W itself, or the 4-bit ``Quant4Args``."""
     if not quant:
         return weight
-    n, k, blocksize, blocksize2 = quant_meta
-    absmax, code, *nested = quant
-    absmax2, code2, offset = nested or (None, None, None)
-    return kernels.Quant4Args(weight, absmax, code, (n, k), blocksize, absmax2, code2, offset,
-                              blocksize2, compute_dtype)
+    return kernels.Quant4Args.from_parts(weight, quant, quant_meta, compute_dtype)
 
 
 def _out_features(weight: torch.Tensor, quant_meta: list[int] | None) -> int:

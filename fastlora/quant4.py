@@ -119,11 +119,7 @@ class Quant4Weight:
         dtype (imports the kernels)."""
         from .kernels.quant4 import Quant4Args
 
-        data, quant, meta = self.op_args()
-        absmax, code, *nested = quant
-        absmax2, code2, offset = nested or (None, None, None)
-        return Quant4Args(data, absmax, code, self.shape, self.blocksize, absmax2, code2, offset,
-                          self.blocksize2, self.compute_dtype or self.dtype)
+        return Quant4Args.from_parts(*self.op_args(), self.compute_dtype or self.dtype)
 
     def op_args(self) -> tuple[torch.Tensor, list[torch.Tensor], list[int]]:
         """What ``fastlora._ops`` takes for this weight: (packed data, [absmax, code book

@@ -70,6 +70,18 @@ class Quant4Args:
     dtype: torch.dtype = torch.float16
     transposed: bool = False
 
+    @classmethod
+    def from_parts(cls, data: torch.Tensor, quant: list[torch.Tensor], meta: list[int],
+                   dtype: torch.dtype) -> "Quant4Args":
+        """From a 4-bit weight as the custom ops carry it: packed data, quant ``[absmax,
+        code]`` (``+ [absmax2, code2, offset]`` when nested), meta ``[N, K, blocksize,
+        blocksize2]``, the compute dtype."""
+        n, k, blocksize, blocksize2 = meta
+        absmax, code, *nested = quant
+        absmax2, code2, offset = nested or (None, None, None)
+        return cls(data, absmax, code, (n, k), blocksize, absmax2, code2, offset, blocksize2,
+                   dtype)
+
     @property
     def nested(self) -> bool:
         return self.absmax2 is not None
