@@ -299,8 +299,8 @@ def _gemm_args(a: torch.Tensor, b: torch.Tensor | Quant4Args, bias: torch.Tensor
     strides unused), a dense b placeholders that QUANT4=False never reads."""
     (m, k), n = a.shape, b_shape(b)[1]
     if isinstance(b, Quant4Args):
-        _, *state = b.pointers()
-        b_args = dict(b_ptr=b.data, stride_bk=0, stride_bn=0, **b.gemm_constexprs())
+        data, *state = b.pointers()
+        b_args = dict(b_ptr=data, stride_bk=0, stride_bn=0, **b.gemm_constexprs())
     else:
         state = [None] * 5
         b_args = dict(**operand("b", b, "kn"), **DENSE_CONSTEXPRS)
@@ -327,13 +327,13 @@ def _launch(a: torch.Tensor, b: torch.Tensor | Quant4Args, low: LowRank | None,
                     stride_lbn=0, R=0, scale=0.0, seed_ptr=None, dropout_p=0.0, DROPOUT=False,
                     BLOCK_R=16)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    gemm = _gemm_args(a, b, bias, out)
     lb_dtype = low.lb.dtype if low is not None else None
-    if isinstance(b, Quant4Args):
-        kernel = Q4_KERNELS[kind(b.dtype, lb_dtype, term["DROPOUT"]),
-                            b.gemm_constexprs()["Q4_ALIGNED"]]
+    if gemm["QUANT4"]:
+        kernel = Q4_KERNELS[kind(b.dtype, lb_dtype, term["DROPOUT"]), gemm["Q4_ALIGNED"]]
     else:
         kernel = IN_PLACE_KERNEL if in_place else KERNELS[kind(a.dtype, lb_dtype, term["DROPOUT"])]
-    kernel[grid](**_gemm_args(a, b, bias, out), **term,
+    kernel[grid](**gemm, **term,
                  g_ptr=g_out if g_out is not None else g_in, HAS_LORA=low is not None,
                  SCALE_OUT=g_out is not None, SCALE_IN=g_in is not None, IN_PLACE=in_place)
     return out
