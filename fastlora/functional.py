@@ -225,7 +225,8 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     steps) take a path that sorts nothing: two launches per call, a shrink in which every
     row gathers its adapter's A and the fused linear gathering its B (W read once, DoRA's
     g made in the kernel). Larger batches use the rows grouped by adapter (made once per
-    routing and row count) and tensor-core dots per adapter.
+    routing and row count) and tensor-core dots per adapter; so does the backward, whose
+    groups a differentiable decode call makes once per routing too, not once per layer.
 
     The bank is a ``fastlora.adapters.PackedAdapters`` (or anything with a ``packed()``
     method giving one, such as a ``fastlora.bank.AdapterBank`` layer). Differentiable in x,
@@ -271,12 +272,14 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
                                                training=drop,
                                                generator=_generator(seed, generator, x.device))
     from . import multi
-    from .kernels.multi_meta import GATHER_MAX_M
+    from .kernels.multi_meta import gathers
 
     index = perm = keys = seg = None
-    if m <= GATHER_MAX_M:  # decode: each row gathers its adapter, nothing sorted
+    if gathers(m):  # decode: each row gathers its adapter, nothing sorted
         index = routing.decode(m).row_index
-    else:
+    differentiable = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias, bank.A, bank.B, bank.magnitude))
+    if index is None or differentiable:  # the backward works on grouped rows: once per routing
         groups = routing.groups(m)
         perm, keys, seg = groups.perm, groups.keys, groups.seg
     dora = bank.magnitude is not None

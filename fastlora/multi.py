@@ -35,7 +35,7 @@ def _meta(offsets, ranks, scales, max_rank, dropout, magnitude, weight_norm, dor
     n = offsets.shape[0]
     bank = AdapterMeta(offsets, ranks, scales, max_rank, dropout, magnitude, weight_norm,
                        dora_flags)
-    rows = RowMap(n, index) if perm is None else RowMap(n, groups=RowGroups(perm, keys, seg, n))
+    rows = RowMap(n, index, RowGroups(perm, keys, seg) if perm is not None else None)
     return bank, rows
 
 
@@ -49,7 +49,7 @@ def multi_lora_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
                    max_rank: int, seed: torch.Tensor | None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """x ``[M, K]``; rows by ``index`` ``[M]`` int32 (gathered) or by ``perm``/``keys``/``seg``
-    (sorted). Returns y ``[M, N]`` (x's dtype) and S ``[chunks, M, max_rank]`` fp32 (the
+    (sorted; given with an index, only the backward reads them). Returns y ``[M, N]`` (x's dtype) and S ``[chunks, M, max_rank]`` fp32 (the
     scaled shrink, rows in batch order, as partial sums over K chunks). DoRA: magnitude
     ``[n, N]``, weight_norm ``[n, N]`` fp32 and dora_flags ``[n]`` int8; dropout ``[n]``
     fp32 or None."""
@@ -68,7 +68,7 @@ def _(x, weight, bias, A, B, offsets, ranks, scales, magnitude, weight_norm, dor
       index, perm, keys, seg, max_rank, seed):
     from .kernels.shrink import gather_splits
 
-    chunks = gather_splits(x.shape[1])[0] if perm is None else 1
+    chunks = gather_splits(x.shape[1])[0] if index is not None else 1
     return (x.new_empty((x.shape[0], weight.shape[0])),
             x.new_empty((chunks, x.shape[0], max(max_rank, 1)), dtype=torch.float32))
 
@@ -121,7 +121,7 @@ def _row_factors(magnitude, weight_norm, dora_flags, index, perm, keys) -> torch
     n = magnitude.shape[0]
     g = torch.where(dora_flags[:, None] != 0, magnitude.float() / weight_norm, 1.0)
     g = torch.cat([g, g.new_ones((1, g.shape[1]))])
-    if perm is None:
+    if index is not None:
         row_key = torch.where((index < 0) | (index >= n), n, index)
     else:
         row_key = torch.empty_like(keys).scatter_(0, perm.long(), keys)

@@ -163,9 +163,9 @@ class Routing:
         routing = cls(torch.full((entries,), -1, dtype=torch.int32, device=device), n, slots,
                       {} if slots is not None else None, rows=rows)
         routing._rows[rows] = routing._expand(rows)
-        from .kernels.multi_meta import GATHER_MAX_M
+        from .kernels.multi_meta import gathers
 
-        if rows > GATHER_MAX_M:  # decode buckets gather each row's adapter: nothing to sort
+        if not gathers(rows):  # decode buckets gather each row's adapter: nothing to sort
             routing.groups(rows)
         return routing
 

@@ -38,21 +38,25 @@ from .common import next_pow2
 GATHER_MAX_M = 128  # batches of at most this many rows take the gathered (decode) path
 
 
+def gathers(m: int) -> bool:
+    """Whether a batch of ``m`` rows takes the gathered (decode) path."""
+    return m <= GATHER_MAX_M
+
+
 @dataclass
 class RowGroups:
-    """``perm`` ``[M]``, ``keys`` ``[M]`` and ``seg`` ``[n + 2]``, all int32 on x's device;
-    ``n`` adapters (indices ``0 .. n - 1``)."""
+    """``perm`` ``[M]``, ``keys`` ``[M]`` and ``seg`` ``[n + 2]`` for n adapters (indices
+    ``0 .. n - 1``), all int32 on x's device."""
     perm: torch.Tensor
     keys: torch.Tensor
     seg: torch.Tensor
-    n: int
 
 
 def group_rows(index: torch.Tensor, n: int) -> RowGroups:
     """Group the rows of a batch by adapter: index ``[M]`` integer, -1 for base rows.
 
     Indices outside ``-1 .. n - 1`` are clamped here (so no kernel reads out of bounds);
-    the caller checks them (``fastlora.multi``).
+    they are refused before (``fastlora.checks.check_index``, when a routing is made).
     """
     key = index.reshape(-1).to(torch.int32)
     key = torch.where(key < 0, n, key).clamp_(0, n)
@@ -60,25 +64,29 @@ def group_rows(index: torch.Tensor, n: int) -> RowGroups:
     keys = key[perm]
     seg = torch.searchsorted(keys, torch.arange(n + 2, dtype=torch.int32, device=key.device),
                              out_int32=True)
-    return RowGroups(perm, keys, seg, n)
+    return RowGroups(perm, keys, seg)
 
 
 @dataclass(frozen=True)
 class RowMap:
     """Which adapter each row of a batch uses, as the kernels read it: ``index`` ``[M]``
-    int32 (the slot per row, -1 base only: the gathered path) or ``groups`` (the sorted
-    path); ``n`` adapter slots. Indices outside ``-1 .. n - 1`` read as base rows."""
+    int32 (the slot per row, -1 base only: the gathered path), else ``groups`` (the sorted
+    path); a gathered map may carry the same rows' groups too, for the backward (which
+    works on sorted rows). ``n`` adapter slots. Indices outside ``-1 .. n - 1`` read as
+    base rows."""
     n: int
     index: torch.Tensor | None = None
     groups: RowGroups | None = None
 
     @property
     def gather(self) -> bool:
-        return self.groups is None
+        return self.index is not None
 
     def grouped(self) -> RowMap:
-        """The sorted form (groups made from the index when this map has none)."""
-        return self if self.groups is not None else RowMap(self.n, groups=group_rows(self.index, self.n))
+        """The sorted form (its groups, made from the index only when it carries none)."""
+        if not self.gather:
+            return self
+        return RowMap(self.n, groups=self.groups or group_rows(self.index, self.n))
 
     def kwargs(self, segments: bool = True) -> dict:
         """The kernels' row arguments: ``index_ptr`` and ``GATHER``, or the sorted rows'

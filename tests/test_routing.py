@@ -80,6 +80,23 @@ def test_one_routing_serves_every_layer_without_per_layer_work(monkeypatch, devi
                  torch.float32, "decode rows")
 
 
+def test_decode_training_groups_once_per_routing(monkeypatch, device):
+    """A differentiable decode batch gathers in the forward; its backward works on grouped
+    rows, made once per routing (in the forward), not once per layer; the gradients match
+    the per-layer reference."""
+    model, bank = layers_and_bank(device)
+    names = ["t0", None, "t2", "t1", "t3", "t0"]
+    routing = bank.index(names)
+    x = randn(len(names), K, g=generator(35), device=device, requires_grad=True)
+    counts = count_calls(monkeypatch, (multi_meta, "group_rows"))
+    forward(model, bank, x, routing).square().sum().backward()
+    assert counts == {"group_rows": 1}
+    rows = torch.tensor([-1 if a is None else int(a[1]) for a in names])
+    x64 = x.detach().double().requires_grad_()
+    per_layer_reference(model, bank, x64, rows).square().sum().backward()
+    assert_close(x.grad, x64.grad, torch.float32, "dx through three layers")
+
+
 def test_routing_from_an_index_tensor_equals_the_tensor(device):
     model, bank = layers_and_bank(device, n_layers=1)
     g = generator(32)
