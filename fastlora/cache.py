@@ -98,8 +98,9 @@ class DoraNormCache(Cache):
         """The detached fp32 row norm ``[N]``; ``keep=False`` computes it without caching."""
         if not keep or torch.compiler.is_compiling():
             return dora_weight_norm(weight, lora_A, lora_B, scaling)
-        # a 4-bit weight's values are identified by its absmax: requantizing makes a new one
-        tensors = (weight.absmax if isinstance(weight, Quant4Weight) else weight, lora_A, lora_B)
+        # a 4-bit weight's values: its packed codes and every tensor of its scales
+        w = tuple(weight.tensors().values()) if isinstance(weight, Quant4Weight) else (weight,)
+        tensors = (*w, lora_A, lora_B)
         hit = self._entries.get(key)
         if hit is not None and hit.valid_for(tensors, float(scaling)):
             return hit.value

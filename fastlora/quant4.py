@@ -91,7 +91,9 @@ class Quant4Weight:
             nested = dict(absmax2=state.state2.absmax.reshape(-1),
                           code2=state.state2.code.reshape(-1), offset=state.offset.reshape(1),
                           blocksize2=int(state.state2.blocksize))
-        return cls(data=_bytes(weight.data), absmax=state.absmax.reshape(-1), shape=shape,
+        # a view of the parameter itself (not .data): it shares the parameter's version
+        # counter, so an in-place write to the packed codes is seen by fastlora.cache
+        return cls(data=_bytes(weight.view(-1)), absmax=state.absmax.reshape(-1), shape=shape,
                    quant_type=state.quant_type, blocksize=state.blocksize, dtype=state.dtype,
                    compute_dtype=compute_dtype, **nested)
 

@@ -108,6 +108,45 @@ def test_params4bit_and_linear4bit(bnbf, device):
     assert_close(got, want, torch.float32, "Params4bit")
 
 
+CHANGES = {
+    "codes in place": lambda p: p.bitwise_xor_(0x11),
+    "data assigned": lambda p: setattr(p, "data", p.data ^ 0x11),
+    "absmax in place": lambda p: p.quant_state.absmax.add_(1),
+    "nested absmax in place": lambda p: p.quant_state.state2.absmax.mul_(1.5),
+}
+
+
+@pytest.mark.parametrize("change", CHANGES)
+def test_dora_norm_cache_follows_4bit_weight_changes(bnbf, change, device):
+    """The DoRA norm cache over a Params4bit, given a fresh view per call (as a patched layer
+    makes one per forward): kept while nothing changed, recomputed after a change of the
+    packed codes or of any of their scales."""
+    import bitsandbytes as bnb
+
+    from fastlora.cache import DoraNormCache
+
+    g = generator(6)
+    layer = bnb.nn.Linear4bit(128, 40, bias=False, compute_dtype=torch.float32,
+                              compress_statistics=True, quant_type="nf4")
+    layer.load_state_dict({"weight": randn(40, 128, g=g, scale=128 ** -0.5)})
+    p = layer.to(device).weight
+    a = randn(4, 128, g=g, device=device, scale=128 ** -0.5)
+    bb = randn(40, 4, g=g, device=device)
+    cache = DoraNormCache()
+
+    def norm(keep=True):
+        view = Quant4Weight.from_bnb(p, compute_dtype=torch.float32)
+        return cache.get("a", view, a, bb, 0.5, keep=keep)
+
+    first = norm()
+    assert norm() is first  # nothing changed: the kept value
+    with torch.no_grad():
+        CHANGES[change](p)
+    fresh = norm(keep=False)
+    assert not torch.equal(fresh, first)  # the change moved the norm
+    assert torch.equal(norm(), fresh), change
+
+
 def with_magnitude(view, dense, a, bb, seed=0):
     norm = reference.dora_weight_norm(dense.double(), a.detach().double(), bb.detach().double(), 0.5)
     noise = randn(*norm.shape, g=generator(seed), device=norm.device, dtype=torch.float64)
