@@ -137,6 +137,26 @@ def test_cpu_repacked_weight_is_not_accelerated(saved_llama, fused_calls):
         assert torch.equal(want, q_proj(x))
 
 
+def test_transposed_4bit_weight_is_left_to_peft(saved_llama, fused_calls):
+    """A weight quantized from a [in, out] tensor (bitsandbytes' deprecated orientation, which
+    it still computes with): reported, and the layer keeps PEFT's forward."""
+    import bitsandbytes as bnb
+
+    model = no_cpu_repack(qlora(saved_llama))
+    up = model.base_model.model.model.layers[0].mlp.up_proj  # [128, 64]
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(3)) / 8
+    up.base_layer.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4").to("cpu")
+    report = patch(model)
+    assert report.not_patched == {
+        "base_model.model.model.layers.0.mlp.up_proj":
+            "bitsandbytes 4-bit weight quantized as [64, 128], not [out_features, in_features] "
+            "= [128, 64] (bitsandbytes' deprecated orientation)"}
+    x = torch.randn(2, 64, generator=torch.Generator().manual_seed(4))
+    assert not hasattr(type(up), "_fastlora_original_class")  # PEFT's own class
+    with torch.no_grad():
+        assert up(x).shape == (2, 128) and not fused_calls
+
+
 def test_8bit_base_is_reported(tmp_path, saved_llama):
     from transformers import BitsAndBytesConfig, LlamaForCausalLM
 

@@ -276,6 +276,10 @@ def _bnb_4bit(base: nn.Module, weight, bias) -> Base | NotFused:
         view = Quant4Weight.from_bnb(weight, state, compute_dtype=base.compute_dtype)
     except (ValueError, TypeError) as e:
         return NotFused(f"bitsandbytes 4-bit weight not accelerated: {e}")
+    if view.shape != (base.out_features, base.in_features):
+        return NotFused(f"bitsandbytes 4-bit weight quantized as {list(view.shape)}, not "
+                        f"[out_features, in_features] = [{base.out_features}, "
+                        f"{base.in_features}] (bitsandbytes' deprecated orientation)")
     problem = _param_problem("base bias", bias)
     if problem is not None:
         return problem
