@@ -16,7 +16,7 @@ import torch
 import triton.language as tl
 
 from . import backward, dora, linear, linear_tma, shrink
-from .common import FULL_FP32
+from .common import FULL_FP32, TL_DTYPES
 from .quant4 import DENSE_CONSTEXPRS
 
 
@@ -95,11 +95,8 @@ def _q4_types(quant4: dict | None) -> dict[str, str]:
 
 def _q4(dtype: str, dx: bool, nested: bool, blocksize: int, aligned: bool) -> dict:
     """The QUANT4 constexprs of a bitsandbytes 4-bit weight (compute dtype ``dtype``)."""
-    return dict(QUANT4=True, Q4_DX=dx, Q4_DTYPE=getattr(tl, _TL[dtype]), Q4_BLOCKSIZE=blocksize,
+    return dict(QUANT4=True, Q4_DX=dx, Q4_DTYPE=TL_DTYPES[_TORCH[dtype]], Q4_BLOCKSIZE=blocksize,
                 Q4_BLOCKSIZE2=256 if nested else 0, Q4_ALIGNED=aligned)
-
-
-_TL = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def _linear(ab: str, lb: str, bias: bool, dropout: bool, label: str,
@@ -224,11 +221,11 @@ def _dora_norm(w: str, a: str, precision: str = FULL_FP32, quant4: dict | None =
 
 
 # unit strides of the fused linear: forward a = x, b = W^T, l = T, lb = B^T; dx: a = dy,
-# b = W, l = dS, lb = A (multi: lb = packed B^T or A)
+# b = W, l = dS, lb = A (multi-adapter rows too); the multi-adapter forward's lb is the
+# packed B^T [S, N], unit stride along N
 _FWD = ("stride_ak", "stride_bk", "stride_lr", "stride_lbr", "stride_on")
 _DX = ("stride_ak", "stride_bn", "stride_lr", "stride_lbn", "stride_on")
 _MULTI_FWD = ("stride_ak", "stride_bk", "stride_lr", "stride_lbn", "stride_on")
-_MULTI_DX = ("stride_ak", "stride_bn", "stride_lr", "stride_lbn", "stride_on")
 
 
 # Every kernel with fp32 adapters (PEFT's default dtype) over a 16-bit base, at FULL_FP32
@@ -251,9 +248,9 @@ _FP32_ADAPTERS = [
             scale_out=True, rows="positions"),
     _linear("bf16", "fp32", True, False, "multi decode DoRA, fp32 adapter, gather", _MULTI_FWD,
             scale_out=True, rows="gather"),
-    _linear("bf16", "fp32", False, True, "multi dx, fp32 adapter, dropout", _MULTI_DX,
+    _linear("bf16", "fp32", False, True, "multi dx, fp32 adapter, dropout", _DX,
             rows="positions"),
-    _linear("bf16", "fp32", False, False, "multi DoRA dx, fp32 adapter", _MULTI_DX,
+    _linear("bf16", "fp32", False, False, "multi DoRA dx, fp32 adapter", _DX,
             scale_in=True, rows="positions"),
     _dy("bf16", "fp32", True, multi=True),
     _da("bf16", tl.float32, multi=True),
@@ -273,7 +270,7 @@ VARIANTS: list[AotVariant] = [
             rows="positions"),
     _linear("bf16", "bf16", True, False, "multi decode bf16, bias, gather", _MULTI_FWD,
             precision="tf32", rows="gather"),
-    _linear("bf16", "bf16", False, True, "multi dx bf16, dropout", _MULTI_DX, precision="tf32",
+    _linear("bf16", "bf16", False, True, "multi dx bf16, dropout", _DX, precision="tf32",
             rows="positions"),
     _dy("bf16", "bf16", False, "tf32", multi=True),
     _da("bf16", tl.bfloat16, "tf32", multi=True),
@@ -283,7 +280,7 @@ VARIANTS: list[AotVariant] = [
     _linear("fp32", "fp32", True, False, "multi DoRA forward fp32, bias", _MULTI_FWD,
             scale_out=True, rows="positions"),
     _linear("fp32", "fp32", False, False, "multi decode fp32, gather", _MULTI_FWD, rows="gather"),
-    _linear("fp32", "fp32", False, False, "multi DoRA dx fp32", _MULTI_DX, scale_in=True,
+    _linear("fp32", "fp32", False, False, "multi DoRA dx fp32", _DX, scale_in=True,
             rows="positions"),
     # fp32 adapters at torch's default "highest" precision
     *_FP32_ADAPTERS,

@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (configs, dora_factor, dropout_keep, fp32_precision, m_bucket, on_device,
-                     operand, rank_block, sm_count, tune)
+from .common import (TL_DTYPES, configs, dora_factor, dropout_keep, fp32_precision, m_bucket,
+                     on_device, operand, rank_block, sm_count, tune)
 from .multi_meta import AdapterMeta, RowMap, segment_tile, segment_tiles
 
 
@@ -219,9 +219,6 @@ class DoraBackward:
     bias: torch.Tensor | None
 
 
-_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
-
-
 def _splits(tiles: int, other_tiles: int, device: torch.device) -> int:
     """How many programs share a reduction: enough for about two waves of the GPU."""
     return max(1, min(tiles, triton.cdiv(2 * sm_count(device), max(other_tiles, 1))))
@@ -306,7 +303,7 @@ def _da_launch(da: torch.Tensor, ds: torch.Tensor, x: torch.Tensor, adapter_dtyp
 
     DA_KERNELS[multi, adapter_dtype == torch.float32][grid](
         **operand("ds", ds, "mr"), **operand("x", x, "mk"), da_ptr=da, M=m, K=k, R=r,
-        M_BUCKET=m_bucket(m), DOT_DTYPE=_TL_DTYPES[adapter_dtype], BLOCK_R=block_r,
+        M_BUCKET=m_bucket(m), DOT_DTYPE=TL_DTYPES[adapter_dtype], BLOCK_R=block_r,
         PRECISION=fp32_precision(), MULTI=multi, **args)
     return da
 

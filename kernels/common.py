@@ -32,6 +32,9 @@ def on_device(launcher):
 # dots run on FMA units and spill kilobytes of registers per thread in these kernels.
 FULL_FP32 = "tf32x3"
 
+# a torch float dtype as a kernel's dtype constexpr (DOT_DTYPE, Q4_DTYPE)
+TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
 
 def fp32_precision() -> str:
     """``tl.dot`` precision for fp32 operands, following PyTorch's matmul setting:

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .backward import _TL_DTYPES
+from .common import TL_DTYPES
 
 # The code books, in code order: NF4 (normal quantiles) and FP4 (sign bit, 2 exponent bits,
 # 1 mantissa bit, in bitsandbytes' bias), both scaled to [-1, 1] in fp32.
@@ -121,7 +121,7 @@ class Quant4Args:
     def gemm_constexprs(self) -> dict:
         """The fused GEMM's: ``QUANT4``, ``Q4_DX`` (b is W, not W^T), ``Q4_DTYPE`` (the
         compute dtype) and the layout (``constexprs``)."""
-        return dict(QUANT4=True, Q4_DX=not self.transposed, Q4_DTYPE=_TL_DTYPES[self.dtype],
+        return dict(QUANT4=True, Q4_DX=not self.transposed, Q4_DTYPE=TL_DTYPES[self.dtype],
                     **self.constexprs())
 
 

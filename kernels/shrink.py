@@ -18,7 +18,7 @@ import triton.language as tl
 
 from .common import (configs, dropout_keep, fp32_precision, interpreting, m_bucket, on_device,
                      operand, rank_block, shrink_tile, tune)
-from .multi_meta import AdapterMeta, RowMap, segment_tile, segment_tiles
+from .multi_meta import AdapterMeta, RowMap, segment_tile, segment_tiles, tile_rows
 
 _GATHER_R = 16  # rank tile of the gathered shrink: [BLOCK_M, 16, BLOCK_K] products
 
@@ -74,10 +74,8 @@ def _lora_shrink_kernel(x_ptr, a_ptr, t_ptr, M, K, R, M_BUCKET,
     ranks = r0 + tl.arange(0, BLOCK_R)
     if MULTI:
         if GATHER:
-            rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-            row_in = rows < M
-            keys = tl.load(index_ptr + rows, mask=row_in, other=-1)
-            has_adapter = (keys >= 0) & (keys < n_adapters)
+            rows, row_in, keys, has_adapter = tile_rows(tl.program_id(0) * BLOCK_M, M, index_ptr,
+                                                        None, None, n_adapters, BLOCK_M, True)
             row_rank = tl.load(rank_ptr + keys, mask=has_adapter, other=0)
             if r0 >= tl.max(row_rank, axis=0):
                 return
@@ -127,7 +125,7 @@ def _lora_shrink_kernel(x_ptr, a_ptr, t_ptr, M, K, R, M_BUCKET,
 _KEY = ["M_BUCKET", "K", "R", "DROPOUT"]
 
 
-def _configs(shapes, interp=dict(BLOCK_M=32, BLOCK_K=32)):
+def _configs(shapes, interp):
     return configs(("BLOCK_M", "BLOCK_K"), shapes, interp)
 
 
