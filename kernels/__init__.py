@@ -4,19 +4,43 @@ Imports neither ``fastlora.nn`` nor ``peft``. Launchers take 2-D tensors of any 
 One kernel per stage (shrink, linear, dy, dA), for one adapter and, with a ``MULTI``
 flag, for batches whose rows use different adapters (``multi_meta``).
 """
-from .backward import DoraBackward, lora_da, lora_dy, multi_lora_da, multi_lora_dy
-from .dequant4 import dequantize4
-from .dora import dora_norm
-from .dropout import dropout_mask
-from .linear import (LowRank, MultiLowRank, cublas_linear, cublas_unsupported, fused_linear,
-                     multi_fused_linear)
-from .linear_tma import tma_layout_unsupported, tma_linear, tma_unsupported
-from .multi_meta import GATHER_MAX_M, AdapterMeta, RowGroups, RowMap, group_rows
-from .quant4 import Quant4Args
-from .shrink import lora_shrink, multi_lora_shrink
 
-__all__ = ["GATHER_MAX_M", "AdapterMeta", "DoraBackward", "LowRank", "MultiLowRank", "Quant4Args",
-           "RowGroups", "RowMap", "cublas_linear", "cublas_unsupported", "dequantize4",
-           "dora_norm", "dropout_mask", "fused_linear", "group_rows", "lora_da", "lora_dy",
-           "lora_shrink", "multi_fused_linear", "multi_lora_da", "multi_lora_dy",
-           "multi_lora_shrink", "tma_layout_unsupported", "tma_linear", "tma_unsupported"]
+if __name__ == "kernels":
+    # Imported as a top-level ``kernels``: a fastlora checkout is on sys.path (``python -m`` or
+    # ``python -c`` from its root, PYTHONPATH=checkout), and that name belongs to another package
+    # (Hugging Face's kernel hub, which transformers and bitsandbytes import). Hand the name over
+    # to the installed package of that name, searched for on sys.path without the checkout;
+    # tests/test_shadowing.py runs this in subprocesses.
+    import importlib.util as _util
+    import os as _os
+    import sys as _sys
+    from importlib.machinery import PathFinder as _PathFinder
+
+    _root = _os.path.dirname(_os.path.dirname(_os.path.realpath(__file__)))
+    _spec = _PathFinder.find_spec(
+        "kernels", [p for p in _sys.path if _os.path.realpath(p or _os.curdir) != _root])
+    if _spec is None or _spec.loader is None:
+        raise ModuleNotFoundError(
+            f"No module named 'kernels' is installed: {_root}/kernels is fastlora's own kernel "
+            "folder (import it as fastlora.kernels), found first only because the fastlora "
+            "checkout is on sys.path", name="kernels")
+    _module = _util.module_from_spec(_spec)
+    _sys.modules["kernels"] = _module  # the import statement returns this entry, not this file
+    _spec.loader.exec_module(_module)
+else:
+    from .backward import DoraBackward, lora_da, lora_dy, multi_lora_da, multi_lora_dy
+    from .dequant4 import dequantize4
+    from .dora import dora_norm
+    from .dropout import dropout_mask
+    from .linear import (LowRank, MultiLowRank, cublas_linear, cublas_unsupported, fused_linear,
+                         multi_fused_linear)
+    from .linear_tma import tma_layout_unsupported, tma_linear, tma_unsupported
+    from .multi_meta import GATHER_MAX_M, AdapterMeta, RowGroups, RowMap, group_rows
+    from .quant4 import Quant4Args
+    from .shrink import lora_shrink, multi_lora_shrink
+
+    __all__ = ["GATHER_MAX_M", "AdapterMeta", "DoraBackward", "LowRank", "MultiLowRank", "Quant4Args",
+               "RowGroups", "RowMap", "cublas_linear", "cublas_unsupported", "dequantize4",
+               "dora_norm", "dropout_mask", "fused_linear", "group_rows", "lora_da", "lora_dy",
+               "lora_shrink", "multi_fused_linear", "multi_lora_da", "multi_lora_dy",
+               "multi_lora_shrink", "tma_layout_unsupported", "tma_linear", "tma_unsupported"]
