@@ -60,6 +60,29 @@ def _choose_backend(args) -> str:
     return "Triton kernels (CUDA)"
 
 
+def _device_problem(device: str, torch) -> str | None:
+    """Why ``--device`` cannot run here, or None."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        return f"--device {device!r}: {e}"
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        why = ("this PyTorch is a CPU-only build" if torch.version.cuda is None
+               else "PyTorch sees no CUDA device")
+        return f"--device {device}: {why} (torch {torch.__version__}); run with --device cpu"
+    if dev.type not in ("cuda", "cpu"):
+        return f"--device {device}: the demo runs on cuda or cpu"
+    return None
+
+
+def _import_problem(e: ImportError) -> str:
+    """The demo's dependencies: missing (install hint), or installed and failing (the real error)."""
+    missing = getattr(e, "name", None)
+    if isinstance(e, ModuleNotFoundError) and missing in ("peft", "transformers"):
+        return f"the demo needs {missing}: pip install 'fastlora[peft]'"
+    return f"importing peft / transformers failed: {type(e).__name__}: {e}"
+
+
 def _rel(a, b) -> tuple[float, float]:
     d = (a.detach().double() - b.detach().double()).abs().max().item()
     scale = b.detach().double().abs().max().item()
@@ -72,13 +95,17 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    problem = _device_problem(args.device, torch)
+    if problem:
+        print(f"fastlora demo: error: {problem}", file=sys.stderr)
+        return 2
     how = _choose_backend(args)
 
     try:
         from peft import LoraConfig, get_peft_model
         from transformers import LlamaConfig, LlamaForCausalLM
     except ImportError as e:
-        print(f"the demo needs peft and transformers: pip install 'fastlora[peft]' ({e})")
+        print(f"fastlora demo: error: {_import_problem(e)}", file=sys.stderr)
         return 1
     from . import backend
     from .peft import patch

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -51,6 +52,9 @@ def main(argv: list[str]) -> int:
         with warnings.catch_warnings():
             warnings.showwarning = _one_line_warnings(args.command, warnings.showwarning)
             return args.run(args)
+    except BrokenPipeError:  # `fastlora inspect ... | head`: a reader that stopped is no error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        return 0
     except (CommandError, ValueError, OSError) as e:  # AdapterFormatError is a ValueError
         print(f"fastlora {args.command}: error: {_message(e)}", file=sys.stderr)
         return 2
@@ -190,6 +194,9 @@ def _output(args, adapter: Adapter, fmt: str | None) -> tuple[Path, str]:
                            "or --to diffusers (the same keys in one file)")
     if fmt != "peft" and out.is_dir():
         raise CommandError(f"{out}: is a directory; --to {fmt} writes one {FILE_SUFFIX} file")
+    if fmt != "peft" and not is_file:
+        raise CommandError(f"{out}: --to {fmt} writes one file, and an output path not ending in "
+                           f"{FILE_SUFFIX} names a PEFT directory: end it in {FILE_SUFFIX}, or --to peft")
     if fmt == "peft" and out.exists() and not out.is_dir():
         raise CommandError(f"{out}: is a file; --to peft writes a directory")
     occupied = out.is_file() or (out.is_dir() and any(out.iterdir()))
