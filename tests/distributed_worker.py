@@ -104,6 +104,7 @@ def train(model, rank: int) -> tuple[list[float], dict]:
 
 
 def run(rank: int, world: int, port: int, out_dir: str, scenarios: list) -> None:
+    torch.set_num_threads(1)  # two ranks on a 2-core machine
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     import fastlora

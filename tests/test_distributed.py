@@ -3,6 +3,7 @@ one under the same wrapper: 2 processes, gloo on CPU (tests/distributed_worker.p
 rank). The fused ops run inside FSDP2's forward, where parameters are unsharded."""
 from __future__ import annotations
 
+import os
 import socket
 
 import pytest
@@ -14,7 +15,6 @@ if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with gloo needed", allow_module_level=True)
 
 import distributed_worker  # noqa: E402
-import fastlora.peft.forward  # noqa: E402,F401  (imported before the fork)
 from test_patch import assert_close  # noqa: E402
 
 WORLD = 2
@@ -29,14 +29,21 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    """Every scenario on both ranks, in one start of the processes; forked where possible,
-    so that they inherit the imported torch, PEFT and fastlora (importing takes longer than
-    the training). The ranks use the CPU only."""
+    """Every scenario on both ranks, in one start of the processes. Spawned, one thread each:
+    a forked rank would inherit the parent's OpenMP thread pool (libgomp) in whatever state
+    earlier tests left it and can freeze inside its first matrix product."""
     out = tmp_path_factory.mktemp("distributed")
-    methods = torch.multiprocessing.get_all_start_methods()
-    torch.multiprocessing.start_processes(
-        distributed_worker.run, args=(WORLD, _free_port(), str(out), SCENARIOS), nprocs=WORLD,
-        start_method="fork" if "fork" in methods else "spawn")
+    saved = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"  # read by the spawned interpreters at start
+    try:
+        torch.multiprocessing.start_processes(
+            distributed_worker.run, args=(WORLD, _free_port(), str(out), SCENARIOS), nprocs=WORLD,
+            start_method="spawn")
+    finally:
+        if saved is None:
+            del os.environ["OMP_NUM_THREADS"]
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
