@@ -256,3 +256,22 @@ def test_base_model_directory_of_one_model(tmp_path, library, capsys):
                          "--base-model", tmp_path / "model")
     assert code == 0, err
     assert list(load_adapter(tmp_path / "peft").layers) == [module]
+
+
+def test_non_peft_formats_need_a_safetensors_path(kohya_file, tmp_path, capsys):
+    """README: a ``.safetensors`` path is a file, any other path a PEFT directory."""
+    code, _, err = run(capsys, "convert", kohya_file, tmp_path / "out", "--to", "kohya")
+    assert code == 2 and not (tmp_path / "out").exists()
+    one_line_error(err, "--to kohya writes one file", ".safetensors", "--to peft")
+
+
+def test_a_closed_stdout_is_not_an_error(kohya_file):
+    """``fastlora inspect FILE | head``: the reader is gone before anything is written."""
+    import subprocess
+    import sys
+    proc = subprocess.Popen([sys.executable, "-m", "fastlora", "inspect", str(kohya_file)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 0, err
+    assert "Broken pipe" not in err and "Traceback" not in err, err

@@ -50,3 +50,29 @@ def test_demo_fails_on_wrong_numbers(monkeypatch, capsys):
     assert demo.main(TINY + ["--backend", "torch"]) == 1
     out = capsys.readouterr().out
     assert "verdict: FAIL" in out
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_demo_on_cuda_without_cuda_is_one_line(capsys):
+    assert demo.main(TINY + ["--device", "cuda"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1
+    assert err.startswith("fastlora demo: error: --device cuda:") and "--device cpu" in err
+
+
+def test_demo_reports_a_missing_peft(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "peft", None)  # import peft -> ModuleNotFoundError('peft')
+    assert demo.main(TINY) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.strip() == "fastlora demo: error: the demo needs peft: pip install 'fastlora[peft]'"
+
+
+def test_demo_reports_the_real_import_error(monkeypatch, capsys):
+    """peft installed but failing to import (as when a top-level package shadowed one of its
+    dependencies) is that error, not 'needs peft'."""
+    import types
+    monkeypatch.setitem(sys.modules, "peft", types.ModuleType("peft"))
+    assert demo.main(TINY) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and "needs peft" not in err
+    assert "importing peft / transformers failed: ImportError: cannot import name 'LoraConfig'" in err
