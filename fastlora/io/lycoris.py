@@ -1,8 +1,9 @@
-"""LyCORIS LoHa and LoKr layers: read from kohya-style files, their full weight change computed
-per layer (:func:`fastlora.io.resize` turns them into LoRA by SVD).
+"""LyCORIS LoHa and LoKr layers: read from kohya-style files; per layer, the full weight change
+(``delta()``, at most :data:`MAX_ELEMENTS` elements) and the factored forms from which
+:func:`fastlora.io.resize` turns them into LoRA by SVD without building it.
 
 Key conventions per module ``<m>`` (kohya names); ``r`` is the file's dim, the scale
-``alpha / r`` (``<m>.alpha`` absent: ``alpha = r``). ``K'`` is K for a linear layer and the
+``alpha / r`` (``<m>.alpha`` absent or 0: ``alpha = r``, as LyCORIS reads it). ``K'`` is K for a linear layer and the
 kernel flattened, ``C*kh*kw``, for a convolution (the base model restores the kernel shape).
 
 LoHa, a Hadamard product of two low-rank products:
@@ -145,6 +146,11 @@ class LohaLayer(_FullDeltaLayer):
         if "hada_t1" in f:
             return [(f[f"hada_w{i}_a"].T, _tucker_right(f[f"hada_t{i}"], f[f"hada_w{i}_b"])) for i in (1, 2)]
         return [(f[f"hada_w{i}_a"], f[f"hada_w{i}_b"]) for i in (1, 2)]
+
+    @property
+    def factored_rank(self) -> int:
+        """``r1 * r2``, the inner size of :meth:`low_rank_factors`."""
+        return self.factors["hada_w1_b"].shape[0] * self.factors["hada_w2_b"].shape[0]
 
     def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B [N, r1*r2], A [r1*r2, K'])``, float32, with ``B @ A`` the unscaled change:

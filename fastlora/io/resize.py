@@ -154,8 +154,7 @@ def _spectrum(name: str, layer) -> _Spectrum:
     n, k = layer.out_features, math.prod(layer.in_shape)
     if layer.kind == "lokr":
         return _kron_spectrum(layer, n, k, where)
-    (a1, _), (a2, _) = layer.halves()
-    inner = a1.shape[1] * a2.shape[1]
+    inner = layer.factored_rank
     if inner < min(n, k):
         check_size((n + k) * inner, f"{where}: the LoHa factors [{n}, {inner}] and [{inner}, {k}]")
         left, right = layer.low_rank_factors()
