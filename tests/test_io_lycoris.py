@@ -392,3 +392,58 @@ def test_change_overflowing_float32_names_the_layer(kind, capsys, tmp_path):
                  "--rank", "2", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "'lora_unet_a'" in err and "NaN or Inf" in err, err
+
+
+# ---------------------------------------------------------------- LyCORIS' own wrapper, alpha 0
+
+
+def wrapped_model() -> nn.Module:
+    """Modules ``down_blocks.0.conv`` (Conv2d 4 -> 6, 3x3), ``down_blocks.0.attn.to_q``
+    (Linear 12 -> 10) and ``proj`` (Linear 12 -> 10)."""
+    block = nn.Module()
+    block.conv, block.attn = nn.Conv2d(4, 6, 3), nn.Module()
+    block.attn.to_q = nn.Linear(12, 10)
+    model = nn.Module()
+    model.down_blocks, model.proj = nn.ModuleList([block]), nn.Linear(12, 10)
+    return model
+
+
+def test_lycoris_wrapper_names_bind_to_their_model():
+    """LyCORIS' generic wrapper names a module ``lycoris_`` plus its underscored path."""
+    loha, expected = loha_linear(alpha=3.0)
+    conv = {"lokr_w1": randn(2, 2, seed=1), "lokr_w2": randn(3, 2, 3, 3, seed=2)}
+    locon = {"lora_down.weight": randn(2, 12, seed=3), "lora_up.weight": randn(10, 2, seed=4)}
+    tensors = keyed("lycoris_down_blocks_0_attn_to_q", loha, 3.0) | keyed("lycoris_down_blocks_0_conv", conv) \
+        | keyed("lycoris_proj", locon, 1.0)
+    adapter = load_adapter(tensors, base_model=wrapped_model())
+    assert sorted(adapter.layers) == ["down_blocks.0.attn.to_q", "down_blocks.0.conv", "proj"]
+    torch.testing.assert_close(d(adapter.layers["down_blocks.0.attn.to_q"].delta()), expected, rtol=1e-5, atol=1e-6)
+    assert adapter.layers["down_blocks.0.conv"].shape == (6, 4, 3, 3)
+    torch.testing.assert_close(d(adapter.layers["down_blocks.0.conv"].delta()), blocks(d(conv["lokr_w1"]), conv["lokr_w2"]))
+    assert adapter.layers["proj"].scale == 0.5
+    with pytest.raises(AdapterFormatError, match="kohya's underscored names"):  # unbound: not a module path
+        save_adapter(load_adapter(keyed("lycoris_proj", locon)), "unused", "peft")
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr", "locon"])
+def test_alpha_zero_means_no_scaling(kind):
+    """LyCORIS and kohya read ``.alpha = 0`` as alpha = rank (scale 1), not as scale 0."""
+    if kind == "loha":
+        factors, _ = loha_linear()
+    elif kind == "lokr":
+        factors = {"lokr_w1": randn(2, 3, seed=1), "lokr_w2_a": randn(5, 2, seed=2), "lokr_w2_b": randn(2, 4, seed=3)}
+    else:
+        factors = {"lora_down.weight": randn(3, 12, seed=1), "lora_up.weight": randn(10, 3, seed=2)}
+    layer = load_adapter(keyed("lora_unet_x", factors, 0.0)).layers["lora_unet_x"]
+    assert (layer.alpha, layer.scale) == (float(layer.rank), 1.0)
+    assert torch.equal(layer.delta(), load_adapter(keyed("lora_unet_x", factors)).layers["lora_unet_x"].delta())
+
+
+def test_scale_zero_is_not_written_as_kohya_alpha_zero(tmp_path):
+    """A kohya alpha of 0 reads as no scaling: a layer of scale 0 cannot be written."""
+    from fastlora.io import Adapter, AdapterLayer
+
+    adapter = Adapter({"proj": AdapterLayer(randn(2, 12, seed=1), randn(10, 2, seed=2), 0.0)}, "peft")
+    with pytest.raises(AdapterFormatError, match="layer 'proj' has scale 0, which kohya files cannot hold"):
+        save_adapter(adapter, tmp_path / "k.safetensors", "kohya")
+    assert not (tmp_path / "k.safetensors").exists()

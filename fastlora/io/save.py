@@ -12,7 +12,8 @@ Alpha is always written explicitly, so every format reloads with the same per-la
   ``lora_adapter_metadata``, its keys prefixed per component (``transformer.r``) when every
   layer name starts with a diffusers component.
 * ``kohya``: one ``.safetensors`` file with ``<kohya name>.lora_down.weight`` / ``.lora_up.weight``
-  / ``.alpha`` (= scale * rank: kohya has no rsLoRA) / ``.dora_scale``; ``ss_network_*`` header
+  / ``.alpha`` (= scale * rank: kohya has no rsLoRA; a scale of 0 is refused, as kohya reads
+  alpha 0 as alpha = rank) / ``.dora_scale``; ``ss_network_*`` header
   entries, and ``fastlora_module_names`` mapping kohya names back to dotted ones.
 
 Only LoRA layers can be written (:func:`fastlora.io.to_lora` turns LoHa / LoKr into LoRA), and
@@ -184,6 +185,9 @@ def _kohya_contents(layers: dict[str, AdapterLayer], path) -> tuple[dict[str, to
             raise AdapterFormatError(f"{path}: layers {names[kohya]!r} and {name!r} share kohya name {kohya!r}")
         names[kohya] = name
         alpha = alpha_for_scale(layer.scale, layer.rank, False)
+        if alpha == 0.0:
+            raise AdapterFormatError(f"{path}: layer {name!r} has scale 0, which kohya files cannot hold: kohya and "
+                                     "LyCORIS read alpha 0 as no scaling (alpha = rank)")
         exact = torch.tensor(alpha, dtype=torch.float32).item() == alpha
         tensors[f"{kohya}.lora_down.weight"] = layer.A
         tensors[f"{kohya}.lora_up.weight"] = _up_weight(layer)
