@@ -45,7 +45,7 @@ from .metadata import (
     parse_settings,
     passthrough_config,
 )
-from .names import PEFT_PREFIX, kohya_name
+from .names import PEFT_PREFIX, kohya_name, split_component
 
 WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -80,7 +80,21 @@ def load_adapter(source: str | os.PathLike | dict[str, torch.Tensor], *, base_mo
         keys[name] = " / ".join(repr(key) for key in roles.values())
     if base_model is not None:
         layers = bind_to_model(layers, keys, base_model, raw.label)
-    return Adapter(layers, source_format, config, dict(raw.metadata), skipped)
+    return Adapter(layers, source_format, config, dict(raw.metadata), skipped,
+                   pipeline=_is_pipeline(layers, settings, base_model))
+
+
+def _is_pipeline(layers: dict, settings: dict[str, LoraSettings], base_model) -> bool:
+    """Whether the evidence says the layer names are ``<component>.<path>`` over a diffusers
+    pipeline: every name starts with a component and the names were bound to an
+    ``nn.ModuleDict`` of components, or the file's config is given per component, or the
+    names span several components. A name's first segment alone is no evidence."""
+    components = {split_component(name)[0] for name in layers}
+    if "" in components:
+        return False
+    if base_model is not None:
+        return isinstance(base_model, torch.nn.ModuleDict)
+    return len(components) > 1 or (bool(settings) and "" not in settings)
 
 
 def _report_skipped(label: str, skipped: list[str], strict: bool) -> None:
