@@ -419,7 +419,8 @@ def test_lycoris_wrapper_names_bind_to_their_model():
     assert sorted(adapter.layers) == ["down_blocks.0.attn.to_q", "down_blocks.0.conv", "proj"]
     torch.testing.assert_close(d(adapter.layers["down_blocks.0.attn.to_q"].delta()), expected, rtol=1e-5, atol=1e-6)
     assert adapter.layers["down_blocks.0.conv"].shape == (6, 4, 3, 3)
-    torch.testing.assert_close(d(adapter.layers["down_blocks.0.conv"].delta()), blocks(d(conv["lokr_w1"]), conv["lokr_w2"]))
+    torch.testing.assert_close(d(adapter.layers["down_blocks.0.conv"].delta()),
+                               blocks(d(conv["lokr_w1"]), conv["lokr_w2"]))
     assert adapter.layers["proj"].scale == 0.5
     with pytest.raises(AdapterFormatError, match="kohya's underscored names"):  # unbound: not a module path
         save_adapter(load_adapter(keyed("lycoris_proj", locon)), "unused", "peft")
