@@ -3,14 +3,14 @@
 Shapes follow PEFT: x ``[..., K]``, weight ``[N, K]``, bias ``[N]``, lora_A ``[r, K]``,
 lora_B ``[N, r]``. Any float dtype works; the tests run these in float32 (or float64).
 A weight may also be bitsandbytes 4-bit (a ``Params4bit`` or a ``fastlora.quant4.Quant4Weight``):
-it is dequantized by bitsandbytes' own ``dequantize_4bit``, and the base layer is computed
-as bitsandbytes' ``Linear4bit`` does: x and the bias cast to the compute dtype (the view's
+it is decoded by ``Quant4Weight.dequantize`` (fastlora's PyTorch decode of bitsandbytes'
+format; bitsandbytes' own CPU ``dequantize_4bit`` is wrong for some shapes, and the tests
+check this decode against one done by hand), and the base layer is computed as
+bitsandbytes' ``Linear4bit`` does: x and the bias cast to the compute dtype (the view's
 ``compute_dtype``, else x's), W dequantized straight to it, the result cast back to x's
 dtype; the LoRA branch and DoRA's norm take W dequantized to the adapter dtype.
 """
 from __future__ import annotations
-
-import copy
 
 import torch
 import torch.nn.functional as F
@@ -19,19 +19,11 @@ from .quant4 import Quant4Weight, is_bnb_4bit
 
 
 def dequantize_4bit(weight, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """W ``[N, K]`` of a bitsandbytes ``Params4bit`` or a ``Quant4Weight``, by bitsandbytes'
-    ``dequantize_4bit`` (values computed in fp32, rounded once to ``dtype``; default the
-    weight's own dtype). Imports bitsandbytes."""
-    from bitsandbytes.functional import dequantize_4bit as bnb_dequantize
-
-    if isinstance(weight, Quant4Weight):
-        data, state = weight.to_bnb(dtype)
-    else:
-        data, state = weight.data, weight.quant_state
-        if dtype is not None and dtype != state.dtype:
-            state = copy.copy(state)
-            state.dtype = dtype
-    return bnb_dequantize(data, state)
+    """W ``[N, K]`` of a bitsandbytes ``Params4bit`` or a ``Quant4Weight``, decoded by
+    ``Quant4Weight.dequantize`` (values computed in fp32, rounded once to ``dtype``; default
+    the weight's own dtype)."""
+    view = weight if isinstance(weight, Quant4Weight) else Quant4Weight.from_bnb(weight)
+    return view.dequantize(dtype)
 
 
 def _dense(weight, dtype: torch.dtype) -> torch.Tensor:

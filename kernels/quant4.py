@@ -6,10 +6,11 @@ element ``f = n * K + k`` is the 4-bit code in byte ``f // 2`` of the packed dat
 nibble for even f, the low nibble for odd f (with N * K odd the last low nibble is padding).
 Blocks of ``blocksize`` consecutive flat elements share one scale ``absmax[f // blocksize]``
 (fp32), so when K is not a multiple of the blocksize a block straddles two rows. The value
-is ``code_book[code] * absmax`` in fp32; bitsandbytes' forward rounds it once, straight to
-the compute dtype. Double quantization ("nested") stores absmax as uint8 codes q:
-``absmax[b] = code2[q[b]] * absmax2[b // blocksize2] + offset`` in fp32 (code2: the
-256-entry dynamic map, blocksize2 256 as bitsandbytes writes it; offset a 1-element tensor).
+is ``code_book[code] * absmax`` in fp32 (the code books: ``fastlora.quant4.code_book``);
+bitsandbytes' forward rounds it once, straight to the compute dtype. Double quantization
+("nested") stores absmax as uint8 codes q: ``absmax[b] = code2[q[b]] * absmax2[b // blocksize2]
++ offset`` in fp32 (code2: the 256-entry dynamic map, blocksize2 256 as bitsandbytes writes it;
+offset a 1-element tensor).
 """
 from __future__ import annotations
 
@@ -21,31 +22,6 @@ import triton
 import triton.language as tl
 
 from .common import TL_DTYPES
-
-# The code books, in code order: NF4 (normal quantiles) and FP4 (sign bit, 2 exponent bits,
-# 1 mantissa bit, in bitsandbytes' bias), both scaled to [-1, 1] in fp32.
-_NF4 = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-        -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-        0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-        0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0)
-_FP4_MAGNITUDES = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0)
-_CODE_BOOKS: dict[tuple[str, torch.device], torch.Tensor] = {}
-
-
-def code_book(quant_type: str, device) -> torch.Tensor:
-    """The 16 code values of ``quant_type`` ("nf4" or "fp4"), fp32 on ``device`` (cached)."""
-    device = torch.device(device)
-    key = (quant_type, device)
-    if key not in _CODE_BOOKS:
-        if quant_type == "nf4":
-            values = torch.tensor(_NF4, dtype=torch.float32)
-        elif quant_type == "fp4":
-            mags = torch.tensor(_FP4_MAGNITUDES, dtype=torch.float32)
-            values = torch.cat([mags, 0.0 - mags]) / 12.0  # codes 8..15: the sign bit set
-        else:
-            raise ValueError(f"no 4-bit code book {quant_type!r}; known: 'nf4', 'fp4'")
-        _CODE_BOOKS[key] = values.to(device)
-    return _CODE_BOOKS[key]
 
 
 @dataclass(frozen=True, eq=False)

@@ -5,6 +5,7 @@ pattern, a metadata entry or an ``.alpha`` tensor gets a wrong scale.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -273,7 +274,7 @@ def test_patterns_distinguish_names_that_end_alike(tmp_path):
 
 
 def test_diffusers_save_prefixes_metadata_per_component(tmp_path):
-    adapter = sample_adapter(prefix="transformer.")
+    adapter = dataclasses.replace(sample_adapter(prefix="transformer."), pipeline=True)
     save_adapter(adapter, tmp_path / "d.safetensors", "diffusers")
     config = json.loads(read_metadata(tmp_path / "d.safetensors")["lora_adapter_metadata"])
     assert config["transformer.r"] == 4

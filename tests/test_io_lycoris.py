@@ -10,12 +10,16 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from fastlora.io import (
     AdapterFormatError,
     AdapterShapeError,
+    AdapterSizeError,
     LohaLayer,
     LokrLayer,
+    NonFiniteWeightError,
     load_adapter,
     resize,
     save_adapter,
@@ -272,3 +276,175 @@ def test_convert_command(tmp_path, capsys):
     for name, layer in exact.layers.items():
         torch.testing.assert_close(layer.delta(), original.layers[name].delta(), rtol=1e-4, atol=1e-4)
     assert json.loads(json.dumps(str(exact)))  # printable
+
+
+# ---------------------------------------------------------------- into LoRA without the full change
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the most elements of any tensor an op returns while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        sizes = [t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        self.numel = max([self.numel, *sizes])
+        return out
+
+
+def truncated(delta: torch.Tensor, rank: int) -> torch.Tensor:
+    """The best rank-``rank`` approximation of ``delta`` (flattened to 2-D), float64."""
+    u, s, vh = torch.linalg.svd(d(delta).flatten(1), full_matrices=False)
+    return ((u[:, :rank] * s[:rank]) @ vh[:rank]).reshape(delta.shape)
+
+
+def test_lokr_of_two_full_1000x1000_factors_converts_without_the_product():
+    """A 8 MB file whose change is [10^6, 10^6] (4 TB in float32): its rank-4 LoRA comes from
+    the factors' SVDs, and no tensor larger than the new factors is ever built."""
+    f = {"lokr_w1": randn(1000, 1000, seed=1), "lokr_w2": randn(1000, 1000, seed=2)}
+    adapter = load_adapter(keyed("lycoris_fc", f))
+    with LargestTensor() as largest:
+        converted, report = to_lora(adapter, rank=4)
+    layer = converted.layers["lycoris_fc"]
+    assert (layer.rank, layer.out_features, layer.in_shape, layer.scale) == (4, 10 ** 6, (10 ** 6,), 1.0)
+    assert largest.numel <= 4 * 10 ** 6
+    s1, s2 = torch.linalg.svdvals(d(f["lokr_w1"])), torch.linalg.svdvals(d(f["lokr_w2"]))
+    top = (s1[:, None] * s2[None, :]).flatten().sort(descending=True).values
+    # B A is a sum of 4 rank-one Kronecker products: its singular values are B's and A's column
+    # norms multiplied (the columns are orthogonal)
+    kept = d(layer.B).norm(dim=0) * d(layer.A).norm(dim=1)
+    torch.testing.assert_close(kept, top[:4], rtol=1e-4, atol=0)
+    expected = 100 * float(top[:4].square().sum().sqrt() / top.square().sum().sqrt())
+    assert report["lycoris_fc"].fro_retained == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["lokr-full", "lokr-low-rank", "lokr-tucker-conv", "loha", "loha-tucker-conv"])
+def test_truncation_without_the_product_matches_the_dense_svd(kind):
+    """Each factored path keeps exactly the top singular values and vectors of the change."""
+    if kind == "lokr-full":
+        f = {"lokr_w1": randn(6, 5, seed=1), "lokr_w2": randn(7, 4, seed=2)}
+    elif kind == "lokr-low-rank":
+        f = {"lokr_w1_a": randn(6, 3, seed=1), "lokr_w1_b": randn(3, 5, seed=2), "lokr_w2_a": randn(7, 3, seed=3),
+             "lokr_w2_b": randn(3, 4, seed=4)}
+    elif kind == "lokr-tucker-conv":
+        f = {"lokr_w1": randn(2, 3, seed=1), "lokr_t2": randn(2, 2, 3, 3, seed=2), "lokr_w2_a": randn(2, 5, seed=3),
+             "lokr_w2_b": randn(2, 4, seed=4)}
+    elif kind == "loha":  # r1 * r2 = 9 < min(N, K'): the factored path
+        f = {"hada_w1_a": randn(40, 3, seed=1), "hada_w1_b": randn(3, 30, seed=2), "hada_w2_a": randn(40, 3, seed=3),
+             "hada_w2_b": randn(3, 30, seed=4)}
+    else:
+        f = {"hada_t1": randn(2, 2, 3, 3, seed=1), "hada_w1_a": randn(2, 8, seed=2), "hada_w1_b": randn(2, 4, seed=3),
+             "hada_t2": randn(2, 2, 3, 3, seed=4), "hada_w2_a": randn(2, 8, seed=5), "hada_w2_b": randn(2, 4, seed=6)}
+    layer = load_adapter(keyed("m", f, 1.5)).layers["m"]
+    dense = layer.delta()
+    for rank in (1, 3):
+        converted, report = to_lora(load_adapter(keyed("m", f, 1.5)), rank=rank)
+        got = converted.layers["m"]
+        assert got.rank == rank and got.A.shape[1:] == dense.shape[1:]
+        torch.testing.assert_close(d(got.delta()), truncated(dense, rank), rtol=1e-4, atol=1e-4)
+
+
+def test_loha_full_change_over_the_size_limit_names_the_layer(monkeypatch, capsys, tmp_path):
+    """r1 * r2 >= min(N, K'): the full change is decomposed, within the size limit."""
+    factors, _ = loha_linear()  # [10, 12], r = 4: 16 >= 10
+    monkeypatch.setattr("fastlora.io.lycoris.MAX_ELEMENTS", 100)
+    adapter = load_adapter(keyed("lora_unet_a", factors, 2.0))
+    with pytest.raises(AdapterSizeError, match=r"layer 'lora_unet_a': the full LoHa change \[10, 12\] would hold "
+                                               r"120 elements .* over the limit of 100"):
+        to_lora(adapter, rank=2)
+    with pytest.raises(AdapterSizeError, match=r"full weight change \[10, 12\] would hold 120 elements"):
+        adapter.layers["lora_unet_a"].delta()
+    save_file(keyed("lora_unet_a", factors, 2.0), str(tmp_path / "h.safetensors"))
+    assert main(["convert", str(tmp_path / "h.safetensors"), str(tmp_path / "l.safetensors"), "--to", "lora",
+                 "--rank", "2", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'lora_unet_a'" in err and "120 elements" in err, err
+
+
+def test_lokr_rank_whose_factors_are_over_the_size_limit_names_the_layer():
+    f = {"lokr_w1": randn(1000, 30, seed=1), "lokr_w2": randn(1000, 30, seed=2)}
+    with pytest.raises(AdapterSizeError, match=r"layer 'm': rank-900 LoRA factors \[1000000, 900\] and \[900, 900\] "
+                                               r"would hold 900,810,000 elements"):
+        to_lora(load_adapter(keyed("m", f)), method="sv_fro", threshold=1.0)
+
+
+@pytest.mark.parametrize("kind", ["loha-factored", "loha-full", "lokr"])
+def test_change_overflowing_float32_names_the_layer(kind, capsys, tmp_path):
+    """Finite factors whose product overflows float32: an error naming the layer, never a
+    LinAlgError (and one line from the command line)."""
+    big = torch.full((40, 3), 1e20)
+    if kind == "loha-factored":
+        f = {"hada_w1_a": big, "hada_w1_b": torch.full((3, 30), 1e20), "hada_w2_a": randn(40, 3, seed=1),
+             "hada_w2_b": randn(3, 30, seed=2)}
+    elif kind == "loha-full":
+        f = {"hada_w1_a": big[:10], "hada_w1_b": torch.full((3, 12), 1e20), "hada_w2_a": randn(10, 3, seed=1),
+             "hada_w2_b": randn(3, 12, seed=2)}
+    else:
+        f = {"lokr_w1": torch.full((4, 4), 1e30), "lokr_w2": torch.full((3, 3), 1e30)}
+    tensors = keyed("lora_unet_a", f)
+    with pytest.raises(NonFiniteWeightError, match="layer 'lora_unet_a': its weight change in float32"):
+        to_lora(load_adapter(tensors), rank=2)
+    save_file(tensors, str(tmp_path / "big.safetensors"))
+    assert main(["convert", str(tmp_path / "big.safetensors"), str(tmp_path / "l.safetensors"), "--to", "lora",
+                 "--rank", "2", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'lora_unet_a'" in err and "NaN or Inf" in err, err
+
+
+# ---------------------------------------------------------------- LyCORIS' own wrapper, alpha 0
+
+
+def wrapped_model() -> nn.Module:
+    """Modules ``down_blocks.0.conv`` (Conv2d 4 -> 6, 3x3), ``down_blocks.0.attn.to_q``
+    (Linear 12 -> 10) and ``proj`` (Linear 12 -> 10)."""
+    block = nn.Module()
+    block.conv, block.attn = nn.Conv2d(4, 6, 3), nn.Module()
+    block.attn.to_q = nn.Linear(12, 10)
+    model = nn.Module()
+    model.down_blocks, model.proj = nn.ModuleList([block]), nn.Linear(12, 10)
+    return model
+
+
+def test_lycoris_wrapper_names_bind_to_their_model():
+    """LyCORIS' generic wrapper names a module ``lycoris_`` plus its underscored path."""
+    loha, expected = loha_linear(alpha=3.0)
+    conv = {"lokr_w1": randn(2, 2, seed=1), "lokr_w2": randn(3, 2, 3, 3, seed=2)}
+    locon = {"lora_down.weight": randn(2, 12, seed=3), "lora_up.weight": randn(10, 2, seed=4)}
+    tensors = keyed("lycoris_down_blocks_0_attn_to_q", loha, 3.0) | keyed("lycoris_down_blocks_0_conv", conv) \
+        | keyed("lycoris_proj", locon, 1.0)
+    adapter = load_adapter(tensors, base_model=wrapped_model())
+    assert sorted(adapter.layers) == ["down_blocks.0.attn.to_q", "down_blocks.0.conv", "proj"]
+    torch.testing.assert_close(d(adapter.layers["down_blocks.0.attn.to_q"].delta()), expected, rtol=1e-5, atol=1e-6)
+    assert adapter.layers["down_blocks.0.conv"].shape == (6, 4, 3, 3)
+    torch.testing.assert_close(d(adapter.layers["down_blocks.0.conv"].delta()),
+                               blocks(d(conv["lokr_w1"]), conv["lokr_w2"]))
+    assert adapter.layers["proj"].scale == 0.5
+    with pytest.raises(AdapterFormatError, match="kohya's underscored names"):  # unbound: not a module path
+        save_adapter(load_adapter(keyed("lycoris_proj", locon)), "unused", "peft")
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr", "locon"])
+def test_alpha_zero_means_no_scaling(kind):
+    """LyCORIS and kohya read ``.alpha = 0`` as alpha = rank (scale 1), not as scale 0."""
+    if kind == "loha":
+        factors, _ = loha_linear()
+    elif kind == "lokr":
+        factors = {"lokr_w1": randn(2, 3, seed=1), "lokr_w2_a": randn(5, 2, seed=2), "lokr_w2_b": randn(2, 4, seed=3)}
+    else:
+        factors = {"lora_down.weight": randn(3, 12, seed=1), "lora_up.weight": randn(10, 3, seed=2)}
+    layer = load_adapter(keyed("lora_unet_x", factors, 0.0)).layers["lora_unet_x"]
+    assert (layer.alpha, layer.scale) == (float(layer.rank), 1.0)
+    assert torch.equal(layer.delta(), load_adapter(keyed("lora_unet_x", factors)).layers["lora_unet_x"].delta())
+
+
+def test_scale_zero_is_not_written_as_kohya_alpha_zero(tmp_path):
+    """A kohya alpha of 0 reads as no scaling: a layer of scale 0 cannot be written."""
+    from fastlora.io import Adapter, AdapterLayer
+
+    adapter = Adapter({"proj": AdapterLayer(randn(2, 12, seed=1), randn(10, 2, seed=2), 0.0)}, "peft")
+    with pytest.raises(AdapterFormatError, match="layer 'proj' has scale 0, which kohya files cannot hold"):
+        save_adapter(adapter, tmp_path / "k.safetensors", "kohya")
+    assert not (tmp_path / "k.safetensors").exists()

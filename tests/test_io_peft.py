@@ -159,3 +159,33 @@ def test_peft_model_as_base_model(tmp_path):
     peft_model = peft_save(small_model(), tmp_path, target_modules=["fc1", "fc2"], r=3, lora_alpha=5)
     adapter = load_adapter(tmp_path, base_model=peft_model)
     assert sorted(adapter.layers) == ["fc1", "fc2"]
+
+
+def tiny_gpt2():
+    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=16)
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+@pytest.mark.parametrize("via", ["peft", "diffusers", "kohya"])
+@pytest.mark.parametrize("bound", [False, True], ids=["unbound", "bound"])
+def test_gpt2_style_adapter_round_trips_as_a_plain_peft_directory(tmp_path, via, bound):
+    """GPT-2's modules are ``transformer.h.0...``: its adapter is no diffusers pipeline's, and its
+    PEFT output is one plain directory (adapter_config.json at the top) that PEFT loads, through
+    every format."""
+    peft_model = peft_save(tiny_gpt2(), tmp_path / "src", target_modules=["c_attn", "c_fc"], r=4, lora_alpha=6,
+                           rank_pattern={"c_fc": 2}, fan_in_fan_out=True)
+    base = {"base_model": tiny_gpt2()} if bound else {}
+    adapter = load_adapter(tmp_path / "src", **base)
+    assert "transformer.h.0.attn.c_attn" in adapter.layers and not adapter.pipeline
+    middle = tmp_path / ("mid" if via == "peft" else "mid.safetensors")
+    save_adapter(adapter, middle, via)
+    again = load_adapter(middle, **base)
+    assert not again.pipeline
+    assert save_adapter(again, tmp_path / "out", "peft") == [tmp_path / "out"]
+    assert (tmp_path / "out" / "adapter_config.json").is_file()
+    assert not (tmp_path / "out" / "transformer").exists()
+    reloaded = PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "out").eval()
+    tokens = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(tokens).logits, peft_model(tokens).logits)

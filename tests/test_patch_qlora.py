@@ -14,6 +14,7 @@ import sys
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("bitsandbytes")
 peft = pytest.importorskip("peft")
@@ -22,7 +23,7 @@ transformers = pytest.importorskip("transformers")
 from peft import LoraConfig, get_peft_model  # noqa: E402
 
 from fastlora.peft import patch  # noqa: E402
-from test_patch import assert_close, assert_grads_close, fused_calls, ids  # noqa: E402,F401
+from test_patch import assert_close, assert_grads_close, fast_backend, fused_calls, ids  # noqa: E402,F401
 
 VOCAB = 64
 
@@ -168,3 +169,105 @@ def test_8bit_base_is_reported(tmp_path, saved_llama):
     assert list(report.not_patched.values()) == [
         "bitsandbytes 8-bit base (Linear8bitLt) is not accelerated: the fused kernels read "
         "16/32-bit and bitsandbytes 4-bit (NF4/FP4) weights"]
+
+
+# ------------------------------------------------------------------ one 4-bit layer
+
+
+class OneLayer(torch.nn.Module):
+    def __init__(self, nested=True):
+        import bitsandbytes as bnb
+
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = bnb.nn.Linear4bit(48, 32, compute_dtype=torch.float32, quant_type="nf4",
+                                    compress_statistics=nested)
+        self.fc.support_avx512bf16_for_cpu = False
+        self.to("cpu")  # bitsandbytes quantizes the weight on the move
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def one_layer_qlora(**lora):
+    torch.manual_seed(1)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["fc"], init_lora_weights=False, **lora)
+    return get_peft_model(OneLayer(), config)
+
+
+def tampered(state, change):
+    """A copy of a nested quant state (its second level copied too) with ``change`` applied."""
+    import copy
+
+    state = copy.copy(state)
+    state.state2 = copy.copy(state.state2)
+    change(state)
+    return state
+
+
+# 48 x 32 = 1536 codes in 768 bytes, 24 blocks of 64, nested
+TAMPERINGS = [
+    (lambda s: setattr(s, "blocksize", 48), ValueError, "unsupported 4-bit blocksize 48"),
+    (lambda s: setattr(s, "quant_type", "int4"), ValueError, "unsupported 4-bit quant type 'int4'"),
+    (lambda s: setattr(s, "absmax", s.absmax[:-1]), ValueError, "4-bit absmax has 23 elements"),
+    (lambda s: setattr(s, "absmax", s.absmax.float()), TypeError, "4-bit absmax has dtype torch.float32"),
+    (lambda s: setattr(s, "shape", torch.Size([32, 50])), ValueError, "packed data has 768 elements"),
+    (lambda s: setattr(s.state2, "code", s.state2.code[:128]), ValueError, "nested code has 128 elements"),
+    (lambda s: setattr(s, "offset", torch.zeros(2)), ValueError, "nested offset has 2 elements"),
+    (lambda s: setattr(s.state2, "blocksize", 100), ValueError, "unsupported nested blocksize 100"),
+]
+
+
+@pytest.mark.parametrize("change, error, match", TAMPERINGS,
+                         ids=["blocksize", "quant_type", "absmax-short", "absmax-dtype", "shape",
+                              "nested-code", "offset", "nested-blocksize"])
+def test_tampered_quant_state_raises_the_check_error(change, error, match):
+    """A quant state that fails fastlora's check is refused by ``lora_linear``, by ``patch``
+    and by an already patched layer alike: never PEFT's forward on it (garbage)."""
+    import fastlora
+
+    model = one_layer_qlora()
+    patch(model)
+    fc = model.base_model.model.fc
+    weight = fc.base_layer.weight
+    weight.quant_state = tampered(weight.quant_state, change)
+    x = torch.randn(3, 48, generator=torch.Generator().manual_seed(2))
+    lora_A, lora_B = fc.lora_A["default"].weight, fc.lora_B["default"].weight
+    with pytest.raises(error, match=match):
+        fastlora.lora_linear(x, weight, None, lora_A, lora_B, 2.0)
+    with pytest.raises(error, match=match):
+        model(x)
+    fresh = one_layer_qlora()
+    state = fresh.base_model.model.fc.base_layer.weight.quant_state
+    fresh.base_model.model.fc.base_layer.weight.quant_state = tampered(state, change)
+    with pytest.raises(error, match=match):
+        patch(fresh)
+    assert not hasattr(type(fresh.base_model.model.fc), "_fastlora_original_class")  # left as it was
+
+
+class BitsandbytesOps(TorchDispatchMode):
+    """Records the bitsandbytes ops run while active, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "bitsandbytes":
+            self.ops.append(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+def test_dora_training_step_never_dequantizes_through_bitsandbytes(fast_backend):
+    """DoRA over a 4-bit base in training, dropout 0: the forward, the row norm and the
+    backward decode the packed weight with fastlora's own decode (PyTorch path) or in the
+    kernels' registers, never with bitsandbytes' dequantize_4bit."""
+    model = one_layer_qlora(use_dora=True, lora_dropout=0.0).train()
+    assert patch(model).all_patched
+    x = torch.randn(5, 48, generator=torch.Generator().manual_seed(3))
+    with BitsandbytesOps() as seen:
+        model(x).square().mean().backward()
+    assert not [op for op in seen.ops if "dequantize" in op], seen.ops
+    fc = model.base_model.model.fc
+    assert fc.lora_A["default"].weight.grad.abs().sum() > 0
+    assert fc.lora_magnitude_vector["default"].weight.grad.abs().sum() > 0

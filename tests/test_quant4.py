@@ -1,18 +1,21 @@
 """bitsandbytes 4-bit base weights: the ``Quant4Weight`` view and its checks, the kernels'
 in-register dequantization (``dequant4_tile``, run tile by tile and inside the fused GEMM)
-against bitsandbytes' own ``dequantize_4bit``, and the 4-bit path of ``fastlora.reference``."""
+against bitsandbytes' own ``dequantize_4bit``, fastlora's PyTorch decode and the kernels'
+against a decode by hand where bitsandbytes' CPU decode is wrong, and the 4-bit path of
+``fastlora.reference``."""
 import copy
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
+import fastlora
 from data import generator, randn
 from fastlora import reference
 from fastlora.kernels import dequantize4, fused_linear
-from fastlora.kernels.quant4 import code_book
-from fastlora.quant4 import Quant4Weight, is_bnb_4bit
+from fastlora.quant4 import Quant4Weight, code_book, is_bnb_4bit
 from tolerances import assert_close
 
 # (N, K), blocksize: blocks straddling rows (K not a multiple of the blocksize), odd N and K,
@@ -124,13 +127,62 @@ def test_view_of_params4bit_and_of_a_wider_quant_storage(bnbf, device):
                 "bfloat16 quant_storage")
 
 
+def decoded_by_hand(bnbf, packed, state) -> torch.Tensor:
+    """W ``[N, K]`` fp32 from the packed bytes, element by element (numpy fp32 arithmetic):
+    flat element f is the high nibble of byte f // 2 (even f) or its low nibble (odd f), its
+    value bitsandbytes' code book entry times the scale of block f // blocksize (nested: the
+    uint8 absmax code through the second-level code book and absmax, plus the offset)."""
+    n, k = state.shape
+    data = packed.reshape(-1).view(torch.uint8).tolist()
+    book = bnbf.get_4bit_type(state.quant_type, device="cpu").numpy()
+    absmax = state.absmax.numpy()
+    if state.nested:
+        code2, absmax2, offset = state.state2.code.numpy(), state.state2.absmax.numpy(), state.offset.numpy()
+        absmax = [code2[q] * absmax2[b // state.state2.blocksize] + offset.reshape(-1)[0]
+                  for b, q in enumerate(absmax.tolist())]
+    values = []
+    for f in range(n * k):
+        code = data[f // 2] >> 4 if f % 2 == 0 else data[f // 2] & 15
+        values.append(book[code] * absmax[f // state.blocksize])
+    return torch.tensor(np.array(values, dtype=np.float32)).view(n, k)
+
+
+# blocks straddling rows with K a multiple of 16: where bitsandbytes 0.50's CPU decode is wrong
+STRADDLING = [((5, 80), 64), ((4, 128), 256), ((3, 48), 64)]
+
+
 @pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
-def test_reference_dequantizes_with_bitsandbytes(bnbf, nested, device):
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("case", STRADDLING, ids=case_id)
+def test_pytorch_path_decodes_as_by_hand(bnbf, case, quant_type, nested, monkeypatch):
+    """The PyTorch path (the CPU default) and the reference decode with fastlora's own decode,
+    equal to a decode of the codes by hand; the kernels decode the same."""
+    shape, blocksize = case
+    packed, state = quantized(bnbf, shape, blocksize, quant_type, nested, "cpu", seed=4)
+    view = Quant4Weight.from_bnb(packed, state, compute_dtype=torch.float32)
+    want = decoded_by_hand(bnbf, packed, state)
+    assert torch.equal(view.dequantize(), want)
+    assert torch.equal(view.dequantize(torch.float16), want.half())
+    assert torch.equal(reference.dequantize_4bit(view, torch.float32), want)
+    assert torch.equal(dequantize4(view.kernel_args()), want)
+    g = generator(5)
+    x = randn(6, shape[1], g=g)
+    lora_A, lora_B = randn(3, shape[1], g=g), randn(shape[0], 3, g=g)
+    monkeypatch.setenv("FASTLORA_BACKEND", "torch")
+    got = fastlora.lora_linear(x, view, None, lora_A, lora_B, 0.5)
+    torch.testing.assert_close(got, x @ want.T + 0.5 * (x @ lora_A.T) @ lora_B.T, rtol=1e-5, atol=1e-5)
+    norm = fastlora.dora_weight_norm(view, lora_A, lora_B, 0.5)
+    torch.testing.assert_close(norm, torch.linalg.norm(want + 0.5 * lora_B @ lora_A, dim=1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
+def test_reference_decodes_as_bitsandbytes(bnbf, nested, device):
+    """Where bitsandbytes' decode is right (here K = 70 at blocksize 64), the same values."""
     packed, state = quantized(bnbf, (37, 70), 64, "nf4", nested, device)
     view = Quant4Weight.from_bnb(packed, state)
     for dtype in (torch.float32, torch.float16):
-        assert torch.equal(reference.dequantize_4bit(view, dtype),
-                           bnb_dequantized(bnbf, packed, state, dtype))
+        assert_same(reference.dequantize_4bit(view, dtype), bnb_dequantized(bnbf, packed, state, dtype), dtype,
+                    device, f"{dtype}")
     assert reference.dequantize_4bit(view).dtype == state.dtype
 
 

@@ -12,6 +12,7 @@ from .adapter import FORMATS, Adapter, AdapterLayer
 from .errors import (
     AdapterFormatError,
     AdapterShapeError,
+    AdapterSizeError,
     NonFiniteWeightError,
     SkippedTensorsWarning,
     UnsafeFileError,
@@ -23,6 +24,6 @@ from .save import SAVE_FORMATS, save_adapter
 
 __all__ = [
     "FORMATS", "METHODS", "SAVE_FORMATS", "Adapter", "AdapterFormatError", "AdapterLayer", "AdapterShapeError",
-    "LayerResize", "LohaLayer", "LokrLayer", "NonFiniteWeightError", "SkippedTensorsWarning", "UnsafeFileError",
-    "load_adapter", "resize", "save_adapter", "to_lora",
+    "AdapterSizeError", "LayerResize", "LohaLayer", "LokrLayer", "NonFiniteWeightError", "SkippedTensorsWarning",
+    "UnsafeFileError", "load_adapter", "resize", "save_adapter", "to_lora",
 ]

@@ -92,8 +92,12 @@ class Adapter:
     """A loaded adapter.
 
     ``layers`` maps a module name to its layer: a PEFT-like module path relative to the base
-    model (``model.layers.0.self_attn.q_proj``; diffusers files keep their component prefix such
-    as ``transformer.``), or kohya's underscore name when it could not be mapped.
+    model (``model.layers.0.self_attn.q_proj``; a pipeline's layers carry their component prefix
+    such as ``unet.``), or kohya's underscore name when it could not be mapped.
+    ``pipeline``: the names are ``<component>.<path>`` over a diffusers pipeline's components
+    (PEFT output is then one directory per component, diffusers output configured per
+    component); ``load_adapter`` sets it on evidence of a pipeline only, never on a name's first
+    segment alone (GPT-2's modules are ``transformer.h.0...``).
     ``config`` holds the checked, format-independent settings that saving passes on
     (``base_model_name_or_path``, ``task_type``, ``fan_in_fan_out``). ``metadata`` is the
     file's raw header metadata, kept for display only. ``skipped`` lists the file's tensor keys
@@ -105,6 +109,7 @@ class Adapter:
     config: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
+    pipeline: bool = False
 
     @property
     def use_dora(self) -> bool:

@@ -19,6 +19,11 @@ class NonFiniteWeightError(AdapterFormatError):
     """A tensor (or alpha) holds NaN or Inf."""
 
 
+class AdapterSizeError(AdapterFormatError):
+    """Building a tensor from the adapter (a LyCORIS layer's full change, the factors of its
+    conversion into LoRA) would exceed ``fastlora.io.lycoris.MAX_ELEMENTS`` elements."""
+
+
 class UnsafeFileError(AdapterFormatError):
     """A pickle-based file (``.bin``, ``.pt``, ...) was given without ``allow_pickle=True``."""
 

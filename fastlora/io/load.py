@@ -10,9 +10,10 @@ Formats (``Adapter.source_format``), detected from the files and keys:
   (``lora_alpha`` absent: 8, as diffusers builds a ``LoraConfig`` from it); without that
   entry, alpha = rank.
 * ``kohya``: ``lora_down`` / ``lora_up`` keys (LoCon: on convolutions too, with an optional
-  Tucker core), a scalar ``.alpha`` per module, else alpha = rank for that module (as kohya's
-  own loader and ``resize_lora.py`` do; ``ss_network_alpha`` is a training default only); DoRA
-  as ``dora_scale``.
+  Tucker core), a scalar ``.alpha`` per module; ``.alpha`` absent or 0 means alpha = rank for
+  that module (no scaling, as kohya's own loader, ``resize_lora.py`` and LyCORIS read it;
+  ``ss_network_alpha`` is a training default only); DoRA as ``dora_scale``. Module names:
+  kohya's (``lora_unet_...``), or ``lycoris_<path>`` from LyCORIS' own wrapper.
 * ``light-lora``: kohya-style keys with a 2-D ``lora_mid`` core, folded on load
   (:mod:`fastlora.io.cores`).
 * ``lycoris``: kohya-style files with LoHa (``hada_*``) or LoKr (``lokr_*``) layers
@@ -44,7 +45,7 @@ from .metadata import (
     parse_settings,
     passthrough_config,
 )
-from .names import PEFT_PREFIX, kohya_name
+from .names import PEFT_PREFIX, kohya_name, split_component
 
 WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -79,7 +80,21 @@ def load_adapter(source: str | os.PathLike | dict[str, torch.Tensor], *, base_mo
         keys[name] = " / ".join(repr(key) for key in roles.values())
     if base_model is not None:
         layers = bind_to_model(layers, keys, base_model, raw.label)
-    return Adapter(layers, source_format, config, dict(raw.metadata), skipped)
+    return Adapter(layers, source_format, config, dict(raw.metadata), skipped,
+                   pipeline=_is_pipeline(layers, settings, base_model))
+
+
+def _is_pipeline(layers: dict, settings: dict[str, LoraSettings], base_model) -> bool:
+    """Whether the evidence says the layer names are ``<component>.<path>`` over a diffusers
+    pipeline: every name starts with a component and the names were bound to an
+    ``nn.ModuleDict`` of components, or the file's config is given per component, or the
+    names span several components. A name's first segment alone is no evidence."""
+    components = {split_component(name)[0] for name in layers}
+    if "" in components:
+        return False
+    if base_model is not None:
+        return isinstance(base_model, torch.nn.ModuleDict)
+    return len(components) > 1 or (bool(settings) and "" not in settings)
 
 
 def _report_skipped(label: str, skipped: list[str], strict: bool) -> None:
@@ -182,6 +197,8 @@ def _build_layer(raw: RawAdapter, name: str, roles: dict[str, str], family: str,
         raise AdapterShapeError(f"{label}: {roles[A]!r} has rank {rank} but the config gives r={expected}")
     if ALPHA in roles:
         alpha = _alpha(raw, roles[ALPHA], name)
+        if alpha == 0.0 and family == KOHYA_KEYS:
+            alpha = float(alpha_rank)  # as kohya and LyCORIS: alpha 0 is no scaling
     else:
         configured = settings.alpha_for(relative) if settings else None
         alpha = float(alpha_rank) if configured is None else configured
@@ -204,6 +221,8 @@ def _build_lycoris(raw: RawAdapter, name: str, roles: dict[str, str], lycoris: l
     build = build_loha if kinds == {"loha"} else build_lokr
     tensors = {role: _weight(raw, roles[role], name) for role in lycoris}
     alpha = _alpha(raw, roles[ALPHA], name) if ALPHA in roles else None
+    if alpha == 0.0:
+        alpha = None  # as LyCORIS: alpha 0 is no scaling (alpha = r)
     layer = build(tensors, {role: roles[role] for role in lycoris}, alpha, None, f"{raw.label}: layer {name!r}")
     if MAGNITUDE in roles:
         layer.magnitude = _magnitude(raw, roles, KOHYA_KEYS, name, layer.out_features, len(layer.shape))

@@ -1,8 +1,9 @@
-"""LyCORIS LoHa and LoKr layers: read from kohya-style files, their full weight change computed
-per layer (:func:`fastlora.io.resize` turns them into LoRA by SVD).
+"""LyCORIS LoHa and LoKr layers: read from kohya-style files; per layer, the full weight change
+(``delta()``, at most :data:`MAX_ELEMENTS` elements) and the factored forms from which
+:func:`fastlora.io.resize` turns them into LoRA by SVD without building it.
 
 Key conventions per module ``<m>`` (kohya names); ``r`` is the file's dim, the scale
-``alpha / r`` (``<m>.alpha`` absent: ``alpha = r``). ``K'`` is K for a linear layer and the
+``alpha / r`` (``<m>.alpha`` absent or 0: ``alpha = r``, as LyCORIS reads it). ``K'`` is K for a linear layer and the
 kernel flattened, ``C*kh*kw``, for a convolution (the base model restores the kernel shape).
 
 LoHa, a Hadamard product of two low-rank products:
@@ -25,15 +26,28 @@ LoKr, a Kronecker product:
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
 
-from .errors import AdapterShapeError
+from .errors import AdapterShapeError, AdapterSizeError
 from .summary import dtype_name
 
 LOHA_ROLES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 LOKR_ROLES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+MAX_ELEMENTS = 2 ** 28
+"""The most elements one tensor built from a LyCORIS layer may have (1 GiB in float32): its
+full change, or the factors of its conversion into LoRA."""
+
+
+def check_size(elements: int, what: str) -> None:
+    """Raise :class:`AdapterSizeError` naming ``what`` and its size when ``elements`` is over
+    :data:`MAX_ELEMENTS`."""
+    if elements > MAX_ELEMENTS:
+        raise AdapterSizeError(
+            f"{what} would hold {elements:,} elements ({elements * 4 / 2 ** 30:,.3g} GiB in float32), over the "
+            f"limit of {MAX_ELEMENTS:,} (fastlora.io.lycoris.MAX_ELEMENTS)")
 
 
 @dataclass(repr=False)
@@ -86,7 +100,10 @@ class _FullDeltaLayer:
         return dataclasses.replace(self, shape=(self.shape[0], *in_shape))
 
     def delta(self) -> torch.Tensor:
-        """The weight change, float32, ``[N, *in_shape]``."""
+        """The weight change, float32, ``[N, *in_shape]``; :class:`AdapterSizeError` when it
+        has more than :data:`MAX_ELEMENTS` elements."""
+        check_size(math.prod(self.shape), f"the {self.kind} layer's full weight change "
+                   f"[{', '.join(map(str, self.shape))}]")
         return (self._product() * self.scale).reshape(self.shape)
 
     def _product(self) -> torch.Tensor:
@@ -109,6 +126,12 @@ def _f(t: torch.Tensor) -> torch.Tensor:
     return t.float()
 
 
+def _tucker_right(t: torch.Tensor, w_b: torch.Tensor) -> torch.Tensor:
+    """``M [r, C*k]``, ``M[i, (c, k)] = sum_j t[i, j, k] w_b[j, c]``: a Tucker product
+    ``einsum("ij...,jc,ip->pc...", t, w_b, w_a)`` is ``w_a^T @ M`` (flattened)."""
+    return torch.einsum("ij...,jc->ic...", t, w_b).flatten(1)
+
+
 class LohaLayer(_FullDeltaLayer):
     kind = "loha"
 
@@ -116,14 +139,31 @@ class LohaLayer(_FullDeltaLayer):
     def rank(self) -> int:
         return self.factors["hada_w1_b"].shape[0]
 
-    def _product(self) -> torch.Tensor:
+    def halves(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The two Hadamard factors as low-rank products, float32: ``(left [N, r_i],
+        right [r_i, K'])`` with ``w_i = left @ right`` (a Tucker half as ``w_a^T @ M``)."""
         f = {k: _f(v) for k, v in self.factors.items()}
         if "hada_t1" in f:
-            halves = [torch.einsum("ij...,jc,ip->pc...", f[f"hada_t{i}"], f[f"hada_w{i}_b"], f[f"hada_w{i}_a"])
-                      for i in (1, 2)]
-        else:
-            halves = [f[f"hada_w{i}_a"] @ f[f"hada_w{i}_b"] for i in (1, 2)]
-        return halves[0] * halves[1]
+            return [(f[f"hada_w{i}_a"].T, _tucker_right(f[f"hada_t{i}"], f[f"hada_w{i}_b"])) for i in (1, 2)]
+        return [(f[f"hada_w{i}_a"], f[f"hada_w{i}_b"]) for i in (1, 2)]
+
+    @property
+    def factored_rank(self) -> int:
+        """``r1 * r2``, the inner size of :meth:`low_rank_factors`."""
+        return self.factors["hada_w1_b"].shape[0] * self.factors["hada_w2_b"].shape[0]
+
+    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B [N, r1*r2], A [r1*r2, K'])``, float32, with ``B @ A`` the unscaled change:
+        ``(l1 r1) * (l2 r2) = (l1 . l2)(r1 . r2)``, the row-wise (face-splitting) product of
+        the left factors times the column-wise (Khatri-Rao) product of the right ones."""
+        (l1, r1), (l2, r2) = self.halves()
+        left = (l1[:, :, None] * l2[:, None, :]).flatten(1)
+        right = (r1[:, None, :] * r2[None, :, :]).flatten(0, 1)
+        return left, right
+
+    def _product(self) -> torch.Tensor:
+        (l1, r1), (l2, r2) = self.halves()
+        return (l1 @ r1) * (l2 @ r2)
 
 
 class LokrLayer(_FullDeltaLayer):
@@ -136,16 +176,23 @@ class LokrLayer(_FullDeltaLayer):
                 return self.factors[key].shape[0]
         return None
 
-    def _product(self) -> torch.Tensor:
+    def kron_factors(self) -> list[tuple[torch.Tensor | None, torch.Tensor]]:
+        """``w1 [a, c]`` and ``w2 [b, d']`` (a kernel flattened: ``d' = d*kh*kw``), float32,
+        each as ``(None, full matrix)`` or as a low-rank product ``(left, right)``; the
+        unscaled change, flattened to ``[a*b, c*d']``, is ``kron(w1, w2)``."""
         f = {k: _f(v) for k, v in self.factors.items()}
-        w1 = f["lokr_w1"] if "lokr_w1" in f else f["lokr_w1_a"] @ f["lokr_w1_b"]
+        w1 = (None, f["lokr_w1"]) if "lokr_w1" in f else (f["lokr_w1_a"], f["lokr_w1_b"])
         if "lokr_w2" in f:
-            w2 = f["lokr_w2"]
+            w2 = (None, f["lokr_w2"].flatten(1))
         elif "lokr_t2" in f:
-            w2 = torch.einsum("ij...,ip,jq->pq...", f["lokr_t2"], f["lokr_w2_a"], f["lokr_w2_b"])
+            w2 = (f["lokr_w2_a"].T, _tucker_right(f["lokr_t2"], f["lokr_w2_b"]))
         else:
-            w2 = f["lokr_w2_a"] @ f["lokr_w2_b"]
-        return torch.kron(w1.reshape(*w1.shape, *[1] * (w2.dim() - 2)), w2.contiguous())
+            w2 = (f["lokr_w2_a"], f["lokr_w2_b"])
+        return [w1, w2]
+
+    def _product(self) -> torch.Tensor:
+        w1, w2 = (right if left is None else left @ right for left, right in self.kron_factors())
+        return torch.kron(w1, w2)
 
 
 def _need(tensors: dict, keys: dict, roles, where: str, dims=None) -> None:

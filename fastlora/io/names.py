@@ -3,7 +3,8 @@
 kohya names a module by its dotted path with ``.`` replaced by ``_`` behind a prefix naming
 the model part: ``lora_unet_`` (diffusers ``unet.``), ``lora_te_`` / ``lora_te1_`` (``text_encoder.``),
 ``lora_te2_`` / ``lora_te3_`` (``text_encoder_2.`` / ``_3.``), ``lora_transformer_``; this package
-writes ``lora_`` plus the whole underscored path for anything else.
+writes ``lora_`` plus the whole underscored path for anything else. LyCORIS' own wrapper
+(any model) names a module ``lycoris_`` plus its underscored path.
 
 transformers 5 dropped the ``text_model.`` level of ``CLIPTextModel`` (``encoder.layers.0...``
 instead of ``text_model.encoder.layers.0...``; ``CLIPTextModelWithProjection`` keeps it), while
@@ -21,13 +22,14 @@ KOHYA_COMPONENTS = (("lora_unet_", "unet"), ("lora_te1_", "text_encoder"), ("lor
                     ("lora_te3_", "text_encoder_3"), ("lora_te_", "text_encoder"),
                     ("lora_transformer_", "transformer"))
 _KOHYA_GENERIC = "lora_"
+_GENERIC_PREFIXES = (_KOHYA_GENERIC, "lycoris_")  # kohya's / this package's, LyCORIS' wrapper's
 _TEXT_MODEL = "text_model"
 _TEXT_MODEL_UNDERSCORED = re.compile(r"(^|_)text_model_")
 _CLIP_TOP_LEVEL = ("encoder.layers.", "embeddings.", "final_layer_norm")  # CLIP text model children
 
 
 def is_kohya_name(name: str) -> bool:
-    return "." not in name and name.startswith(_KOHYA_GENERIC)
+    return "." not in name and name.startswith(_GENERIC_PREFIXES)
 
 
 def kohya_name(name: str, two_text_encoders: bool = False) -> str:
@@ -57,7 +59,7 @@ def kohya_candidates(name: str) -> list[str]:
         if name.startswith(prefix):
             rest = name[len(prefix):]
             found += [rest, f"{component}_{rest}"]
-    found.append(name[len(_KOHYA_GENERIC):])
+    found += [name[len(prefix):] for prefix in _GENERIC_PREFIXES if name.startswith(prefix)]
     return list(dict.fromkeys(found + [_TEXT_MODEL_UNDERSCORED.sub(r"\1", c) for c in found]))
 
 

@@ -5,14 +5,15 @@ Alpha is always written explicitly, so every format reloads with the same per-la
 * ``peft``: ``adapter_config.json`` (``r`` / ``lora_alpha`` = the most common rank / alpha,
   ``rank_pattern`` / ``alpha_pattern`` for the other layers) plus ``adapter_model.safetensors``
   with keys ``base_model.model.<name>.lora_A.weight`` and the same config in its
-  ``lora_adapter_metadata`` header entry. When every layer name starts with a diffusers
-  component (``unet.``, ``text_encoder.``, ...), one such directory per component
+  ``lora_adapter_metadata`` header entry. For a pipeline's adapter (``Adapter.pipeline``:
+  names ``unet.``, ``text_encoder.``, ...), one such directory per component
   (``<path>/unet``, ...), names relative to it: PEFT loads an adapter onto one model.
 * ``diffusers``: one ``.safetensors`` file with keys ``<name>.lora_A.weight``; the config in
-  ``lora_adapter_metadata``, its keys prefixed per component (``transformer.r``) when every
-  layer name starts with a diffusers component.
+  ``lora_adapter_metadata``, its keys prefixed per component (``transformer.r``) for a
+  pipeline's adapter.
 * ``kohya``: one ``.safetensors`` file with ``<kohya name>.lora_down.weight`` / ``.lora_up.weight``
-  / ``.alpha`` (= scale * rank: kohya has no rsLoRA) / ``.dora_scale``; ``ss_network_*`` header
+  / ``.alpha`` (= scale * rank: kohya has no rsLoRA; a scale of 0 is refused, as kohya reads
+  alpha 0 as alpha = rank) / ``.dora_scale``; ``ss_network_*`` header
   entries, and ``fastlora_module_names`` mapping kohya names back to dotted ones.
 
 Only LoRA layers can be written (:func:`fastlora.io.to_lora` turns LoHa / LoKr into LoRA), and
@@ -49,12 +50,7 @@ def save_adapter(adapter: Adapter, path: str | os.PathLike, format: str = "peft"
     _check_writable(adapter, path, format)
     path = Path(path)
     if format == "peft":
-        groups: dict[str, dict[str, AdapterLayer]] = {}
-        for name, layer in adapter.layers.items():
-            component, relative = split_component(name)
-            groups.setdefault(component, {})[relative] = layer
-        if "" in groups:
-            groups = {"": adapter.layers}
+        groups = _by_component(adapter)
         for component, layers in groups.items():
             _write_peft(layers, adapter.config, path / component)
         return [path / component for component in groups]
@@ -161,12 +157,18 @@ def _lora_config(layers: dict[str, AdapterLayer]) -> dict[str, Any]:
     }
 
 
-def _diffusers_config(adapter: Adapter) -> dict[str, Any]:
-    """A plain LoRA config, or one per component with keys prefixed ``<component>.``."""
+def _by_component(adapter: Adapter) -> dict[str, dict[str, AdapterLayer]]:
+    """A pipeline's layers per component, named relative to it; else ``{"": layers}``."""
     groups: dict[str, dict[str, AdapterLayer]] = {}
     for name, layer in adapter.layers.items():
         component, relative = split_component(name)
         groups.setdefault(component, {})[relative] = layer
+    return {"": dict(adapter.layers)} if "" in groups or not adapter.pipeline else groups
+
+
+def _diffusers_config(adapter: Adapter) -> dict[str, Any]:
+    """A plain LoRA config, or one per component with keys prefixed ``<component>.``."""
+    groups = _by_component(adapter)
     if "" in groups:
         return {**_lora_config(adapter.layers), **adapter.config}
     return {f"{component}.{key}": value for component, layers in groups.items()
@@ -184,6 +186,9 @@ def _kohya_contents(layers: dict[str, AdapterLayer], path) -> tuple[dict[str, to
             raise AdapterFormatError(f"{path}: layers {names[kohya]!r} and {name!r} share kohya name {kohya!r}")
         names[kohya] = name
         alpha = alpha_for_scale(layer.scale, layer.rank, False)
+        if alpha == 0.0:
+            raise AdapterFormatError(f"{path}: layer {name!r} has scale 0, which kohya files cannot hold: kohya and "
+                                     "LyCORIS read alpha 0 as no scaling (alpha = rank)")
         exact = torch.tensor(alpha, dtype=torch.float32).item() == alpha
         tensors[f"{kohya}.lora_down.weight"] = layer.A
         tensors[f"{kohya}.lora_up.weight"] = _up_weight(layer)

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from ..quant4 import Quant4Weight
+from ..quant4 import Quant4Weight, UnreadableLayout
 
 FAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LINEAR_FORWARD = nn.Linear.forward
@@ -270,11 +270,13 @@ def read_base(layer) -> Base | NotFused:
 def _bnb_4bit(base: nn.Module, weight, bias) -> Base | NotFused:
     """A bitsandbytes ``Linear4bit`` as a ``Quant4Weight`` view (its quant state as the
     module keeps it; compute dtype the layer's, None until bitsandbytes sets it from x),
-    or why its layout cannot be read (not quantized yet, repacked for CPU inference, ...)."""
+    or why its layout cannot be read (not quantized yet, repacked for CPU inference, ...).
+    A quant state that does not fit its packed data raises the check's error, as
+    ``fastlora.lora_linear`` does: PEFT's forward would compute garbage from it."""
     state = getattr(weight, "quant_state", None) or getattr(base, "quant_state", None)
     try:
         view = Quant4Weight.from_bnb(weight, state, compute_dtype=base.compute_dtype)
-    except (ValueError, TypeError) as e:
+    except UnreadableLayout as e:
         return NotFused(f"bitsandbytes 4-bit weight not accelerated: {e}")
     if view.shape != (base.out_features, base.in_features):
         return NotFused(f"bitsandbytes 4-bit weight quantized as {list(view.shape)}, not "
