@@ -16,6 +16,7 @@ _Q4_LABELS = ("4-bit forward", "4-bit dx", "4-bit DoRA forward", "4-bit DoRA dx"
 ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 
 
+@pytest.mark.timeout(1800)  # every kernel and config, twice: minutes on 2 cores
 def test_check_kernels_passes_for_sm80_and_sm90():
     proc = subprocess.run([sys.executable, "-m", "fastlora", "check-kernels",
                            "--target", "sm_80", "--target", "sm_90"],
