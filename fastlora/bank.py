@@ -37,6 +37,7 @@ from torch import nn
 from .adapters import PackedAdapters
 from .cache import Stamped
 from .functional import dora_weight_norm
+from .plans import MultiPlans
 from .routing import BASE, Routing, Slots
 
 __all__ = ["AdapterBank", "LayerBank", "Prepared"]
@@ -102,6 +103,7 @@ class LayerBank:
         self._dora = [False] * capacity
         self._free: list[tuple[int, int]] = [(0, rows)] if rows and not fixed else []
         self._norm_stamp: Stamped | None = None
+        self.plans = MultiPlans()  # decode calls' launch plans (fastlora.serve)
 
     @property
     def weight(self) -> torch.Tensor:

@@ -43,13 +43,6 @@ def _stamp(t: torch.Tensor) -> tuple | None:
             t._version, t.dtype, t.device, tuple(t.shape), t.stride())
 
 
-def _same(a: tuple | None, b: tuple | None) -> bool:
-    if a is None or b is None:
-        return False
-    return (a[0]() is not None and a[0]() is b[0]() and a[1]() is not None and a[1]() is b[1]()
-            and a[2:] == b[2:])
-
-
 class Stamped:
     """A value computed from ``tensors`` (and hashable ``extra`` facts such as a scale),
     valid while they are unchanged (see the module docstring). Holds no strong reference
@@ -66,8 +59,17 @@ class Stamped:
     def valid_for(self, tensors, extra) -> bool:
         if self._inference and not torch.is_inference_mode_enabled():
             return False
-        return (self._extra == extra and len(tensors) == len(self._stamps)
-                and all(_same(s, _stamp(t)) for s, t in zip(self._stamps, tensors)))
+        if self._extra != extra or len(tensors) != len(self._stamps):
+            return False
+        for s, t in zip(self._stamps, tensors):  # _stamp(t) compared inline: once per layer call
+            if s is None or t.is_inference():
+                return False
+            owner = t._base if t._base is not None else t
+            if (s[0]() is not owner or s[1]() is not t.untyped_storage()
+                    or s[2:] != (t.storage_offset(), t._version, t.dtype, t.device,
+                                 tuple(t.shape), t.stride())):
+                return False
+        return True
 
 
 class Cache:
@@ -84,7 +86,10 @@ class Cache:
 def writes_visible(*modules: nn.Module) -> bool:
     """False when FSDP manages one of ``modules``: its unsharded parameters are refilled by
     all-gathers that leave version counters unchanged, so nothing may be cached for them."""
-    return not any(getattr(m, "_is_fsdp_managed_module", False) for m in modules)
+    for m in modules:  # FSDP sets the flag on the instance
+        if m.__dict__.get("_is_fsdp_managed_module", False):
+            return False
+    return True
 
 
 class DoraNormCache(Cache):

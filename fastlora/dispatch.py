@@ -249,14 +249,20 @@ class Chooser:
 
     def choose(self, args: LinearArgs, impls: tuple[str, ...] = FORWARD) -> Impl:
         """The implementation for this call; times the candidates on a key's first call."""
+        return self.decide(args, impls)[0]
+
+    def decide(self, args: LinearArgs, impls: tuple[str, ...] = FORWARD) -> tuple[Impl, bool]:
+        """(the implementation for this call, whether the choice is final for its key: a
+        launch plan may keep it)."""
         key = _call_key(impls, args.a, args.b, args.low, args.bias, args.out_dtype,
                         args.g_out, args.g_in)
         impl = self._settled.get(key)
-        if impl is None:
-            impl, settled = self._choose(args, impls)
-            if settled:
-                self._settled[key] = impl
-        return impl
+        if impl is not None:
+            return impl, True
+        impl, settled = self._choose(args, impls)
+        if settled:
+            self._settled[key] = impl
+        return impl, settled
 
     def _choose(self, args: LinearArgs, impls: tuple[str, ...]) -> tuple[Impl, bool]:
         """(the implementation, whether that choice is final for the key)."""

@@ -9,6 +9,24 @@ import triton
 import triton.language as tl
 
 
+class Launch:
+    """One kernel launch decided once: the (autotuned) kernel, its grid and its arguments.
+    ``launch()`` runs it as made; ``launch.without(*names)`` is the same launch with the
+    named arguments left to each call (``launch(**tensors)``): a launch plan keeps the
+    decisions and the layout facts, never the tensors of one call."""
+    __slots__ = ("kernel", "grid", "args")
+
+    def __init__(self, kernel, grid, args: dict):
+        self.kernel, self.grid, self.args = kernel, grid, args
+
+    def without(self, *names: str) -> "Launch":
+        return Launch(self.kernel, self.grid,
+                      {k: v for k, v in self.args.items() if k not in names})
+
+    def __call__(self, **tensors) -> None:
+        self.kernel[self.grid](**self.args, **tensors)
+
+
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

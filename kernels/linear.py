@@ -39,9 +39,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (FP32_GEMM_SHAPES, configs, dora_factor, dropout_keep, fp32_precision,
-                     gemm_configs, grouped_tile, low_rank_tile, m_bucket, on_device, operand,
-                     rank_block, tune)
+from .common import (FP32_GEMM_SHAPES, Launch, configs, dora_factor, dropout_keep,
+                     fp32_precision, gemm_configs, grouped_tile, low_rank_tile, m_bucket,
+                     on_device, operand, rank_block, tune)
 from .multi_meta import AdapterMeta, RowMap, tile_rows
 from .quant4 import DENSE_CONSTEXPRS, Quant4Args, dequant4_tile
 
@@ -310,14 +310,15 @@ def _gemm_args(a: torch.Tensor, b: torch.Tensor | Quant4Args, bias: torch.Tensor
                 PRECISION=fp32_precision())
 
 
-def _launch(a: torch.Tensor, b: torch.Tensor | Quant4Args, low: LowRank | None,
-            bias: torch.Tensor | None, out: torch.Tensor, g_out: torch.Tensor | None,
-            g_in: torch.Tensor | None, in_place: bool) -> torch.Tensor:
+def linear_launch(a: torch.Tensor, b: torch.Tensor | Quant4Args, low: LowRank | None,
+                  bias: torch.Tensor | None, out: torch.Tensor, g_out: torch.Tensor | None = None,
+                  g_in: torch.Tensor | None = None, in_place: bool = False) -> Launch:
+    """The launch of ``fused_linear`` (``in_place``: of ``cublas_linear``'s pass) writing
+    out ``[M, N]`` (M, N > 0). Its tensor arguments: a_ptr, b_ptr, l_ptr, lb_ptr, bias_ptr,
+    g_ptr, out_ptr, seed_ptr (and a 4-bit b's q4_* parts)."""
     if g_out is not None and g_in is not None:
         raise ValueError("the fused linear takes g_out or g_in, not both")
     m, n = out.shape
-    if m == 0 or n == 0:
-        return out
     if low is not None:
         term = dict(**operand("l", low.l, "mr"), **operand("lb", low.lb, "rn"), R=low.l.shape[1],
                     scale=low.scale, seed_ptr=low.seed, dropout_p=low.dropout_p,
@@ -333,9 +334,18 @@ def _launch(a: torch.Tensor, b: torch.Tensor | Quant4Args, low: LowRank | None,
         kernel = Q4_KERNELS[kind(b.dtype, lb_dtype, term["DROPOUT"]), gemm["Q4_ALIGNED"]]
     else:
         kernel = IN_PLACE_KERNEL if in_place else KERNELS[kind(a.dtype, lb_dtype, term["DROPOUT"])]
-    kernel[grid](**gemm, **term,
-                 g_ptr=g_out if g_out is not None else g_in, HAS_LORA=low is not None,
-                 SCALE_OUT=g_out is not None, SCALE_IN=g_in is not None, IN_PLACE=in_place)
+    return Launch(kernel, grid, dict(**gemm, **term, g_ptr=g_out if g_out is not None else g_in,
+                                     HAS_LORA=low is not None, SCALE_OUT=g_out is not None,
+                                     SCALE_IN=g_in is not None, IN_PLACE=in_place))
+
+
+def _launch(a: torch.Tensor, b: torch.Tensor | Quant4Args, low: LowRank | None,
+            bias: torch.Tensor | None, out: torch.Tensor, g_out: torch.Tensor | None,
+            g_in: torch.Tensor | None, in_place: bool) -> torch.Tensor:
+    if out.shape[0] and out.shape[1]:
+        linear_launch(a, b, low, bias, out, g_out, g_in, in_place)()
+    elif g_out is not None and g_in is not None:
+        raise ValueError("the fused linear takes g_out or g_in, not both")
     return out
 
 
@@ -431,6 +441,28 @@ class MultiLowRank:
     seed: torch.Tensor | None = None
 
 
+def multi_linear_launch(a: torch.Tensor, b: torch.Tensor, low: MultiLowRank,
+                        bias: torch.Tensor | None, out: torch.Tensor, scale_out: bool = False,
+                        scale_in: bool = False) -> Launch:
+    """The launch of ``multi_fused_linear`` writing out ``[M, N]`` (M, N > 0). Its
+    per-batch tensor arguments: a_ptr, b_ptr, l_ptr, bias_ptr, out_ptr, seed_ptr and the
+    rows' (``low.rows.kwargs(segments=False)``)."""
+    if scale_out and scale_in:
+        raise ValueError("multi_fused_linear scales the output or the input, not both")
+    m, n = out.shape
+    dropout = low.seed is not None and low.bank.dropout is not None
+    dora = low.bank.dora and (scale_out or scale_in)
+    path = "scale_in" if dora and scale_in else "gather" if low.rows.gather else "sorted"
+    r = low.l.shape[2]
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    return Launch(MULTI_KERNELS[path, a.dtype == torch.float32], grid, dict(
+        **_gemm_args(a, b, bias, out), **operand("l", low.l, "smr"), **operand("lb", low.lb, "rn"),
+        R=r, chunks=low.l.shape[0], scale=1.0, seed_ptr=low.seed if dropout else None,
+        dropout_p=0.0, g_ptr=None, HAS_LORA=True, DROPOUT=dropout, SCALE_OUT=dora and scale_out,
+        SCALE_IN=dora and scale_in, IN_PLACE=False, BLOCK_R=rank_block(r), MULTI=True,
+        **low.rows.kwargs(segments=False), **low.bank.kwargs("offsets", "ranks", "dropout", "dora")))
+
+
 @on_device
 def multi_fused_linear(a: torch.Tensor, b: torch.Tensor, low: MultiLowRank,
                        bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None, *,
@@ -440,19 +472,7 @@ def multi_fused_linear(a: torch.Tensor, b: torch.Tensor, low: MultiLowRank,
     (``scale_out``: the forward) or a's columns (``scale_in``: the dx pass)."""
     if scale_out and scale_in:
         raise ValueError("multi_fused_linear scales the output or the input, not both")
-    m, n = a.shape[0], b.shape[1]
-    out = torch.empty((m, n), dtype=out_dtype or a.dtype, device=a.device)
-    if m == 0 or n == 0:
-        return out
-    dropout = low.seed is not None and low.bank.dropout is not None
-    dora = low.bank.dora and (scale_out or scale_in)
-    path = "scale_in" if dora and scale_in else "gather" if low.rows.gather else "sorted"
-    r = low.l.shape[2]
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    MULTI_KERNELS[path, a.dtype == torch.float32][grid](
-        **_gemm_args(a, b, bias, out), **operand("l", low.l, "smr"), **operand("lb", low.lb, "rn"),
-        R=r, chunks=low.l.shape[0], scale=1.0, seed_ptr=low.seed if dropout else None,
-        dropout_p=0.0, g_ptr=None, HAS_LORA=True, DROPOUT=dropout, SCALE_OUT=dora and scale_out,
-        SCALE_IN=dora and scale_in, IN_PLACE=False, BLOCK_R=rank_block(r), MULTI=True,
-        **low.rows.kwargs(segments=False), **low.bank.kwargs("offsets", "ranks", "dropout", "dora"))
+    out = torch.empty((a.shape[0], b.shape[1]), dtype=out_dtype or a.dtype, device=a.device)
+    if out.shape[0] and out.shape[1]:
+        multi_linear_launch(a, b, low, bias, out, scale_out, scale_in)()
     return out

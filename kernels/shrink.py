@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (configs, dropout_keep, fp32_precision, interpreting, m_bucket, on_device,
-                     operand, rank_block, shrink_tile, tune)
+from .common import (Launch, configs, dropout_keep, fp32_precision, interpreting, m_bucket,
+                     on_device, operand, rank_block, shrink_tile, tune)
 from .multi_meta import AdapterMeta, RowMap, segment_tile, segment_tiles, tile_rows
 
 _GATHER_R = 16  # rank tile of the gathered shrink: [BLOCK_M, 16, BLOCK_K] products
@@ -156,12 +156,24 @@ def gather_splits(k: int) -> tuple[int, int]:
 
 
 def _launch(kernel, grid, x: torch.Tensor, a: torch.Tensor, t: torch.Tensor, dims: str,
-            **args) -> torch.Tensor:
+            **args) -> Launch:
     m, k = x.shape
-    kernel[grid](**operand("x", x, "mk"), **operand("a", a, "rk"), **operand("t", t, dims),
-                 M=m, K=k, R=t.shape[-1], M_BUCKET=m_bucket(m), PRECISION=fp32_precision(),
-                 **args)
-    return t
+    return Launch(kernel, grid, dict(**operand("x", x, "mk"), **operand("a", a, "rk"),
+                                     **operand("t", t, dims), M=m, K=k, R=t.shape[-1],
+                                     M_BUCKET=m_bucket(m), PRECISION=fp32_precision(), **args))
+
+
+def shrink_launch(x: torch.Tensor, lora_A: torch.Tensor, t: torch.Tensor,
+                  dropout_p: float = 0.0, seed: torch.Tensor | None = None) -> Launch:
+    """The launch that writes ``drop(x) @ lora_A.T`` into t fp32 ``[M, r]`` (M > 0); x
+    ``[M, K]``, lora_A ``[r, K]``, seed int64 ``[1]`` on x's device when ``dropout_p > 0``.
+    Its tensor arguments: x_ptr, a_ptr, t_ptr, seed_ptr."""
+    m, r = t.shape
+    block_r = rank_block(r)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(r, block_r))  # noqa: E731
+    return _launch(KERNELS["single", lora_A.dtype == torch.float32], grid, x, lora_A, t, "mr",
+                   seed_ptr=seed, dropout_p=dropout_p, keep_scale=1.0 / (1.0 - dropout_p),
+                   DROPOUT=dropout_p > 0.0, BLOCK_R=block_r)
 
 
 @on_device
@@ -169,16 +181,29 @@ def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float = 0.0,
                 seed: torch.Tensor | None = None) -> torch.Tensor:
     """``drop(x) @ lora_A.T`` as fp32 ``[M, r]``; x ``[M, K]``, lora_A ``[r, K]``; seed int64
     ``[1]`` on x's device when ``dropout_p > 0``."""
-    m = x.shape[0]
-    r = lora_A.shape[0]
-    t = torch.empty((m, r), dtype=torch.float32, device=x.device)
-    if m == 0:
-        return t
-    block_r = rank_block(r)
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(r, block_r))  # noqa: E731
-    return _launch(KERNELS["single", lora_A.dtype == torch.float32], grid, x, lora_A, t, "mr",
-                   seed_ptr=seed, dropout_p=dropout_p, keep_scale=1.0 / (1.0 - dropout_p),
-                   DROPOUT=dropout_p > 0.0, BLOCK_R=block_r)
+    t = torch.empty((x.shape[0], lora_A.shape[0]), dtype=torch.float32, device=x.device)
+    if x.shape[0]:
+        shrink_launch(x, lora_A, t, dropout_p, seed)()
+    return t
+
+
+def multi_shrink_launch(x: torch.Tensor, A: torch.Tensor, t: torch.Tensor, bank: AdapterMeta,
+                        rows: RowMap, seed: torch.Tensor | None = None) -> Launch:
+    """The launch of ``multi_lora_shrink`` into t ``[chunks, M, max_rank]`` (M > 0, n > 0).
+    Its per-batch tensor arguments: x_ptr, t_ptr, seed_ptr and the rows' (``rows.kwargs``)."""
+    m, k = x.shape
+    r = t.shape[2]
+    chunk = gather_splits(k)[1] if rows.gather else k
+    if rows.gather:
+        block_r = _GATHER_R
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(r, block_r), t.shape[0])  # noqa: E731
+    else:
+        block_r = rank_block(r)
+        grid = lambda meta: (segment_tiles(m, rows.n, meta["BLOCK_M"]), triton.cdiv(r, block_r))  # noqa: E731
+    kernel = KERNELS["gather" if rows.gather else "sorted", A.dtype == torch.float32]
+    return _launch(kernel, grid, x, A, t, "smr", seed_ptr=seed, dropout_p=0.0, keep_scale=1.0,
+                   DROPOUT=bank.dropout is not None, BLOCK_R=block_r, k_chunk=chunk, MULTI=True,
+                   **rows.kwargs(), **bank.kwargs("offsets", "ranks", "scales", "dropout"))
 
 
 @on_device
@@ -189,18 +214,8 @@ def multi_lora_shrink(x: torch.Tensor, A: torch.Tensor, bank: AdapterMeta, rows:
     base rows, are never written). One chunk for sorted rows, ``gather_splits(K)`` for
     gathered ones. x ``[M, K]``; A ``[S, K]``; dropout (``bank.dropout``) needs ``seed``."""
     m, k = x.shape
-    r = max(bank.max_rank, 1)
-    chunks, chunk = gather_splits(k) if rows.gather else (1, k)
-    t = torch.empty((chunks, m, r), dtype=torch.float32, device=x.device)
-    if m == 0 or rows.n == 0:
-        return t
-    if rows.gather:
-        block_r = _GATHER_R
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(r, block_r), chunks)  # noqa: E731
-    else:
-        block_r = rank_block(r)
-        grid = lambda meta: (segment_tiles(m, rows.n, meta["BLOCK_M"]), triton.cdiv(r, block_r))  # noqa: E731
-    kernel = KERNELS["gather" if rows.gather else "sorted", A.dtype == torch.float32]
-    return _launch(kernel, grid, x, A, t, "smr", seed_ptr=seed, dropout_p=0.0, keep_scale=1.0,
-                   DROPOUT=bank.dropout is not None, BLOCK_R=block_r, k_chunk=chunk, MULTI=True,
-                   **rows.kwargs(), **bank.kwargs("offsets", "ranks", "scales", "dropout"))
+    chunks = gather_splits(k)[0] if rows.gather else 1
+    t = torch.empty((chunks, m, max(bank.max_rank, 1)), dtype=torch.float32, device=x.device)
+    if m and rows.n:
+        multi_shrink_launch(x, A, t, bank, rows, seed)()
+    return t

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..functional import lora_linear
+from ..cache import writes_visible
+from ..plans import LoraPlans, lora_linear
 
 
 class LoraLinear(nn.Module):
@@ -45,6 +46,7 @@ class LoraLinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **factory))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.merged = False
+        self._plans = LoraPlans()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, r: int, lora_alpha: float, lora_dropout: float = 0.0,
@@ -63,7 +65,8 @@ class LoraLinear(nn.Module):
         if self.merged:
             return F.linear(x, self.weight, self.bias)
         return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
-                           dropout_p=self.lora_dropout, training=self.training)
+                           dropout_p=self.lora_dropout, training=self.training,
+                           plans=self._plans if writes_visible(self) else None)
 
     @torch.no_grad()
     def _delta_into_weight(self, sign: float) -> None:

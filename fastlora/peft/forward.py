@@ -27,9 +27,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..functional import dora_linear, lora_linear
+from ..functional import dora_linear
+from ..plans import lora_linear
 from .mixed_batch import peft_mixed_batch_forward
 from .reader import BNB_4BIT, FAST_DTYPES, Adapter, Base, NotFused, read_adapter, read_base
+from . import state
 from .state import dora_norm
 
 
@@ -63,7 +65,7 @@ def fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             return _dora(self, first, x, base)
         p = first.dropout_p()
         return lora_linear(x, base.weight, _bias(base, adapters), first.A, first.B, first.scale,
-                           dropout_p=p, training=p > 0.0)
+                           dropout_p=p, training=p > 0.0, plans=state.plans(self))
     same_dtype = all(a.A.dtype == first.A.dtype for a in adapters)
     dropping = any(a.dropout_p() > 0.0 for a in adapters)
     if any(a.magnitude is not None for a in adapters):

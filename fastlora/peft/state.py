@@ -1,14 +1,16 @@
 """The one object fastlora keeps on a patched LoRA layer: ``patch`` creates it, ``unpatch``
 removes it whole. It holds the layer's caches, valid by the rule of ``fastlora.cache``: DoRA
-row norms per adapter (shared by the plain and the mixed-batch forward) and the packed
-adapters of the last inference mixed batch. A layer under FSDP keeps nothing; PEFT's
-merge / unmerge (writes through ``.data``) clear it; ``fastlora.refresh`` clears it.
-Copies and pickles of a patched layer get an empty one."""
+row norms per adapter (shared by the plain and the mixed-batch forward), the packed
+adapters of the last inference mixed batch and the launch plans of ``lora_linear``
+(``fastlora.plans``). A layer under FSDP keeps nothing; PEFT's merge / unmerge (writes
+through ``.data``) clear it; ``fastlora.refresh`` clears it. Copies and pickles of a
+patched layer get an empty one."""
 from __future__ import annotations
 
 import torch
 
 from ..cache import Cache, DoraNormCache, Stamped, writes_visible
+from ..plans import LoraPlans
 
 ATTR = "_fastlora_state"
 
@@ -17,10 +19,12 @@ class LayerState(Cache):
     def __init__(self):
         self.norms = DoraNormCache()
         self.bank: Stamped | None = None
+        self.plans = LoraPlans()
 
     def clear(self) -> None:
         self.norms.clear()
         self.bank = None
+        self.plans.clear()
 
 
 def attach(layer) -> None:
@@ -44,6 +48,12 @@ def state_of(layer) -> LayerState | None:
     if state is None or not writes_visible(layer, layer.base_layer):
         return None
     return state
+
+
+def plans(layer) -> LoraPlans | None:
+    """The layer's ``lora_linear`` launch plans, None when it may keep nothing."""
+    state = state_of(layer)
+    return state.plans if state is not None else None
 
 
 def dora_norm(layer, name: str, weight, lora_A, lora_B, scale) -> torch.Tensor:

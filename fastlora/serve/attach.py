@@ -4,8 +4,8 @@
 Each ``nn.Linear`` (or transformers ``Conv1D``) of the bank's model gets its ``__class__``
 swapped for a cached subclass (named as the original) whose ``forward`` reads the routing
 that ``routed(routing)`` makes current (a context variable: no argument threads through the
-model's own code) and calls ``fastlora.multi_lora_linear`` with the layer's adapters; with no
-routing, or no adapter covering the layer, it is the original forward. Parameters, buffers,
+model's own code) and calls ``fastlora.multi_lora_linear`` with the layer's adapters (through
+the layer's launch plans, ``fastlora.plans.MultiPlans``); with no routing, or no adapter covering the layer, it is the original forward. Parameters, buffers,
 hooks and state_dict keys stay as they were; ``detach`` gives the classes back. Modules whose
 forward was replaced on the instance (which a class swap cannot reach) and PEFT LoRA layers
 (serve the base model, or use ``fastlora.patch`` and ``adapter_names``) are refused.
@@ -18,7 +18,6 @@ import contextvars
 from torch import nn
 
 from ..bank import AdapterBank, layer_weight
-from ..functional import multi_lora_linear
 from ..routing import Routing
 
 __all__ = ["attach", "detach", "is_attached", "routed"]
@@ -48,7 +47,7 @@ def _forward(self, x):
     original = type(self)._fastlora_original_class.forward
     if layer is None or not layer.live:
         return original(self, x)
-    return multi_lora_linear(x, layer.weight, self.bias, layer, routing)
+    return layer.plans(x, layer.weight, self.bias, layer, routing)
 
 
 def _routed_class(original: type) -> type:

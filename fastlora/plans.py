@@ -1,0 +1,285 @@
+"""Launch plans: what a layer call decides, decided once per layer and input layout.
+
+Before its two launches a ``lora_linear`` call decides the backend, checks its arguments,
+picks the linear stage's implementation (``fastlora.dispatch``) and builds every kernel
+argument. All of that depends on
+
+* the layer's tensors (weight, bias, lora_A, lora_B): their identity, storage, layout and
+  version, the rule of ``fastlora.cache`` (a plan is stamped with them, and holds none);
+* x's shape, strides, dtype, device and 16-byte alignment, the scale and dropout, and the
+  switches read per call (autocast, the ``FASTLORA_BACKEND`` / ``FASTLORA_IMPL`` /
+  ``TRITON_INTERPRET`` variables, torch's fp32 matmul precision, deterministic algorithms):
+  the key a layer's plans are kept under.
+
+A steady-state call is a key lookup, a stamp comparison, two allocations and the two
+launches (``kernels.common.Launch``, the arguments but the tensors fixed). A call no plan
+covers runs ``fastlora.lora_linear``: the PyTorch backend, autocast, a 4-bit weight, an
+empty x, a call autograd records, ``torch.compile`` (which traces the custom ops), a
+linear-stage choice not final yet (a CUDA graph being captured before any measurement).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import backend, dispatch, functional
+from .cache import Cache, Stamped
+
+__all__ = ["LoraPlans", "MultiPlans", "lora_linear"]
+
+_SWITCHES = ("FASTLORA_BACKEND", "FASTLORA_IMPL", "TRITON_INTERPRET")
+if os.name == "posix" and isinstance(getattr(os.environ, "_data", None), dict):
+    # os.environ's own table (what os.environ[...] reads and writes): a lookup without the
+    # Python frames of os.environ.get, three per variable
+    _ENV, _ENV_KEYS = os.environ._data, tuple(name.encode() for name in _SWITCHES)
+else:  # pragma: no cover - Windows keeps upper-cased str keys
+    _ENV, _ENV_KEYS = os.environ, _SWITCHES
+_precision = torch._C._get_float32_matmul_precision
+_deterministic = torch._C._get_deterministic_algorithms
+_cuda_device = getattr(torch._C, "_cuda_getDevice", None)
+
+
+class _LoraPlan:
+    """The launches of one ``lora_linear`` call layout (eval: nothing for autograd).
+    ``linear``: the fused kernel's ``Launch``, or the chosen ``dispatch.Impl``."""
+    __slots__ = ("stamp", "shrink", "linear", "t_shape", "y_shape", "out_shape", "device",
+                 "scale", "dropout_p")
+
+    def __call__(self, x, weight, bias, lora_A, lora_B, seed, generator):
+        if self.device.type == "cuda" and _cuda_device() != self.device.index:
+            with torch.cuda.device(self.device):
+                return self.run(x, weight, bias, lora_A, lora_B, seed, generator)
+        return self.run(x, weight, bias, lora_A, lora_B, seed, generator)
+
+    def run(self, x, weight, bias, lora_A, lora_B, seed, generator):
+        x2 = x.reshape(self.y_shape[0], -1)
+        seed_t = (functional._seed(seed, generator, self.device) if self.dropout_p > 0.0
+                  else None)
+        t = torch.empty(self.t_shape, dtype=torch.float32, device=self.device)
+        self.shrink(x_ptr=x2, a_ptr=lora_A, t_ptr=t, seed_ptr=seed_t)
+        if isinstance(self.linear, dispatch.Impl):
+            from .kernels import LowRank
+
+            y = self.linear.launch(x2, weight.t(), LowRank(t, lora_B.t(), self.scale), bias)
+        else:
+            y = torch.empty(self.y_shape, dtype=x.dtype, device=self.device)
+            self.linear(a_ptr=x2, b_ptr=weight.t(), l_ptr=t, lb_ptr=lora_B.t(), bias_ptr=bias,
+                        out_ptr=y)
+        return y.view(self.out_shape)
+
+
+def _make(x, weight, bias, lora_A, lora_B, scaling, p, training, seed, generator):
+    """(a plan for this call or None, this call's result)."""
+    xc, w, b, a, bb, which = functional._prepare(x, weight, bias, lora_A, lora_B, scaling,
+                                                 p if training else 0.0)
+    m = xc.numel() // xc.shape[-1] if xc.dim() else 0
+    if which != "triton" or not isinstance(w, torch.Tensor) or m == 0:
+        return None, functional.lora_linear(x, weight, bias, lora_A, lora_B, scaling,
+                                            dropout_p=p, training=training, seed=seed,
+                                            generator=generator)
+    from .kernels import LowRank
+    from .kernels.common import on_device
+    from .kernels.linear import linear_launch
+    from .kernels.shrink import shrink_launch
+
+    plan = _LoraPlan()
+    plan.dropout_p = p if training else 0.0
+    plan.scale = float(scaling)
+    plan.device = x.device
+    plan.t_shape, plan.y_shape = (m, a.shape[0]), (m, w.shape[0])
+    plan.out_shape = (*x.shape[:-1], w.shape[0])
+
+    @on_device
+    def first(x2):
+        seed_t = functional._seed(seed, generator, x.device) if plan.dropout_p > 0.0 else None
+        t = torch.empty(plan.t_shape, dtype=torch.float32, device=x.device)
+        shrink = shrink_launch(x2, a, t, plan.dropout_p, seed_t)
+        shrink()
+        plan.shrink = shrink.without("x_ptr", "a_ptr", "t_ptr", "seed_ptr")
+        low = LowRank(t, bb.t(), plan.scale)
+        impl, final = dispatch.CHOOSER.decide(dispatch.LinearArgs(x2, w.t(), low, b),
+                                              dispatch.FORWARD)
+        if impl.name != dispatch.DEFAULT:
+            plan.linear = impl
+            return impl.launch(x2, w.t(), low, b), final
+        y = torch.empty(plan.y_shape, dtype=x.dtype, device=x.device)
+        linear = linear_launch(x2, w.t(), low, b, y)
+        linear()
+        plan.linear = linear.without("a_ptr", "b_ptr", "l_ptr", "lb_ptr", "bias_ptr", "out_ptr")
+        return y, final
+
+    y, final = first(xc.reshape(m, xc.shape[-1]))
+    return (plan if final else None), y.view(plan.out_shape)
+
+
+class LoraPlans(Cache):
+    """A layer's launch plans for ``lora_linear`` (see the module docstring), kept on the
+    layer (``fastlora.nn.LoraLinear``, a patched PEFT layer's state); ``fastlora.refresh``
+    clears them."""
+
+    def __init__(self):
+        self._plans: dict[tuple, Stamped] = {}
+
+    def clear(self) -> None:
+        self._plans.clear()
+
+    def __call__(self, x: torch.Tensor, weight, bias, lora_A, lora_B, scaling: float, *,
+                 dropout_p: float = 0.0, training: bool = False, seed: int | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """``fastlora.lora_linear(x, weight, bias, lora_A, lora_B, scaling, ...)`` through
+        the plan of this call's key."""
+        if (not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor)
+                or torch.compiler.is_compiling()
+                or (torch.is_grad_enabled() and (
+                    x.requires_grad or lora_A.requires_grad or lora_B.requires_grad
+                    or weight.requires_grad or (bias is not None and bias.requires_grad)))):
+            return functional.lora_linear(x, weight, bias, lora_A, lora_B, scaling,
+                                          dropout_p=dropout_p, training=training, seed=seed,
+                                          generator=generator)
+        device = x.device
+        key = (x.shape, x.stride(), x.dtype, device, x.data_ptr() & 15, bias is None,
+               scaling, dropout_p if training else 0.0, torch.is_autocast_enabled(device.type),
+               tuple(map(_ENV.get, _ENV_KEYS)), _precision(), _deterministic())
+        tensors = (weight, lora_A, lora_B) if bias is None else (weight, lora_A, lora_B, bias)
+        hit = self._plans.get(key)
+        if hit is not None and hit.valid_for(tensors, None):
+            if hit.value is not None:
+                return hit.value(x, weight, bias, lora_A, lora_B, seed, generator)
+            return functional.lora_linear(x, weight, bias, lora_A, lora_B, scaling,
+                                          dropout_p=dropout_p, training=training, seed=seed,
+                                          generator=generator)
+        if key[8]:  # autocast: the casts are per call
+            return functional.lora_linear(x, weight, bias, lora_A, lora_B, scaling,
+                                          dropout_p=dropout_p, training=training, seed=seed,
+                                          generator=generator)
+        plan, y = _make(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, seed,
+                        generator)
+        self._plans[key] = Stamped(tensors, None, plan)  # None: lora_linear runs
+        return y
+
+
+def lora_linear(x: torch.Tensor, weight, bias, lora_A, lora_B, scaling: float, *,
+                dropout_p: float = 0.0, training: bool = False, seed: int | None = None,
+                generator: torch.Generator | None = None,
+                plans: LoraPlans | None = None) -> torch.Tensor:
+    """``fastlora.lora_linear`` through a layer's ``plans`` (None: nothing kept)."""
+    if plans is None:
+        return functional.lora_linear(x, weight, bias, lora_A, lora_B, scaling,
+                                      dropout_p=dropout_p, training=training, seed=seed,
+                                      generator=generator)
+    return plans(x, weight, bias, lora_A, lora_B, scaling, dropout_p=dropout_p,
+                 training=training, seed=seed, generator=generator)
+
+
+class _MultiPlan:
+    """The two launches of one decode-path ``multi_lora_linear`` call layout (eval):
+    ``packed`` is the layer's ``PackedAdapters`` the plan was made for (routings are
+    checked against it on every call)."""
+    __slots__ = ("packed", "shrink", "linear", "t_shape", "y_shape", "out_shape", "device")
+
+    def __call__(self, x, weight, bias, routing):
+        routing.check(self.packed)  # tenant isolation: per call, O(1) while nothing changed
+        if self.device.type == "cuda" and _cuda_device() != self.device.index:
+            with torch.cuda.device(self.device):
+                return self.run(x, weight, bias, routing)
+        return self.run(x, weight, bias, routing)
+
+    def run(self, x, weight, bias, routing):
+        x2 = x.reshape(self.y_shape[0], -1)
+        index = routing.row_index(self.y_shape[0])
+        t = torch.empty(self.t_shape, dtype=torch.float32, device=self.device)
+        self.shrink(x_ptr=x2, t_ptr=t, index_ptr=index)
+        y = torch.empty(self.y_shape, dtype=x.dtype, device=self.device)
+        self.linear(a_ptr=x2, b_ptr=weight.t(), l_ptr=t, bias_ptr=bias, out_ptr=y,
+                    index_ptr=index)
+        return y.view(self.out_shape)
+
+
+def _make_multi(x, weight, bias, layer, routing):
+    """(a plan for this decode call or None, this call's result)."""
+    from .kernels.multi_meta import gathers
+    from .routing import Routing
+
+    bank = layer.packed()
+    m = x.numel() // x.shape[-1] if x.dim() else 0
+    result = functional.multi_lora_linear(x, weight, bias, bank, routing)  # checks it all
+    if (not isinstance(routing, Routing) or not 0 < m or not gathers(m)
+            or backend.choose(x, weight, bank.A, bank.B) != "triton"):
+        return None, result
+    from .kernels.common import on_device
+    from .kernels.linear import MultiLowRank, multi_linear_launch
+    from .kernels.multi_meta import AdapterMeta, RowMap
+    from .kernels.shrink import gather_splits, multi_shrink_launch
+
+    plan = _MultiPlan()
+    plan.packed, plan.device = bank, x.device
+    plan.t_shape = (gather_splits(x.shape[-1])[0], m, max(bank.max_rank, 1))
+    plan.y_shape, plan.out_shape = (m, weight.shape[0]), (*x.shape[:-1], weight.shape[0])
+    dora = bank.magnitude is not None
+    meta = AdapterMeta(bank.offsets, bank.ranks, bank.scales, bank.max_rank, None,
+                       bank.magnitude, bank.weight_norm.detach() if dora else None,
+                       bank.is_dora.view(torch.int8) if dora else None)
+    rows = RowMap(bank.n, routing.row_index(m))
+
+    @on_device
+    def make(x2):
+        t = torch.empty(plan.t_shape, dtype=torch.float32, device=x.device)
+        y = torch.empty(plan.y_shape, dtype=x.dtype, device=x.device)
+        plan.shrink = multi_shrink_launch(x2, bank.A, t, meta, rows).without(
+            "x_ptr", "t_ptr", "index_ptr")
+        plan.linear = multi_linear_launch(x2, weight.t(), MultiLowRank(t, bank.B, meta, rows),
+                                          bias, y, scale_out=True).without(
+            "a_ptr", "b_ptr", "l_ptr", "bias_ptr", "out_ptr", "index_ptr")
+
+    make(x.reshape(m, x.shape[-1]))
+    return plan, result
+
+
+class MultiPlans(Cache):
+    """A bank layer's launch plans for decode-path ``multi_lora_linear`` calls (rows
+    gathered, eval), kept on an ``AdapterBank`` layer (``fastlora.serve``). A plan is
+    stamped with the base weight and bias and every tensor of the layer's packed adapters
+    (a write into the bank bumps their versions: the next call decides again); the routing
+    is checked against the bank on every call. Other calls run ``multi_lora_linear``."""
+
+    def __init__(self):
+        self._plans: dict[tuple, Stamped] = {}
+
+    def clear(self) -> None:
+        self._plans.clear()
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias, layer, routing
+                 ) -> torch.Tensor:
+        """``fastlora.multi_lora_linear(x, weight, bias, layer, routing)``; layer: an
+        ``AdapterBank`` layer (``layer.packed()``)."""
+        if (torch.compiler.is_compiling() or (torch.is_grad_enabled() and (
+                x.requires_grad or weight.requires_grad
+                or (bias is not None and bias.requires_grad)))):
+            return functional.multi_lora_linear(x, weight, bias, layer, routing)
+        device = x.device
+        key = (x.shape, x.stride(), x.dtype, device, x.data_ptr() & 15, bias is None,
+               torch.is_autocast_enabled(device.type), tuple(map(_ENV.get, _ENV_KEYS)),
+               _precision(), _deterministic())
+        hit = self._plans.get(key)
+        if hit is not None:
+            plan = hit.value
+            if (layer.A is plan.packed.A and layer.magnitude is plan.packed.magnitude
+                    and hit.valid_for(_stamped(weight, bias, plan.packed), None)):
+                return plan(x, weight, bias, routing)
+        if key[6]:  # autocast: the casts are per call
+            return functional.multi_lora_linear(x, weight, bias, layer, routing)
+        plan, y = _make_multi(x, weight, bias, layer, routing)
+        if plan is not None:
+            self._plans[key] = Stamped(_stamped(weight, bias, plan.packed), None, plan)
+        return y
+
+
+def _stamped(weight, bias, bank) -> tuple:
+    """The tensors a multi-adapter plan is stamped with: the base and the packed adapters."""
+    tensors = (weight, bank.A, bank.B, bank.offsets, bank.ranks, bank.scales)
+    if bias is not None:
+        tensors += (bias,)
+    if bank.magnitude is not None:
+        tensors += (bank.magnitude, bank.weight_norm, bank.is_dora)
+    return tensors

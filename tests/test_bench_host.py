@@ -1,0 +1,15 @@
+"""The host benchmark runs on the CPU and gives its table: every path in both modes, with
+Python call counts (no timing is asserted)."""
+from bench_host import COLUMNS, MODES, measure
+from tables import markdown_table
+
+
+def test_host_benchmark_gives_every_path_and_mode(device):
+    rows = measure(k=32, n=16, r=4, rounds=1, device=device, wall=False)
+    paths = ("peft", "nn.LoraLinear", "patched peft", "serve decode")
+    assert [(r["path"], r["mode"]) for r in rows] == [(p, m) for m in MODES for p in paths]
+    for row in rows:
+        assert isinstance(row["calls"], int) and row["calls"] > 3  # Module.__call__ and forward
+        assert row["host_us"] > 0
+    table = markdown_table(rows, COLUMNS)
+    assert table.count("\n") == len(rows) + 2

@@ -1,0 +1,145 @@
+"""Launch plans (fastlora.plans): a layer's steady-state call decides nothing again (no
+backend choice, no argument checks, no implementation choice), and any change that could
+change a decision makes the next call decide again."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fastlora import backend, checks, dispatch, reference
+from fastlora.nn import LoraLinear
+from data import generator, randn
+from spies import count_calls
+from tolerances import assert_close
+
+
+def make_layer(device, dtype=torch.float32):
+    torch.manual_seed(0)
+    layer = LoraLinear(48, 40, r=4, lora_alpha=8, dtype=dtype, device=device).eval()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    return layer
+
+
+def expected(layer, x):
+    return reference.lora_linear(x.double(), layer.weight.double(), layer.bias.double(),
+                                 layer.lora_A.double(), layer.lora_B.double(), layer.scaling)
+
+
+def deciders(monkeypatch):
+    return count_calls(monkeypatch, (checks, "check_lora"), (backend, "choose"),
+                       (dispatch.Chooser, "decide"))
+
+
+def test_steady_state_call_decides_nothing(monkeypatch, device):
+    layer = make_layer(device)
+    x = randn(3, 5, 48, g=generator(0), device=device)
+    with torch.no_grad():
+        layer(x)
+        counts = deciders(monkeypatch)
+        for _ in range(2):
+            y = layer(x)
+    assert counts == {"check_lora": 0, "choose": 0, "decide": 0}, counts
+    assert y.shape == (3, 5, 40)
+    assert_close(y, expected(layer, x), torch.float32, "planned call")
+
+
+def test_a_new_layout_or_switch_decides_again(monkeypatch, device):
+    layer = make_layer(device)
+    x = randn(6, 48, g=generator(1), device=device)
+    with torch.no_grad():
+        layer(x)
+        counts = deciders(monkeypatch)
+        layer(x[:, :].t().contiguous().t())  # the same values, column-major: new strides
+        assert counts["check_lora"] == 1
+        layer(randn(7, 48, g=generator(2), device=device))  # another row count
+        assert counts["check_lora"] == 2
+        monkeypatch.setenv("FASTLORA_BACKEND", "torch")  # a switch read per call
+        y = layer(x)
+        assert counts["choose"] > 2
+    assert_close(y, expected(layer, x), torch.float32, "after the switch")
+
+
+def test_changed_weights_are_checked_again(device):
+    layer = make_layer(device)
+    x = randn(4, 48, g=generator(3), device=device)
+    with torch.no_grad():
+        layer(x)
+        layer.lora_A.mul_(2.0)  # in place: the plan holds no values
+        assert_close(layer(x), expected(layer, x), torch.float32, "in-place update")
+        layer.lora_A = nn.Parameter(randn(4, 47, g=generator(4), device=device))
+        with pytest.raises(ValueError, match="lora_A must be"):
+            layer(x)
+        layer.lora_A = nn.Parameter(randn(4, 48, g=generator(5), device=device))
+        assert_close(layer(x), expected(layer, x), torch.float32, "replaced parameter")
+
+
+def test_training_calls_are_not_planned(device):
+    """A call autograd records runs the custom ops (their backward), and keeps nothing."""
+    layer = make_layer(device)
+    x = randn(4, 48, g=generator(6), device=device, requires_grad=True)
+    layer(x).sum().backward()
+    assert layer.lora_A.grad is not None and x.grad is not None
+    assert not layer._plans._plans
+
+
+def test_serve_decode_layer_is_two_launches_and_nothing_else(monkeypatch, device):
+    """A served layer's decode call (fastlora.serve): the two launches (gathered shrink,
+    fused linear), allocations and views, no memset, no check re-run; a write into the
+    bank is seen, and a routing whose adapter was replaced is refused."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from bench_host import stubbed_launches
+
+    from fastlora.bank import AdapterBank
+    from fastlora.serve import attach, routed
+    from spies import count_launches
+
+    class TorchOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.add(func.name())
+            return func(*args, **(kwargs or {}))
+
+    g = generator(7)
+    model = nn.Sequential(nn.Linear(48, 40)).to(device)
+    bank = AdapterBank(model, max_rank=4)
+    adapters = {name: (randn(r, 48, g=g, device=device), randn(40, r, g=g, device=device), s)
+                for name, r, s in (("a", 4, 0.5), ("b", 2, 2.0))}
+    bank.add("a", *adapters["a"], layer="0")
+    attach(model, bank)
+    layer = model[0]
+    x = randn(3, 48, g=g, device=device)
+
+    def want(names):
+        rows = []
+        for i, name in enumerate(names):
+            y = torch.nn.functional.linear(x[i].double(), layer.weight.double(), layer.bias.double())
+            if name is not None:
+                A, B, s = adapters[name]
+                y = y + s * (x[i].double() @ A.double().t()) @ B.double().t()
+            rows.append(y)
+        return torch.stack(rows)
+
+    routing = bank.index(["a", None, "a"])
+    with torch.no_grad(), routed(routing):
+        layer(x)
+        counts = deciders(monkeypatch)
+        with stubbed_launches(), TorchOps() as ops:  # the interpreter's own copies left out
+            layer(x)
+        launches = count_launches(monkeypatch)
+        y = layer(x)
+    assert launches == ["_lora_shrink_kernel", "_lora_linear_kernel"], launches
+    assert ops.ops <= {"aten::view", "aten::t", "aten::empty.memory_format"}, ops.ops
+    assert counts == {"check_lora": 0, "choose": 0, "decide": 0}, counts
+    assert_close(y, want(["a", None, "a"]), torch.float32, "planned decode")
+    bank.add("b", *adapters["b"], layer="0")  # a write into the bank: decided again
+    with torch.no_grad(), routed(bank.index(["b", "a", None])):
+        assert_close(layer(x), want(["b", "a", None]), torch.float32, "after a write")
+    bank.add("a", *adapters["a"], layer="0", replace=True)
+    with torch.no_grad(), routed(routing), pytest.raises(RuntimeError, match="replaced"):
+        layer(x)
