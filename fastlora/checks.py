@@ -14,6 +14,7 @@ import torch
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 QUANT4_TYPES = ("nf4", "fp4")
 QUANT4_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # bitsandbytes' quantize_4bit's
+FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def check_float(name: str, t: torch.Tensor, kernel: bool) -> None:
@@ -32,6 +33,14 @@ def check_devices(**named) -> None:
     devices = {name: t.device for name, t in named.items() if t is not None}
     if len(set(devices.values())) > 1:
         raise ValueError(f"tensors are on different devices: {devices}")
+
+
+def check_positive_int(name: str, value) -> None:
+    """A count (``max_batch``, ``slots``, ...): an int, at least 1."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be at least 1, got {value}")
 
 
 def check_scaling(scaling) -> None:
