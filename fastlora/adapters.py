@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from . import checks
 from .functional import dora_weight_norm
 from .routing import Slots
 
@@ -132,6 +133,8 @@ def pack_adapters(adapters: Sequence[tuple], *, weight: torch.Tensor | None = No
             raise ValueError(f"pack_adapters: dropout must hold {len(adapters)} probabilities "
                              f"in [0, 1), got {dropout}")
     drops = dropout is not None and any(p > 0.0 for p in dropout)
+    for i, a in enumerate(adapters):
+        checks.check_scaling(a[2], f"pack_adapters: adapter {i}'s scale")
     magnitude = norm = is_dora = None
     if any(dora):
         n_out = adapters[0][1].shape[0]
@@ -141,6 +144,7 @@ def pack_adapters(adapters: Sequence[tuple], *, weight: torch.Tensor | None = No
             if not dora[i]:
                 norms.append(ones)
             elif weight_norms is not None and weight_norms[i] is not None:
+                checks.check_weight_norm(weight_norms[i], n_out, f"pack_adapters: weight_norms[{i}]")
                 norms.append(weight_norms[i].detach().float())
             elif weight is None:
                 raise ValueError("pack_adapters: DoRA adapters need weight or weight_norms")

@@ -36,13 +36,12 @@ from torch import nn
 
 from .adapters import PackedAdapters
 from .cache import Stamped
+from .checks import FLOAT32_MAX
 from .functional import dora_weight_norm
 from .plans import MultiPlans
 from .routing import BASE, Routing, Slots
 
 __all__ = ["AdapterBank", "LayerBank", "Prepared"]
-
-_FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 @dataclass(frozen=True)
@@ -205,7 +204,7 @@ class LayerBank:
             raise ValueError(f"{who}: DoRA magnitude {list(magnitude.shape)}, "
                              f"expected [{n_out}]")
         scale = finite_number(scale, f"{who}: scale")
-        if abs(scale) > _FLOAT32_MAX:
+        if abs(scale) > FLOAT32_MAX:
             raise ValueError(f"{who}: scale {scale:g} is beyond float32's "
                              "range (the kernels' scale dtype)")
         for what, t in (("A", A), ("B", B), ("magnitude", magnitude)):

@@ -1,5 +1,6 @@
 """Argument checks of the public ops (``lora_linear``, ``dora_linear``, ``dora_weight_norm``,
-``multi_lora_linear``): each raises a clear error naming the problem before any work.
+``multi_lora_linear``) and of ``fastlora.serve``'s counts: each raises a clear error naming
+the argument and the problem before any work.
 
 ``kernel=True`` adds what only the Triton kernels require (fp16, bf16 or fp32 tensors).
 Nothing here synchronizes with a CUDA device: values are read only from CPU tensors.
@@ -14,6 +15,7 @@ import torch
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 QUANT4_TYPES = ("nf4", "fp4")
 QUANT4_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # bitsandbytes' quantize_4bit's
+FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def check_float(name: str, t: torch.Tensor, kernel: bool) -> None:
@@ -34,14 +36,40 @@ def check_devices(**named) -> None:
         raise ValueError(f"tensors are on different devices: {devices}")
 
 
-def check_scaling(scaling) -> None:
+def check_positive_int(name: str, value) -> None:
+    """A count (``max_batch``, ``slots``, ...): an int, at least 1."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be at least 1, got {value}")
+
+
+def check_scaling(scaling, name: str = "scaling") -> None:
+    """A real number the kernels can take: finite in float32 (their scale's dtype)."""
     if not isinstance(scaling, numbers.Real) or isinstance(scaling, bool):
-        raise TypeError(f"scaling must be a real number, got {type(scaling).__name__}")
+        raise TypeError(f"{name} must be a real number, got {type(scaling).__name__}")
+    if not abs(float(scaling)) <= FLOAT32_MAX:  # NaN fails too
+        raise ValueError(f"{name} must be finite and within float32's range (the kernels' "
+                         f"scale dtype, up to {FLOAT32_MAX:.3g}), got {scaling}")
 
 
 def check_dropout(dropout_p) -> None:
+    if not isinstance(dropout_p, numbers.Real) or isinstance(dropout_p, bool):
+        raise TypeError(f"dropout_p must be a real number, got {type(dropout_p).__name__}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+
+
+def check_random(training, seed, generator) -> None:
+    """``training`` a bool; ``seed`` None or an int; ``generator`` None or a
+    ``torch.Generator``."""
+    if not isinstance(training, bool):
+        raise TypeError(f"training must be a bool, got {type(training).__name__}")
+    if seed is not None and (not isinstance(seed, numbers.Integral) or isinstance(seed, bool)):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got "
+                        f"{type(generator).__name__}")
 
 
 def check_base(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -161,7 +189,8 @@ def check_adapter(weight, lora_A: torch.Tensor, lora_B: torch.Tensor, kernel: bo
     if lora_A.shape[0] != lora_B.shape[1]:
         raise ValueError(f"rank mismatch: lora_A has rank {lora_A.shape[0]}, lora_B has rank {lora_B.shape[1]}")
     if lora_A.shape[0] == 0:
-        raise ValueError("LoRA rank must be at least 1")
+        raise ValueError(f"lora_A {tuple(lora_A.shape)} and lora_B {tuple(lora_B.shape)} have "
+                         "rank 0: the LoRA rank must be at least 1")
     if lora_A.dtype != lora_B.dtype:
         raise TypeError(f"lora_A ({lora_A.dtype}) and lora_B ({lora_B.dtype}) must have the same dtype")
 
@@ -182,6 +211,24 @@ def check_magnitude(magnitude: torch.Tensor, weight: torch.Tensor, kernel: bool)
     check_float("magnitude", magnitude, kernel)
     if tuple(magnitude.shape) != (weight.shape[0],):
         raise ValueError(f"magnitude must have shape ({weight.shape[0]},), got {tuple(magnitude.shape)}")
+
+
+def check_weight_norm(weight_norm: torch.Tensor, n: int, name: str = "weight_norm") -> None:
+    """A DoRA row norm ``||W + s B A||`` ``[N]`` (float, as ``dora_weight_norm`` gives it),
+    every entry finite and positive (it divides the magnitude). Values are read only from a
+    CPU tensor, on the host (as ``check_index``); a CUDA norm's are not (no device sync)."""
+    if not isinstance(weight_norm, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(weight_norm).__name__}")
+    check_float(name, weight_norm, kernel=False)
+    if tuple(weight_norm.shape) != (n,):
+        raise ValueError(f"{name} must have shape ({n},) (one norm per output row), got "
+                         f"{tuple(weight_norm.shape)}")
+    if weight_norm.device.type == "cpu" and not torch.compiler.is_compiling():
+        bad = ~((weight_norm > 0) & (weight_norm < math.inf))  # NaN fails both
+        if bad.any():
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(f"{name}[{i}] is {weight_norm[i].item()}: DoRA's row norm "
+                             "||W + s B A|| must be finite and positive (it divides the magnitude)")
 
 
 def check_norm(weight, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling,

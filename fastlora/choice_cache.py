@@ -3,11 +3,17 @@
 One JSON file per GPU model and library versions (fastlora, torch, Triton), in
 ``FASTLORA_CACHE_DIR`` (default ``$XDG_CACHE_HOME/fastlora``, else ``~/.cache/fastlora``).
 Files are written atomically (a temporary file, then a rename) and merged with what other
-processes wrote meanwhile; an unreadable file is ignored with a warning and rewritten.
+processes wrote meanwhile, under an exclusive ``fcntl.flock`` on a ``.lock`` file beside the
+cache file, so that concurrent writers lose no entries (where ``fcntl`` is missing, as on
+Windows, without a lock: a concurrent writer's entries may then be lost, to be measured
+again). An unreadable file (not UTF-8, not JSON, nested too deep, wrong types) is ignored
+with one warning and rewritten by the next write.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import re
 import tempfile
@@ -15,7 +21,15 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
 _FORMAT = 1
+_UNREADABLE = (ValueError, TypeError, KeyError, AttributeError, OverflowError, RecursionError)
+"""What parsing an untrusted file may raise (UnicodeDecodeError and JSONDecodeError are
+ValueErrors; RecursionError: JSON nested too deep; OverflowError: a number beyond float)."""
 
 
 @dataclass
@@ -28,12 +42,20 @@ class Choice:
 
     @classmethod
     def from_json(cls, data: dict) -> Choice:
+        """A choice as ``to_json`` writes it; raises TypeError / KeyError on anything else."""
+        if not isinstance(data, dict):
+            raise TypeError(f"a choice must be an object, got {type(data).__name__}")
         impl = data["impl"]
-        timings = {str(k): float(v) for k, v in data.get("timings_ms", {}).items()}
-        unavailable = {str(k): str(v) for k, v in data.get("unavailable", {}).items()}
         if not isinstance(impl, str):
             raise TypeError(f"impl must be a string, got {impl!r}")
-        return cls(impl, timings, unavailable)
+        timings, unavailable = data.get("timings_ms", {}), data.get("unavailable", {})
+        if not isinstance(timings, dict) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                for v in timings.values()):
+            raise TypeError(f"timings_ms must map names to finite numbers, got {timings!r}"[:200])
+        if not isinstance(unavailable, dict) or not all(isinstance(v, str) for v in unavailable.values()):
+            raise TypeError(f"unavailable must map names to strings, got {unavailable!r}"[:200])
+        return cls(impl, {k: float(v) for k, v in timings.items()}, dict(unavailable))
 
 
 def cache_dir() -> Path:
@@ -64,28 +86,33 @@ class ChoiceCache:
 
     def __init__(self):
         self._loaded: dict[str, dict[str, Choice]] = {}
+        self._warned: set[Path] = set()  # unreadable files already warned about
 
     def path(self, device: str) -> Path:
         tags = "--".join(f"{name}-{_slug(v)}" for name, v in _versions().items())
         return cache_dir() / f"{_slug(device)}--{tags}.json"
 
     def _read(self, path: Path) -> dict[str, Choice]:
+        """The choices in ``path``; {} if it is missing or unreadable (one warning per
+        file until it is rewritten)."""
         try:
-            text = path.read_text()
+            data = json.loads(path.read_bytes().decode("utf-8"))
+            if not isinstance(data, dict) or data.get("format") != _FORMAT:
+                found = data.get("format") if isinstance(data, dict) else type(data).__name__
+                raise ValueError(f"format {found!r}, expected {_FORMAT}")
+            choices = data["choices"]
+            if not isinstance(choices, dict):
+                raise TypeError(f"choices must be an object, got {type(choices).__name__}")
+            return {k: Choice.from_json(v) for k, v in choices.items()}
         except FileNotFoundError:
             return {}
-        except OSError as exc:
-            warnings.warn(f"fastlora: cannot read the choice cache {path} ({exc}); ignoring it",
-                          stacklevel=3)
-            return {}
-        try:
-            data = json.loads(text)
-            if data.get("format") != _FORMAT:
-                raise ValueError(f"format {data.get('format')!r}, expected {_FORMAT}")
-            return {str(k): Choice.from_json(v) for k, v in data["choices"].items()}
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
-            warnings.warn(f"fastlora: ignoring the unreadable choice cache {path} "
-                          f"({type(exc).__name__}: {exc}); it will be rewritten", stacklevel=3)
+        except (OSError, *_UNREADABLE) as exc:
+            if path not in self._warned:
+                self._warned.add(path)
+                warnings.warn(f"fastlora: cannot read the choice cache {path} ({exc}); "
+                              "ignoring it" if isinstance(exc, OSError) else
+                              f"fastlora: ignoring the unreadable choice cache {path} "
+                              f"({type(exc).__name__}: {exc}); it will be rewritten", stacklevel=3)
             return {}
 
     def _choices(self, device: str) -> dict[str, Choice]:
@@ -97,21 +124,24 @@ class ChoiceCache:
         return self._choices(device).get(key)
 
     def put(self, device: str, key: str, choice: Choice) -> None:
-        """Remember ``choice`` and write the device's file (merged with its current content)."""
+        """Remember ``choice`` and write the device's file: under its lock, the file's current
+        content merged with this process's choices, then an atomic replace."""
         choices = self._choices(device)
         choices[key] = choice
         path = self.path(device)
-        merged = {**self._read(path), **choices}
-        payload = {"format": _FORMAT, "device": device, "versions": _versions(),
-                   "choices": {k: asdict(v) for k, v in sorted(merged.items())}}
         tmp = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=path.name,
-                                             suffix=".tmp", delete=False) as f:
-                tmp = f.name
-                json.dump(payload, f, indent=1)
-            os.replace(tmp, path)
+            with _locked(path):
+                merged = {**self._read(path), **choices}
+                payload = {"format": _FORMAT, "device": device, "versions": _versions(),
+                           "choices": {k: asdict(v) for k, v in sorted(merged.items())}}
+                with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=path.name,
+                                                 suffix=".tmp", delete=False) as f:
+                    tmp = f.name
+                    json.dump(payload, f, indent=1)
+                os.replace(tmp, path)
+            self._warned.discard(path)
         except OSError as exc:
             if tmp is not None:
                 Path(tmp).unlink(missing_ok=True)
@@ -121,3 +151,18 @@ class ChoiceCache:
     def forget(self) -> None:
         """Drop what is in memory (the files stay): the next lookup reads them again."""
         self._loaded.clear()
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """Hold an exclusive ``fcntl.flock`` on ``<path>.lock`` (created if missing; never
+    removed, so that every writer locks the same file); no lock without ``fcntl``."""
+    if fcntl is None:
+        yield
+        return
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)

@@ -113,6 +113,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     stored: the backward regenerates it. A seed reproduces a mask on one backend; the
     Triton kernels and the PyTorch reference draw different masks from the same seed.
     """
+    checks.check_random(training, seed, generator)
     x, weight, bias, lora_A, lora_B, which = _prepare(x, weight, bias, lora_A, lora_B, scaling,
                                                       dropout_p)
     p = float(dropout_p) if training else 0.0
@@ -176,7 +177,8 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
     Shapes as ``lora_linear`` (weight dense or bitsandbytes 4-bit, as there), magnitude
     ``[N]``. The row norm is detached (as in the paper
-    and PEFT); pass ``weight_norm`` (from ``dora_weight_norm``) to reuse a cached one. The
+    and PEFT); pass ``weight_norm`` ``[N]`` (from ``dora_weight_norm``) to reuse a cached one
+    (finite and positive: checked on the host for a CPU tensor, not on a GPU). The
     base bias stays outside the factor. In training with dropout PEFT computes
     ``x W^T + bias + (g - 1) xd W^T + g s xd A^T B^T`` (xd = dropped x, so two base
     GEMMs): that case runs the PyTorch reference (``fastlora.reference.dora_linear``, mask
@@ -185,9 +187,13 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     accumulator, and a backward that saves x, T, the output and g, and gets
     ``d magnitude`` from the same pass over dY.
     """
+    checks.check_random(training, seed, generator)
     x, weight, bias, lora_A, lora_B, which = _prepare(x, weight, bias, lora_A, lora_B, scaling,
-                                                      dropout_p, magnitude=magnitude)
+                                                      dropout_p, magnitude=magnitude,
+                                                      weight_norm=weight_norm)
     checks.check_magnitude(magnitude, weight, which == "triton")
+    if weight_norm is not None:
+        checks.check_weight_norm(weight_norm, weight.shape[0])
     p = float(dropout_p) if training else 0.0
     if which == "triton" and p > 0.0:
         _warn_dora_dropout("dora_linear")
@@ -250,6 +256,7 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     if isinstance(weight, Quant4Weight) or is_bnb_4bit(weight):
         raise TypeError("multi_lora_linear takes a dense base weight; a bitsandbytes 4-bit "
                         "weight is not supported here (lora_linear and dora_linear take it)")
+    checks.check_random(training, seed, generator)
     bank = bank.packed()
     checks.check_devices(x=x, weight=weight, bias=bias)
     x, weight, bias = _autocast(x.device.type, x, weight, bias)

@@ -55,7 +55,7 @@ def main(argv: list[str]) -> int:
     except BrokenPipeError:  # `fastlora inspect ... | head`: a reader that stopped is no error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
         return 0
-    except (CommandError, ValueError, OSError) as e:  # AdapterFormatError is a ValueError
+    except Exception as e:  # every failure is one line: ours name the problem, others their type too
         print(f"fastlora {args.command}: error: {_message(e)}", file=sys.stderr)
         return 2
 
@@ -71,9 +71,15 @@ def _one_line_warnings(command: str, show):
 
 
 def _message(e: Exception) -> str:
+    """One line: an OSError as ``<file>: <reason>``; our errors (CommandError, ValueError:
+    AdapterFormatError among them) as they are; anything else prefixed by its type."""
     if isinstance(e, OSError) and e.filename is not None:
-        return f"{e.filename}: {e.strerror or e}"
-    return str(e)
+        text = f"{e.filename}: {e.strerror or e}"
+    elif isinstance(e, (CommandError, ValueError, OSError)):
+        text = str(e)
+    else:
+        text = f"{type(e).__name__}: {e}"
+    return " ".join(text.split())
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -140,11 +141,42 @@ def write_json(obj: dict[str, Any], path: Path) -> None:
     _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+def make_dirs(path: Path, output: Path | None = None) -> None:
+    """Create directory ``path`` and its missing parents, for ``output`` (default ``path``).
+    A regular file in the way raises ``NotADirectoryError`` naming ``output`` and that file
+    (``mkdir`` would say ``File exists``)."""
+    for ancestor in (path, *path.parents):
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, f"{ancestor} is a file, not a directory",
+                                         str(output or path))
+            break
+    path.mkdir(parents=True, exist_ok=True)
+
+
 def _atomic_write(path: Path, write) -> None:
+    """``write(tmp)`` to a hidden file beside ``path``, then rename it to ``path``. A failure
+    is an ``OSError`` naming ``path`` (not the temporary file; safetensors' own errors, which
+    are not OSErrors, too)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, SafetensorError):
+            raise _write_error(str(e), path) from e
+        if isinstance(e, OSError) and e.filename == str(tmp):
+            raise type(e)(e.errno, e.strerror, str(path)) from e
         raise
+
+
+def _write_error(message: str, path: Path) -> OSError:
+    """An ``OSError`` naming ``path`` from a safetensors write error, whose message ends
+    ``... (os error 13) at path "<its own temporary file>"``."""
+    code = re.search(r"\(os error (\d+)\)", message)
+    if code is not None:
+        number = int(code.group(1))
+        return OSError(number, os.strerror(number), str(path))
+    reason = re.sub(r' at path "[^"]*"', "", message)
+    return OSError(errno.EIO, f"cannot write it ({reason})", str(path))

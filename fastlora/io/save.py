@@ -32,7 +32,8 @@ import torch
 
 from .adapter import Adapter, AdapterLayer, alpha_for_scale
 from .errors import AdapterFormatError
-from .files import PEFT_CONFIG, PEFT_WEIGHTS, write_json, write_safetensors
+from .files import PEFT_CONFIG, PEFT_WEIGHTS, make_dirs, write_json, write_safetensors
+from .finite import check_finite, finite_number
 from .metadata import DIFFUSERS_METADATA_KEY, KOHYA_ALPHA_KEY, KOHYA_DIM_KEY, NAME_MAP_KEY, pattern_value
 from .names import PEFT_PREFIX, is_kohya_name, kohya_name, split_component
 from .summary import json_number
@@ -56,7 +57,7 @@ def save_adapter(adapter: Adapter, path: str | os.PathLike, format: str = "peft"
         return [path / component for component in groups]
     if path.is_dir():
         raise AdapterFormatError(f"{path}: is a directory; the {format} format is a single .safetensors file")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent, path)
     if format == "diffusers":
         write_safetensors(_peft_tensors(adapter.layers, ""), path, _header(_diffusers_config(adapter)))
     else:
@@ -68,7 +69,7 @@ def save_adapter(adapter: Adapter, path: str | os.PathLike, format: str = "peft"
 def _write_peft(layers: dict[str, AdapterLayer], passthrough: dict[str, Any], path: Path) -> None:
     if path.exists() and not path.is_dir():
         raise AdapterFormatError(f"{path}: is a file; the peft format is a directory")
-    path.mkdir(parents=True, exist_ok=True)
+    make_dirs(path)
     config = {**_lora_config(layers), **passthrough}
     write_safetensors(_peft_tensors(layers, PEFT_PREFIX), path / PEFT_WEIGHTS, _header(config))
     write_json(config, path / PEFT_CONFIG)
@@ -80,6 +81,11 @@ def _check_writable(adapter: Adapter, path, format: str) -> None:
             raise AdapterFormatError(
                 f"{path}: layer {name!r} is a {layer.kind} layer, and {format} files hold LoRA factors: turn it "
                 "into LoRA first (fastlora.io.to_lora(adapter, rank=R); command line: --rank R)")
+        finite_number(layer.alpha, f"{path}: layer {name!r}: alpha")
+        for what in ("A", "B", "magnitude", "bias"):
+            tensor = getattr(layer, what)
+            if tensor is not None:
+                check_finite(tensor, f"{path}: layer {name!r}: {what}")
     unbound = [name for name in adapter.layers if is_kohya_name(name)]
     if unbound and format != "kohya":
         also = "; diffusers also loads kohya files as they are" if format == "diffusers" else ""

@@ -4,7 +4,8 @@
 Sequences join (``merge``: the shorter side is padded on the left) and leave (``keep``: rows
 selected, then the columns no row uses any more trimmed) between decode steps. A decode
 step feeds ``mask_for_step()`` and ``positions()`` (each row's next position: its real
-length) to the model, which appends one column to every layer of the cache.
+length) to the model, which appends one column to every layer of the cache; ``stepped``
+records it, and ``rollback`` undoes what a step that raised appended.
 """
 from __future__ import annotations
 
@@ -53,17 +54,28 @@ class Running:
         self.lengths = [n + 1 for n in self.lengths]
 
     def merge(self, other: Running) -> None:
-        """Append ``other``'s rows (both padded on the left to the longer length)."""
+        """Append ``other``'s rows (both padded on the left to the longer length). All or
+        nothing: every new tensor is made before any layer changes."""
         size, other_size = self.mask.shape[1], other.mask.shape[1]
         width = max(size, other_size)
-        for mine, theirs in zip(self.layers, other.layers):
-            for attr in ("keys", "values"):
-                a = F.pad(getattr(mine, attr), (0, 0, width - size, 0))
-                b = F.pad(getattr(theirs, attr), (0, 0, width - other_size, 0))
-                setattr(mine, attr, torch.cat([a, b]))
-        self.mask = torch.cat([F.pad(self.mask, (width - size, 0)),
-                               F.pad(other.mask, (width - other_size, 0))])
+        merged = [[torch.cat([F.pad(getattr(mine, attr), (0, 0, width - size, 0)),
+                              F.pad(getattr(theirs, attr), (0, 0, width - other_size, 0))])
+                   for attr in ("keys", "values")]
+                  for mine, theirs in zip(self.layers, other.layers)]
+        mask = torch.cat([F.pad(self.mask, (width - size, 0)),
+                          F.pad(other.mask, (width - other_size, 0))])
+        for layer, (keys, values) in zip(self.layers, merged):
+            layer.keys, layer.values = keys, values
+        self.mask = mask
         self.lengths += other.lengths
+
+    def rollback(self) -> None:
+        """After a step that failed: drop the columns it appended to some layers (the cache
+        is again ``mask``'s length in every layer)."""
+        length = self.mask.shape[1]
+        for layer in self.layers:
+            layer.keys = layer.keys[:, :, :length]
+            layer.values = layer.values[:, :, :length]
 
     def keep(self, rows: list[int]) -> None:
         """Keep these rows only; drop the leading columns that are padding in all of them."""

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..bank import AdapterBank, Prepared
+from ..checks import check_positive_int
 from ..routing import BASE, Routing
 
 __all__ = ["AdapterPool"]
@@ -28,10 +29,13 @@ __all__ = ["AdapterPool"]
 class AdapterPool:
     """Adapters registered by name (any source ``fastlora.io`` reads, or ``{layer: (A, B,
     scale, magnitude)}``), paged into ``slots`` device slots of up to ``max_rank`` rows.
-    ``dtype``: the adapters' dtype on the device (default: the model's)."""
+    ``slots`` and ``max_rank`` are at least 1; ``dtype``: the adapters' dtype on the device
+    (default: the model's)."""
 
     def __init__(self, model: nn.Module, *, slots: int = 32, max_rank: int = 64,
                  dtype: torch.dtype | None = None):
+        check_positive_int("slots", slots)
+        check_positive_int("max_rank", max_rank)
         self.bank = AdapterBank(model, dtype=dtype, capacity=slots, max_rank=max_rank, fixed=True)
         self.device = self.bank.device
         self._host: dict[str, Prepared] = {}
