@@ -9,24 +9,34 @@ if __name__ == "kernels":
     # Imported as a top-level ``kernels``: a fastlora checkout is on sys.path (``python -m`` or
     # ``python -c`` from its root, PYTHONPATH=checkout), and that name belongs to another package
     # (Hugging Face's kernel hub, which transformers and bitsandbytes import). Hand the name over
-    # to the installed package of that name, searched for on sys.path without the checkout;
-    # tests/test_shadowing.py runs this in subprocesses.
+    # to the installed package of that name, searched for on sys.path without the checkout; with
+    # none installed, leave what Python makes of a folder without ``__init__.py``: an empty
+    # namespace package (no ``__file__``, no ``__version__``, no submodules), which is how
+    # transformers' availability checks recognize a shadowing folder. tests/test_shadowing.py.
+    import importlib.machinery as _machinery
     import importlib.util as _util
     import os as _os
     import sys as _sys
-    from importlib.machinery import PathFinder as _PathFinder
 
     _root = _os.path.dirname(_os.path.dirname(_os.path.realpath(__file__)))
-    _spec = _PathFinder.find_spec(
+    _spec = _machinery.PathFinder.find_spec(
         "kernels", [p for p in _sys.path if _os.path.realpath(p or _os.curdir) != _root])
-    if _spec is None or _spec.loader is None:
-        raise ModuleNotFoundError(
-            f"No module named 'kernels' is installed: {_root}/kernels is fastlora's own kernel "
-            "folder (import it as fastlora.kernels), found first only because the fastlora "
-            "checkout is on sys.path", name="kernels")
-    _module = _util.module_from_spec(_spec)
-    _sys.modules["kernels"] = _module  # the import statement returns this entry, not this file
-    _spec.loader.exec_module(_module)
+    if _spec is not None and _spec.loader is not None:
+        _module = _util.module_from_spec(_spec)
+        _sys.modules["kernels"] = _module  # the import statement returns this entry, not this file
+        _spec.loader.exec_module(_module)
+    else:
+        _module = type(_sys)("kernels", "No package named 'kernels' is installed.")
+        _module.__spec__ = _machinery.ModuleSpec("kernels", None, is_package=True)
+        _module.__spec__.submodule_search_locations = _module.__path__ = []
+
+        def _missing(name, _root=_root):
+            raise AttributeError(
+                f"module 'kernels' has no attribute {name!r}: no package named 'kernels' is "
+                f"installed, and {_root}/kernels is fastlora's kernel folder (fastlora.kernels)")
+
+        _module.__getattr__ = _missing
+        _sys.modules["kernels"] = _module
 else:
     from .backward import DoraBackward, lora_da, lora_dy, multi_lora_da, multi_lora_dy
     from .dequant4 import dequantize4

@@ -62,15 +62,26 @@ def test_python_m_fastlora_from_the_root(stub):
     assert "usage: fastlora" in r.stdout
 
 
-def test_no_installed_kernels_is_a_clear_import_error():
+def test_no_installed_kernels_looks_like_a_shadowing_folder():
+    """With none installed, ``import kernels`` gives what a folder without ``__init__.py``
+    gives: an empty namespace package, which transformers' availability check (find_spec, then
+    import without metadata) reads as "not installed"; its attributes name fastlora.kernels."""
     code = ("import sys; sys.path[:] = [p for p in sys.path if 'site-packages' not in p]\n"
-            "try:\n    import kernels\n"
-            "except ModuleNotFoundError as e:\n    print(e.name, '|', e)\n")
+            "import importlib, importlib.util\n"
+            "assert importlib.util.find_spec('kernels') is not None\n"
+            "m = importlib.import_module('kernels')\n"
+            "print(getattr(m, '__version__', 'N/A'), getattr(m, '__file__', None), m.__path__)\n"
+            "try:\n    from kernels import get_kernel\n"
+            "except ImportError as e:\n    print(type(e).__name__)\n"
+            "try:\n    import kernels.utils\n"
+            "except ModuleNotFoundError as e:\n    print(e.name)\n"
+            "try:\n    m.get_kernel\n"
+            "except AttributeError as e:\n    print(e)\n")
     r = _python("-c", code)
     assert r.returncode == 0, r.stderr
-    name, message = r.stdout.split(" | ")
-    assert name == "kernels"
-    assert "fastlora.kernels" in message and "No module named 'kernels'" in message
+    lines = r.stdout.splitlines()
+    assert lines[:3] == ["N/A None []", "ImportError", "kernels.utils"], lines
+    assert "no package named 'kernels' is installed" in lines[3] and "fastlora.kernels" in lines[3]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers not installed")
