@@ -42,3 +42,11 @@ def test_dry_run(tmp_path):
     assert {(r["layer"], r["phase"]) for r in data["rows"]} == {
         (layer, phase) for layer in ("qkv", "o_proj") for phase in ("decode", "prefill")}
     assert path.with_suffix(".md").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is there to measure on")
+def test_exits_non_zero_when_nothing_is_measured(tmp_path):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--out", str(tmp_path)])
+    assert "no CUDA device" in str(exit_.value.code) and "nothing was measured" in str(exit_.value.code)
+    assert not list(tmp_path.iterdir())

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from collections import Counter
 
 from ..functional import multi_lora_linear
@@ -91,7 +92,7 @@ def stays_vllms(layer) -> str | None:
 
 def _apply_fused(layer, stacked: StackedAdapters, step: StepRouting, x, bias=None):
     """``layer._apply_sync`` of a layer taken over: x ``[..., K]`` -> ``[..., N]``."""
-    routing = step.routing(x.numel() // x.shape[-1] if x.shape[-1] else 0)
+    routing = step.routing(math.prod(x.shape[:-1]))
     if routing is None:  # no adapter in this step: vLLM's own base GEMM
         return layer._get_quant_method().apply(layer.base_layer, x, bias)
     if bias is not None and bias.dtype != x.dtype:  # vLLM's CPU GEMMs may keep an fp32 bias
