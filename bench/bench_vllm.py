@@ -72,7 +72,8 @@ def make_layer(k: int, slices: list[int], slots: int, ranks: list[int], dtype, d
         r = ranks[slot % len(ranks)]
         for a, b in zip(stacked.lora_a_stacked, stacked.lora_b_stacked):
             a[slot, 0, :r] = (torch.randn(r, k, generator=g) * k ** -0.5).to(device, dtype)
-            b[slot, 0, :, :r] = (torch.randn(b.shape[2], r, generator=g) * r ** -0.5).to(device, dtype)
+            b[slot, 0, :, :r] = (torch.randn(b.shape[2], r, generator=g)
+                                 * r ** -0.5).to(device, dtype)
         stacked.refresh(slot)
     return weight, stacked
 

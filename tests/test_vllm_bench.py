@@ -48,5 +48,6 @@ def test_dry_run(tmp_path):
 def test_exits_non_zero_when_nothing_is_measured(tmp_path):
     with pytest.raises(SystemExit) as exit_:
         main(["--out", str(tmp_path)])
-    assert "no CUDA device" in str(exit_.value.code) and "nothing was measured" in str(exit_.value.code)
+    message = str(exit_.value.code)
+    assert "no CUDA device" in message and "nothing was measured" in message
     assert not list(tmp_path.iterdir())

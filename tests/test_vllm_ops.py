@@ -5,6 +5,9 @@ bank (``StackedAdapters``) and the step's routing (``StepRouting``, fed by vLLM'
 wrapper) gives what vLLM's own shrink and expand give, on random metadata: ragged ranks
 padded by vLLM, -1 rows, several slices."""
 import inspect
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -128,10 +131,6 @@ print("untouched" if after == before else "wrapped")
 def test_register_wraps_vllm_only_when_on(env, want, tmp_path):
     """In a fresh process (cwd away from the checkout: transformers probes for a top-level
     ``kernels`` module, which a checkout on sys.path would shadow)."""
-    import os
-    import subprocess
-    import sys
-
     environ = {k: v for k, v in os.environ.items() if k not in ("FASTLORA_VLLM", "VLLM_PLUGINS")}
     out = subprocess.run([sys.executable, "-c", SWITCH], env={**environ, **env}, cwd=tmp_path,
                          capture_output=True, text=True, timeout=600)

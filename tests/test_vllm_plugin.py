@@ -5,6 +5,7 @@ vLLM's LoRA semantics written out in float64 here. ``test_vllm_ops.py`` checks t
 bank against vLLM's own ops, ``test_vllm_engine.py`` the whole engine."""
 import importlib.metadata
 import logging
+import os
 import subprocess
 import sys
 import types
@@ -18,7 +19,7 @@ from fastlora.routing import Routing
 from fastlora.vllm import plugin, version
 from fastlora.vllm.stacked import StackedAdapters
 from fastlora.vllm.step import StepRouting
-from tolerances import assert_close, term_magnitudes
+from tolerances import assert_close
 
 K = 40
 
@@ -44,7 +45,7 @@ def test_entry_point_loads_and_does_nothing_when_off(env):
         "ep.load()()\n"
         "assert sys.modules['vllm'] is None\n"
         "print('ok')\n")
-    environ = {k: v for k, v in __import__("os").environ.items()
+    environ = {k: v for k, v in os.environ.items()
                if k not in ("FASTLORA_VLLM", "VLLM_PLUGINS")}
     out = subprocess.run([sys.executable, "-c", code], env={**environ, **env},
                          capture_output=True, text=True, timeout=300)
@@ -56,7 +57,7 @@ def test_entry_point_switched_on_needs_vllm():
     point, so this only happens when someone calls it by hand)."""
     code = BLOCK_VLLM + "from fastlora.vllm import register\nregister()\n"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={**__import__("os").environ, "FASTLORA_VLLM": "1"}, timeout=300)
+                         env={**os.environ, "FASTLORA_VLLM": "1"}, timeout=300)
     assert out.returncode != 0 and "ModuleNotFoundError" in out.stderr
 
 
