@@ -1,8 +1,11 @@
 """``fastlora.warmup`` and ``fastlora.explain``: measure before CUDA-graph capture, and say
-which implementation runs a layer's stages (see ``fastlora.dispatch``).
+which implementation runs a layer's stages (see ``fastlora.dispatch``); ``warmup_multi``
+does the same for a multi-adapter call.
 
-Both describe one layer call by its shapes: x ``[..., K]`` (leading dims flattened to M),
-weight ``[N, K]``, LoRA rank r. The kernels (and Triton) are imported on first use.
+``warmup`` and ``explain`` describe one layer call by its shapes: x ``[..., K]`` (leading
+dims flattened to M), weight ``[N, K]``, LoRA rank r. Inside a capture a kernel never
+tunes: one that was not warmed up raises naming its shape (``fastlora.kernels.capture``).
+The kernels (and Triton) are imported on first use.
 """
 from __future__ import annotations
 
@@ -92,3 +95,26 @@ def _run_layer(x_shape, weight_shape, rank, dtype, adapter_dtype, bias, dropout_
         y = lora_linear(x, weight, b, lora_A, lora_B, 1.0, **kwargs)
     if training:
         y.backward(torch.randn(y.shape, generator=generator, device=device, dtype=y.dtype))
+
+
+def warmup_multi(x_shape, weight: torch.Tensor, bias: torch.Tensor | None, bank, *,
+                 training: bool = False) -> None:
+    """Run ``multi_lora_linear`` once, outside CUDA-graph capture, on random x of
+    ``x_shape`` (``[..., K]``, weight's dtype and device) with its rows spread over all of
+    ``bank``'s adapters (forward, and backward when ``training``), so that every Triton
+    kernel such a call launches (the gathered decode path up to ``GATHER_MAX_M`` rows, the
+    grouped one above, the backward's) is compiled and autotuned for this row count.
+    ``weight`` ``[N, K]``, ``bias`` and ``bank`` as ``multi_lora_linear`` takes them: call it
+    for each row count (or bucket) a graph will be captured with."""
+    from .functional import multi_lora_linear
+
+    packed = bank.packed()
+    m = math.prod(x_shape[:-1])
+    generator = torch.Generator(device=weight.device).manual_seed(0)
+    x = torch.randn(*x_shape, generator=generator, device=weight.device, dtype=weight.dtype)
+    index = (torch.arange(m, device=weight.device) % max(packed.n, 1)).to(torch.int32)
+    x.requires_grad_(training)
+    y = multi_lora_linear(x, weight, bias, bank, index.view(x_shape[:-1]), training=training,
+                          seed=0)
+    if training:
+        y.backward(torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype))

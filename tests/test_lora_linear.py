@@ -415,7 +415,7 @@ def test_gpu_cuda_graph_replay(monkeypatch):
     def no_timing(*args):
         raise AssertionError("a linear stage was timed after fastlora.warmup")
 
-    monkeypatch.setattr(dispatch, "_do_bench_ms", no_timing)
+    monkeypatch.setattr(dispatch, "_cuda_stage_ms", no_timing)
     x, w, b, a, bb = make(256, 1024, 768, 16, torch.bfloat16, device="cuda")
     static_x = x.detach().clone().requires_grad_()
     dy = randn(256, 768, g=generator(3), device="cuda", dtype=torch.bfloat16)
