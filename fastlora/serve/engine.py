@@ -25,7 +25,7 @@ from torch import nn
 
 from ..routing import BASE
 from .attach import attach, routed
-from .kv import Running
+from .kv import Running, cache_keyword
 from .pool import AdapterPool
 
 __all__ = ["Request", "Server"]
@@ -73,7 +73,7 @@ class Server:
                              else eos_token_id or ())
         attach(model, pool.bank)
         params = inspect.signature(type(model).forward).parameters
-        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self._cache_arg = cache_keyword(model)
         self._extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
