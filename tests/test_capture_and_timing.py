@@ -137,3 +137,29 @@ def test_the_chooser_sees_an_extra_launch_at_decode_sizes():
     assert chooser.choose(args).name == "fused"
     gpu_only = {name: sum(ms for _, ms in launches) for name, launches in cost.items()}
     assert min(gpu_only, key=gpu_only.get) == "cublas"
+
+
+@pytest.mark.gpu
+@pytest.mark.gpu_smoke
+def test_gpu_capture_refuses_an_untuned_shape_and_replays_after_warmup_multi():
+    """A multi-adapter decode call first seen inside a capture raises naming the kernel's
+    shape (instead of timing configs inside the capture); after ``warmup_multi`` the same
+    call captures, and its replay equals the eager call."""
+    from fastlora import multi_lora_linear
+
+    weight, bias, bank = make_bank([16, 8, 16], [False, True, False], dtype=torch.bfloat16,
+                                   k=1024, n=768, seed=5, device="cuda")
+    g = generator(6)
+    x = randn(37, 1024, g=g, device="cuda", dtype=torch.bfloat16)
+    index = torch.arange(37, device="cuda", dtype=torch.int32) % 3
+    torch.cuda.synchronize()
+    with pytest.raises(RuntimeError, match=r"has no tuned config for \[M_BUCKET=64"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            multi_lora_linear(x, weight, bias, bank, index)
+    torch.cuda.synchronize()
+    fastlora.warmup_multi((37, 1024), weight, bias, bank)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = multi_lora_linear(x, weight, bias, bank, index)
+    graph.replay()
+    assert torch.equal(y, multi_lora_linear(x, weight, bias, bank, index))

@@ -403,6 +403,7 @@ def test_gpu_fp32_adapters_error_vs_fp64(m, k, n, r):
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_smoke
 def test_gpu_cuda_graph_replay(monkeypatch):
     """Forward and backward capture in a CUDA graph: fastlora.warmup chooses the
     implementation of every linear stage beforehand (nothing is timed afterwards), then a
