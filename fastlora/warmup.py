@@ -54,28 +54,34 @@ def explain(x_shape, weight_shape, rank: int, *, dtype: torch.dtype = torch.bflo
 
 def warmup(x_shape, weight_shape, rank: int, *, dtype: torch.dtype = torch.bfloat16,
            adapter_dtype: torch.dtype | None = None, bias: bool = True, dropout_p: float = 0.0,
-           dora: bool = False, training: bool = True, device="cuda") -> list[Explanation]:
+           dora: bool = False, training: bool = True, device="cuda",
+           quant4: bool = False) -> list[Explanation]:
     """Choose the implementation of every linear stage of one layer call (timing the
     candidates of keys not chosen yet), then run the op forward (and backward when
     ``training``) once on random data, so that every Triton kernel is compiled and
     autotuned. Call it, outside CUDA-graph capture, for each distinct layer shape before
-    capturing (or run the model once). Returns ``explain``'s answer."""
+    capturing (or run the model once). ``quant4``: over a bitsandbytes 4-bit weight (a
+    random QLoRA-layout one: NF4, blocks of 64, nested absmax; ``dtype`` its compute dtype),
+    whose stages have nothing to choose. Returns ``explain``'s answer."""
     from . import dispatch
 
     generator = torch.Generator(device=device).manual_seed(0)
     stages = _stages(x_shape, weight_shape, rank, dtype, adapter_dtype, bias, dropout_p, dora,
-                     training, device)
+                     training, device, quant4)
     for spec in stages.values():
-        dispatch.CHOOSER.choose(spec.synthetic(device, generator), spec.impls)
+        if not spec.quant4:
+            dispatch.CHOOSER.choose(spec.synthetic(device, generator), spec.impls)
     _run_layer(x_shape, weight_shape, rank, dtype, adapter_dtype or dtype, bias, dropout_p, dora,
-               training, device, generator)
+               training, device, generator, quant4)
     return explain(x_shape, weight_shape, rank, dtype=dtype, adapter_dtype=adapter_dtype,
-                   bias=bias, dropout_p=dropout_p, dora=dora, training=training, device=device)
+                   bias=bias, dropout_p=dropout_p, dora=dora, training=training, device=device,
+                   quant4=quant4)
 
 
 def _run_layer(x_shape, weight_shape, rank, dtype, adapter_dtype, bias, dropout_p, dora,
-               training, device, generator) -> None:
+               training, device, generator, quant4) -> None:
     from .functional import dora_linear, lora_linear
+    from .quant4 import Quant4Weight
 
     n, k = weight_shape
 
@@ -83,13 +89,15 @@ def _run_layer(x_shape, weight_shape, rank, dtype, adapter_dtype, bias, dropout_
         return torch.randn(*shape, generator=generator, device=device, dtype=dt) * scale
 
     x = randn(*x_shape).requires_grad_(training)
-    weight = randn(n, k, scale=k ** -0.5)
+    weight = (Quant4Weight.random((n, k), dtype, device, torch.Generator().manual_seed(0))
+              if quant4 else randn(n, k, scale=k ** -0.5))
     b = randn(n) if bias else None
     lora_A = randn(rank, k, dt=adapter_dtype, scale=k ** -0.5).requires_grad_(training)
     lora_B = randn(n, rank, dt=adapter_dtype, scale=0.01).requires_grad_(training)
     kwargs = dict(dropout_p=dropout_p, training=training, seed=0)
     if dora:
-        magnitude = weight.float().norm(dim=1).requires_grad_(training)
+        magnitude = (torch.ones(n, device=device) if quant4 else
+                     weight.float().norm(dim=1)).requires_grad_(training)
         y = dora_linear(x, weight, b, lora_A, lora_B, 1.0, magnitude, **kwargs)
     else:
         y = lora_linear(x, weight, b, lora_A, lora_B, 1.0, **kwargs)

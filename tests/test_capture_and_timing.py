@@ -1,6 +1,7 @@
 """CUDA-graph capture never autotunes (simulated capture on the CPU: a kernel with no tuned
-config raises naming its shape before anything is timed), ``fastlora.warmup_multi`` runs
-every kernel of a multi-adapter call beforehand, and the chooser times what a caller pays
+config raises naming its shape before anything is timed), ``fastlora.warmup_multi`` and
+``fastlora.warmup(quant4=True)`` run every kernel of a multi-adapter or 4-bit call
+beforehand, and the chooser times what a caller pays
 (whole stage calls, launches included, median of several rounds; a fake clock)."""
 import pytest
 import torch
@@ -80,6 +81,17 @@ def test_warmup_multi_runs_the_calls_kernels(monkeypatch, device, multi_path):
     assert sorted(set(launched)) == ["_lora_da_kernel", "_lora_dy_kernel", "_lora_linear_kernel",
                                      "_lora_shrink_kernel"]
     assert launched.count("_lora_linear_kernel") == 2  # forward and dx
+
+
+def test_warmup_runs_a_4bit_layer_s_kernels(monkeypatch, device):
+    """``quant4``: a 4-bit weight's forward and backward kernels, nothing to choose."""
+    launched = count_launches(monkeypatch)
+    out = fastlora.warmup((5, 128), (96, 128), 8, dtype=torch.float16, quant4=True,
+                          dropout_p=0.1, device=device)
+    assert [(e.stage, e.key.split()[-1]) for e in out] == [("forward", "+quant4"),
+                                                           ("dx", "+quant4")]
+    assert launched == ["_lora_shrink_kernel", "_lora_linear_kernel", "_lora_dy_kernel",
+                        "_lora_da_kernel", "_lora_linear_kernel"]
 
 
 class GpuQueue:
