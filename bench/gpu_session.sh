@@ -123,8 +123,8 @@ run() {
   return "$rc"
 }
 
-# budget CAP: a benchmark's --budget-s: CAP, or less when the step has less time left
-budget() { local left=$((DEADLINE - SECONDS - 60)); echo $(($1 < left ? $1 : (left > 0 ? left : 1))); }
+# budget CAP: a benchmark's --budget-s: CAP (times SLOW), or less when the step has less time left
+budget() { local b=$(($1 * SLOW)) left=$((DEADLINE - SECONDS - 60)); echo $((b < left ? b : (left > 0 ? left : 1))); }
 
 pack() { tar -czf "$OUT/$STEP.tgz" -C "$WORK" "$STEP"; }
 
