@@ -108,19 +108,22 @@ def _run_layer(x_shape, weight_shape, rank, dtype, adapter_dtype, bias, dropout_
 def warmup_multi(x_shape, weight: torch.Tensor, bias: torch.Tensor | None, bank, *,
                  training: bool = False) -> None:
     """Run ``multi_lora_linear`` once, outside CUDA-graph capture, on random x of
-    ``x_shape`` (``[..., K]``, weight's dtype and device) with its rows spread over all of
-    ``bank``'s adapters (forward, and backward when ``training``), so that every Triton
-    kernel such a call launches (the gathered decode path up to ``GATHER_MAX_M`` rows, the
-    grouped one above, the backward's) is compiled and autotuned for this row count.
-    ``weight`` ``[N, K]``, ``bias`` and ``bank`` as ``multi_lora_linear`` takes them: call it
-    for each row count (or bucket) a graph will be captured with."""
+    ``x_shape`` (``[..., K]``, weight's dtype and device) with its rows spread over the
+    adapters ``bank`` holds (an ``AdapterBank``'s loaded slots; forward, and backward when
+    ``training``), so that every Triton kernel such a call launches (the gathered decode
+    path up to ``GATHER_MAX_M`` rows, the grouped one above, the backward's) is compiled and
+    autotuned for this row count. ``weight`` ``[N, K]``, ``bias`` and ``bank`` as
+    ``multi_lora_linear`` takes them: call it for each row count (or bucket) a graph will be
+    captured with."""
     from .functional import multi_lora_linear
 
     packed = bank.packed()
     m = math.prod(x_shape[:-1])
     generator = torch.Generator(device=weight.device).manual_seed(0)
     x = torch.randn(*x_shape, generator=generator, device=weight.device, dtype=weight.dtype)
-    index = (torch.arange(m, device=weight.device) % max(packed.n, 1)).to(torch.int32)
+    held = [i for i in range(packed.n) if packed.slots is None or packed.slots.names[i]]
+    index = torch.tensor(held or [-1], dtype=torch.int32)[torch.arange(m) % max(len(held), 1)]
+    index = index.to(weight.device)
     x.requires_grad_(training)
     y = multi_lora_linear(x, weight, bias, bank, index.view(x_shape[:-1]), training=training,
                           seed=0)

@@ -8,6 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .capture import guard
+
 
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
@@ -54,8 +56,6 @@ def tune(kernel, configs: list[triton.Config], key: list[str], prune: bool = Tru
     """``kernel`` autotuned over ``configs`` on ``key``, pruned by M (``prune_by_m``);
     ``restore`` names arguments a launch updates in place (autotuning reruns it on them).
     Never tunes inside a CUDA-graph capture (``capture.guard``)."""
-    from .capture import guard
-
     return guard(triton.autotune(configs=configs, key=key, restore_value=restore,
                                  prune_configs_by={"early_config_prune": prune_by_m}
                                  if prune else None)(kernel))

@@ -94,6 +94,23 @@ def test_warmup_runs_a_4bit_layer_s_kernels(monkeypatch, device):
                         "_lora_da_kernel", "_lora_linear_kernel"]
 
 
+def test_warmup_multi_spreads_the_rows_over_a_bank_s_loaded_slots(monkeypatch, device):
+    """An AdapterBank with empty slots (an index on one raises): the rows go to the two
+    loaded adapters."""
+    from fastlora.bank import AdapterBank
+
+    layer = torch.nn.Linear(K, N, device=device)
+    bank = AdapterBank(layer, capacity=4)
+    g = generator(3)
+    for name in ("t0", "t1"):
+        bank.add(name, randn(4, K, g=g, device=device), randn(N, 4, g=g, device=device), 1.0)
+    bank.unload("t0")
+    bank.add("t2", randn(8, K, g=g, device=device), randn(N, 8, g=g, device=device), 1.0)
+    launched = count_launches(monkeypatch)
+    fastlora.warmup_multi((6, K), layer.weight, layer.bias, bank)
+    assert launched == ["_lora_shrink_kernel", "_lora_linear_kernel"]
+
+
 class GpuQueue:
     """A fake device: each launch costs the host ``launch_ms`` and the device ``gpu_ms``
     (queued behind earlier work); ``sync`` waits for the queue. Times in ms."""
