@@ -12,7 +12,7 @@
 # $OUT receives session.log (every step appends to it) and STEP.tgz per step (its result
 # files, logs and environment.txt), re-packed after each command so that a step cut short
 # still returns what it measured; the headline step also writes headline.md (its figures on
-# one page): at most 10 files for all steps together, 3 for the headline alone.
+# one page): 3 files for the headline, 2 for another step alone (the device returns 8).
 # TESTS="tests/test_a.py ..." limits the tests step to those files (e.g. a second call for
 # the files a first one had no time for: summary.txt lists each file's status).
 # STEP_S=S (default 530) gives each step but the headline S seconds: the benchmarks' time
