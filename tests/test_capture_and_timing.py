@@ -36,28 +36,28 @@ def two_config_kernel():
                 ["N"], prune=False)
 
 
-def test_an_untuned_kernel_under_capture_raises_naming_its_shape(monkeypatch):
+def test_an_untuned_kernel_under_capture_raises_naming_its_shape(monkeypatch, device):
     kernel = two_config_kernel()
-    x = torch.ones(8)
+    x = torch.ones(8, device=device)
     simulate_capture(monkeypatch)
     with pytest.raises(RuntimeError, match=r"kernel _scale_kernel has no tuned config for "
                                            r"\[N=8\].*CUDA graph is being captured.*warmup"):
         kernel[(1,)](x, 8)
-    assert torch.equal(x, torch.ones(8))  # nothing ran
+    assert torch.equal(x, torch.ones(8, device=device))  # nothing ran
     assert kernel.cache == {}
 
 
-def test_a_tuned_kernel_under_capture_launches_its_config(monkeypatch):
+def test_a_tuned_kernel_under_capture_launches_its_config(monkeypatch, device):
     kernel = two_config_kernel()
     timed = []
     monkeypatch.setattr(kernel, "_bench", lambda *a, config, **k: timed.append(config) or [1.0] * 3)
     kernel = capture.guard(kernel)  # the guard over the fake timing
-    x = torch.ones(8)
+    x = torch.ones(8, device=device)
     kernel[(1,)](x, 8)  # tuned outside the capture
     assert len(timed) == 2
     simulate_capture(monkeypatch)
     kernel[(1,)](x, 8)
-    assert len(timed) == 2 and torch.equal(x, torch.full((8,), 4.0))
+    assert len(timed) == 2 and torch.equal(x, torch.full((8,), 4.0, device=device))
     with pytest.raises(RuntimeError, match=r"\[N=5\]"):  # another key
         kernel[(1,)](x, 5)
 
