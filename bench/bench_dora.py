@@ -5,7 +5,7 @@ backward), bf16 base, dropout 0 (PEFT's default; DoRA with dropout in training i
 fused). Writes ``dora-<gpu>-<date>.json``, ``.md`` and ``.png``.
 
     python bench/bench_dora.py [--quick] [--adapter-dtype bf16 fp32] [--rank 16 64]
-                               [--budget-s S] [--out DIR] [--dry-run]
+                               [--shape K N] [--m M...] [--budget-s S] [--out DIR] [--dry-run]
 """
 from __future__ import annotations
 

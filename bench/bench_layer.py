@@ -11,6 +11,7 @@ shapes allow) force one with ``FASTLORA_IMPL``. Writes ``layer-<gpu>-<date>.json
 ``.md`` and ``.png`` (time ratios against M).
 
     python bench/bench_layer.py [--quick] [--adapter-dtype bf16 fp32] [--rank 16 64]
+                                [--shape K N] [--m M...] [--dropout P...] [--impls NAME...]
                                 [--budget-s S] [--out DIR] [--dry-run]
 """
 from __future__ import annotations
@@ -129,27 +130,43 @@ def adapter_dtype(run: Run, name: str) -> torch.dtype:
 
 def grid_parser(doc: str, quick: dict):
     """The options of the single-adapter benchmarks: ``--quick`` (the grid ``quick``),
-    ``--adapter-dtype``, ``--rank``."""
+    ``--adapter-dtype``, ``--rank``, ``--shape``, ``--m``."""
     p = parser(doc)
     p.add_argument("--quick", action="store_true",
                    help=", ".join(f"{k}={v}" for k, v in quick.items()) + " only")
     p.add_argument("--adapter-dtype", nargs="+", choices=["bf16", "fp32"], default=["bf16"],
                    help="adapter dtypes measured (default bf16)")
     p.add_argument("--rank", type=int, nargs="+", help=f"ranks (default {RANKS})")
+    p.add_argument("--shape", type=int, nargs=2, action="append", metavar=("K", "N"),
+                   help=f"layer shape (repeatable; default {SHAPES})")
+    p.add_argument("--m", type=int, nargs="+", help="row counts M (default: the grid's)")
     return p
 
 
 def grid(run: Run, args, full: dict, quick: dict) -> dict:
-    """The grid a run measures: tiny in the dry run, ``quick`` or ``full`` with ``--rank``."""
+    """The grid a run measures: tiny in the dry run, else ``quick`` or ``full`` with
+    ``--rank``, ``--shape`` and ``--m`` replacing its values."""
     if run.dry_run:
         return DRY
     chosen = dict(quick if args.quick else full)
     chosen["ranks"] = args.rank or chosen["ranks"]
+    chosen["shapes"] = [tuple(s) for s in args.shape] if args.shape else chosen["shapes"]
+    chosen["ms"] = args.m or chosen["ms"]
     return chosen
 
 
+IMPLS = ("fastlora", "F.linear", "eager", "peft", "fastlora[fused]", "fastlora[cublas]",
+         "fastlora[tma]")
+
+
 def main(argv=None) -> int:
-    args = grid_parser(__doc__, QUICK).parse_args(argv)
+    p = grid_parser(__doc__, QUICK)
+    p.add_argument("--dropout", type=float, nargs="+", default=DROPOUTS,
+                   help=f"dropout probabilities (default {DROPOUTS})")
+    p.add_argument("--impls", nargs="+", choices=IMPLS, default=IMPLS,
+                   help="implementations measured (default all; the ratios to a reference "
+                        "left out are empty)")
+    args = p.parse_args(argv)
     run = Run.start("bench_layer.py", args)
     g = grid(run, args, dict(shapes=SHAPES, ms=MS, ranks=RANKS), QUICK)
     results = Results(run, args.out, "layer", "layer", COLUMNS, PREAMBLE, PLOT)
@@ -158,13 +175,15 @@ def main(argv=None) -> int:
     def impls(r, dtype, k, n, p):
         return make_impls(k, n, r, p, run.half, dtype, device=run.device)
 
-    points = itertools.product(g["ranks"], args.adapter_dtype, g["shapes"], DROPOUTS, g["ms"])
+    points = itertools.product(g["ranks"], args.adapter_dtype, g["shapes"], args.dropout,
+                               g["ms"])
     for r, adapter, (k, n), p, m in results.budgeted(list(points)):
         dtype = adapter_dtype(run, adapter)
         layer, explained = with_forced(impls(r, dtype, k, n, p), run, m, k, n, r, p, dtype)
+        layer = {name: impl for name, impl in layer.items() if name in args.impls}
         point = dict(r=r, p=p, adapter=dtype_name(dtype))
-        rows = compare(run, layer, m, k, n, REFS + ((CUBLAS,) if CUBLAS in layer else ()),
-                       **point)
+        refs = [ref for ref in REFS + (CUBLAS,) if ref in layer]
+        rows = compare(run, layer, m, k, n, refs, **point)
         for row in rows:
             if row["impl"] == "fastlora":
                 row["choice"] = " ".join(f"{e.stage}={e.impl}" for e in explained)

@@ -14,12 +14,13 @@ measured in the same run; F.linear's own graph/bound is the sanity line (>= ~1).
 per-adapter loop gets its row groups precomputed, outside the timing.
 
 Grids: ``--targets`` covers the two goals (64-row decode with 32 distinct adapters; M=8192
-prefill with 1 to 128 adapters); the default is the full grid; ``--quick`` a small one.
+prefill with 1 to 128 adapters), ``--decode-only`` the first goal alone; the default is the
+full grid; ``--quick`` a small one.
 
 Writes ``multi-<gpu>-<date>.json``, ``.md`` and ``.png``:
 
-    python bench/bench_multi.py [--targets | --quick] [--shape K N] [--budget-s S]
-                                [--out DIR] [--dry-run]
+    python bench/bench_multi.py [--targets | --decode-only | --quick] [--shape K N]
+                                [--budget-s S] [--out DIR] [--dry-run]
 """
 from __future__ import annotations
 
@@ -42,9 +43,10 @@ RANKS = {"16": [16], "mixed": [8, 16, 32, 64]}
 # Grids: blocks of (Ms, adapter counts, assignments, rank sets).
 FULL = [(DECODE_MS + PREFILL_MS, ADAPTERS, ASSIGNMENTS, list(RANKS))]
 QUICK = [([16, 2048], [8, 128], ["uniform", "distinct"], ["16"])]
-TARGETS = [([64], [32], ["distinct"], ["16", "mixed"]),  # decode: 64 rows, 32 adapters
-           ([8192], ADAPTERS, ["uniform", "skewed"], list(RANKS))]  # prefill: 1..128 adapters
+DECODE = [([64], [32], ["distinct"], ["16", "mixed"])]  # decode: 64 rows, 32 adapters
+TARGETS = DECODE + [([8192], ADAPTERS, ["uniform", "skewed"], list(RANKS))]  # prefill: 1..128
 DRY = [([6], [3], ["distinct"], ["mixed"]), ([37], [1, 4], ["skewed"], ["16"])]
+DRY_DECODE = DRY[:1]
 NO_GRAPH = {"peft-mixed": "PEFT builds its row lists on the host in every call"}
 COLUMNS = ["K", "N", "M", "adapters", "present", "assignment", "ranks", "impl", "copies",
            "eager_us", "graph_us", "bound_us", "graph/bound", "eager/bound", "graph/F.linear",
@@ -146,6 +148,8 @@ def main(argv=None) -> int:
     which = p.add_mutually_exclusive_group()
     which.add_argument("--targets", action="store_true",
                        help="the two goals: M=64 with 32 distinct adapters; M=8192 with 1..128")
+    which.add_argument("--decode-only", action="store_true",
+                       help="the decode goal alone: M=64 with 32 distinct adapters")
     which.add_argument("--quick", action="store_true",
                        help="M in {16, 2048}, 8 and 128 adapters, uniform and distinct, rank 16")
     p.add_argument("--shape", type=int, nargs=2, action="append", metavar=("K", "N"),
@@ -154,7 +158,11 @@ def main(argv=None) -> int:
     run = Run.start("bench_multi.py", args)
     shapes = ([(64, 48)] if run.dry_run else [tuple(s) for s in args.shape]
               if args.shape else [(4096, 4096)])
-    blocks = DRY if run.dry_run else TARGETS if args.targets else QUICK if args.quick else FULL
+    if run.dry_run:
+        blocks = DRY_DECODE if args.decode_only else DRY
+    else:
+        blocks = (TARGETS if args.targets else DECODE if args.decode_only else
+                  QUICK if args.quick else FULL)
     bandwidth = run.copy_bandwidth()
     preamble = ("\n\n".join(__doc__.split("\n\n")[1:3]).replace("``", "`")
                 + f"\n\nMeasured copy bandwidth: {bandwidth / 1e9:.0f} GB/s (read + write). "

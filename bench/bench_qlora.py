@@ -13,7 +13,6 @@ with a note, when it is not installed. Writes ``qlora-<gpu>-<date>.json`` and ``
 """
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 
@@ -26,7 +25,6 @@ from common import Results, Run, nbytes, parser, quantize_linears4, relative  # 
 
 FULL = dict(k=4096, n=4096, r=16, ms=[16, 8192])
 DRY = dict(k=128, n=192, r=8, ms=[16, 19])
-BLOCKSIZE, BLOCKSIZE2 = 64, 256
 COLUMNS = ["K", "N", "M", "r", "impl", "fwd_ms", "bwd_ms", "fwd_bwd_ms", "fwd/F.linear",
            "fwd/peft-4bit", "fwd_bwd/peft-4bit", "bound_ms", "fwd/bound", "peak_mb", "saved_mb"]
 PREAMBLE = ("Times are medians of triton.testing.do_bench (ms, L2 flushed before each call, "
@@ -36,27 +34,6 @@ PREAMBLE = ("Times are medians of triton.testing.do_bench (ms, L2 flushed before
             "F.linear: the 16-bit weight, no adapter (the dense floor); fastlora-16bit: "
             "fastlora.lora_linear on the 16-bit weight. bound_ms: the bytes the forward must "
             "move (weights as stored, x, output, adapter) at the measured copy bandwidth.")
-
-
-def quant4_weight(n: int, k: int, dtype: torch.dtype, device) -> "Quant4Weight":  # noqa: F821
-    """A QLoRA-layout 4-bit weight ``[n, k]`` (NF4, nested absmax) of random codes and
-    scales, compute dtype ``dtype``."""
-    from fastlora.quant4 import Quant4Weight
-
-    g = torch.Generator().manual_seed(0)
-    blocks = math.ceil(n * k / BLOCKSIZE)
-
-    def rand(*shape, **kw):
-        return torch.rand(*shape, generator=g, **kw).to(device)
-
-    def codes(size):
-        return torch.randint(0, 256, (size,), generator=g, dtype=torch.uint8).to(device)
-
-    return Quant4Weight(data=codes(math.ceil(n * k / 2)), absmax=codes(blocks), shape=(n, k),
-                        quant_type="nf4", blocksize=BLOCKSIZE,
-                        absmax2=rand(math.ceil(blocks / BLOCKSIZE2)) * 0.01 + 0.01,
-                        code2=rand(256) * 2 - 1, offset=rand(1), blocksize2=BLOCKSIZE2,
-                        dtype=dtype, compute_dtype=dtype)
 
 
 def peft_4bit(k: int, n: int, r: int, dtype: torch.dtype, device):
@@ -82,10 +59,11 @@ def peft_4bit(k: int, n: int, r: int, dtype: torch.dtype, device):
 def make_impls(run: Run, k: int, n: int, r: int) -> dict:
     """(name -> (forward fn of x, trainable params), the 4-bit weight, (W16, A, B))."""
     import fastlora
+    from fastlora.quant4 import Quant4Weight
 
     dtype = run.half
     w16 = run.randn(n, k, seed=1) * k ** -0.5
-    q4 = quant4_weight(n, k, dtype, run.device)
+    q4 = Quant4Weight.random((n, k), dtype, run.device, torch.Generator().manual_seed(0))
     A = run.randn(r, k, seed=2, requires_grad=True)
     B = run.randn(n, r, seed=3, requires_grad=True)
     impls = {

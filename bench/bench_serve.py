@@ -108,32 +108,48 @@ def traffic_bytes(model, rows: int, context: int, present: list[dict]) -> dict:
     return {"base": weights + kv, "adapted": weights + kv + adapters}
 
 
+def rollback(cache, tokens: int) -> None:
+    """Move every layer of a static cache back by ``tokens`` positions, in place on the
+    device (a captured step replays it; the next step overwrites them): each layer's
+    ``crop(-tokens)`` where it has one (transformers 5.25), else its length tensor moved
+    back (5.17, whose static layers have no ``crop``)."""
+    for layer in cache.layers:
+        if hasattr(layer, "crop"):
+            layer.crop(-tokens)
+        else:
+            layer.cumulative_length.sub_(tokens)
+
+
 class Decode:
     """The decode steps of one batch size: a static cache of ``context`` tokens shared by
-    every implementation (each step writes one column and crops it back)."""
+    every implementation (each step writes one column and rolls it back). The cache goes
+    to the model under the keyword its transformers version takes (``cache_keyword``)."""
 
     def __init__(self, run: Run, model, rows: int, context: int):
         from transformers import StaticCache
+
+        from fastlora.serve.kv import cache_keyword
 
         self.run, self.rows = run, rows
         g = torch.Generator().manual_seed(rows)
         prompt = torch.randint(3, model.config.vocab_size, (rows, context), generator=g)
         self.cache = StaticCache(config=model.config, max_cache_len=context + 1)
+        self.keyword = cache_keyword(model)
         with torch.no_grad():
-            model(input_ids=prompt.to(run.device), cache=self.cache, use_cache=True,
+            model(input_ids=prompt.to(run.device), **{self.keyword: self.cache}, use_cache=True,
                   logits_to_keep=1)
         self.ids = torch.randint(3, model.config.vocab_size, (rows, 1), generator=g).to(run.device)
         self.positions = torch.full((rows, 1), context, device=run.device)
 
     def step(self, model, context=None, **kw):
-        """One decode step of ``model`` (inside ``context()``), then the cache cropped back."""
+        """One decode step of ``model`` (inside ``context()``), then the cache rolled back."""
         import contextlib
 
         def step():
             with torch.no_grad(), (context or contextlib.nullcontext)():
-                model(input_ids=self.ids, position_ids=self.positions, cache=self.cache,
-                      use_cache=True, logits_to_keep=1, **kw)
-                self.cache.crop(-1)
+                model(input_ids=self.ids, position_ids=self.positions,
+                      **{self.keyword: self.cache}, use_cache=True, logits_to_keep=1, **kw)
+                rollback(self.cache, 1)
         return step
 
 

@@ -377,7 +377,7 @@ class Results:
 
     def finish(self) -> int:
         """Mark the run complete (or say how many grid points the budget left out), write
-        the files and the plot; returns the exit status (0)."""
+        the files and the plot (none without matplotlib); returns the exit status (0)."""
         if self.left:
             self.note(f"Time budget ({self.run.budget_s:.0f} s) reached: {self.left} grid "
                       "point(s) not measured.")
@@ -385,9 +385,14 @@ class Results:
         self.save()
         written = [self.path, self.path.with_suffix(".md")]
         if self.data["plot"] is not None:
-            from plot import plot_file
+            try:
+                import matplotlib  # noqa: F401
+            except ImportError:  # (a GPU image without it: the tables hold every figure)
+                print("no plot: matplotlib is not installed", flush=True)
+            else:
+                from plot import plot_file
 
-            written += plot_file(self.path)
+                written += plot_file(self.path)
         print("wrote " + ", ".join(str(p) for p in written), flush=True)
         return 0
 

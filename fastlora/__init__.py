@@ -6,7 +6,8 @@ two also take a bitsandbytes 4-bit base weight, a ``Params4bit`` or a ``Quant4We
 ``fastlora.nn`` holds drop-in modules, ``patch(model)`` accelerates a PEFT model in place,
 ``refresh(model)`` drops cached values after writes fastlora cannot see
 (``p.data.copy_``), ``fastlora.reference`` holds the PyTorch oracle. ``warmup`` measures
-which implementation runs each layer shape (before CUDA-graph capture), ``explain`` says.
+which implementation runs each layer shape and tunes its kernels (before CUDA-graph
+capture; ``warmup_multi`` for ``multi_lora_linear``), ``explain`` says.
 """
 from . import nn, reference
 from .adapters import PackedAdapters, pack_adapters
@@ -15,9 +16,9 @@ from .cache import refresh
 from .functional import dora_linear, dora_weight_norm, lora_linear, multi_lora_linear
 from .peft import PatchReport, is_patched, patch, unpatch
 from .quant4 import Quant4Weight
-from .warmup import explain, warmup
+from .warmup import explain, warmup, warmup_multi
 
 __version__ = "0.1.0"
 __all__ = ["AdapterBank", "PackedAdapters", "PatchReport", "dora_linear", "dora_weight_norm",
            "explain", "is_patched", "lora_linear", "multi_lora_linear", "nn", "pack_adapters",
-           "patch", "Quant4Weight", "reference", "refresh", "unpatch", "warmup"]
+           "patch", "Quant4Weight", "reference", "refresh", "unpatch", "warmup", "warmup_multi"]

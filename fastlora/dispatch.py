@@ -15,19 +15,23 @@ fused and tma (cuBLAS cannot scale dY's columns, the reduction dimension, inside
 product). A bitsandbytes 4-bit weight (b a ``kernels.Quant4Args``) has one: ``fused``,
 which dequantizes each tile in registers (``QUANT4_UNAVAILABLE`` says why not the others);
 nothing is timed for it. On the first call for a key (``StageSpec.key``: device, dtypes, M bucket, N, K,
-rank bucket, layouts, flags) every candidate that can take the call is timed as Triton's
-autotuner times its configs (``triton.testing.do_bench``: warm-up and compilation
-excluded, median of repeated runs, CUDA events), the fastest is kept in memory and on disk
+rank bucket, layouts, flags) every candidate that can take the call is timed as the user
+pays for it (``stage_ms``: whole stage calls, host work and every launch included, back to
+back in rounds closed by a synchronization, median of the rounds; the first call, which
+compiles and autotunes, excluded; nothing allocated), the fastest is kept in memory and on disk
 (``fastlora.choice_cache``), and no later call with that key is timed again: a later call
 costs one tuple lookup (``Chooser.run``). Nothing is timed while a CUDA graph is being
 captured: a cached choice runs, else the default (with a warning, once);
-``fastlora.warmup`` measures beforehand. ``FASTLORA_IMPL=fused|cublas|tma`` forces one in
+``fastlora.warmup`` measures beforehand (and a Triton kernel never tunes inside a capture:
+``kernels.capture``). ``FASTLORA_IMPL=fused|cublas|tma`` forces one in
 every stage that has it (the others run their default); a call it cannot take raises.
 CPU tensors (the Triton interpreter) are not timed: the default runs.
 """
 from __future__ import annotations
 
 import os
+import statistics
+import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable
@@ -36,6 +40,7 @@ import torch
 
 from . import kernels
 from .choice_cache import Choice, ChoiceCache
+from .kernels.capture import capturing
 from .kernels.common import m_bucket, next_pow2
 
 IMPL_ENV = "FASTLORA_IMPL"
@@ -183,15 +188,39 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
-def _capturing() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+ROUNDS = 7  # timed rounds per candidate (the median is kept)
+ROUND_MS = 5.0  # about how long one round of back-to-back calls lasts
+MAX_CALLS = 200  # calls per round at most
 
 
-def _do_bench_ms(fn: Callable[[], object], device: torch.device) -> float:
-    from triton.testing import do_bench
+def stage_ms(fn: Callable[[], object], sync: Callable[[], object],
+             clock: Callable[[], float] = time.perf_counter) -> float:
+    """Median ms of one ``fn()``, a whole stage call (host work and every launch of it
+    included: what a caller pays), by ``clock`` (seconds) over ``ROUNDS`` rounds of
+    back-to-back calls, each round closed by ``sync()``. The first call (compilation,
+    the kernels' autotuning) is not timed; a second sizes the rounds to about ``ROUND_MS``.
+    Allocates nothing of its own (no cache flush: every candidate runs on warm caches
+    alike)."""
+    fn()
+    sync()
+    start = clock()
+    fn()
+    sync()
+    once_ms = (clock() - start) * 1e3
+    calls = max(1, min(MAX_CALLS, int(ROUND_MS / max(once_ms, 1e-3))))
+    rounds = []
+    for _ in range(ROUNDS):
+        start = clock()
+        for _ in range(calls):
+            fn()
+        sync()
+        rounds.append((clock() - start) * 1e3 / calls)
+    return statistics.median(rounds)
 
+
+def _cuda_stage_ms(fn: Callable[[], object], device: torch.device) -> float:
     with torch.cuda.device(device):
-        return float(do_bench(fn, return_mode="median"))
+        return stage_ms(fn, lambda: torch.cuda.synchronize(device))
 
 
 def _call_key(impls: tuple[str, ...], a: torch.Tensor, b: torch.Tensor,
@@ -211,13 +240,14 @@ def _call_key(impls: tuple[str, ...], a: torch.Tensor, b: torch.Tensor,
 class Chooser:
     """Picks, per key, the fastest of a stage's candidates that can take a call.
 
-    ``timer(name, fn) -> ms`` replaces the GPU timing (tests inject it; with it, CPU calls
-    are timed too); ``capturing() -> bool`` replaces the CUDA-graph capture check.
+    ``timer(name, fn) -> ms`` replaces the GPU timing (``stage_ms`` on CUDA; tests inject
+    it, and with it CPU calls are timed too); ``capturing() -> bool`` replaces the
+    CUDA-graph capture check.
     """
 
     def __init__(self, impls: dict[str, Impl] = IMPLS, cache: ChoiceCache | None = None,
                  timer: Callable[[str, Callable[[], object]], float] | None = None,
-                 capturing: Callable[[], bool] = _capturing, default: str = DEFAULT):
+                 capturing: Callable[[], bool] = capturing, default: str = DEFAULT):
         self.impls = impls
         self.cache = cache if cache is not None else ChoiceCache()
         self.timer = timer
@@ -309,7 +339,7 @@ class Chooser:
         run = lambda: impl(args)  # noqa: E731
         if self.timer is not None:
             return float(self.timer(impl.name, run))
-        return _do_bench_ms(run, args.a.device)
+        return _cuda_stage_ms(run, args.a.device)
 
     def describe(self, stage: str, spec: StageSpec, device) -> Explanation:
         """What runs for ``spec`` on ``device`` now, from the cache (times nothing)."""

@@ -111,6 +111,29 @@ class Quant4Weight:
         checks.check_quant4(self)
 
     @classmethod
+    def random(cls, shape: tuple[int, int], dtype: torch.dtype, device,
+               generator: torch.Generator | None = None) -> "Quant4Weight":
+        """A QLoRA-layout 4-bit weight ``[N, K]`` (NF4, blocks of 64, absmax double-quantized
+        in blocks of 256) of random codes and scales, compute dtype ``dtype``, for timing and
+        warm-up (a kernel's work does not depend on the values); ``generator`` on the CPU."""
+        import math
+
+        n, k = shape
+        blocks = math.ceil(n * k / 64)
+
+        def codes(size):
+            return torch.randint(0, 256, (size,), generator=generator,
+                                 dtype=torch.uint8).to(device)
+
+        def uniform(size):
+            return torch.rand(size, generator=generator).to(device)
+
+        return cls(data=codes(math.ceil(n * k / 2)), absmax=codes(blocks), shape=(n, k),
+                   quant_type="nf4", blocksize=64, absmax2=uniform(math.ceil(blocks / 256)) * 0.01
+                   + 0.01, code2=uniform(256) * 2 - 1, offset=uniform(1), blocksize2=256,
+                   dtype=dtype, compute_dtype=dtype)
+
+    @classmethod
     def from_bnb(cls, weight: torch.Tensor, quant_state=None,
                  compute_dtype: torch.dtype | None = None) -> "Quant4Weight":
         """The view of a bitsandbytes ``Params4bit`` (its own ``quant_state``), or of packed

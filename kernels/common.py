@@ -8,6 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .capture import guard
+
 
 class Launch:
     """One kernel launch decided once: the (autotuned) kernel, its grid and its arguments.
@@ -70,9 +72,11 @@ FP32_GEMM_SHAPES = [(64, 64, 32, 4, 3), (32, 64, 32, 4, 3), (16, 64, 64, 4, 3), 
 def tune(kernel, configs: list[triton.Config], key: list[str], prune: bool = True,
          restore: list[str] | None = None):
     """``kernel`` autotuned over ``configs`` on ``key``, pruned by M (``prune_by_m``);
-    ``restore`` names arguments a launch updates in place (autotuning reruns it on them)."""
-    return triton.autotune(configs=configs, key=key, restore_value=restore, prune_configs_by={
-        "early_config_prune": prune_by_m} if prune else None)(kernel)
+    ``restore`` names arguments a launch updates in place (autotuning reruns it on them).
+    Never tunes inside a CUDA-graph capture (``capture.guard``)."""
+    return guard(triton.autotune(configs=configs, key=key, restore_value=restore,
+                                 prune_configs_by={"early_config_prune": prune_by_m}
+                                 if prune else None)(kernel))
 
 
 def sm_count(device: torch.device) -> int:

@@ -321,6 +321,7 @@ def test_explain_4bit_weight_is_fused_only(monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_smoke
 def test_gpu_first_call_times_on_cuda_then_capture_replays(cache_dir):
     """Real CUDA-event timing picks one of the candidates and writes the file; a later
     capture of the same key times nothing and replays the chosen kernel."""

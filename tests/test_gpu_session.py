@@ -22,10 +22,14 @@ def session(*args, out: Path, timeout: int = 900, **env) -> subprocess.Completed
                           env=env, capture_output=True, text=True, timeout=timeout)
 
 
+OTHER_STEPS = ("tests", "layer", "multi", "qlora", "model", "serve", "sanitize")
+
+
 @no_gpu  # on a GPU machine the steps themselves run; this CPU check would only cost time
 def test_dry_run_of_the_whole_gpu_run(tmp_path):
+    """Every step but the headline (test_dry_run_of_the_headline covers it)."""
     out = tmp_path / "out"
-    done = session("--dry-run", out=out)
+    done = session("--dry-run", *OTHER_STEPS, out=out)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert sorted(p.name for p in out.iterdir()) == [
         "layer.tgz", "model.tgz", "multi.tgz", "qlora.tgz", "sanitize.tgz", "serve.tgz",
@@ -63,13 +67,54 @@ def test_dry_run_of_the_whole_gpu_run(tmp_path):
     assert render(results, tmp_path) == render(tmp_path / "none", tmp_path)  # never a dry run
 
 
-def test_lists_the_steps_and_refuses_unknown_ones(tmp_path):
+@no_gpu
+def test_dry_run_of_the_headline(tmp_path):
+    """The headline step on the CPU: the kernels compiled ahead (two configs, for sm_90,
+    then found in Triton's cache), every benchmark of it with the headline's flags, the
+    gpu_smoke tests collected, the summary page; at most 8 files come back."""
+    out = tmp_path / "out"
+    done = session("--dry-run", "headline", out=out)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["headline.md", "headline.tgz", "session.log"]
+    with tarfile.open(out / "headline.tgz") as tar:
+        tar.extractall(tmp_path / "unpacked", filter="data")
+    step = tmp_path / "unpacked" / "headline"
+    precompile = (step / "precompile.log").read_text()
+    assert "precompile: 2 of " in precompile and "(sm_90, dry run); 0 failed" in precompile
+    assert "0 new cache entries (hits)" in precompile
+    for name in ("layer", "dora", "multi", "qlora"):
+        data = json.loads(next(step.glob(f"{name}-cpu-dry-run-*.json")).read_text())
+        assert data["env"]["dry_run"] and data["complete"] and data["rows"], name
+        if name == "layer":  # --impls and --dropout
+            assert {r["impl"] for r in data["rows"]} == {"fastlora", "F.linear", "peft"}
+            assert {r["p"] for r in data["rows"]} == {0.0, 0.1}
+            assert all(r["choice"] for r in data["rows"] if r["impl"] == "fastlora")
+        if name == "multi":  # --decode-only
+            assert {r["assignment"] for r in data["rows"]} == {"distinct"}
+    smoke = (step / "tests" / "gpu_smoke.log").read_text()
+    assert "tests collected" in smoke and (step / "tests" / "gpu_smoke.xml").exists()
+    page = (out / "headline.md").read_text()
+    assert page == (step / "headline.md").read_text()
+    for title in ("## layer: ", "## dora: ", "## multi: ", "## qlora: ", "## GPU tests"):
+        assert title in page
+    assert "DRY RUN" in page and "| fastlora" not in page  # rows by their ratios
+
+
+def test_lists_the_steps_in_order_of_value_and_refuses_unknown_ones(tmp_path):
     listing = session(out=tmp_path)
     assert listing.returncode == 0
-    for step in ("tests", "sanitize", "layer", "multi", "model", "serve", "qlora"):
-        assert f"  {step} " in listing.stdout
+    listed = [line.split()[0] for line in listing.stdout.splitlines() if line.startswith("  ")]
+    assert listed == ["headline", *OTHER_STEPS]
     unknown = session("benchmarks", out=tmp_path)
     assert unknown.returncode == 2 and "unknown step 'benchmarks'" in unknown.stderr
+
+
+def test_help_says_how_to_fetch_the_wheels(tmp_path):
+    helped = session("--help", out=tmp_path)
+    assert helped.returncode == 0
+    assert ("pip download bitsandbytes==0.50.2 --no-deps --only-binary=:all: \\\n"
+            "        --platform manylinux_2_24_x86_64 --python-version 3.12 -d .whl"
+            in helped.stdout)
 
 
 @no_gpu

@@ -139,6 +139,7 @@ def test_tma_needs_sm90_or_the_interpreter(monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_smoke
 @pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("form", FORMS)
 def test_gpu_bf16_llm_sizes(impl, form):

@@ -403,6 +403,7 @@ def test_gpu_fp32_adapters_error_vs_fp64(m, k, n, r):
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_smoke
 def test_gpu_cuda_graph_replay(monkeypatch):
     """Forward and backward capture in a CUDA graph: fastlora.warmup chooses the
     implementation of every linear stage beforehand (nothing is timed afterwards), then a
@@ -415,7 +416,7 @@ def test_gpu_cuda_graph_replay(monkeypatch):
     def no_timing(*args):
         raise AssertionError("a linear stage was timed after fastlora.warmup")
 
-    monkeypatch.setattr(dispatch, "_do_bench_ms", no_timing)
+    monkeypatch.setattr(dispatch, "_cuda_stage_ms", no_timing)
     x, w, b, a, bb = make(256, 1024, 768, 16, torch.bfloat16, device="cuda")
     static_x = x.detach().clone().requires_grad_()
     dy = randn(256, 768, g=generator(3), device="cuda", dtype=torch.bfloat16)

@@ -403,6 +403,7 @@ def test_gpu_bad_index_is_a_device_assert(tmp_path):
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_smoke
 def test_gpu_multi_training_step_in_a_cuda_graph():
     """A multi-adapter training step (DoRA and dropout adapters) is captured once and
     replayed; each replay draws fresh dropout masks."""

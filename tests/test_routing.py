@@ -215,6 +215,7 @@ def test_compiled_forward_takes_a_new_routing_without_recompiling(device):
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_smoke
 def test_gpu_captured_decode_step_replays_new_assignments():
     """A three-layer decode step over a static routing captured in a CUDA graph: each
     replay after assign() equals the eager step with a fresh routing."""

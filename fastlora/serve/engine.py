@@ -32,7 +32,7 @@ from torch import nn
 from ..checks import check_positive_int
 from ..routing import BASE
 from .attach import attach, routed
-from .kv import Running
+from .kv import Running, cache_keyword
 from .pool import AdapterPool
 
 __all__ = ["Request", "Server"]
@@ -105,7 +105,7 @@ class Server:
         self.model, self.pool, self.max_batch = model.eval(), pool, max_batch
         attach(model, pool.bank)
         params = inspect.signature(type(model).forward).parameters
-        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self._cache_arg = cache_keyword(model)
         self._extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []

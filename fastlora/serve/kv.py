@@ -13,6 +13,16 @@ import torch
 import torch.nn.functional as F
 
 
+def cache_keyword(model) -> str:
+    """The keyword under which ``model``'s forward takes its KV cache: ``cache``
+    (transformers 5.25) or ``past_key_values`` (5.17 and before, which ignore a ``cache=``
+    argument: it lands in ``**kwargs``)."""
+    import inspect
+
+    params = inspect.signature(type(model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def cache_layers(cache) -> list:
     """The per-layer stores of a ``DynamicCache`` (each with ``keys`` / ``values``
     ``[B, heads, L, head_dim]``); refuses caches whose layers are not plain full-attention
