@@ -41,7 +41,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 
 # in order of value; each but the headline under 540 s on one H100
-STEPS=(headline tests layer multi qlora model serve sanitize)
+STEPS=(headline tests layer multi qlora model serve vllm sanitize)
 describe() {
   case $1 in
     headline) echo "in under 8 minutes: kernels compiled on every core, then fused LoRA vs F.linear and PEFT (M=16, 8192; dropout), DoRA, multi-adapter decode (64 rows, 32 adapters), 4-bit; then the gpu_smoke tests" ;;
@@ -51,6 +51,7 @@ describe() {
     multi)    echo "multi-adapter benchmark, --targets grid (64-row decode, 32 adapters; M=8192, 1..128 adapters)" ;;
     model)    echo "~1B Llama-style model: PEFT vs fastlora.patch, training and decode steps" ;;
     serve)    echo "fastlora.serve: decode steps (1-128 adapters over 16-128 rows; eager, CUDA graph, PEFT, base, bound) and adapter page-in time" ;;
+    vllm)     echo "vLLM-shaped layers (merged QKV, o_proj; decode and prefill, 1-32 active slots): fastlora's fused op vs vLLM's punica shrink+expand (PyTorch per-slot loop without vLLM) and F.linear" ;;
     qlora)    echo "4-bit (bitsandbytes NF4) base: one layer (fastlora vs F.linear and PEFT Linear4bit, decode and M=8192, traffic bound), then the ~1B model (training and decode steps)" ;;
   esac
 }
@@ -82,7 +83,7 @@ for arg in "$@"; do
     --dry-run) DRY=1 ;;
     -h|--help) usage; echo; wheels; exit 0 ;;
     all) steps+=("${STEPS[@]}") ;;
-    headline|tests|sanitize|layer|multi|model|serve|qlora) steps+=("$arg") ;;
+    headline|tests|sanitize|layer|multi|model|serve|vllm|qlora) steps+=("$arg") ;;
     *) echo "gpu_session.sh: unknown step '$arg'" >&2; usage >&2; exit 2 ;;
   esac
 done
@@ -239,6 +240,8 @@ step_multi() { bench bench_multi.py 520 440 --targets; }
 step_model() { bench bench_model.py 520 400; }
 
 step_serve() { bench bench_serve.py 520 400; }
+
+step_vllm() { bench bench_vllm.py 300 240; }
 
 # bitsandbytes is not on the GPU machine: installed from the ignored .whl/ folder when its
 # wheel is there; without it bench_qlora.py leaves out the PEFT rows and says so

@@ -22,7 +22,7 @@ def session(*args, out: Path, timeout: int = 900, **env) -> subprocess.Completed
                           env=env, capture_output=True, text=True, timeout=timeout)
 
 
-OTHER_STEPS = ("tests", "layer", "multi", "qlora", "model", "serve", "sanitize")
+OTHER_STEPS = ("tests", "layer", "multi", "qlora", "model", "serve", "vllm", "sanitize")
 
 
 @no_gpu  # on a GPU machine the steps themselves run; this CPU check would only cost time
@@ -33,7 +33,7 @@ def test_dry_run_of_the_whole_gpu_run(tmp_path):
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert sorted(p.name for p in out.iterdir()) == [
         "layer.tgz", "model.tgz", "multi.tgz", "qlora.tgz", "sanitize.tgz", "serve.tgz",
-        "session.log", "tests.tgz"]
+        "session.log", "tests.tgz", "vllm.tgz"]
     unpacked = tmp_path / "unpacked"
     names = {}
     for archive in out.glob("*.tgz"):
@@ -47,6 +47,7 @@ def test_dry_run_of_the_whole_gpu_run(tmp_path):
                          "multi": {"multi-cpu-dry-run-*.png", "multi-cpu-dry-run-*.md"},
                          "model": {"model-cpu-dry-run-*.md"},
                          "serve": {"serve-cpu-dry-run-*.md"},
+                         "vllm": {"vllm-cpu-dry-run-*.md"},
                          "qlora": {"qlora-cpu-dry-run-*.md", "model-4bit-cpu-dry-run-*.md"}}.items():
         assert {"environment.txt", "session.log"} <= names[step]
         for pattern in wanted:
@@ -126,7 +127,8 @@ def test_gpu_steps_refuse_to_run_without_cuda(tmp_path):
 
 @no_gpu
 @pytest.mark.parametrize("script", ["bench_layer", "bench_dora", "bench_decode", "bench_multi",
-                                    "bench_model", "bench_serve", "bench_qlora", "sanitize_calls"])
+                                    "bench_model", "bench_serve", "bench_qlora", "bench_vllm",
+                                    "sanitize_calls"])
 def test_benchmarks_exit_non_zero_when_nothing_is_measured(script, tmp_path):
     main = __import__(script).main
     with pytest.raises(SystemExit) as exit_:
