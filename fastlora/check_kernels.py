@@ -100,16 +100,15 @@ def _compile(job: tuple[int, int, str]) -> Row:
     if variant.only is not None and int(target[3:]) != variant.only:
         row.skipped = f"built for sm_{variant.only} only"
         return row
-    constexprs = variant.all_constexprs(config.kwargs)
-    types = variant.all_types(config.kwargs)
-    signature = {name: types.get(name, "constexpr") for name in fn.arg_names}
-    missing = [n for n, t in signature.items() if t == "constexpr" and n not in constexprs]
+    signature, constexprs, attrs = variant.compile_args(config.kwargs)
+    missing = [n for n, t in signature.items()
+               if t == "constexpr" and (fn.arg_names.index(n),) not in constexprs]
     if missing:
         row.error = f"no type or value for {missing}"
         return row
     try:
         compiled = triton.compile(
-            ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=variant.attrs()),
+            ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
             target=GPUTarget("cuda", int(target[3:]), 32),
             options={"num_warps": config.num_warps, "num_stages": config.num_stages})
         row.shared = compiled.metadata.shared

@@ -9,6 +9,7 @@ N/K sizes are marked divisible by 16. The sm_90 TMA kernel's tensor descriptors 
 with the config's block shapes, and the kernel is reported skipped on other targets."""
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -17,6 +18,7 @@ import triton.language as tl
 
 from . import backward, dora, linear, linear_tma, shrink
 from .common import FULL_FP32, TL_DTYPES
+from .descriptors import BankTerm, DoraBank, Mat, Quant4, Rows, Term
 from .quant4 import DENSE_CONSTEXPRS
 
 
@@ -42,15 +44,41 @@ class AotVariant:
         """The variant's constexprs and config values; arguments a launch leaves at their
         defaults (the multi-adapter ones, in single-adapter launches) keep them."""
         types = self.all_types(config)
-        unset = {p.name: p.default for p in self.kernel.fn.params
-                 if p.has_default and p.name not in types}
+        params = inspect.signature(self.kernel.fn.fn).parameters.values()
+        unset = {p.name: p.default for p in params
+                 if p.default is not p.empty and p.name not in types}
         return {**unset, **self.constexprs, **config}
 
-    def attrs(self) -> dict:
-        names = self.kernel.fn.arg_names
-        aligned = [n for n, t in self.types.items()
-                   if t.startswith("*") or n.startswith("stride_") or n in ("N", "K")]
-        return {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    def compile_args(self, config: dict) -> tuple[dict, dict, dict]:
+        """(signature, constexprs, attrs) of ``triton.compile``'s ``ASTSource`` for one
+        autotune config: each argument's type, a descriptor's as the same NamedTuple of its
+        members' types (its constexpr members, ``tl.constexpr`` values or None, by path);
+        pointers, strides and the N/K sizes marked divisible by 16."""
+        types, values = self.all_types(config), self.all_constexprs(config)
+        signature, constexprs, aligned = {}, {}, []
+        for i, name in enumerate(self.kernel.fn.arg_names):
+            if name in types:
+                signature[name] = _split(types[name], (i,), name, constexprs, aligned)
+            else:
+                signature[name] = "constexpr"
+                if name in values:
+                    constexprs[(i,)] = values[name]
+        return signature, constexprs, {path: [["tt.divisibility", 16]] for path in aligned}
+
+
+def _split(value, path: tuple[int, ...], field: str, constexprs: dict, aligned: list):
+    """The signature entry of one argument (or descriptor member) at ``path``: a type string
+    as it is, a descriptor member by member; constexpr members go to ``constexprs`` and the
+    paths of pointers, strides and N/K to ``aligned``."""
+    if isinstance(value, tuple):
+        return type(value)(*(_split(v, (*path, i), f, constexprs, aligned)
+                             for i, (f, v) in enumerate(zip(value._fields, value))))
+    if isinstance(value, str):
+        if value.startswith("*") or field.startswith("stride") or field in ("N", "K"):
+            aligned.append(path)
+        return value
+    constexprs[path] = value.value if isinstance(value, tl.constexpr) else value
+    return "constexpr"
 
 
 _MULTI_ROWS = {"sorted": dict(perm_ptr="*i32", seg_ptr="*i32"), "positions": dict(perm_ptr="*i32", key_ptr="*i32"),
@@ -86,8 +114,9 @@ def _shrink(x: str, a: str, dropout: bool, precision: str = FULL_FP32,
 
 
 def _q4_types(quant4: dict | None) -> dict[str, str]:
-    """The q4_* pointer types: a 4-bit weight's quant state (``quant4``: its QUANT4
-    constexprs), or the placeholders a dense launch passes (never read)."""
+    """The q4_* pointer types of the DoRA norm kernel: a 4-bit weight's quant state
+    (``quant4``: its QUANT4 constexprs), or the placeholders a dense launch passes (never
+    read)."""
     nested = bool(quant4 and quant4["Q4_BLOCKSIZE2"])
     return dict(q4_absmax="*u8" if nested else "*fp32", q4_code="*fp32", q4_absmax2="*fp32",
                 q4_code2="*fp32", q4_offset="*fp32")
@@ -99,6 +128,21 @@ def _q4(dtype: str, dx: bool, nested: bool, blocksize: int, aligned: bool) -> di
                 Q4_BLOCKSIZE2=256 if nested else 0, Q4_ALIGNED=aligned)
 
 
+def _quant4_view(q4: dict) -> Quant4:
+    """The ``descriptors.Quant4`` type of a 4-bit weight (``_q4``)."""
+    nested = "*fp32" if q4["Q4_BLOCKSIZE2"] else None
+    return Quant4("*u8", "*u8" if nested else "*fp32", "*fp32", nested, nested, nested,
+                  *(tl.constexpr(q4[n]) for n in ("Q4_DTYPE", "Q4_BLOCKSIZE", "Q4_BLOCKSIZE2",
+                                                  "Q4_ALIGNED")))
+
+
+def _mat(dtype: str, name: str, dims: str, unit_strides: tuple[str, ...]) -> Mat:
+    """The ``Mat`` type of operand ``name`` (its strides ``stride_{name}{d}`` for the two
+    dimension letters of ``dims``, unit ones specialized to 1)."""
+    return Mat(f"*{dtype}", *(tl.constexpr(1) if f"stride_{name}{d}" in unit_strides else "i32"
+                              for d in dims))
+
+
 def _linear(ab: str, lb: str, bias: bool, dropout: bool, label: str,
             unit_strides: tuple[str, ...], scale_out: bool = False,
             scale_in: bool = False, precision: str = FULL_FP32,
@@ -106,30 +150,38 @@ def _linear(ab: str, lb: str, bias: bool, dropout: bool, label: str,
             rows: str | None = None) -> AotVariant:
     """quant4: a 4-bit W's QUANT4 constexprs (``_q4``); rows: None (one adapter), "positions"
     (sorted multi-adapter rows) or "gather"."""
-    strides = ["stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_lm", "stride_lr",
-               "stride_lbr", "stride_lbn", "stride_om", "stride_on"]
-    types = dict(a_ptr=f"*{ab}", b_ptr=f"*{ab}", l_ptr="*fp32", lb_ptr=f"*{lb}", bias_ptr=f"*{ab}",
-                 g_ptr="*fp32", out_ptr=f"*{ab}", M="i32", N="i32", K="i32", R="i32",
-                 M_BUCKET="i32", scale="fp32", seed_ptr="*i64", dropout_p="fp32",
-                 **{n: "i32" for n in strides if n not in unit_strides}, **_q4_types(quant4))
-    const = dict(HAS_LORA=True, HAS_BIAS=bias, DROPOUT=dropout, SCALE_OUT=scale_out,
-                 SCALE_IN=scale_in, IN_PLACE=in_place, BLOCK_R=16, PRECISION=precision,
-                 **{n: 1 for n in unit_strides}, **(quant4 or DENSE_CONSTEXPRS))
-    if quant4:  # the 4-bit weight is read as packed bytes, its strides unused
-        types["b_ptr"] = "*u8"
+    l_type, lb_type = _mat("fp32", "l", "mr", unit_strides), _mat(lb, "lb", "rn", unit_strides)
+    seed = "*i64" if dropout else None
+    types = dict(a=_mat(ab, "a", "mk", unit_strides), b=_mat(ab, "b", "kn", unit_strides),
+                 out=_mat(ab, "o", "mn", unit_strides), M="i32", N="i32", K="i32", R="i32",
+                 M_BUCKET="i32", low=Term(l_type, lb_type, "fp32", seed, "fp32",
+                                          tl.constexpr(16)),
+                 **({"bias": f"*{ab}"} if bias else {}),
+                 **({"g": "*fp32"} if scale_out or scale_in else {}))
+    const = dict(HAS_LORA=True, DROPOUT=dropout, SCALE_OUT=scale_out, SCALE_IN=scale_in,
+                 IN_PLACE=in_place, PRECISION=precision, MULTI=False, QUANT4=0, bias=None,
+                 g=None)
+    if quant4:  # b is the 4-bit weight, W^T (QUANT4 1) or W (2: the dx pass)
+        types["b"] = _quant4_view(quant4)
+        const["QUANT4"] = 2 if quant4["Q4_DX"] else 1
         kernel = linear.Q4_KERNELS[linear.kind(_TORCH[ab], _TORCH[lb], dropout),
                                    quant4["Q4_ALIGNED"]]
     elif rows:
-        more, multi = _multi(rows)
-        del types["g_ptr"]  # (DoRA's g comes from the bank's facts)
-        types.update(more, stride_ls="i32", chunks="i32", **({"p_ptr": "*fp32"} if dropout else {}),
-                     **(_dora_bank(lb) if scale_out or scale_in else {}))
-        const.update(multi, g_ptr=None)
+        row_types = (Rows("*i32", None, None, "i32", tl.constexpr(True)) if rows == "gather" else
+                     Rows(None, "*i32", "*i32", "i32", tl.constexpr(False)))
+        types["low"] = BankTerm(l_type, "i32", "i32", lb_type, row_types, "*i32", "*i32",
+                                "*fp32" if dropout else None, seed, tl.constexpr(16))
+        if scale_out or scale_in:  # DoRA's g from the bank's facts
+            types["g"] = DoraBank(f"*{lb}", "i32", "*fp32", "i32", "*i8")
+        const["MULTI"] = True
         path = "scale_in" if scale_in else "gather" if rows == "gather" else "sorted"
         kernel = linear.MULTI_KERNELS[path, ab == "fp32"]
+    elif in_place:  # out holds a @ b already: a and b are not passed
+        del types["a"], types["b"]
+        const.update(a=None, b=None)
+        kernel = linear.IN_PLACE_KERNEL
     else:
-        kernel = (linear.IN_PLACE_KERNEL if in_place else
-                  linear.KERNELS[linear.kind(*(_TORCH[t] for t in (ab, lb)), dropout)])
+        kernel = linear.KERNELS[linear.kind(*(_TORCH[t] for t in (ab, lb)), dropout)]
     return AotVariant(kernel, f"{label} {precision}", types, const)
 
 

@@ -14,19 +14,41 @@ from .capture import guard
 class Launch:
     """One kernel launch decided once: the (autotuned) kernel, its grid and its arguments.
     ``launch()`` runs it as made; ``launch.without(*names)`` is the same launch with the
-    named arguments left to each call (``launch(**tensors)``): a launch plan keeps the
-    decisions and the layout facts, never the tensors of one call."""
-    __slots__ = ("kernel", "grid", "args")
+    named tensors left to each call (``launch(**tensors)``): a launch plan keeps the
+    decisions and the layout facts, never the tensors of one call. ``slots`` names where a
+    tensor sits inside a descriptor argument (``"a_ptr": ("a", "ptr")``: member ptr of
+    argument a); a name without a slot is an argument itself."""
+    __slots__ = ("kernel", "grid", "args", "slots")
 
-    def __init__(self, kernel, grid, args: dict):
-        self.kernel, self.grid, self.args = kernel, grid, args
+    def __init__(self, kernel, grid, args: dict, slots: dict[str, tuple[str, ...]] | None = None):
+        self.kernel, self.grid, self.args, self.slots = kernel, grid, args, slots or {}
+
+    def _with(self, tensors: dict) -> dict:
+        args = dict(self.args)
+        for name, t in tensors.items():
+            path = self.slots.get(name)
+            if path is None:
+                args[name] = t
+            else:
+                args[path[0]] = _put(args[path[0]], path[1:], t)
+        return args
 
     def without(self, *names: str) -> "Launch":
-        return Launch(self.kernel, self.grid,
-                      {k: v for k, v in self.args.items() if k not in names})
+        args = self._with(dict.fromkeys(names))
+        for name in names:
+            if name not in self.slots:
+                del args[name]
+        return Launch(self.kernel, self.grid, args, self.slots)
 
     def __call__(self, **tensors) -> None:
-        self.kernel[self.grid](**self.args, **tensors)
+        self.kernel[self.grid](**(self._with(tensors) if tensors else self.args))
+
+
+def _put(desc, path: tuple[str, ...], value):
+    """``desc`` (a NamedTuple, nested) with the member at ``path`` replaced by ``value``."""
+    if not path:
+        return value
+    return desc._replace(**{path[0]: _put(getattr(desc, path[0]), path[1:], value)})
 
 
 def interpreting() -> bool:
@@ -72,11 +94,34 @@ FP32_GEMM_SHAPES = [(64, 64, 32, 4, 3), (32, 64, 32, 4, 3), (16, 64, 64, 4, 3), 
 def tune(kernel, configs: list[triton.Config], key: list[str], prune: bool = True,
          restore: list[str] | None = None):
     """``kernel`` autotuned over ``configs`` on ``key``, pruned by M (``prune_by_m``);
-    ``restore`` names arguments a launch updates in place (autotuning reruns it on them).
-    Never tunes inside a CUDA-graph capture (``capture.guard``)."""
-    return guard(triton.autotune(configs=configs, key=key, restore_value=restore,
-                                 prune_configs_by={"early_config_prune": prune_by_m}
-                                 if prune else None)(kernel))
+    ``restore`` names arguments a launch updates in place (tensors, or descriptors whose
+    first member is the tensor): autotuning reruns it on them, so each run starts from a
+    copy of what the launch found. Never tunes inside a CUDA-graph capture (``capture.guard``)."""
+    return guard(triton.autotune(configs=configs, key=key, **(_restoring(restore) if restore else {}),
+                                 prune_configs_by={"early_config_prune": prune_by_m} if prune else None
+                                 )(kernel))
+
+
+def _tensor(arg) -> torch.Tensor:
+    """The tensor of a kernel argument: itself, or a descriptor's first member."""
+    return arg[0] if isinstance(arg, tuple) else arg
+
+
+def _restoring(names: list[str]) -> dict:
+    """The autotuner's pre/post hooks that restore the tensors of ``names`` after each
+    benchmarked run (Triton's own ``restore_value`` takes plain tensor arguments only)."""
+    copies = {}
+
+    def pre_hook(nargs, reset_only=False):
+        if not reset_only:
+            copies.update({name: _tensor(nargs[name]).clone() for name in names})
+
+    def post_hook(nargs, exception):
+        for name, saved in copies.items():
+            _tensor(nargs[name]).copy_(saved)
+        copies.clear()
+
+    return dict(pre_hook=pre_hook, post_hook=post_hook)
 
 
 def sm_count(device: torch.device) -> int:
@@ -126,7 +171,7 @@ def configs(names: tuple[str, ...], shapes: list[tuple], interp: dict,
     if zero:
         def hook(nargs):
             for name in zero:
-                nargs[name].zero_()
+                _tensor(nargs[name]).zero_()
         for config in chosen:
             config.pre_hook = hook
     return chosen

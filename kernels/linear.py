@@ -41,9 +41,10 @@ import triton.language as tl
 
 from .common import (FP32_GEMM_SHAPES, Launch, configs, dora_factor, dropout_keep,
                      fp32_precision, gemm_configs, grouped_tile, low_rank_tile, m_bucket,
-                     on_device, operand, rank_block, tune)
+                     on_device, rank_block, tune)
+from .descriptors import BankTerm, Mat, Term, dora_bank, mat, quant4_view, rows_view
 from .multi_meta import AdapterMeta, RowMap, tile_rows
-from .quant4 import DENSE_CONSTEXPRS, Quant4Args, dequant4_tile
+from .quant4 import Quant4Args, dequant4_tile
 
 
 _SMALL = [(128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (32, 128, 128, 4, 4), (16, 64, 128, 4, 5),
@@ -141,42 +142,42 @@ def _gathered_low_rank(l_rows, stride_ls, chunks, stride_lr, lb_ptr, row_off, ro
 
 
 @triton.jit
-def _lora_linear_kernel(a_ptr, b_ptr, l_ptr, lb_ptr, bias_ptr, g_ptr, out_ptr, M, N, K, R, M_BUCKET,
-                        stride_am, stride_ak, stride_bk, stride_bn, stride_lm, stride_lr,
-                        stride_lbr, stride_lbn, stride_om, stride_on,
-                        scale, seed_ptr, dropout_p,
-                        q4_absmax, q4_code, q4_absmax2, q4_code2, q4_offset,
-                        HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
-                        SCALE_OUT: tl.constexpr, SCALE_IN: tl.constexpr, IN_PLACE: tl.constexpr,
-                        QUANT4: tl.constexpr, Q4_DX: tl.constexpr, Q4_DTYPE: tl.constexpr,
-                        Q4_BLOCKSIZE: tl.constexpr, Q4_BLOCKSIZE2: tl.constexpr,
-                        Q4_ALIGNED: tl.constexpr,
-                        BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                        stride_ls=0, chunks=1, index_ptr=None, perm_ptr=None, key_ptr=None,
-                        off_ptr=None, rank_ptr=None, p_ptr=None, mag_ptr=None, norm_ptr=None,
-                        dora_ptr=None, stride_mag=0, stride_norm=0, n_adapters=0,
-                        MULTI: tl.constexpr = False, GATHER: tl.constexpr = False,
+def _dora_g(g, key, dora, cols, col_in, MULTI: tl.constexpr):
+    """DoRA's column factor (``dora_factor``) from ``g``: one adapter's g ``[N]`` fp32 or,
+    with MULTI, a ``DoraBank``."""
+    if MULTI:
+        factor = dora_factor(None, g.magnitude, g.weight_norm, g.stride_mag, g.stride_norm, key,
+                             dora, cols, col_in, True)
+    else:
+        factor = dora_factor(g, None, None, 0, 0, key, dora, cols, col_in, False)
+    return factor
+
+
+@triton.jit
+def _lora_linear_kernel(a, b, out, low, bias, g, M, N, K, R, M_BUCKET,
+                        HAS_LORA: tl.constexpr, DROPOUT: tl.constexpr, SCALE_OUT: tl.constexpr,
+                        SCALE_IN: tl.constexpr, IN_PLACE: tl.constexpr, QUANT4: tl.constexpr,
+                        MULTI: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                         GATHER_R: tl.constexpr = 16):
-    """a ``[M, K]`` and b ``[K, N]`` (same 16/32-bit float dtype), l ``[M, R]`` fp32,
-    lb ``[R, N]`` (adapter dtype; the low-rank dot runs in it), bias ``[N]``, out ``[M, N]``.
+    """a ``[M, K]`` and b ``[K, N]`` (``Mat``, same 16/32-bit float dtype), out ``[M, N]``
+    (``Mat``), bias ``[N]`` or None; sizes M, N, K, R (the rank; M_BUCKET only keys the
+    autotuning). Accumulates in fp32.
 
-    Accumulates in fp32; with DROPOUT the low-rank term is masked by the keep-mask of an
-    ``[M, N]`` input (the dx pass, where N is the layer's K). g ``[N]`` (SCALE_OUT) or
-    ``[K]`` (SCALE_IN) is fp32. IN_PLACE: out holds ``a @ b`` already; a, b are not read.
+    low (HAS_LORA): one adapter's ``descriptors.Term`` (l ``[M, R]`` fp32, lb ``[R, N]``
+    in the adapter dtype, the low-rank dot running in it), with DROPOUT masked by the
+    keep-mask of an ``[M, N]`` input (the dx pass, where N is the layer's K). g: DoRA's
+    column factor ``[N]`` (SCALE_OUT) or ``[K]`` (SCALE_IN), fp32, else None. IN_PLACE:
+    out holds ``a @ b`` already; a, b are None.
 
-    MULTI (per-row adapters, ``multi_meta``): packed lb ``[S, N]``, adapter a's rows
-    ``off[a] ..`` (``rank[a]`` of them), l ``[chunks, M, R]`` (R the largest rank), no
-    scale (l is scaled); rows sorted (perm, key: tiles of sorted positions, a row's output
-    written in its place) or GATHER (index: rows in batch order). DROPOUT: per-adapter p
-    ``[n]``. SCALE_OUT / SCALE_IN: DoRA's g of each row's adapter from magnitude, weight
-    norm and flags (``dora_factor``).
+    MULTI (per-row adapters, ``multi_meta``): low a ``descriptors.BankTerm`` (packed lb
+    ``[S, N]``, l ``[chunks, M, R]`` already scaled, the rows sorted or, ``low.rows.GATHER``,
+    in batch order; DROPOUT: each adapter's p), g a ``DoraBank`` with SCALE_OUT / SCALE_IN.
 
-    QUANT4: b_ptr is the packed data of a 4-bit W (``Quant4Args``: the q4_* pointers and
-    Q4_* constexprs) and b's strides are unused: b = W^T (W ``[N, K]``) or, with Q4_DX,
-    b = W (W ``[K, N]``: the dx pass). The dot runs in Q4_DTYPE (the compute dtype; a may
-    be of another float dtype, e.g. fp32 activations over a bf16 compute dtype).
+    QUANT4 (0: b dense): b is a 4-bit weight W (``descriptors.Quant4``), b = W^T (W ``[N,
+    K]``, QUANT4 = 1: the forward) or b = W (W ``[K, N]``, QUANT4 = 2: the dx pass). The dot
+    runs in its compute dtype (a may be of another float dtype, e.g. fp32 activations over
+    a bf16 compute dtype).
     """
     tile_m, tile_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N),
                                   GROUP_M)
@@ -185,78 +186,78 @@ def _lora_linear_kernel(a_ptr, b_ptr, l_ptr, lb_ptr, bias_ptr, g_ptr, out_ptr, M
     # The low-rank term goes in first, so that a single [BLOCK_M, BLOCK_N] accumulator is
     # live at a time (an epilogue would hold a second one next to the GEMM's: spills).
     if MULTI:
-        rows, row_in, keys, has_adapter = tile_rows(tile_m * BLOCK_M, M, index_ptr, perm_ptr,
-                                                    key_ptr, n_adapters, BLOCK_M, GATHER)
-        row_rank = tl.load(rank_ptr + keys, mask=has_adapter, other=0)
-        row_off = tl.load(off_ptr + keys, mask=has_adapter, other=0).to(tl.int64)
-        l_rows = l_ptr + rows[:, None] * stride_lm
-        if GATHER:
-            acc = _gathered_low_rank(l_rows, stride_ls, chunks, stride_lr, lb_ptr, row_off,
-                                     row_rank, cols, col_in, stride_lbr, stride_lbn, GATHER_R,
-                                     BLOCK_M, BLOCK_N)
+        rows, row_in, keys, has_adapter = tile_rows(tile_m * BLOCK_M, M, low.rows.index,
+                                                    low.rows.perm, low.rows.keys, low.rows.n,
+                                                    BLOCK_M, low.rows.GATHER)
+        row_rank = tl.load(low.ranks + keys, mask=has_adapter, other=0)
+        row_off = tl.load(low.offsets + keys, mask=has_adapter, other=0).to(tl.int64)
+        l_rows = low.l.ptr + rows[:, None] * low.l.stride0
+        if low.rows.GATHER:
+            acc = _gathered_low_rank(l_rows, low.stride_chunk, low.chunks, low.l.stride1,
+                                     low.lb.ptr, row_off, row_rank, cols, col_in,
+                                     low.lb.stride0, low.lb.stride1, GATHER_R, BLOCK_M, BLOCK_N)
         else:
-            acc = _segment_low_rank(l_rows, stride_lr, lb_ptr, row_off, row_rank, keys,
-                                    has_adapter, cols, col_in, stride_lbr, stride_lbn,
-                                    tile_m * BLOCK_M, PRECISION, BLOCK_R, BLOCK_M, BLOCK_N)
+            acc = _segment_low_rank(l_rows, low.l.stride1, low.lb.ptr, row_off, row_rank, keys,
+                                    has_adapter, cols, col_in, low.lb.stride0, low.lb.stride1,
+                                    tile_m * BLOCK_M, PRECISION, low.BLOCK_R, BLOCK_M, BLOCK_N)
         if DROPOUT:
-            p = tl.load(p_ptr + keys, mask=has_adapter, other=0.0)[:, None]
-            keep = dropout_keep(tl.load(seed_ptr), rows, tile_n * BLOCK_N, N, p, BLOCK_N)
+            p = tl.load(low.p + keys, mask=has_adapter, other=0.0)[:, None]
+            keep = dropout_keep(tl.load(low.seed), rows, tile_n * BLOCK_N, N, p, BLOCK_N)
             acc = tl.where(keep, acc / (1.0 - p), 0.0)
         key = keys[:, None].to(tl.int64)
         dora = has_adapter[:, None]
         if SCALE_OUT or SCALE_IN:
-            dora = dora & (tl.load(dora_ptr + key, mask=dora, other=0) != 0)
+            dora = dora & (tl.load(g.flags + key, mask=dora, other=0) != 0)
     else:
         rows = tile_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_in = rows < M
         key = 0
         dora = False
         if HAS_LORA:
-            acc = low_rank_tile(l_ptr, lb_ptr, rows, cols, row_in, col_in, R, stride_lm,
-                                stride_lr, stride_lbr, stride_lbn, scale, seed_ptr, dropout_p,
-                                tile_n * BLOCK_N, N, DROPOUT, BLOCK_R, BLOCK_N, PRECISION)
+            acc = low_rank_tile(low.l.ptr, low.lb.ptr, rows, cols, row_in, col_in, R,
+                                low.l.stride0, low.l.stride1, low.lb.stride0, low.lb.stride1,
+                                low.scale, low.seed, low.dropout_p, tile_n * BLOCK_N, N, DROPOUT,
+                                low.BLOCK_R, BLOCK_N, PRECISION)
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
+    out_ptrs = out.ptr + rows[:, None] * out.stride0 + cols[None, :] * out.stride1
     out_in = row_in[:, None] & col_in[None, :]
     if IN_PLACE:
         acc += tl.load(out_ptrs, mask=out_in, other=0.0).to(tl.float32)
     else:
         ks = tl.arange(0, BLOCK_K)
-        a_ptrs = a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak
-        b_ptrs = b_ptr + ks[:, None] * stride_bk + cols[None, :] * stride_bn
+        a_ptrs = a.ptr + rows[:, None] * a.stride0 + ks[None, :] * a.stride1
+        if QUANT4 == 0:
+            b_ptrs = b.ptr + ks[:, None] * b.stride0 + cols[None, :] * b.stride1
         for k0 in range(0, K, BLOCK_K):
             k_in = ks < K - k0
-            a = tl.load(a_ptrs, mask=row_in[:, None] & k_in[None, :], other=0.0)
-            if QUANT4:
-                if Q4_DX:  # rows k0.. of W, columns of this tile
-                    b = dequant4_tile(b_ptr, q4_absmax, q4_code, q4_absmax2, q4_code2, q4_offset,
-                                      k0 + ks.to(tl.int64), k_in, tile_n * BLOCK_N, N, False,
-                                      Q4_DTYPE, BLOCK_N, Q4_BLOCKSIZE, Q4_BLOCKSIZE2, Q4_ALIGNED)
-                else:
-                    b = dequant4_tile(b_ptr, q4_absmax, q4_code, q4_absmax2, q4_code2, q4_offset,
-                                      cols, col_in, k0, K, True, Q4_DTYPE, BLOCK_K, Q4_BLOCKSIZE,
-                                      Q4_BLOCKSIZE2, Q4_ALIGNED)
+            a_tile = tl.load(a_ptrs, mask=row_in[:, None] & k_in[None, :], other=0.0)
+            if QUANT4 == 2:  # rows k0.. of W, columns of this tile
+                b_tile = dequant4_tile(b.data, b.absmax, b.code, b.absmax2, b.code2, b.offset,
+                                   k0 + ks.to(tl.int64), k_in, tile_n * BLOCK_N, N, False,
+                                   b.DTYPE, BLOCK_N, b.BLOCKSIZE, b.BLOCKSIZE2, b.ALIGNED)
+            elif QUANT4 == 1:
+                b_tile = dequant4_tile(b.data, b.absmax, b.code, b.absmax2, b.code2, b.offset,
+                                   cols, col_in, k0, K, True, b.DTYPE, BLOCK_K, b.BLOCKSIZE,
+                                   b.BLOCKSIZE2, b.ALIGNED)
             else:
-                b = tl.load(b_ptrs, mask=k_in[:, None] & col_in[None, :], other=0.0)
-                b_ptrs += BLOCK_K * stride_bk
+                b_tile = tl.load(b_ptrs, mask=k_in[:, None] & col_in[None, :], other=0.0)
+                b_ptrs += BLOCK_K * b.stride0
             if SCALE_IN:
-                g_in = dora_factor(g_ptr, mag_ptr, norm_ptr, stride_mag, stride_norm, key, dora,
-                                   k0 + ks, k_in, MULTI)
-                a = (a.to(tl.float32) * g_in).to(b.dtype)
+                g_in = _dora_g(g, key, dora, k0 + ks, k_in, MULTI)
+                a_tile = (a_tile.to(tl.float32) * g_in).to(b_tile.dtype)
             else:
-                a = a.to(b.dtype)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
-            a_ptrs += BLOCK_K * stride_ak
+                a_tile = a_tile.to(b_tile.dtype)
+            acc = tl.dot(a_tile, b_tile, acc, input_precision=PRECISION)
+            a_ptrs += BLOCK_K * a.stride1
     if SCALE_OUT:
-        acc *= dora_factor(g_ptr, mag_ptr, norm_ptr, stride_mag, stride_norm, key, dora, cols,
-                           col_in, MULTI)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=col_in, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_in)
+        acc *= _dora_g(g, key, dora, cols, col_in, MULTI)
+    if bias is not None:
+        acc += tl.load(bias + cols, mask=col_in, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptrs, acc.to(out.ptr.dtype.element_ty), mask=out_in)
 
 
-_KEY = ["M_BUCKET", "N", "K", "R", "HAS_LORA", "DROPOUT", "QUANT4", "Q4_DX"]
+_KEY = ["M_BUCKET", "N", "K", "R", "HAS_LORA", "DROPOUT", "QUANT4"]
 KERNELS = {k: tune(_lora_linear_kernel, c, _KEY) for k, c in _CONFIGS.items()}
 Q4_KERNELS = {k: tune(_lora_linear_kernel, c, _KEY) for k, c in _Q4_CONFIGS.items()}
 # The in-place pass streams out once (read, add, write) plus the rank-r product: tiles of
@@ -267,7 +268,7 @@ IN_PLACE_KERNEL = tune(
     configs(("BLOCK_M", "BLOCK_N"), [(128, 128, 8, 2), (64, 128, 4, 2), (64, 64, 4, 2),
                                      (32, 128, 4, 2), (16, 128, 4, 2), (16, 256, 4, 2)],
             dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=4), BLOCK_K=16, GROUP_M=8),
-    ["M_BUCKET", "N", "R", "HAS_LORA", "DROPOUT", "SCALE_OUT"], restore=["out_ptr"])
+    ["M_BUCKET", "N", "R", "HAS_LORA", "DROPOUT", "SCALE_OUT"], restore=["out"])
 
 
 @dataclass
@@ -289,54 +290,52 @@ def b_shape(b: torch.Tensor | Quant4Args) -> tuple[int, int]:
     return b.b_shape if isinstance(b, Quant4Args) else (b.shape[0], b.shape[1])
 
 
-_Q4_POINTERS = ("q4_absmax", "q4_code", "q4_absmax2", "q4_code2", "q4_offset")
-
-
 def _gemm_args(a: torch.Tensor, b: torch.Tensor | Quant4Args, bias: torch.Tensor | None,
-               out: torch.Tensor) -> dict:
-    """The keyword arguments of the base GEMM (a ``[M, K]`` @ b ``[K, N]`` + bias -> out); a
-    4-bit b (``Quant4Args``) passes its packed data, quant state and QUANT4 constexprs (its
-    strides unused), a dense b placeholders that QUANT4=False never reads."""
+               out: torch.Tensor, in_place: bool) -> dict:
+    """The kernel arguments of the base GEMM (a ``[M, K]`` @ b ``[K, N]`` + bias -> out): a,
+    b, out (``Mat``; a 4-bit b as ``Quant4`` and its QUANT4 mode; in place: a and b None,
+    never read), bias, the sizes and the precision."""
     (m, k), n = a.shape, b_shape(b)[1]
     if isinstance(b, Quant4Args):
-        data, *state = b.pointers()
-        b_args = dict(b_ptr=data, stride_bk=0, stride_bn=0, **b.gemm_constexprs())
+        b_desc, mode = quant4_view(b), (1 if b.transposed else 2)
     else:
-        state = [None] * 5
-        b_args = dict(**operand("b", b, "kn"), **DENSE_CONSTEXPRS)
-    return dict(**operand("a", a, "mk"), **b_args, **dict(zip(_Q4_POINTERS, state)),
-                out_ptr=out, stride_om=out.stride(0), stride_on=out.stride(1), bias_ptr=bias,
-                HAS_BIAS=bias is not None, M=m, N=n, K=k, M_BUCKET=m_bucket(m),
+        b_desc, mode = mat(b), 0
+    return dict(a=None if in_place else mat(a), b=None if in_place else b_desc, QUANT4=mode,
+                out=mat(out), bias=bias, M=m, N=n, K=k, M_BUCKET=m_bucket(m),
                 PRECISION=fp32_precision())
+
+
+# where a launch plan's per-call tensors sit in the descriptors (``Launch.slots``)
+_SLOTS = {"a_ptr": ("a", "ptr"), "b_ptr": ("b", "ptr"), "out_ptr": ("out", "ptr"),
+          "bias_ptr": ("bias",), "l_ptr": ("low", "l", "ptr"), "lb_ptr": ("low", "lb", "ptr"),
+          "seed_ptr": ("low", "seed"), "index_ptr": ("low", "rows", "index")}
 
 
 def linear_launch(a: torch.Tensor, b: torch.Tensor | Quant4Args, low: LowRank | None,
                   bias: torch.Tensor | None, out: torch.Tensor, g_out: torch.Tensor | None = None,
                   g_in: torch.Tensor | None = None, in_place: bool = False) -> Launch:
     """The launch of ``fused_linear`` (``in_place``: of ``cublas_linear``'s pass) writing
-    out ``[M, N]`` (M, N > 0). Its tensor arguments: a_ptr, b_ptr, l_ptr, lb_ptr, bias_ptr,
-    g_ptr, out_ptr, seed_ptr (and a 4-bit b's q4_* parts)."""
+    out ``[M, N]`` (M, N > 0). Its tensors (``Launch.slots``): a_ptr, b_ptr, l_ptr, lb_ptr,
+    bias_ptr, out_ptr, seed_ptr."""
     if g_out is not None and g_in is not None:
         raise ValueError("the fused linear takes g_out or g_in, not both")
     m, n = out.shape
-    if low is not None:
-        term = dict(**operand("l", low.l, "mr"), **operand("lb", low.lb, "rn"), R=low.l.shape[1],
-                    scale=low.scale, seed_ptr=low.seed, dropout_p=low.dropout_p,
-                    DROPOUT=low.dropout_p > 0.0, BLOCK_R=rank_block(low.l.shape[1]))
-    else:  # HAS_LORA=False reads none of them
-        term = dict(l_ptr=None, lb_ptr=None, stride_lm=0, stride_lr=0, stride_lbr=0,
-                    stride_lbn=0, R=0, scale=0.0, seed_ptr=None, dropout_p=0.0, DROPOUT=False,
-                    BLOCK_R=16)
+    dropout = low is not None and low.dropout_p > 0.0
+    term = None if low is None else Term(
+        mat(low.l), mat(low.lb), low.scale, low.seed if dropout else None, low.dropout_p,
+        tl.constexpr(rank_block(low.l.shape[1])))
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    gemm = _gemm_args(a, b, bias, out)
+    gemm = _gemm_args(a, b, bias, out, in_place)
     lb_dtype = low.lb.dtype if low is not None else None
     if gemm["QUANT4"]:
-        kernel = Q4_KERNELS[kind(b.dtype, lb_dtype, term["DROPOUT"]), gemm["Q4_ALIGNED"]]
+        kernel = Q4_KERNELS[kind(b.dtype, lb_dtype, dropout), gemm["b"].ALIGNED.value]
     else:
-        kernel = IN_PLACE_KERNEL if in_place else KERNELS[kind(a.dtype, lb_dtype, term["DROPOUT"])]
-    return Launch(kernel, grid, dict(**gemm, **term, g_ptr=g_out if g_out is not None else g_in,
-                                     HAS_LORA=low is not None, SCALE_OUT=g_out is not None,
-                                     SCALE_IN=g_in is not None, IN_PLACE=in_place))
+        kernel = IN_PLACE_KERNEL if in_place else KERNELS[kind(a.dtype, lb_dtype, dropout)]
+    return Launch(kernel, grid, dict(
+        **gemm, low=term, R=0 if low is None else low.l.shape[1],
+        g=g_out if g_out is not None else g_in, HAS_LORA=low is not None, DROPOUT=dropout,
+        SCALE_OUT=g_out is not None, SCALE_IN=g_in is not None, IN_PLACE=in_place,
+        MULTI=False), _SLOTS)
 
 
 def _launch(a: torch.Tensor, b: torch.Tensor | Quant4Args, low: LowRank | None,
@@ -447,22 +446,25 @@ def multi_linear_launch(a: torch.Tensor, b: torch.Tensor, low: MultiLowRank,
                         bias: torch.Tensor | None, out: torch.Tensor, scale_out: bool = False,
                         scale_in: bool = False) -> Launch:
     """The launch of ``multi_fused_linear`` writing out ``[M, N]`` (M, N > 0). Its
-    per-batch tensor arguments: a_ptr, b_ptr, l_ptr, bias_ptr, out_ptr, seed_ptr and the
-    rows' (``low.rows.kwargs(segments=False)``)."""
+    per-batch tensors (``Launch.slots``): a_ptr, b_ptr, l_ptr, bias_ptr, out_ptr,
+    seed_ptr, index_ptr (gathered rows)."""
     if scale_out and scale_in:
         raise ValueError("multi_fused_linear scales the output or the input, not both")
     m, n = out.shape
-    dropout = low.seed is not None and low.bank.dropout is not None
-    dora = low.bank.dora and (scale_out or scale_in)
+    bank = low.bank
+    dropout = low.seed is not None and bank.dropout is not None
+    dora = bank.dora and (scale_out or scale_in)
     path = "scale_in" if dora and scale_in else "gather" if low.rows.gather else "sorted"
     r = low.l.shape[2]
+    term = BankTerm(Mat(low.l, low.l.stride(1), low.l.stride(2)), low.l.stride(0), low.l.shape[0],
+                    mat(low.lb), rows_view(low.rows),
+                    bank.offsets, bank.ranks, bank.dropout if dropout else None,
+                    low.seed if dropout else None, tl.constexpr(rank_block(r)))
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     return Launch(MULTI_KERNELS[path, a.dtype == torch.float32], grid, dict(
-        **_gemm_args(a, b, bias, out), **operand("l", low.l, "smr"), **operand("lb", low.lb, "rn"),
-        R=r, chunks=low.l.shape[0], scale=1.0, seed_ptr=low.seed if dropout else None,
-        dropout_p=0.0, g_ptr=None, HAS_LORA=True, DROPOUT=dropout, SCALE_OUT=dora and scale_out,
-        SCALE_IN=dora and scale_in, IN_PLACE=False, BLOCK_R=rank_block(r), MULTI=True,
-        **low.rows.kwargs(segments=False), **low.bank.kwargs("offsets", "ranks", "dropout", "dora")))
+        **_gemm_args(a, b, bias, out, False), low=term, R=r, g=dora_bank(bank) if dora else None,
+        HAS_LORA=True, DROPOUT=dropout, SCALE_OUT=dora and scale_out,
+        SCALE_IN=dora and scale_in, IN_PLACE=False, MULTI=True), _SLOTS)
 
 
 @on_device

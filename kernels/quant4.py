@@ -21,8 +21,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import TL_DTYPES
-
 
 @dataclass(frozen=True, eq=False)
 class Quant4Args:
@@ -94,16 +92,9 @@ class Quant4Args:
                     Q4_BLOCKSIZE2=self.blocksize2 if self.nested else 0,
                     Q4_ALIGNED=self.shape[1] % self.blocksize == 0)
 
-    def gemm_constexprs(self) -> dict:
-        """The fused GEMM's: ``QUANT4``, ``Q4_DX`` (b is W, not W^T), ``Q4_DTYPE`` (the
-        compute dtype) and the layout (``constexprs``)."""
-        return dict(QUANT4=True, Q4_DX=not self.transposed, Q4_DTYPE=TL_DTYPES[self.dtype],
-                    **self.constexprs())
-
 
 # what a QUANT4-capable kernel gets for a dense weight (never read: QUANT4 is off)
-DENSE_CONSTEXPRS = dict(QUANT4=False, Q4_DX=False, Q4_DTYPE=tl.float16, Q4_BLOCKSIZE=64,
-                        Q4_BLOCKSIZE2=0, Q4_ALIGNED=True)
+DENSE_CONSTEXPRS = dict(QUANT4=False, Q4_BLOCKSIZE=64, Q4_BLOCKSIZE2=0, Q4_ALIGNED=True)
 
 
 @triton.jit
