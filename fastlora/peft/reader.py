@@ -2,19 +2,22 @@
 adapters, or why fastlora cannot run them.
 
 The one place that knows PEFT's layer layout. ``patch`` asks it once per layer, the patched
-forward on every call and the mixed-batch forward for every adapter of a batch, so the three
-always agree. Readers only look at attributes, types and flags (no tensor data), so
-``torch.compile`` traces them without a graph break.
+forward on every call (through ``read_active``, which keeps the decision) and the
+mixed-batch forward for every adapter of a batch, so the three always agree. Readers only
+look at attributes, types and flags (no tensor data), so ``torch.compile`` traces them
+without a graph break.
 """
 from __future__ import annotations
 
 import functools
 import sys
+from collections.abc import MutableMapping
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
+from ..cache import Stamped
 from ..quant4 import Quant4Weight, UnreadableLayout
 
 FAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -160,8 +163,9 @@ def _param_problem(what: str, p) -> NotFused | None:
 def _hooked(module: nn.Module) -> bool:
     """Hooks or a replaced forward (accelerate's offload, DeepSpeed, a user's): PEFT calls the
     module, the fused ops would bypass them."""
-    return bool(module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__
-                or hasattr(module, "_hf_hook"))
+    attrs = module.__dict__  # accelerate's _hf_hook and replaced forward live there
+    return bool(module._forward_hooks or module._forward_pre_hooks or "forward" in attrs
+                or "_hf_hook" in attrs)
 
 
 def _plain_linear(module: nn.Module) -> bool:
@@ -340,3 +344,100 @@ def adapter_names(layer) -> tuple[str, ...]:
     names = list(getattr(layer, "lora_A", {}).keys())
     names += [n for n in getattr(layer, "lora_embedding_A", {}).keys() if n not in names]
     return tuple(names)
+
+
+# ----------------------------------------------------------------------- kept decisions
+
+def read_active(layer, kept: MutableMapping | None) -> tuple[Base, list[Adapter]] | NotFused:
+    """The base and the active adapters a LoRA ``Linear`` holds (in PEFT's order), as the
+    fused forward takes them, or why PEFT's forward must run.
+
+    ``kept``: the layer's kept decisions (its state; None keeps nothing). The readers above
+    decide once; the decision is kept while everything it depends on is as it was: the
+    active adapters, the modules' types and hooks, dropout ``p >= 1``, the adapters' LoRA
+    variants, the presence of biases and magnitudes (``_look``), and the layout of every
+    tensor read (``Stamped`` without versions: the reader reads no values). A steady-state
+    call fetches the layer's current modules and parameters from their dicts and compares;
+    the scales and dropout modules are always the current ones. A bitsandbytes 4-bit base is
+    read on every call (its quant state is a plain object bitsandbytes replaces at will).
+    """
+    seen = _look(layer) if kept is not None and not torch.compiler.is_compiling() else None
+    if seen is not None:
+        names, extra, tensors, base, adapters = seen
+        hit = kept.get(names)
+        if hit is not None and hit.valid_for(tensors, extra):
+            decided = hit.value
+            if isinstance(decided, NotFused):
+                return decided
+            module, weight, bias = base
+            return Base(module, weight.t() if decided == "Conv1D" else weight, bias,
+                        decided), adapters
+    read = read_base(layer)
+    active = layer.active_adapters
+    adapters = [read_adapter(layer, a) for a in active if a in layer.lora_A]
+    decided = read if isinstance(read, NotFused) else next(
+        (a for a in adapters if isinstance(a, NotFused)),
+        NotFused("no active adapter") if not adapters else None)
+    if decided is None:
+        decided = (read, adapters)
+    if seen is not None and (isinstance(decided, NotFused) or _agrees(read, adapters, seen)):
+        kept[names] = Stamped(tensors, extra, decided if isinstance(decided, NotFused)
+                              else read.kind, values=False)
+    return decided
+
+
+def _look(layer) -> tuple | None:
+    """What ``read_active``'s decision depends on, fetched from the modules' own dicts (no
+    reader check runs): (active adapter names the layer holds, the facts, the tensors, (base
+    module, weight, bias), the adapters as ``Adapter``s with their current scales), or None
+    for a layout the dicts do not show (a parameter that is not registered as one: a
+    parametrization; modules missing) or a 4-bit base."""
+    try:
+        attrs, modules = layer.__dict__, layer._modules
+        base = modules["base_layer"]
+        params = base._parameters
+        weight, bias = params["weight"], params.get("bias")
+        if weight is None or type(weight) is not nn.Parameter and type(weight) is not torch.Tensor:
+            return None  # 4-bit (Params4bit) and other tensor subclasses: read every call
+        active = layer._active_adapter
+        names = (active,) if type(active) is str else tuple(active)
+        lora_A, lora_B = modules["lora_A"]._modules, modules["lora_B"]._modules
+        dropouts = modules["lora_dropout"]._modules
+        magnitudes = modules["lora_magnitude_vector"]._modules
+        variants, use_dora, scaling = (attrs.get("lora_variant") or {}, attrs.get("use_dora") or {},
+                                       attrs["scaling"])
+        extra = [type(base), _hooked(base), bias is None]
+        tensors = [weight] if bias is None else [weight, bias]
+        held, adapters = [], []
+        for name in names:
+            mod_A = lora_A.get(name)
+            if mod_A is None:
+                continue
+            mod_B, drop, mag = lora_B[name], dropouts[name], magnitudes.get(name)
+            A, B = mod_A._parameters["weight"], mod_B._parameters["weight"]
+            lora_bias = mod_B._parameters.get("bias")
+            magnitude = mag._parameters["weight"] if mag is not None else None
+            extra += (type(mod_A), _hooked(mod_A), type(mod_B), _hooked(mod_B), type(drop),
+                      drop.__dict__.get("p", 0.0) >= 1.0, type(variants.get(name)),
+                      use_dora.get(name), lora_bias is None, magnitude is None)
+            tensors += (A, B)
+            if lora_bias is not None:
+                tensors.append(lora_bias)
+            if magnitude is not None:
+                tensors.append(magnitude)
+            held.append(name)
+            adapters.append(Adapter(name, A, B, scaling[name], drop, magnitude, lora_bias))
+    except (KeyError, AttributeError, TypeError):
+        return None
+    return tuple(held), tuple(extra), tensors, (base, weight, bias), adapters
+
+
+def _agrees(base: Base, adapters: list[Adapter], seen: tuple) -> bool:
+    """Whether the readers read the very tensors and modules ``_look`` fetched."""
+    _, _, _, (module, weight, bias), looked = seen
+    w = base.weight._base if base.kind == "Conv1D" else base.weight
+    return (base.module is module and w is weight and base.bias is bias
+            and len(adapters) == len(looked)
+            and all(a.A is b.A and a.B is b.B and a.dropout is b.dropout
+                    and a.magnitude is b.magnitude and a.lora_bias is b.lora_bias
+                    and a.name == b.name for a, b in zip(adapters, looked)))
