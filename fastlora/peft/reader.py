@@ -160,12 +160,15 @@ def _param_problem(what: str, p) -> NotFused | None:
     return None
 
 
-def _hooked(module: nn.Module) -> bool:
-    """Hooks or a replaced forward (accelerate's offload, DeepSpeed, a user's): PEFT calls the
-    module, the fused ops would bypass them."""
-    attrs = module.__dict__  # accelerate's _hf_hook and replaced forward live there
-    return bool(module._forward_hooks or module._forward_pre_hooks or "forward" in attrs
-                or "_hf_hook" in attrs)
+def _hooked(*modules: nn.Module) -> bool:
+    """Hooks or a replaced forward on one of ``modules`` (accelerate's offload, DeepSpeed, a
+    user's): PEFT calls the module, the fused ops would bypass them."""
+    for module in modules:
+        attrs = module.__dict__  # accelerate's _hf_hook and replaced forward live there
+        if (module._forward_hooks or module._forward_pre_hooks or "forward" in attrs
+                or "_hf_hook" in attrs):
+            return True
+    return False
 
 
 def _plain_linear(module: nn.Module) -> bool:
@@ -406,7 +409,8 @@ def _look(layer) -> tuple | None:
         magnitudes = modules["lora_magnitude_vector"]._modules
         variants, use_dora, scaling = (attrs.get("lora_variant") or {}, attrs.get("use_dora") or {},
                                        attrs["scaling"])
-        extra = [type(base), _hooked(base), bias is None]
+        extra = [type(base), bias is None]
+        hooked = [base]
         tensors = [weight] if bias is None else [weight, bias]
         held, adapters = [], []
         for name in names:
@@ -417,9 +421,10 @@ def _look(layer) -> tuple | None:
             A, B = mod_A._parameters["weight"], mod_B._parameters["weight"]
             lora_bias = mod_B._parameters.get("bias")
             magnitude = mag._parameters["weight"] if mag is not None else None
-            extra += (type(mod_A), _hooked(mod_A), type(mod_B), _hooked(mod_B), type(drop),
-                      drop.__dict__.get("p", 0.0) >= 1.0, type(variants.get(name)),
-                      use_dora.get(name), lora_bias is None, magnitude is None)
+            extra += (type(mod_A), type(mod_B), type(drop), drop.__dict__.get("p", 0.0) >= 1.0,
+                      type(variants.get(name)), use_dora.get(name), lora_bias is None,
+                      magnitude is None)
+            hooked += (mod_A, mod_B)
             tensors += (A, B)
             if lora_bias is not None:
                 tensors.append(lora_bias)
@@ -427,9 +432,11 @@ def _look(layer) -> tuple | None:
                 tensors.append(magnitude)
             held.append(name)
             adapters.append(Adapter(name, A, B, scaling[name], drop, magnitude, lora_bias))
+        extra.append(_hooked(*hooked))
     except (KeyError, AttributeError, TypeError):
         return None
     return tuple(held), tuple(extra), tensors, (base, weight, bias), adapters
+
 
 
 def _agrees(base: Base, adapters: list[Adapter], seen: tuple) -> bool:
