@@ -10,7 +10,6 @@ without a graph break.
 from __future__ import annotations
 
 import functools
-import sys
 from collections.abc import MutableMapping
 from typing import NamedTuple
 
@@ -18,11 +17,11 @@ import torch
 from torch import nn
 
 from ..cache import Stamped
+from ..layers import BNB_4BIT, CONV1D, LINEAR, linear_kind, loaded_class, quant_hint
 from ..quant4 import Quant4Weight, UnreadableLayout
+from ..swap import original_class
 
 FAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_LINEAR_FORWARD = nn.Linear.forward
-BNB_4BIT = "bnb 4-bit"  # the base kind of a bitsandbytes Linear4bit
 
 
 def peft_lora():
@@ -40,31 +39,6 @@ def lora_tuner_class() -> type:
     from peft.tuners.lora.model import LoraModel
 
     return LoraModel
-
-
-@functools.cache
-def _conv1d():
-    """transformers' ``Conv1D`` class and its forward, or (None, None) without transformers."""
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:
-        return None, None
-    return Conv1D, Conv1D.forward
-
-
-def _loaded_class(module: str, name: str) -> type | None:
-    """Class ``name`` of ``module`` if that module is already imported (a model holding
-    bitsandbytes layers has imported it; nothing is imported here, so bitsandbytes stays
-    optional and its import cost is never paid for a model without it)."""
-    return getattr(sys.modules.get(module), name, None)
-
-
-def _bnb_4bit_base(module: nn.Module) -> bool:
-    """A bitsandbytes ``Linear4bit`` (or subclass: ``LinearNF4``/``LinearFP4``) with its
-    own forward."""
-    cls = _loaded_class("bitsandbytes.nn.modules", "Linear4bit")
-    return (cls is not None and isinstance(module, cls)
-            and type(module).forward is cls.forward)
 
 
 @functools.cache
@@ -125,22 +99,6 @@ class Adapter(NamedTuple):
 
 # ------------------------------------------------------------------ parameters and modules
 
-_QUANT_HINTS = {"bitsandbytes": "bitsandbytes", "bnb": "bitsandbytes", "gptq": "GPTQ", "awq": "AWQ",
-                "aqlm": "AQLM", "hqq": "HQQ", "eetq": "EETQ", "torchao": "torchao",
-                "optimum": "optimum", "quanto": "quanto", "auto_round": "auto-round",
-                "transformer_engine": "Transformer Engine", ".inc": "Intel Neural Compressor",
-                "fp8": "FP8"}
-
-
-def quant_hint(obj) -> str | None:
-    """The quantization library an object's class comes from, guessed from its module."""
-    mod = (type(obj).__module__ or "").lower() + "." + type(obj).__name__.lower()
-    for key, label in _QUANT_HINTS.items():
-        if key in mod:
-            return label
-    return None
-
-
 def _param_problem(what: str, p) -> NotFused | None:
     """Why a parameter cannot go to the fused ops as is (sharded, partitioned, quantized)."""
     if p is None:
@@ -171,15 +129,6 @@ def _hooked(*modules: nn.Module) -> bool:
     return False
 
 
-def _plain_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) and type(module).forward is _LINEAR_FORWARD
-
-
-def _conv1d_base(module: nn.Module) -> bool:
-    conv1d, forward = _conv1d()
-    return conv1d is not None and isinstance(module, conv1d) and type(module).forward is forward
-
-
 def is_dora(layer, name: str) -> bool:
     """Whether adapter ``name`` is a DoRA adapter (PEFT >= 0.16: a ``lora_variant`` entry;
     older PEFT: the ``use_dora`` flag)."""
@@ -206,9 +155,9 @@ def layer_problem(layer) -> str | None:
     """Why a tuner layer's class cannot be patched (it is not PEFT's LoRA ``Linear``)."""
     lora_layer, _ = peft_lora()
     cls = type(layer)
-    lora_4bit = _loaded_class("peft.tuners.lora.bnb", "Linear4bit")
+    lora_4bit = loaded_class("peft.tuners.lora.bnb", "Linear4bit")
     if lora_4bit is not None and isinstance(layer, lora_4bit):
-        orig = getattr(cls, "_fastlora_original_class", cls)
+        orig = original_class(layer)
         if orig.forward is not lora_4bit.forward:
             return f"{orig.__qualname__} overrides PEFT's Linear4bit.forward"
         return None
@@ -219,7 +168,7 @@ def layer_problem(layer) -> str | None:
         tuner = cls.__module__.split(".")[2] if cls.__module__.startswith("peft.tuners.") else cls.__module__
         return f"not a LoRA layer ({tuner} tuner)"
     if isinstance(layer, lora_layer.Linear):
-        orig = getattr(cls, "_fastlora_original_class", cls)
+        orig = original_class(layer)
         if orig.forward is not lora_layer.Linear.forward:
             return f"{orig.__qualname__} overrides PEFT's Linear.forward"
         return None
@@ -248,18 +197,14 @@ def read_base(layer) -> Base | NotFused:
     _, BaseTunerLayer = peft_lora()
     if isinstance(base, BaseTunerLayer):
         return NotFused(f"base layer is another tuner layer ({type(base).__name__})")
-    if _plain_linear(base):
-        weight, kind = base.weight, "Linear"
-    elif _conv1d_base(base):
-        weight, kind = base.weight, "Conv1D"
-    elif _bnb_4bit_base(base):
-        weight, kind = base.weight, BNB_4BIT
-    else:
+    kind = linear_kind(base)
+    if kind is None:
         hint = quant_hint(base)
         if hint:
             return NotFused(f"quantized base layer ({hint}: {type(base).__name__})")
         return NotFused(f"base layer {type(base).__name__} is not a plain nn.Linear or "
                         "transformers Conv1D")
+    weight = base.weight
     if _hooked(base):
         return NotFused("base layer has forward hooks or a replaced forward "
                         "(accelerate offload / device map?)")
@@ -271,7 +216,7 @@ def read_base(layer) -> Base | NotFused:
     problem = _param_problem("base weight", weight) or _param_problem("base bias", bias)
     if problem is not None:
         return problem
-    return Base(base, weight.t() if kind == "Conv1D" else weight, bias, kind)
+    return Base(base, weight.t() if kind == CONV1D else weight, bias, kind)
 
 
 def _bnb_4bit(base: nn.Module, weight, bias) -> Base | NotFused:
@@ -305,7 +250,7 @@ def read_adapter(layer, name: str) -> Adapter | NotFused:
     parts = []
     for part in ("lora_A", "lora_B"):
         mod = getattr(layer, part)[name]
-        if not _plain_linear(mod):
+        if linear_kind(mod) != LINEAR:
             return NotFused(f"adapter '{name}': {part} is a {type(mod).__name__}, not nn.Linear")
         if _hooked(mod):
             return NotFused(f"adapter '{name}': {part} has forward hooks")
@@ -373,7 +318,7 @@ def read_active(layer, kept: MutableMapping | None) -> tuple[Base, list[Adapter]
             if isinstance(decided, NotFused):
                 return decided
             module, weight, bias = base
-            return Base(module, weight.t() if decided == "Conv1D" else weight, bias,
+            return Base(module, weight.t() if decided == CONV1D else weight, bias,
                         decided), adapters
     read = read_base(layer)
     active = layer.active_adapters
@@ -442,7 +387,7 @@ def _look(layer) -> tuple | None:
 def _agrees(base: Base, adapters: list[Adapter], seen: tuple) -> bool:
     """Whether the readers read the very tensors and modules ``_look`` fetched."""
     _, _, _, (module, weight, bias), looked = seen
-    w = base.weight._base if base.kind == "Conv1D" else base.weight
+    w = base.weight._base if base.kind == CONV1D else base.weight
     return (base.module is module and w is weight and base.bias is bias
             and len(adapters) == len(looked)
             and all(a.A is b.A and a.B is b.B and a.dropout is b.dropout
