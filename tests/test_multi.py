@@ -169,7 +169,7 @@ def test_decode_forward_is_two_launches_reading_w_once(monkeypatch, device):
     index = (torch.randperm(64, generator=g) % 33 - 1).to(device)  # all 32 adapters, base rows
     x = randn(64, K, g=g, device=device)
     routing = Routing.from_index(index, bank.n)
-    routing.decode(64)  # made once per model forward, before the layers
+    routing.row_index(64)  # made once per model forward, before the layers
 
     class TorchOps(TorchDispatchMode):
         def __init__(self):
