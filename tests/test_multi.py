@@ -20,8 +20,8 @@ from fastlora import multi_lora_linear
 from fastlora.adapters import pack_adapters
 from fastlora.kernels import dropout_mask
 from fastlora.kernels.multi_meta import group_rows
-from test_lora_linear import compare, upstream
-from tolerances import assert_close
+from helpers import assert_close
+from op_cases import compare, upstream
 
 K, N = 70, 48
 NAMES = ["x", "weight", "bias", "A", "B", "magnitude"]

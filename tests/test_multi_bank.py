@@ -10,7 +10,7 @@ from data import generator, rand, randn, randperm
 from fastlora import multi_lora_linear, reference
 from fastlora.bank import AdapterBank
 from fastlora.io import Adapter, AdapterLayer
-from tolerances import assert_close
+from helpers import assert_close
 
 peft = pytest.importorskip("peft")
 

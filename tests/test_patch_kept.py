@@ -18,8 +18,8 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 
 from fastlora.peft import patch  # noqa: E402
 from fastlora.peft import reader  # noqa: E402
+from helpers import assert_close  # noqa: E402
 from spies import count_calls  # noqa: E402
-from tolerances import assert_close  # noqa: E402
 
 FORWARD = sys.modules["fastlora.peft.forward"]
 

@@ -10,8 +10,8 @@ from torch import nn
 from fastlora import backend, checks, dispatch, functional, reference
 from fastlora.nn import LoraLinear
 from data import generator, randn
+from helpers import assert_close
 from spies import count_calls
-from tolerances import assert_close
 
 
 def make_layer(device, dtype=torch.float32):

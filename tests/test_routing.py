@@ -11,8 +11,8 @@ from fastlora import checks, multi_lora_linear, reference
 from fastlora.bank import AdapterBank
 from fastlora.kernels import multi_meta
 from fastlora.routing import Routing
+from helpers import assert_close
 from spies import count_calls
-from tolerances import assert_close
 
 from common import capture
 
