@@ -82,7 +82,10 @@ class LayerBank:
     def __init__(self, source: nn.Module | torch.Tensor, capacity: int, rows: int,
                  dtype: torch.dtype, max_rank: int, slots: Slots | None = None,
                  fixed: bool = False):
-        self._source = source
+        # a module's weight is read on every use (a replaced one is seen), its kind once
+        self._module = isinstance(source, nn.Module)
+        self._source = base_layer(source) if self._module else source
+        self._transposed = self._module and linear_kind(source) == CONV1D
         weight = self.weight
         n_out, k = weight.shape
         dev = weight.device
@@ -107,8 +110,11 @@ class LayerBank:
 
     @property
     def weight(self) -> torch.Tensor:
-        """The base weight ``[N, K]``."""
-        return _weight_of(self._source)
+        """The base weight ``[N, K]`` (a transformers ``Conv1D``'s as a transposed view)."""
+        if not self._module:
+            return self._source
+        weight = self._source.weight
+        return weight.t() if self._transposed else weight
 
     # ------------------------------------------------------------ storage
 

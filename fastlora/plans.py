@@ -72,10 +72,7 @@ class _LoraPlan:
         """(y ``[M, N]``, T ``[M, r]`` fp32) on the plan's device."""
         if self.device.type == "cuda" and _cuda_device() != self.device.index:
             with torch.cuda.device(self.device):
-                return self.run(x2, weight, bias, lora_A, lora_B, seed_t)
-        return self.run(x2, weight, bias, lora_A, lora_B, seed_t)
-
-    def run(self, x2, weight, bias, lora_A, lora_B, seed_t):
+                return self.launch(x2, weight, bias, lora_A, lora_B, seed_t)
         t = torch.empty(self.t_shape, dtype=torch.float32, device=self.device)
         self.shrink(x_ptr=x2, a_ptr=lora_A, t_ptr=t, seed_ptr=seed_t)
         if isinstance(self.linear, dispatch.Impl):
