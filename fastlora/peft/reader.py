@@ -345,15 +345,17 @@ def _look(layer) -> tuple | None:
         base = modules["base_layer"]
         params = base._parameters
         weight, bias = params["weight"], params.get("bias")
-        if weight is None or type(weight) is not nn.Parameter and type(weight) is not torch.Tensor:
+        if weight is None or (type(weight) is not nn.Parameter
+                              and type(weight) is not torch.Tensor):
             return None  # 4-bit (Params4bit) and other tensor subclasses: read every call
         active = layer._active_adapter
         names = (active,) if type(active) is str else tuple(active)
         lora_A, lora_B = modules["lora_A"]._modules, modules["lora_B"]._modules
         dropouts = modules["lora_dropout"]._modules
         magnitudes = modules["lora_magnitude_vector"]._modules
-        variants, use_dora, scaling = (attrs.get("lora_variant") or {}, attrs.get("use_dora") or {},
-                                       attrs["scaling"])
+        variants = attrs.get("lora_variant") or {}
+        use_dora = attrs.get("use_dora") or {}
+        scaling = attrs["scaling"]
         extra = [type(base), bias is None]
         hooked = [base]
         tensors = [weight] if bias is None else [weight, bias]
@@ -381,7 +383,6 @@ def _look(layer) -> tuple | None:
     except (KeyError, AttributeError, TypeError):
         return None
     return tuple(held), tuple(extra), tensors, (base, weight, bias), adapters
-
 
 
 def _agrees(base: Base, adapters: list[Adapter], seen: tuple) -> bool:

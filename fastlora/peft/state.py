@@ -2,9 +2,9 @@
 removes it whole. It holds the layer's caches, valid by the rule of ``fastlora.cache``: the
 reader's decisions per set of active adapters (``reader.read_active``), DoRA row norms per
 adapter (shared by the plain and the mixed-batch forward), the packed adapters of the last
-inference mixed batch and the launch plans of ``lora_linear`` (``fastlora.plans``). A layer under FSDP keeps nothing; PEFT's merge / unmerge (writes
-through ``.data``) clear it; ``fastlora.refresh`` clears it. Copies and pickles of a
-patched layer get an empty one."""
+inference mixed batch and the launch plans of ``lora_linear`` (``fastlora.plans``). A
+layer under FSDP keeps nothing; PEFT's merge / unmerge (writes through ``.data``) clear it;
+``fastlora.refresh`` clears it. Copies and pickles of a patched layer get an empty one."""
 from __future__ import annotations
 
 import torch

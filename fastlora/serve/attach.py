@@ -50,10 +50,12 @@ def _forward(self, x):
     return layer.plans(x, layer.weight, self.bias, layer, routing)
 
 
-_SWAP = ClassSwap(lambda original: {"forward": _forward},
-                  lambda original: f"{original.__module__}.{original.__qualname__} whose rows "
-                                   "take their adapters from an AdapterBank (fastlora.serve.attach)",
-                  __name__)
+def _describe(original: type) -> str:
+    return (f"{original.__module__}.{original.__qualname__} whose rows take their adapters "
+            "from an AdapterBank (fastlora.serve.attach)")
+
+
+_SWAP = ClassSwap(lambda original: {"forward": _forward}, _describe, __name__)
 
 
 def is_attached(module: nn.Module) -> bool:
