@@ -15,8 +15,10 @@ each in eval (``torch.no_grad``) and with grad (the adapter trainable, autograd 
 the serve layer's bank is not trainable: grad mode only).
 
 ``calls``: Python function calls (``sys.setprofile`` call events) of one layer call after
-warm-up, Triton's own frames left out; ``host_us``: microseconds per call (median of
-rounds). Both with every Triton launch replaced by a no-op, so they count what fastlora,
+warm-up, Triton's own frames left out; ``bwd_calls`` (with grad): those of
+``y.backward(ones)`` on that call's output, ``torch.autograd.backward``'s own Python
+included (PEFT's row is that alone: its backward runs in C++); ``host_us``: microseconds
+per call (median of rounds). Both with every Triton launch replaced by a no-op, so they count what fastlora,
 PEFT and torch do on the host before the kernels run (on the CPU the Triton backend is
 taken through ``TRITON_INTERPRET=1``, whose launches are stubbed too). On a GPU a third
 column, ``wall_us``, times the call with its real launches, back to back (eager decode).
@@ -44,7 +46,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tables import markdown_table  # noqa: E402
 
-COLUMNS = ["path", "mode", "calls", "calls/peft", "host_us", "wall_us"]
+COLUMNS = ["path", "mode", "calls", "calls/peft", "bwd_calls", "host_us", "wall_us"]
 MODES = ("eval", "grad")
 
 
@@ -70,8 +72,9 @@ def stubbed_launches():
             cls.run = run
 
 
-def count_calls(layer, x) -> int:
-    """Python call events of ``layer(x)``, frames of Triton's own modules left out."""
+def count_calls(fn, *args) -> int:
+    """Python call events of ``fn(*args)`` (``fn``'s own included: ``layer(x)``, or
+    ``y.backward(dy)``), frames of Triton's own modules left out."""
     import triton
 
     skip = os.path.dirname(triton.__file__)
@@ -85,7 +88,7 @@ def count_calls(layer, x) -> int:
 
     sys.setprofile(profile)
     try:
-        layer(x)
+        fn(*args)
     finally:
         sys.setprofile(None)
     return n
@@ -170,10 +173,16 @@ def measure(k=64, n=64, r=8, rows=1, rounds=20, dtype=torch.float16, device="cpu
             with grad, route:
                 with stubbed_launches():
                     for _ in range(3):
-                        layer(x)
+                        if mode == "grad":
+                            layer(x).sum().backward()
+                        else:
+                            layer(x)
                     calls = count_calls(layer, x)
                     host = time_us(layer, x, rounds)
-                row = dict(path=name, mode=mode, calls=calls, host_us=host)
+                    row = dict(path=name, mode=mode, calls=calls, host_us=host)
+                    if mode == "grad":
+                        y = layer(x)
+                        row["bwd_calls"] = count_calls(y.backward, torch.ones_like(y))
                 if wall:
                     for _ in range(3):
                         layer(x)

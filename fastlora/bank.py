@@ -38,6 +38,7 @@ from .adapters import PackedAdapters
 from .cache import Stamped
 from .checks import FLOAT32_MAX
 from .functional import dora_weight_norm
+from .layers import BNB_4BIT, CONV1D, LINEAR, linear_kind
 from .plans import MultiPlans
 from .routing import BASE, Routing, Slots
 
@@ -81,7 +82,10 @@ class LayerBank:
     def __init__(self, source: nn.Module | torch.Tensor, capacity: int, rows: int,
                  dtype: torch.dtype, max_rank: int, slots: Slots | None = None,
                  fixed: bool = False):
-        self._source = source
+        # a module's weight is read on every use (a replaced one is seen), its kind once
+        self._module = isinstance(source, nn.Module)
+        self._source = base_layer(source) if self._module else source
+        self._transposed = self._module and linear_kind(source) == CONV1D
         weight = self.weight
         n_out, k = weight.shape
         dev = weight.device
@@ -106,8 +110,11 @@ class LayerBank:
 
     @property
     def weight(self) -> torch.Tensor:
-        """The base weight ``[N, K]``."""
-        return _weight_of(self._source)
+        """The base weight ``[N, K]`` (a transformers ``Conv1D``'s as a transposed view)."""
+        if not self._module:
+            return self._source
+        weight = self._source.weight
+        return weight.t() if self._transposed else weight
 
     # ------------------------------------------------------------ storage
 
@@ -323,14 +330,29 @@ def base_layer(module: nn.Module) -> nn.Module:
 
 
 def layer_weight(module: nn.Module) -> torch.Tensor | None:
-    """``[N, K]`` weight of a Linear (or transformers Conv1D, as a transposed view), seen
-    through a LoRA wrapper."""
+    """``[N, K]`` weight of a dense linear layer (``fastlora.layers``: an ``nn.Linear``, or a
+    transformers ``Conv1D`` as a transposed view), seen through a LoRA wrapper; None for
+    any other module (a bitsandbytes 4-bit layer included)."""
     module = base_layer(module)
-    if isinstance(module, nn.Linear):
+    kind = linear_kind(module)
+    if kind == LINEAR:
         return module.weight
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+    if kind == CONV1D:
         return module.weight.t()
     return None
+
+
+def _not_served(module: nn.Module) -> str | None:
+    """Why a bank cannot serve ``module``'s layer (None: it can)."""
+    if layer_weight(module) is not None:
+        return None
+    cls = type(base_layer(module))
+    what = f"a {cls.__module__}.{cls.__qualname__}"
+    if linear_kind(base_layer(module)) == BNB_4BIT:
+        return (f"{what}, a bitsandbytes 4-bit layer: an AdapterBank serves dense weights "
+                "(multi_lora_linear reads no 4-bit weight; lora_linear, dora_linear and "
+                "patched PEFT layers do)")
+    return f"{what}, not an nn.Linear or a transformers Conv1D"
 
 
 class AdapterBank:
@@ -355,6 +377,8 @@ class AdapterBank:
                                               and layer_weight(base) is not None):
             self._model, self._targets = None, {"": base}
         elif isinstance(base, nn.Module):
+            if linear_kind(base_layer(base)) == BNB_4BIT:  # a layer, not a model
+                raise ValueError(f"AdapterBank cannot serve this layer: it is {_not_served(base)}")
             self._model = base
             self._targets = None
         else:
@@ -363,7 +387,12 @@ class AdapterBank:
         weight = _weight_of(next(iter(self._targets.values()))) if self._targets else None
         if weight is not None and weight.dim() != 2:
             raise ValueError(f"base weight must be [N, K], got {list(weight.shape)}")
-        self.dtype = dtype or (weight.dtype if weight is not None else next(base.parameters()).dtype)
+        if dtype is None and weight is None:  # a model: its first float parameter's dtype
+            dtype = next((p.dtype for p in base.parameters() if p.is_floating_point()), None)
+            if dtype is None:
+                raise TypeError("AdapterBank: the model has no floating-point parameter; "
+                                "pass dtype=")
+        self.dtype = dtype or weight.dtype
         if not self.dtype.is_floating_point:
             raise TypeError(f"AdapterBank dtype must be a float dtype, got {self.dtype}")
         if fixed and not max_rank:
@@ -559,10 +588,9 @@ class AdapterBank:
             module = self._model.get_submodule(layer)
         except AttributeError:
             raise KeyError(f"the model has no module {layer!r}") from None
-        if layer_weight(module) is None:
-            cls = type(base_layer(module))
-            raise ValueError(f"module {layer!r} is a {cls.__module__}.{cls.__qualname__}, not an "
-                             "nn.Linear or a transformers Conv1D")
+        why = _not_served(module)
+        if why is not None:
+            raise ValueError(f"module {layer!r} is {why}")
         return base_layer(module)
 
     def _device(self) -> torch.device:

@@ -20,6 +20,10 @@ managed by FSDP (whose unsharded parameters are refilled in place by all-gathers
 nothing. A value computed under ``torch.inference_mode()`` is an inference tensor, which
 autograd cannot save: it is not reused outside inference mode. Under ``torch.compile``
 nothing is kept (a version counter is not traceable).
+
+A value that depends on the tensors' layout only, never on what they hold (what the PEFT
+reader decides, a launch plan), is stamped without versions (``Stamped(..., values=False)``):
+the same rule but for the version counter, so an in-place write (an optimizer step) keeps it.
 """
 from __future__ import annotations
 
@@ -34,26 +38,29 @@ from .quant4 import Quant4Weight
 __all__ = ["Cache", "DoraNormCache", "Stamped", "refresh", "writes_visible"]
 
 
-def _stamp(t: torch.Tensor) -> tuple | None:
-    """What identifies ``t``'s values, or None for a tensor without a version counter."""
+def _stamp(t: torch.Tensor, values: bool = True) -> tuple | None:
+    """What identifies ``t``'s values (its layout only: ``values=False``, version None), or
+    None for a tensor without a version counter."""
     if t.is_inference():
         return None
     owner = t._base if t._base is not None else t  # a fresh W.t() view still matches
     return (weakref.ref(owner), weakref.ref(t.untyped_storage()), t.storage_offset(),
-            t._version, t.dtype, t.device, tuple(t.shape), t.stride())
+            t._version if values else None, t.dtype, t.device, tuple(t.shape), t.stride())
 
 
 class Stamped:
     """A value computed from ``tensors`` (and hashable ``extra`` facts such as a scale),
-    valid while they are unchanged (see the module docstring). Holds no strong reference
+    valid while they are unchanged (see the module docstring); ``values=False``: a value
+    that depends on their layout only (versions not compared). Holds no strong reference
     to the tensors."""
 
-    __slots__ = ("_stamps", "_extra", "_inference", "value")
+    __slots__ = ("_stamps", "_extra", "_inference", "_values", "value")
 
-    def __init__(self, tensors, extra, value):
-        self._stamps = tuple(_stamp(t) for t in tensors)
+    def __init__(self, tensors, extra, value, *, values: bool = True):
+        self._stamps = tuple(_stamp(t, values) for t in tensors)
         self._extra = extra
         self._inference = torch.is_inference_mode_enabled()
+        self._values = values
         self.value = value
 
     def valid_for(self, tensors, extra) -> bool:
@@ -61,13 +68,14 @@ class Stamped:
             return False
         if self._extra != extra or len(tensors) != len(self._stamps):
             return False
+        values = self._values
         for s, t in zip(self._stamps, tensors):  # _stamp(t) compared inline: once per layer call
             if s is None or t.is_inference():
                 return False
             owner = t._base if t._base is not None else t
             if (s[0]() is not owner or s[1]() is not t.untyped_storage()
-                    or s[2:] != (t.storage_offset(), t._version, t.dtype, t.device,
-                                 tuple(t.shape), t.stride())):
+                    or s[2:] != (t.storage_offset(), t._version if values else None, t.dtype,
+                                 t.device, tuple(t.shape), t.stride())):
                 return False
         return True
 

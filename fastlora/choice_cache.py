@@ -148,10 +148,6 @@ class ChoiceCache:
             warnings.warn(f"fastlora: cannot write the choice cache {path} ({exc}); the "
                           "choice is kept for this process only", stacklevel=3)
 
-    def forget(self) -> None:
-        """Drop what is in memory (the files stay): the next lookup reads them again."""
-        self._loaded.clear()
-
 
 @contextlib.contextmanager
 def _locked(path: Path):

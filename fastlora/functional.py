@@ -283,7 +283,7 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 
     index = perm = keys = seg = None
     if gathers(m):  # decode: each row gathers its adapter, nothing sorted
-        index = routing.decode(m).row_index
+        index = routing.row_index(m)
     differentiable = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias, bank.A, bank.B, bank.magnitude))
     if index is None or differentiable:  # the backward works on grouped rows: once per routing

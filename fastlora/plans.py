@@ -4,18 +4,24 @@ Before its two launches a ``lora_linear`` call decides the backend, checks its a
 picks the linear stage's implementation (``fastlora.dispatch``) and builds every kernel
 argument. All of that depends on
 
-* the layer's tensors (weight, bias, lora_A, lora_B): their identity, storage, layout and
-  version, the rule of ``fastlora.cache`` (a plan is stamped with them, and holds none);
-* x's shape, strides, dtype, device and 16-byte alignment, the scale and dropout, and the
-  switches read per call (autocast, the ``FASTLORA_BACKEND`` / ``FASTLORA_IMPL`` /
-  ``TRITON_INTERPRET`` variables, torch's fp32 matmul precision, deterministic algorithms):
-  the key a layer's plans are kept under.
+* the layer's tensors (weight, bias, lora_A, lora_B): their identity, storage and layout,
+  the rule of ``fastlora.cache`` without the version counter (a plan is stamped with them,
+  holds none, and reads no values: an optimizer step keeps it);
+* x's shape, strides, dtype, device and 16-byte alignment, the scale and dropout, whether
+  autograd records the call, and the switches read per call (autocast, the
+  ``FASTLORA_BACKEND`` / ``FASTLORA_IMPL`` / ``TRITON_INTERPRET`` variables, torch's fp32
+  matmul precision, deterministic algorithms): the key a layer's plans are kept under.
 
 A steady-state call is a key lookup, a stamp comparison, two allocations and the two
-launches (``kernels.common.Launch``, the arguments but the tensors fixed). A call no plan
-covers runs ``fastlora.lora_linear``: the PyTorch backend, autocast, a 4-bit weight, an
-empty x, a call autograd records, ``torch.compile`` (which traces the custom ops), a
-linear-stage choice not final yet (a CUDA graph being captured before any measurement).
+launches (``kernels.common.Launch``, the arguments but the tensors fixed). A call autograd
+records (adapter or x trainable, the base frozen) runs the same launches inside a plain
+``torch.autograd.Function`` (``_Recorded``) whose backward is the op layer's
+(``fastlora._ops.lora_linear_bwd``): the custom op's Python autograd wrapper (pytree
+flattening of 11 arguments, ~150 Python calls) is skipped. A call no plan covers runs
+``fastlora.lora_linear``: the PyTorch backend, autocast, a 4-bit weight, an empty x, a
+trainable base weight or bias, a ``torch.func`` transform, ``torch.compile`` (which traces
+the custom ops), a linear-stage choice not final yet (a CUDA graph being captured before
+any measurement).
 """
 from __future__ import annotations
 
@@ -38,85 +44,146 @@ else:  # pragma: no cover - Windows keeps upper-cased str keys
 _precision = torch._C._get_float32_matmul_precision
 _deterministic = torch._C._get_deterministic_algorithms
 _cuda_device = getattr(torch._C, "_cuda_getDevice", None)
+_functorch_active = torch._C._are_functorch_transforms_active
 
 
 class _LoraPlan:
-    """The launches of one ``lora_linear`` call layout (eval: nothing for autograd).
-    ``linear``: the fused kernel's ``Launch``, or the chosen ``dispatch.Impl``."""
-    __slots__ = ("stamp", "shrink", "linear", "t_shape", "y_shape", "out_shape", "device",
-                 "scale", "dropout_p")
+    """The launches of one ``lora_linear`` call layout. ``linear``: the fused kernel's
+    ``Launch``, or the chosen ``dispatch.Impl``."""
+    __slots__ = ("shrink", "linear", "t_shape", "y_shape", "out_shape", "device", "scale",
+                 "dropout_p")
 
     def __call__(self, x, weight, bias, lora_A, lora_B, seed, generator):
-        if self.device.type == "cuda" and _cuda_device() != self.device.index:
-            with torch.cuda.device(self.device):
-                return self.run(x, weight, bias, lora_A, lora_B, seed, generator)
-        return self.run(x, weight, bias, lora_A, lora_B, seed, generator)
-
-    def run(self, x, weight, bias, lora_A, lora_B, seed, generator):
+        """The call in eval (nothing for autograd): y ``[..., N]``."""
         x2 = x.reshape(self.y_shape[0], -1)
         seed_t = (functional._seed(seed, generator, self.device) if self.dropout_p > 0.0
                   else None)
+        return self.launch(x2, weight, bias, lora_A, lora_B, seed_t)[0].view(self.out_shape)
+
+    def recorded(self, x, weight, bias, lora_A, lora_B, seed, generator):
+        """The call, recorded by autograd (``_Recorded``): y ``[..., N]``."""
+        x2 = x.reshape(self.y_shape[0], -1)
+        seed_t = (functional._seed(seed, generator, self.device) if self.dropout_p > 0.0
+                  else None)
+        return _Recorded.apply(x2, lora_A, lora_B, (self, weight, bias, seed_t)).view(
+            self.out_shape)
+
+    def launch(self, x2, weight, bias, lora_A, lora_B, seed_t):
+        """(y ``[M, N]``, T ``[M, r]`` fp32) on the plan's device."""
+        if self.device.type == "cuda" and _cuda_device() != self.device.index:
+            with torch.cuda.device(self.device):
+                return self.launch(x2, weight, bias, lora_A, lora_B, seed_t)
         t = torch.empty(self.t_shape, dtype=torch.float32, device=self.device)
         self.shrink(x_ptr=x2, a_ptr=lora_A, t_ptr=t, seed_ptr=seed_t)
         if isinstance(self.linear, dispatch.Impl):
             from .kernels import LowRank
 
-            y = self.linear.launch(x2, weight.t(), LowRank(t, lora_B.t(), self.scale), bias)
-        else:
-            y = torch.empty(self.y_shape, dtype=x.dtype, device=self.device)
-            self.linear(a_ptr=x2, b_ptr=weight.t(), l_ptr=t, lb_ptr=lora_B.t(), bias_ptr=bias,
-                        out_ptr=y)
-        return y.view(self.out_shape)
+            return self.linear.launch(x2, weight.t(), LowRank(t, lora_B.t(), self.scale),
+                                      bias), t
+        y = torch.empty(self.y_shape, dtype=x2.dtype, device=self.device)
+        self.linear(a_ptr=x2, b_ptr=weight.t(), l_ptr=t, lb_ptr=lora_B.t(), bias_ptr=bias,
+                    out_ptr=y)
+        return y, t
 
 
-def _make(x, weight, bias, lora_A, lora_B, scaling, p, training, seed, generator):
-    """(a plan for this call or None, this call's result)."""
-    xc, w, b, a, bb, which = functional._prepare(x, weight, bias, lora_A, lora_B, scaling,
-                                                 p if training else 0.0)
+class _Recorded(torch.autograd.Function):
+    """A planned call autograd records: forward, the plan's two launches (``plan``: a
+    ``_LoraPlan``, or a ``_Maker`` that makes one); backward, the op layer's own backward
+    (``fastlora._ops.lora_linear_bwd``: dx, dA, dB from x, T and the dropout seed, saved as
+    the custom op saves them). The base is frozen (weight and bias need no gradient), so
+    they travel with the plan in ``rest`` = (plan, weight, bias, seed ``[1]`` or None):
+    each argument of ``apply`` costs Python calls."""
+
+    @staticmethod
+    def forward(ctx, x2, lora_A, lora_B, rest):
+        plan, weight, bias, seed_t = rest
+        y, t = plan.launch(x2, weight, bias, lora_A, lora_B, seed_t)
+        ctx.save_for_backward(x2, lora_A, lora_B, t, seed_t, weight)
+        ctx.scale, ctx.dropout_p = plan.scale, plan.dropout_p
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        from ._ops import lora_linear_bwd
+
+        x2, lora_A, lora_B, t, seed_t, weight = ctx.saved_tensors
+        need_x, need_a, need_b = ctx.needs_input_grad[:3]
+        dx, da, db = lora_linear_bwd(dy, x2, weight, lora_A, lora_B, t, ctx.scale,
+                                     ctx.dropout_p, seed_t, need_x, [], None, None)
+        return (dx if need_x else None), (da if need_a else None), (db if need_b else None), None
+
+
+class _Maker:
+    """A layout's first call: ``launch`` runs the launches while building them into
+    ``plan``; ``final``: whether the linear stage's choice is final (only then is the plan
+    kept)."""
+
+    def __init__(self, plan: _LoraPlan):
+        self.plan, self.final = plan, False
+        self.scale, self.dropout_p = plan.scale, plan.dropout_p
+
+    def launch(self, x2, weight, bias, lora_A, lora_B, seed_t):
+        from .kernels import LowRank
+        from .kernels.common import on_device
+        from .kernels.linear import linear_launch
+        from .kernels.shrink import shrink_launch
+
+        plan = self.plan
+
+        @on_device
+        def first(x2):
+            t = torch.empty(plan.t_shape, dtype=torch.float32, device=plan.device)
+            shrink = shrink_launch(x2, lora_A, t, plan.dropout_p, seed_t)
+            shrink()
+            plan.shrink = shrink.without("x_ptr", "a_ptr", "t_ptr", "seed_ptr")
+            low = LowRank(t, lora_B.t(), plan.scale)
+            impl, self.final = dispatch.CHOOSER.decide(
+                dispatch.LinearArgs(x2, weight.t(), low, bias), dispatch.FORWARD)
+            if impl.name != dispatch.DEFAULT:
+                plan.linear = impl
+                return impl.launch(x2, weight.t(), low, bias), t
+            y = torch.empty(plan.y_shape, dtype=x2.dtype, device=plan.device)
+            linear = linear_launch(x2, weight.t(), low, bias, y)
+            linear()
+            plan.linear = linear.without("a_ptr", "b_ptr", "l_ptr", "lb_ptr", "bias_ptr",
+                                         "out_ptr")
+            return y, t
+
+        return first(x2)
+
+
+def _make(x, weight, bias, lora_A, lora_B, scaling, p, training, seed, generator,
+          record: bool):
+    """(a plan for this call or None, this call's result); ``record``: autograd records
+    the call (``_Recorded``)."""
+    xc, w, _, a, _, which = functional._prepare(x, weight, bias, lora_A, lora_B, scaling,
+                                                p if training else 0.0)
     m = xc.numel() // xc.shape[-1] if xc.dim() else 0
     if which != "triton" or not isinstance(w, torch.Tensor) or m == 0:
         return None, functional.lora_linear(x, weight, bias, lora_A, lora_B, scaling,
                                             dropout_p=p, training=training, seed=seed,
                                             generator=generator)
-    from .kernels import LowRank
-    from .kernels.common import on_device
-    from .kernels.linear import linear_launch
-    from .kernels.shrink import shrink_launch
-
     plan = _LoraPlan()
     plan.dropout_p = p if training else 0.0
     plan.scale = float(scaling)
     plan.device = x.device
     plan.t_shape, plan.y_shape = (m, a.shape[0]), (m, w.shape[0])
     plan.out_shape = (*x.shape[:-1], w.shape[0])
-
-    @on_device
-    def first(x2):
-        seed_t = functional._seed(seed, generator, x.device) if plan.dropout_p > 0.0 else None
-        t = torch.empty(plan.t_shape, dtype=torch.float32, device=x.device)
-        shrink = shrink_launch(x2, a, t, plan.dropout_p, seed_t)
-        shrink()
-        plan.shrink = shrink.without("x_ptr", "a_ptr", "t_ptr", "seed_ptr")
-        low = LowRank(t, bb.t(), plan.scale)
-        impl, final = dispatch.CHOOSER.decide(dispatch.LinearArgs(x2, w.t(), low, b),
-                                              dispatch.FORWARD)
-        if impl.name != dispatch.DEFAULT:
-            plan.linear = impl
-            return impl.launch(x2, w.t(), low, b), final
-        y = torch.empty(plan.y_shape, dtype=x.dtype, device=x.device)
-        linear = linear_launch(x2, w.t(), low, b, y)
-        linear()
-        plan.linear = linear.without("a_ptr", "b_ptr", "l_ptr", "lb_ptr", "bias_ptr", "out_ptr")
-        return y, final
-
-    y, final = first(xc.reshape(m, xc.shape[-1]))
-    return (plan if final else None), y.view(plan.out_shape)
+    maker = _Maker(plan)
+    x2 = x.reshape(m, x.shape[-1])
+    seed_t = functional._seed(seed, generator, x.device) if plan.dropout_p > 0.0 else None
+    if record:
+        y = _Recorded.apply(x2, lora_A, lora_B, (maker, weight, bias, seed_t))
+    else:
+        y = maker.launch(x2, weight, bias, lora_A, lora_B, seed_t)[0]
+    return (plan if maker.final else None), y.view(plan.out_shape)
 
 
 class LoraPlans(Cache):
     """A layer's launch plans for ``lora_linear`` (see the module docstring), kept on the
     layer (``fastlora.nn.LoraLinear``, a patched PEFT layer's state); ``fastlora.refresh``
-    clears them."""
+    clears them. A plan depends on the layout of the layer's tensors, not on their values:
+    it is stamped without versions (an optimizer step keeps it)."""
 
     def __init__(self):
         self._plans: dict[tuple, Stamped] = {}
@@ -130,32 +197,41 @@ class LoraPlans(Cache):
         """``fastlora.lora_linear(x, weight, bias, lora_A, lora_B, scaling, ...)`` through
         the plan of this call's key."""
         if (not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor)
-                or torch.compiler.is_compiling()
-                or (torch.is_grad_enabled() and (
-                    x.requires_grad or lora_A.requires_grad or lora_B.requires_grad
-                    or weight.requires_grad or (bias is not None and bias.requires_grad)))):
+                or torch.compiler.is_compiling()):
+            return functional.lora_linear(x, weight, bias, lora_A, lora_B, scaling,
+                                          dropout_p=dropout_p, training=training, seed=seed,
+                                          generator=generator)
+        record = torch.is_grad_enabled() and (x.requires_grad or lora_A.requires_grad
+                                              or lora_B.requires_grad)
+        if torch.is_grad_enabled() and (
+                weight.requires_grad or (bias is not None and bias.requires_grad)
+                or (record and _functorch_active())):
+            # a trainable base (unusual) or a torch.func transform: the custom ops
             return functional.lora_linear(x, weight, bias, lora_A, lora_B, scaling,
                                           dropout_p=dropout_p, training=training, seed=seed,
                                           generator=generator)
         device = x.device
         key = (x.shape, x.stride(), x.dtype, device, x.data_ptr() & 15, bias is None,
                scaling, dropout_p if training else 0.0, torch.is_autocast_enabled(device.type),
-               tuple(map(_ENV.get, _ENV_KEYS)), _precision(), _deterministic())
+               tuple(map(_ENV.get, _ENV_KEYS)), _precision(), _deterministic(), record)
         tensors = (weight, lora_A, lora_B) if bias is None else (weight, lora_A, lora_B, bias)
         hit = self._plans.get(key)
         if hit is not None and hit.valid_for(tensors, None):
-            if hit.value is not None:
-                return hit.value(x, weight, bias, lora_A, lora_B, seed, generator)
-            return functional.lora_linear(x, weight, bias, lora_A, lora_B, scaling,
-                                          dropout_p=dropout_p, training=training, seed=seed,
-                                          generator=generator)
+            plan = hit.value
+            if plan is None:  # lora_linear runs
+                return functional.lora_linear(x, weight, bias, lora_A, lora_B, scaling,
+                                              dropout_p=dropout_p, training=training,
+                                              seed=seed, generator=generator)
+            if record:
+                return plan.recorded(x, weight, bias, lora_A, lora_B, seed, generator)
+            return plan(x, weight, bias, lora_A, lora_B, seed, generator)
         if key[8]:  # autocast: the casts are per call
             return functional.lora_linear(x, weight, bias, lora_A, lora_B, scaling,
                                           dropout_p=dropout_p, training=training, seed=seed,
                                           generator=generator)
         plan, y = _make(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, seed,
-                        generator)
-        self._plans[key] = Stamped(tensors, None, plan)  # None: lora_linear runs
+                        generator, record)
+        self._plans[key] = Stamped(tensors, None, plan, values=False)
         return y
 
 

@@ -5,10 +5,10 @@ A routing holds one adapter slot per *entry* (``-1``: the base layer only): per 
 (``B`` entries for x ``[B, T, K]``) or per row. A layer whose x has ``m`` rows gives each
 entry ``m / entries`` consecutive rows, so one routing serves the prefill (``T`` tokens per
 sequence) and the decode steps (one) of a generation. Everything a layer needs is made on
-the device without a host sync and kept per row count: the per-row index and the rows
+the device without a host sync and kept per row count: the per-row slots (``row_index``,
+all a decode kernel that gathers each row's adapter without sorting reads) and the rows
 grouped by adapter (``fastlora.kernels.multi_meta.group_rows``, made when a kernel first
-needs it), or, for a decode kernel that gathers each row's adapter without sorting, the
-per-row slots (``decode``). So ``fastlora.multi_lora_linear`` given a routing does no
+needs them). So ``fastlora.multi_lora_linear`` given a routing does no
 per-layer checks or grouping.
 
 Tenant isolation: a routing made from an ``AdapterBank`` (``bank.index``) records the
@@ -30,7 +30,7 @@ import torch
 
 from . import checks
 
-__all__ = ["BASE", "DecodeMeta", "Routing", "Slots"]
+__all__ = ["BASE", "Routing", "Slots"]
 
 BASE = "__base__"  # the name of the base layer in an assignment (as PEFT's adapter_names)
 _GENERATIONS = itertools.count(1)  # unique over all banks: a generation is never reused
@@ -73,17 +73,6 @@ class Slots:
     def snapshot(self, slots) -> dict[int, tuple[int, str]]:
         """``{slot: (generation, name)}`` of the given live slots."""
         return {s: (self.generations[s], self.names[s]) for s in slots}
-
-
-@dataclass
-class DecodeMeta:
-    """What a decode-path kernel (small M, rows not sorted, each row gathering its own
-    adapter) reads per batch: ``row_index`` ``[m]`` int32, the slot of every row (-1: base
-    only). Per-layer facts (offsets, ranks, scales, DoRA factors) stay in the layer's
-    ``PackedAdapters``. Made by ``Routing.decode(m)`` once per row count, from the same
-    buffers a static routing rewrites in ``assign`` (so a captured decode step reads the
-    new batch); further per-batch fields a kernel needs belong here, made in ``decode``."""
-    row_index: torch.Tensor
 
 
 @dataclass(eq=False)
@@ -259,10 +248,6 @@ class Routing:
         if hit is None:
             hit = self._groups[m] = self._group(self.row_index(m))
         return hit
-
-    def decode(self, m: int) -> DecodeMeta:
-        """The per-row metadata of a decode-path kernel for ``m`` rows (no sorting)."""
-        return DecodeMeta(self.row_index(m))
 
     def _expand(self, m: int) -> torch.Tensor:
         entries = self.index.numel()

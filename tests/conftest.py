@@ -43,3 +43,33 @@ def multi_path(request, monkeypatch):
 
     monkeypatch.setattr(multi_meta, "GATHER_MAX_M", 1 << 30 if request.param == "gather" else 0)
     return request.param
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Records every call the patched PEFT layers make to the fused op (the calls' arguments)."""
+    import fastlora.peft.forward as forward
+
+    calls = []
+    real = forward.lora_linear
+
+    def spy(x, weight, bias, lora_A, lora_B, scaling, **kw):
+        calls.append(dict(x=x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B,
+                          scaling=scaling, **kw))
+        return real(x, weight, bias, lora_A, lora_B, scaling, **kw)
+
+    monkeypatch.setattr(forward, "lora_linear", spy)
+    return calls
+
+
+@pytest.fixture(params=["torch", "triton"])
+def fast_backend(request, monkeypatch, device):
+    """FASTLORA_BACKEND=torch, or the default path (Triton: GPU or CPU interpreter)."""
+    from fastlora import backend
+
+    if request.param == "torch":
+        monkeypatch.setenv("FASTLORA_BACKEND", "torch")
+    else:
+        monkeypatch.delenv("FASTLORA_BACKEND", raising=False)
+    assert backend.choose(torch.empty(1, device=device)) == request.param
+    return request.param

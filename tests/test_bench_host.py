@@ -1,5 +1,5 @@
 """The host benchmark runs on the CPU and gives its table: every path in both modes, with
-Python call counts (no timing is asserted)."""
+Python call counts, of the backward too with grad (no timing is asserted)."""
 from bench_host import COLUMNS, MODES, measure
 from tables import markdown_table
 
@@ -11,5 +11,8 @@ def test_host_benchmark_gives_every_path_and_mode(device):
     for row in rows:
         assert isinstance(row["calls"], int) and row["calls"] > 3  # Module.__call__ and forward
         assert row["host_us"] > 0
+        # with grad, the backward's calls too (torch.autograd.backward's at least)
+        assert (row["mode"] == "grad") == isinstance(row.get("bwd_calls"), int)
+        assert row.get("bwd_calls", 4) > 3
     table = markdown_table(rows, COLUMNS)
     assert table.count("\n") == len(rows) + 2

@@ -17,7 +17,7 @@ import fastlora
 from fastlora import reference
 from fastlora.bank import AdapterBank
 from fastlora.nn import DoraLinear
-from tolerances import assert_close
+from helpers import assert_close
 
 peft = pytest.importorskip("peft")
 

@@ -16,7 +16,7 @@ from fastlora.dispatch import Chooser, Impl, LinearArgs, stage_ms
 from fastlora.kernels import capture
 from fastlora.kernels.common import tune
 from spies import count_launches
-from test_multi import K, N, make_bank
+from op_cases import K, N, make_bank
 
 
 def simulate_capture(monkeypatch, on: bool = True):

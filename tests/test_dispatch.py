@@ -14,7 +14,7 @@ from fastlora import dispatch
 from fastlora.choice_cache import ChoiceCache
 from fastlora.dispatch import DORA_DX, FORWARD, Chooser, Impl, LinearArgs, StageSpec
 from fastlora.kernels import LowRank, tma_layout_unsupported
-from tolerances import assert_close
+from helpers import assert_close
 
 
 @pytest.fixture(autouse=True)

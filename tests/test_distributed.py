@@ -15,7 +15,7 @@ if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with gloo needed", allow_module_level=True)
 
 import distributed_worker  # noqa: E402
-from test_patch import assert_close  # noqa: E402
+from helpers import assert_close  # noqa: E402
 
 WORLD = 2
 SCENARIOS = [("ddp", True), ("fsdp2", True), ("fsdp2", False)]

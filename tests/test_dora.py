@@ -11,53 +11,27 @@ import fastlora
 from data import generator, randn
 from fastlora import functional, reference
 from fastlora.nn import DoraLinear
-from test_lora_linear import SHAPES, compare, make, upstream
-from tolerances import assert_close, term_magnitudes
-
-NAMES = ["x", "weight", "bias", "lora_A", "lora_B", "magnitude"]
-
-
-def with_magnitude(args, scaling, seed=0):
-    """args + a magnitude near the row norm (so g is near 1, as after training)."""
-    x, w, b, a, bb = args
-    norm = reference.dora_weight_norm(w.double(), a.detach().double(), bb.detach().double(), scaling)
-    noise = randn(*norm.shape, g=generator(seed), device=norm.device, dtype=torch.float64)
-    return [x, w, b, a, bb, (norm * (1 + 0.2 * noise)).to(a.dtype).requires_grad_()]
-
-
-def reference_fn(args, scaling, **kw):
-    """The float64 reference as a function of the six tensors, with the row norm fixed at
-    its value for ``args`` (as the op detaches it; also what makes the term magnitudes of
-    ``term_magnitudes`` exact)."""
-    _, w, _, a, bb, _ = args
-    norm = reference.dora_weight_norm(w.detach().double(), a.detach().double(),
-                                      bb.detach().double(), scaling)
-    return lambda *t: reference.dora_linear(*t[:5], scaling, t[5], weight_norm=norm, **kw)
-
-
-def check(args, scaling, dtype, dy_seed=0, **kw):
-    y = fastlora.dora_linear(*args[:5], scaling, args[5], **kw)
-    assert y.dtype == args[0].dtype
-    dy = upstream(y, dy_seed)
-    y.backward(dy)
-    compare(reference_fn(args, scaling), args, y, dy, dtype, NAMES)
+from helpers import assert_close
+from op_cases import (DORA_NAMES, SHAPES, check_dora, compare, dora_reference, make, upstream,
+                      with_magnitude)
+from tolerances import term_magnitudes
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("bias", [True, False])
 def test_output_and_grads(shape, dtype, bias, device):
-    check(with_magnitude(make(*shape, dtype, bias=bias, device=device), 0.5), 0.5, dtype)
+    check_dora(with_magnitude(make(*shape, dtype, bias=bias, device=device), 0.5), 0.5, dtype)
 
 
 def test_trainable_base_weight(device):
     x, w, b, a, bb, m = with_magnitude(make(37, 70, 48, 8, torch.float32, device=device), 0.5)
-    check([x, w.requires_grad_(), b, a, bb, m], 0.5, torch.float32)
+    check_dora([x, w.requires_grad_(), b, a, bb, m], 0.5, torch.float32)
 
 
 def test_fp32_adapter_over_fp16_base(device):
     args = make(300, 130, 70, 16, torch.float16, adapter_dtype=torch.float32, device=device)
-    check(with_magnitude(args, 2.0), 2.0, torch.float16)
+    check_dora(with_magnitude(args, 2.0), 2.0, torch.float16)
 
 
 @pytest.mark.parametrize("r", [1, 8, 100])
@@ -95,7 +69,7 @@ def test_fan_in_fan_out_weight(device):
     """A Conv1D weight is stored [K, N]: passing its transpose (a view) must work."""
     x, w, b, a, bb, m = with_magnitude(make(37, 70, 48, 8, torch.float32, device=device), 0.5)
     w_kn = w.t().contiguous()
-    check([x, w_kn.t(), b, a, bb, m], 0.5, torch.float32)
+    check_dora([x, w_kn.t(), b, a, bb, m], 0.5, torch.float32)
 
 
 def test_eval_ignores_dropout_and_is_fused(device):
@@ -128,7 +102,7 @@ def test_torch_compile_fullgraph(device):
     assert torch.equal(y, fn(x))  # no atomics in the forward
     dy = upstream(y, 0)
     y.backward(dy)
-    compare(reference_fn(args, 0.5), args, y, dy, torch.float32, NAMES)
+    compare(dora_reference(args, 0.5), args, y, dy, torch.float32, DORA_NAMES)
 
 
 def test_bad_magnitude_raises(device):
@@ -171,7 +145,7 @@ def test_dora_module_matches_reference_and_new_layer_is_base(device):
     dy = upstream(y, 0)
     y.backward(dy)
     args = [x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.magnitude]
-    compare(reference_fn(args, layer.scaling), args, y, dy, torch.float32, NAMES)
+    compare(dora_reference(args, layer.scaling), args, y, dy, torch.float32, DORA_NAMES)
 
 
 def test_norm_cache_invalidated_by_optimizer_step(device):

@@ -8,7 +8,7 @@ from data import generator, randn
 from fastlora import reference
 from fastlora.kernels import (LowRank, cublas_linear, cublas_unsupported, dropout_mask,
                               fused_linear, tma_linear, tma_unsupported)
-from tolerances import assert_close
+from helpers import assert_close
 
 IMPLS = {"fused": fused_linear, "cublas": cublas_linear, "tma": tma_linear}
 SHAPES = [  # (M, K, N, r); the TMA kernel needs 16-byte rows (K, N multiples of 8 in fp16)

@@ -13,89 +13,23 @@ from common import capture
 from data import generator, randn
 from fastlora import functional, reference
 from fastlora.kernels import dropout_mask
-from tolerances import assert_close, term_magnitudes
-
-SHAPES = [  # (M, K, N, r): odd sizes, ranks 1..100, tails in every dimension
-    (1, 48, 70, 1),
-    (37, 70, 48, 8),
-    (300, 130, 70, 16),
-    (37, 48, 130, 100),
-]
-NAMES = ["x", "weight", "bias", "lora_A", "lora_B"]
-
-
-def make(m, k, n, r, dtype, adapter_dtype=None, bias=True, device="cpu", seed=0):
-    """Signed random inputs with grads; LoRA B non-zero so every gradient is exercised."""
-    g = generator(seed)
-    adapter_dtype = adapter_dtype or dtype
-    x = randn(m, k, g=g, device=device, dtype=dtype, requires_grad=True)
-    weight = randn(n, k, g=g, device=device, dtype=dtype, scale=k ** -0.5)
-    b = randn(n, g=g, device=device, dtype=dtype, requires_grad=True) if bias else None
-    lora_A = randn(r, k, g=g, device=device, dtype=adapter_dtype, scale=k ** -0.5,
-                   requires_grad=True)
-    lora_B = randn(n, r, g=g, device=device, dtype=adapter_dtype, scale=r ** -0.5,
-                   requires_grad=True)
-    return x, weight, b, lora_A, lora_B
-
-
-def upstream(y: torch.Tensor, seed: int) -> torch.Tensor:
-    """A seeded output gradient for ``y``."""
-    return randn(*y.shape, g=generator(10_000 + seed), device=y.device, dtype=y.dtype)
-
-
-def reference_grads(fn, args, dy):
-    """``fn`` (a reference op) and its gradients in float64 on the same values (zeros for
-    an argument that requires grad but does not reach the output)."""
-    args64 = [a.detach().double().requires_grad_(a.requires_grad) if a is not None else None
-              for a in args]
-    y = fn(*args64)
-    y.backward(dy.double())
-    return y, [_grad(a) for a in args64]
-
-
-def _grad(t):
-    if t is None or not t.requires_grad:
-        return None
-    return t.grad if t.grad is not None else torch.zeros_like(t)
-
-
-def compare(fn, args, y, dy, dtype, names=NAMES):
-    """``y`` and the gradients in ``args`` against the float64 reference ``fn``, within
-    the tolerance of the term magnitudes; returns the output's term magnitudes."""
-    y_ref, grads_ref = reference_grads(fn, args, dy)
-    y_mag, grads_mag = term_magnitudes(fn, args, dy)
-    assert_close(y, y_ref, dtype, "output", y_mag)
-    for name, a, g_ref, g_mag in zip(names, args, grads_ref, grads_mag):
-        if g_ref is not None:
-            assert_close(_grad(a), g_ref, dtype, f"grad {name}", g_mag)
-    return y_mag
-
-
-def check(args, scaling, dtype, mask=None, dy_seed=0, **kw):
-    """Output and every gradient (for the upstream gradient of ``dy_seed``) against the
-    reference; ``mask`` is the dropout mask the kernels draw for ``kw``'s seed, replayed
-    in the reference."""
-    y = fastlora.lora_linear(*args, scaling, **kw)
-    assert y.dtype == args[0].dtype
-    dy = upstream(y, dy_seed)
-    y.backward(dy)
-    ref_kw = {k: v for k, v in kw.items() if k in ("dropout_p", "training")}
-    compare(lambda *a: reference.lora_linear(*a, scaling, dropout_mask=mask, **ref_kw),
-            args, y, dy, dtype)
+from helpers import assert_close
+from op_cases import P, SHAPES, check_lora, compare, make, reference_grads, upstream
+from tolerances import term_magnitudes
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("bias", [True, False])
 def test_output_and_grads(shape, dtype, bias, device):
-    check(make(*shape, dtype, bias=bias, device=device), 0.5, dtype)
+    check_lora(make(*shape, dtype, bias=bias, device=device), 0.5, dtype)
 
 
 @pytest.mark.parametrize("shape", SHAPES[1:3], ids=lambda s: "x".join(map(str, s)))
 def test_fp32_adapter_over_fp16_base(shape, device):
     """PEFT's default (autocast_adapter_dtype=True): fp32 A/B over fp16 x and W."""
     args = make(*shape, torch.float16, adapter_dtype=torch.float32, device=device)
-    check(args, 2.0, torch.float16)
+    check_lora(args, 2.0, torch.float16)
     assert args[3].dtype == torch.float32
     # the adapter gradients come back in the adapter's dtype
     assert args[3].grad.dtype == args[4].grad.dtype == torch.float32
@@ -105,7 +39,7 @@ def test_3d_noncontiguous_input(device):
     _, w, b, a, bb = make(37, 70, 48, 8, torch.float32, device=device)
     x3 = randn(3, 70, 13, g=generator(1), device=device).transpose(1, 2).requires_grad_()
     assert not x3.is_contiguous()  # [3, 13, 70]
-    check([x3, w, b, a, bb], 1.5, torch.float32)
+    check_lora([x3, w, b, a, bb], 1.5, torch.float32)
 
 
 def test_expanded_output_gradient(device):
@@ -119,7 +53,7 @@ def test_expanded_output_gradient(device):
 
 def test_trainable_base_weight(device):
     x, w, b, a, bb = make(37, 70, 48, 8, torch.float32, device=device)
-    check([x, w.requires_grad_(), b, a, bb], 0.5, torch.float32)
+    check_lora([x, w.requires_grad_(), b, a, bb], 0.5, torch.float32)
 
 
 def test_empty_batch(device):
@@ -181,12 +115,9 @@ def test_tf32x3_products_keep_fp32_accuracy(m, k, n):
 
 # ---------------------------------------------------------------- dropout
 
-P = 0.3
-
-
 def test_dropout_matches_reference_with_same_mask(device):
     mask = dropout_mask(1234, 300, 130, P, device=device)
-    check(make(300, 130, 70, 16, torch.float32, device=device), 0.7, torch.float32, mask=mask,
+    check_lora(make(300, 130, 70, 16, torch.float32, device=device), 0.7, torch.float32, mask=mask,
           dropout_p=P, training=True, seed=1234)
 
 
@@ -220,7 +151,7 @@ def test_backward_reuses_the_forward_seed(device):
     args = make(300, 130, 70, 16, torch.float32, device=device)
     gen = lambda: torch.Generator(device=device).manual_seed(5)  # noqa: E731
     mask = dropout_mask(functional._seed(None, gen(), torch.device(device)), 300, 130, P)
-    check(args, 0.7, torch.float32, mask=mask, dropout_p=P, training=True, generator=gen())
+    check_lora(args, 0.7, torch.float32, mask=mask, dropout_p=P, training=True, generator=gen())
 
 
 def test_seed_on_the_pytorch_backend(monkeypatch, device):
@@ -388,7 +319,7 @@ def test_bad_scalars_raise(device):
 def test_gpu_bf16_llm_sizes(m, k, n, r, p, adapter_dtype):
     args = make(m, k, n, r, torch.bfloat16, adapter_dtype=adapter_dtype, device="cuda")
     mask = dropout_mask(11, m, k, p, device="cuda") if p else None
-    check(args, 2.0, torch.bfloat16, mask=mask, dropout_p=p, training=True, seed=11)
+    check_lora(args, 2.0, torch.bfloat16, mask=mask, dropout_p=p, training=True, seed=11)
 
 
 @pytest.mark.gpu
@@ -397,9 +328,9 @@ def test_gpu_fp32_adapters_error_vs_fp64(m, k, n, r):
     """fp32 adapters over a bf16 base at the default "highest" precision (tf32x3 dots)."""
     assert torch.get_float32_matmul_precision() == "highest"
     args = make(m, k, n, r, torch.bfloat16, adapter_dtype=torch.float32, device="cuda")
-    check(args, 2.0, torch.bfloat16)
+    check_lora(args, 2.0, torch.bfloat16)
     args = make(m, k, n, r, torch.float32, device="cuda")
-    check(args, 2.0, torch.float32)
+    check_lora(args, 2.0, torch.float32)
 
 
 @pytest.mark.gpu
@@ -467,7 +398,7 @@ def test_gpu_second_device_while_first_is_current():
     """A layer on cuda:1 launches there although cuda:0 is the current device."""
     torch.cuda.set_device(0)
     args = make(37, 70, 48, 8, torch.float16, device="cuda:1")
-    check(args, 0.5, torch.float16, dropout_p=P, training=True, seed=3,
+    check_lora(args, 0.5, torch.float16, dropout_p=P, training=True, seed=3,
           mask=dropout_mask(3, 37, 70, P, device="cuda:1"))
 
 

@@ -20,32 +20,10 @@ from fastlora import multi_lora_linear
 from fastlora.adapters import pack_adapters
 from fastlora.kernels import dropout_mask
 from fastlora.kernels.multi_meta import group_rows
-from test_lora_linear import compare, upstream
-from tolerances import assert_close
+from helpers import assert_close
+from op_cases import K, N, compare, make_bank, upstream
 
-K, N = 70, 48
 NAMES = ["x", "weight", "bias", "A", "B", "magnitude"]
-
-
-def make_bank(ranks, dora, dtype=torch.float32, k=K, n=N, seed=0, device="cpu", dropout=None):
-    """(x-independent) weight, bias and a bank of signed random adapters, leaves with grads."""
-    g = generator(seed)
-    weight = randn(n, k, g=g, device=device, dtype=dtype, scale=k ** -0.5)
-    bias = randn(n, g=g, device=device, dtype=dtype)
-    adapters = []
-    for i, (r, d) in enumerate(zip(ranks, dora)):
-        A = randn(r, k, g=g, device=device, dtype=dtype, scale=k ** -0.5)
-        B = randn(n, r, g=g, device=device, dtype=dtype, scale=r ** -0.5)
-        s = 0.5 + 0.25 * i
-        m = None
-        if d:
-            norm = reference.dora_weight_norm(weight.double(), A.double(), B.double(), s)
-            noise = randn(n, g=g, device=device, dtype=torch.float64)
-            m = (norm * (1 + 0.2 * noise)).to(dtype)
-        adapters.append((A, B, s, m))
-    bank = pack_adapters(adapters, weight=weight, dropout=dropout)
-    leaf = lambda t: t.detach().clone().requires_grad_() if t is not None else None  # noqa: E731
-    return weight, bias, replace(bank, A=leaf(bank.A), B=leaf(bank.B), magnitude=leaf(bank.magnitude))
 
 
 def adapter(bank, a):
@@ -169,7 +147,7 @@ def test_decode_forward_is_two_launches_reading_w_once(monkeypatch, device):
     index = (torch.randperm(64, generator=g) % 33 - 1).to(device)  # all 32 adapters, base rows
     x = randn(64, K, g=g, device=device)
     routing = Routing.from_index(index, bank.n)
-    routing.decode(64)  # made once per model forward, before the layers
+    routing.row_index(64)  # made once per model forward, before the layers
 
     class TorchOps(TorchDispatchMode):
         def __init__(self):

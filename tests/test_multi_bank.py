@@ -10,7 +10,7 @@ from data import generator, rand, randn, randperm
 from fastlora import multi_lora_linear, reference
 from fastlora.bank import AdapterBank
 from fastlora.io import Adapter, AdapterLayer
-from tolerances import assert_close
+from helpers import assert_close
 
 peft = pytest.importorskip("peft")
 
@@ -164,3 +164,47 @@ def test_bank_errors(device):
     conv = Adapter({"c": AdapterLayer(randn(4, 3, 3, 3, g=g), randn(8, 4, g=g), 4.0)}, "peft")
     with pytest.raises(ValueError, match="convolution"):
         single.load("conv", conv)
+
+
+class _Doubled(torch.nn.Linear):
+    def forward(self, x):  # computes something else than nn.Linear's forward
+        return 2 * super().forward(x)
+
+
+def test_layers_are_recognized_by_class_and_forward():
+    """A bitsandbytes Linear4bit (an nn.Linear subclass whose weight is packed 4-bit data,
+    uint8 [ceil(N*K / 2), 1]) and an nn.Linear subclass with its own forward are not dense
+    linear layers: the bank says so, naming the layer, instead of reading their weight; a
+    model holding them is served on its other layers (float dtype by default), and
+    attaching it leaves them their own forward."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from fastlora.serve import attach, routed
+
+    torch.manual_seed(0)
+    q4 = bnb.nn.Linear4bit(64, 48, compute_dtype=torch.float32, quant_type="nf4")
+    q4.support_avx512bf16_for_cpu = False
+    model = torch.nn.Sequential(q4, torch.nn.Linear(48, 40), _Doubled(40, 40)).to("cpu")
+    assert model[0].weight.dtype == torch.uint8  # quantized on the move
+    g = generator(9)
+    with pytest.raises(ValueError, match=r"AdapterBank cannot serve this layer: it is a "
+                                         r"bitsandbytes\.nn\.modules\.Linear4bit, a bitsandbytes "
+                                         r"4-bit layer: an AdapterBank serves dense weights"):
+        AdapterBank(model[0])
+    bank = AdapterBank(model, max_rank=4)
+    assert bank.dtype == torch.float32
+    with pytest.raises(ValueError, match=r"module '0' is a bitsandbytes\.nn\.modules\.Linear4bit, "
+                                         "a bitsandbytes 4-bit layer"):
+        bank.add("a", randn(4, 64, g=g), randn(48, 4, g=g), 0.5, layer="0")
+    with pytest.raises(ValueError, match=r"module '2' is a .*_Doubled, not an nn\.Linear"):
+        bank.add("a", randn(4, 40, g=g), randn(40, 4, g=g), 0.5, layer="2")
+    A, B = randn(4, 48, g=g), randn(40, 4, g=g)
+    bank.add("a", A, B, 0.5, layer="1")
+    x = randn(3, 64, g=g)
+    with torch.no_grad():
+        h = model[0](x)
+        want = model[2](torch.nn.functional.linear(h, model[1].weight, model[1].bias)
+                        + 0.5 * h @ A.t() @ B.t())
+        assert attach(model, bank) == ["1"]
+        with routed(bank.index(["a"] * 3)):
+            got = model(x)
+    assert_close(got, want.double(), torch.float32, "served model")

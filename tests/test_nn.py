@@ -7,8 +7,9 @@ import fastlora
 from data import generator, randn
 from fastlora import reference
 from fastlora.nn import LoraLinear
-from test_lora_linear import compare, upstream
-from tolerances import assert_close, term_magnitudes
+from helpers import assert_close
+from op_cases import compare, upstream
+from tolerances import term_magnitudes
 
 
 def seeded_base(device, seed) -> nn.Linear:

@@ -10,7 +10,7 @@ import torch
 import fastlora
 from data import generator, randn
 from fastlora.adapters import pack_adapters
-from test_lora_linear import make
+from op_cases import make
 
 
 def dora_args(device):

@@ -6,14 +6,12 @@ import pytest
 import torch
 
 import fastlora
-import test_dora
-import test_lora_linear
 from data import generator, randn
 from fastlora import dispatch
 from fastlora.choice_cache import ChoiceCache
 from fastlora.dispatch import Chooser, Impl
 from fastlora.kernels import dropout_mask
-from test_lora_linear import P, make
+from op_cases import P, check_dora, check_lora, make, with_magnitude
 
 # (M, K, N, r): rows of 16-byte multiples in fp16 and fp32 (every implementation), and odd
 # ones (TMA cannot describe them)
@@ -63,10 +61,10 @@ def test_lora_under_each_impl(case, dtype, ran, monkeypatch, device):
     monkeypatch.setenv("FASTLORA_IMPL", impl)
     m, k = shape[:2]
     args = make(*shape, dtype, device=device)
-    test_lora_linear.check(args, 0.5, dtype, dropout_p=P, training=True, seed=3,
+    check_lora(args, 0.5, dtype, dropout_p=P, training=True, seed=3,
                            mask=dropout_mask(3, m, k, P, device=device))
     assert ran == [impl, impl]  # forward, dx
-    test_lora_linear.check(make(*shape, dtype, bias=False, device=device, seed=1), 2.0, dtype)
+    check_lora(make(*shape, dtype, bias=False, device=device, seed=1), 2.0, dtype)
     assert ran == [impl] * 4
 
 
@@ -76,7 +74,7 @@ def test_lora_fp32_adapter_3d_input(case, ran, monkeypatch, device):
     monkeypatch.setenv("FASTLORA_IMPL", impl)
     _, w, b, a, bb = make(m, k, n, r, torch.float16, adapter_dtype=torch.float32, device=device)
     x = randn(2, m, k, g=generator(1), device=device, dtype=torch.float16, requires_grad=True)
-    test_lora_linear.check([x, w, b, a, bb], 2.0, torch.float16)
+    check_lora([x, w, b, a, bb], 2.0, torch.float16)
     assert ran == [impl, impl]
 
 
@@ -86,8 +84,8 @@ def test_dora_under_each_impl(case, dtype, ran, monkeypatch, device):
     """DoRA's dx has no cuBLAS form: under FASTLORA_IMPL=cublas it runs its default."""
     impl, shape = case
     monkeypatch.setenv("FASTLORA_IMPL", impl)
-    args = test_dora.with_magnitude(make(*shape, dtype, device=device), 0.5)
-    test_dora.check(args, 0.5, dtype)
+    args = with_magnitude(make(*shape, dtype, device=device), 0.5)
+    check_dora(args, 0.5, dtype)
     assert ran == [impl, "fused" if impl == "cublas" else impl]
 
 

@@ -1,11 +1,7 @@
-"""fastlora.patch on tiny PEFT models built from configs: same numbers as PEFT, same state.
-
-Models are tiny (hidden 32, one or two layers, vocab 64, batch x seq = 2 x 6) because
-without a GPU the Triton kernels run in the CPU interpreter. Every LoRA layer is created
-with ``init_lora_weights=False`` so lora_B is not zero (a zero B hides wrong A gradients).
-A spy on the fused op counts how often the fast path runs, so a test fails if the
-patched layers silently fall back to PEFT (or if they run the fast path when PEFT's
-forward is required).
+"""fastlora.patch on tiny PEFT models built from configs (``peft_models``): same numbers as
+PEFT, same state. A spy on the fused op (the ``fused_calls`` fixture) counts how often the
+fast path runs, so a test fails if the patched layers silently fall back to PEFT (or if
+they run the fast path when PEFT's forward is required).
 """
 from __future__ import annotations
 
@@ -13,7 +9,6 @@ import copy
 import io
 import logging
 import pickle
-import sys
 
 import pytest
 import torch
@@ -24,134 +19,12 @@ transformers = pytest.importorskip("transformers")
 
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from peft.tuners.lora.layer import Linear as PeftLinear  # noqa: E402
-from peft.tuners.lora.layer import LoraLayer  # noqa: E402
 
 from fastlora import backend  # noqa: E402
 from fastlora.peft import PatchReport, is_patched, patch, unpatch  # noqa: E402
-
-# The module holding the patched forward (its calls to the fused ops are spied on).
-PATCH_MODULE = sys.modules["fastlora.peft.forward"]
-
-VOCAB = 64
-BATCH, SEQ = 2, 6
-CUDA = torch.cuda.is_available()
-
-
-# ------------------------------------------------------------------------------- helpers
-
-def tiny_model(arch: str, layers: int = 1, dtype=torch.float32):
-    torch.manual_seed(0)
-    if arch == "llama":
-        from transformers import LlamaConfig, LlamaForCausalLM
-        cfg = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
-                          num_attention_heads=2, num_key_value_heads=1, vocab_size=VOCAB,
-                          max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-        model = LlamaForCausalLM(cfg)
-    elif arch == "gpt2":
-        from transformers import GPT2Config, GPT2LMHeadModel
-        cfg = GPT2Config(n_embd=32, n_layer=layers, n_head=2, vocab_size=VOCAB, n_positions=64,
-                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
-        model = GPT2LMHeadModel(cfg)
-    elif arch == "qwen2":
-        from transformers import Qwen2Config, Qwen2ForCausalLM
-        cfg = Qwen2Config(hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
-                          num_attention_heads=2, num_key_value_heads=1, vocab_size=VOCAB,
-                          max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-        model = Qwen2ForCausalLM(cfg)
-    else:
-        raise ValueError(arch)
-    with torch.no_grad():  # HF zero-inits biases: make them matter (Qwen2 q/k/v, Conv1D)
-        for name, p in model.named_parameters():
-            if name.endswith(".bias"):
-                p.normal_(0.0, 0.1)
-    return model.to(dtype)
-
-
-def lora_config(arch: str = "llama", **kw) -> LoraConfig:
-    base = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
-                init_lora_weights=False, fan_in_fan_out=(arch == "gpt2"))
-    base.update(kw)
-    return LoraConfig(**base)
-
-
-def peft_pair(arch: str = "llama", layers: int = 1, dtype=torch.float32, device="cpu",
-              config: LoraConfig | None = None, **kw):
-    """(a PEFT model, an identical copy): patch the first, keep the second as the oracle."""
-    model = get_peft_model(tiny_model(arch, layers, dtype), config or lora_config(arch, **kw))
-    model = model.to(device)
-    return model, copy.deepcopy(model)
-
-
-def lora_layers(model) -> dict[str, nn.Module]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
-
-
-def ids(device, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, VOCAB, (BATCH, SEQ), generator=g).to(device)
-
-
-def add_adapter(models, name: str, config: LoraConfig) -> None:
-    """The same new adapter (same random init) in each model."""
-    for m in models:
-        torch.manual_seed(7)
-        m.add_adapter(name, config)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max |a - b| / max |b|: the relative error of a result as a whole."""
-    a, b = a.detach().double(), b.detach().double()
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
-
-
-# fp32 tolerance: fp32 on CPU; on a GPU the kernels' fp32 tl.dot may use TF32.
-TOL = 2e-3 if CUDA else 1e-4
-
-
-def assert_close(a, b, tol=TOL, what=""):
-    err = rel_err(a, b)
-    assert err <= tol, f"{what}: relative error {err:.3g} > {tol:g}"
-
-
-def lora_grads(model) -> dict[str, torch.Tensor]:
-    return {n: p.grad for n, p in model.named_parameters() if "lora_" in n and p.requires_grad}
-
-
-def assert_grads_close(patched, ref, tol=TOL):
-    gp, gr = lora_grads(patched), lora_grads(ref)
-    assert gp.keys() == gr.keys() and gp
-    for n in gr:
-        assert gr[n] is not None and gp[n] is not None, n
-        assert gr[n].abs().max() > 0, f"{n}: zero reference gradient (weak test)"
-        assert_close(gp[n], gr[n], tol, n)
-
-
-@pytest.fixture
-def fused_calls(monkeypatch):
-    """Records every call the patched layers make to the fused op."""
-    calls = []
-    real = PATCH_MODULE.lora_linear
-
-    def spy(x, weight, bias, lora_A, lora_B, scaling, **kw):
-        calls.append(dict(x=x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B,
-                          scaling=scaling, **kw))
-        return real(x, weight, bias, lora_A, lora_B, scaling, **kw)
-
-    monkeypatch.setattr(PATCH_MODULE, "lora_linear", spy)
-    return calls
-
-
-@pytest.fixture(params=["torch", "triton"])
-def fast_backend(request, monkeypatch, device):
-    """FASTLORA_BACKEND=torch, or the default path (Triton: GPU or CPU interpreter)."""
-    if request.param == "torch":
-        monkeypatch.setenv("FASTLORA_BACKEND", "torch")
-    else:
-        monkeypatch.delenv("FASTLORA_BACKEND", raising=False)
-    assert backend.choose(torch.empty(1, device=device)) == request.param
-    return request.param
-
+from helpers import CUDA, MODEL_TOL, assert_close, rel_err  # noqa: E402
+from peft_models import (PATCH_MODULE, SEQ, add_adapter, assert_grads_close, ids,  # noqa: E402
+                         lora_config, lora_grads, lora_layers, peft_pair, tiny_model)
 
 # ------------------------------------------------------------------ numerics against PEFT
 
@@ -212,7 +85,7 @@ def test_training_losses_match_peft(arch, optim, backend_env, device, monkeypatc
             losses[k].append(loss.item())
     assert losses[1][-1] < losses[1][0] - 0.05, "the reference run must learn something"
     for step, (a, b) in enumerate(zip(*losses)):
-        assert abs(a - b) <= 10 * TOL * abs(b), f"step {step}: patched {a} vs PEFT {b}"
+        assert abs(a - b) <= 10 * MODEL_TOL * abs(b), f"step {step}: patched {a} vs PEFT {b}"
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
@@ -472,7 +345,7 @@ def test_merged_state(device, fused_calls):
     model.base_model.merge_adapter()
     report = patch(model)
     assert all(any("merged" in n for n in e.notes) for e in report)
-    assert_close(model(x).logits, exp, tol=1e-4 if not CUDA else TOL, what="merged logits")
+    assert_close(model(x).logits, exp, tol=1e-4 if not CUDA else MODEL_TOL, what="merged logits")
     assert fused_calls == []
     model.base_model.unmerge_adapter()
     assert_close(model(x).logits, exp, what="unmerged logits")

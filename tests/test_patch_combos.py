@@ -14,9 +14,10 @@ pytest.importorskip("transformers")
 from peft import LoraConfig, get_peft_model  # noqa: E402
 
 from fastlora.peft import patch  # noqa: E402
+from helpers import assert_close  # noqa: E402
 from spies import count_calls  # noqa: E402
-from test_patch import (PATCH_MODULE, assert_close, assert_grads_close, ids, lora_config,  # noqa: E402
-                        lora_layers, lora_grads, peft_pair)
+from peft_models import (PATCH_MODULE, assert_grads_close, ids, lora_config,  # noqa: E402
+                         lora_grads, lora_layers, peft_pair)
 
 
 @pytest.fixture

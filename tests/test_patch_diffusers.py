@@ -16,7 +16,8 @@ from peft import LoraConfig  # noqa: E402
 from peft.utils import get_peft_model_state_dict  # noqa: E402
 
 from fastlora.peft import patch  # noqa: E402
-from test_patch import assert_close, lora_layers  # noqa: E402
+from helpers import assert_close  # noqa: E402
+from peft_models import lora_layers  # noqa: E402
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -40,16 +41,6 @@ def inputs(device):
     g = torch.Generator().manual_seed(1)
     return (torch.randn(2, 4, 8, 8, generator=g).to(device), torch.tensor([10, 500]).to(device),
             torch.randn(2, 3, 8, generator=g).to(device))
-
-
-@pytest.fixture
-def fused_calls(monkeypatch):
-    import fastlora.peft.forward as forward
-
-    calls = []
-    real = forward.lora_linear
-    monkeypatch.setattr(forward, "lora_linear", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    return calls
 
 
 def test_lora_from_a_state_dict(device, fused_calls):

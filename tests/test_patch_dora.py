@@ -2,9 +2,12 @@
 import pytest
 import torch
 
-from fastlora import functional, patch
-from test_patch import (PATCH_MODULE, add_adapter, assert_close, assert_grads_close, ids,
-                        lora_config, lora_layers, peft_pair)
+pytest.importorskip("peft")
+
+from fastlora import functional, patch  # noqa: E402
+from helpers import assert_close  # noqa: E402
+from peft_models import (PATCH_MODULE, add_adapter, assert_grads_close, ids,  # noqa: E402
+                         lora_config, lora_layers, peft_pair)
 
 
 @pytest.fixture

@@ -15,8 +15,8 @@ import fastlora.peft.mixed_batch  # noqa: E402
 import fastlora.peft.patching  # noqa: E402
 from fastlora.peft import is_patched, patch  # noqa: E402
 from fastlora.peft.state import ATTR  # noqa: E402
-from test_patch import (VOCAB, add_adapter, assert_close, ids, lora_config, lora_layers,  # noqa: E402
-                        peft_pair)
+from helpers import assert_close  # noqa: E402
+from peft_models import VOCAB, add_adapter, ids, lora_config, lora_layers, peft_pair  # noqa: E402
 
 NAMES = ["default", "b"]
 

@@ -5,8 +5,8 @@ import torch
 
 from fastlora.peft import patch, peft_mixed_batch_forward
 from fastlora.peft.state import state_of
+from helpers import assert_close
 from spies import count_calls
-from tolerances import assert_close
 
 peft = pytest.importorskip("peft")
 

@@ -23,7 +23,8 @@ transformers = pytest.importorskip("transformers")
 from peft import LoraConfig, get_peft_model  # noqa: E402
 
 from fastlora.peft import patch  # noqa: E402
-from test_patch import assert_close, assert_grads_close, fast_backend, fused_calls, ids  # noqa: E402,F401
+from helpers import assert_close  # noqa: E402
+from peft_models import assert_grads_close, ids  # noqa: E402
 
 VOCAB = 64
 

@@ -13,7 +13,8 @@ pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
 from fastlora.peft import is_patched, patch, unpatch  # noqa: E402
-from test_patch import add_adapter, assert_close, ids, lora_config, lora_layers, peft_pair  # noqa: E402
+from helpers import assert_close  # noqa: E402
+from peft_models import add_adapter, ids, lora_config, lora_layers, peft_pair  # noqa: E402
 
 NAMES = ["default", "b"]
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from fastlora import backend, checks, dispatch, reference
+from fastlora import backend, checks, dispatch, functional, reference
 from fastlora.nn import LoraLinear
 from data import generator, randn
+from helpers import assert_close
 from spies import count_calls
-from tolerances import assert_close
 
 
 def make_layer(device, dtype=torch.float32):
@@ -75,13 +75,73 @@ def test_changed_weights_are_checked_again(device):
         assert_close(layer(x), expected(layer, x), torch.float32, "replaced parameter")
 
 
-def test_training_calls_are_not_planned(device):
-    """A call autograd records runs the custom ops (their backward), and keeps nothing."""
+def _grads(layer, x, dy):
+    """(y, dx, dA, dB) of ``layer(x)`` against dy."""
+    for t in (x, layer.lora_A, layer.lora_B):
+        t.grad = None
+    y = layer(x)
+    y.backward(dy)
+    return y.detach(), x.grad, layer.lora_A.grad, layer.lora_B.grad
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+def test_training_calls_are_planned(monkeypatch, dropout, device):
+    """A call autograd records runs its plan (inside ``_Recorded``, the op layer's backward)
+    and decides nothing after its first call, through optimizer steps (a plan reads no
+    values); outputs and gradients equal the custom ops' (the same kernels and seed)."""
     layer = make_layer(device)
-    x = randn(4, 48, g=generator(6), device=device, requires_grad=True)
+    layer.lora_dropout = dropout
+    layer.train()
+    g = generator(6)
+    x = randn(2, 3, 48, g=g, device=device, requires_grad=True)
+    dy = randn(2, 3, 40, g=g, device=device)
+    torch.manual_seed(0)
+    _grads(layer, x, dy)
+    counts = deciders(monkeypatch)
+    opt = torch.optim.SGD([layer.lora_A, layer.lora_B], lr=0.5)
+    for step in range(2):
+        torch.manual_seed(step)  # the dropout seed's draw
+        got = _grads(layer, x, dy)
+        assert counts == {"check_lora": 0, "choose": 0, "decide": 0}, (step, counts)
+        torch.manual_seed(step)
+        want_y = functional.lora_linear(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B,
+                                        layer.scaling, dropout_p=dropout, training=True)
+        want = (want_y,) + torch.autograd.grad(want_y, (x, layer.lora_A, layer.lora_B), dy)
+        for name, a, b in zip(("y", "dx", "dA", "dB"), got, want):
+            assert torch.equal(a, b), f"step {step}: {name}"
+        opt.step()
+        counts.update(check_lora=0, choose=0, decide=0)  # (the oracle's decisions)
+    if dropout == 0.0:  # and the numbers are right
+        with torch.no_grad():
+            assert_close(layer(x), expected(layer, x), torch.float32, "after the steps")
+
+
+def test_a_frozen_adapter_gives_x_its_gradient(monkeypatch, device):
+    layer = make_layer(device)
+    layer.lora_A.requires_grad_(False)
+    layer.lora_B.requires_grad_(False)
+    g = generator(7)
+    x = randn(4, 48, g=g, device=device, requires_grad=True)
     layer(x).sum().backward()
-    assert layer.lora_A.grad is not None and x.grad is not None
+    x.grad = None
+    counts = deciders(monkeypatch)
+    layer(x).sum().backward()
+    assert counts["check_lora"] == 0
+    ref = x.detach().double().requires_grad_()
+    reference.lora_linear(ref, layer.weight.double(), layer.bias.double(), layer.lora_A.double(),
+                          layer.lora_B.double(), layer.scaling).sum().backward()
+    assert_close(x.grad, ref.grad, torch.float32, "dx")
+
+
+def test_a_trainable_base_runs_the_custom_ops(device):
+    """A base weight that needs a gradient (unusual) is not planned: the custom ops give it."""
+    layer = make_layer(device)
+    layer.weight.requires_grad_(True)
+    x = randn(4, 48, g=generator(8), device=device)
+    layer(x).sum().backward()
     assert not layer._plans._plans
+    want = torch.ones(4, 40, dtype=torch.float64).t() @ x.double()
+    assert_close(layer.weight.grad, want, torch.float32, "dW")
 
 
 def test_serve_decode_layer_is_two_launches_and_nothing_else(monkeypatch, device):

@@ -13,8 +13,8 @@ from data import generator, randn
 from fastlora import reference
 from fastlora.kernels import dropout_mask
 from fastlora.quant4 import Quant4Weight
-from test_lora_linear import compare, upstream
-from tolerances import assert_close
+from helpers import assert_close
+from op_cases import compare, upstream
 
 # (M, K, N, r), blocksize: odd N and K (blocks straddling rows), ranks 1..100
 CASES = [((37, 70, 48, 8), 64), ((5, 130, 37, 1), 128), ((20, 128, 70, 100), 64),

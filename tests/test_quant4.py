@@ -16,7 +16,7 @@ from data import generator, randn
 from fastlora import reference
 from fastlora.kernels import dequantize4, fused_linear
 from fastlora.quant4 import Quant4Weight, code_book, is_bnb_4bit
-from tolerances import assert_close
+from helpers import assert_close
 
 # (N, K), blocksize: blocks straddling rows (K not a multiple of the blocksize), odd N and K,
 # an odd N * K (a padding nibble, rows starting on a low nibble), aligned rows

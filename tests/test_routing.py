@@ -11,8 +11,8 @@ from fastlora import checks, multi_lora_linear, reference
 from fastlora.bank import AdapterBank
 from fastlora.kernels import multi_meta
 from fastlora.routing import Routing
+from helpers import assert_close
 from spies import count_calls
-from tolerances import assert_close
 
 from common import capture
 
@@ -148,7 +148,7 @@ def test_static_routing_same_buffers_new_assignment(device):
                                            groups.seg)] == addresses
             fresh = forward(model, bank, x, bank.index(names))
             assert torch.equal(forward(model, bank, x, routing), fresh)
-            decode = routing.decode(12).row_index  # the decode kernels' per-row slots
+            decode = routing.row_index(12)  # the decode kernels' per-row slots
             assert decode.data_ptr() == row_index.data_ptr()
             assert decode.tolist() == [bank.slot(a) if a else -1 for a in names for _ in range(2)]
         bank.assign(routing, torch.tensor([0, 0, 1, 1, -1, 3], device=device))

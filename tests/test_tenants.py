@@ -14,7 +14,7 @@ from fastlora import multi_lora_linear, pack_adapters, reference
 from fastlora.bank import AdapterBank
 from fastlora.io import NonFiniteWeightError
 from fastlora.routing import Routing
-from tolerances import assert_close
+from helpers import assert_close
 
 K, N = 40, 36
 RANKS = (1, 4, 8, 16, 3, 2)

@@ -17,8 +17,8 @@ from fastlora import multi_lora_linear
 from fastlora.vllm import version
 from fastlora.vllm.layers import _step_of
 from fastlora.vllm.stacked import StackedAdapters
-from test_vllm_plugin import SLICES, fill, vllm_lora_linear
-from tolerances import assert_close
+from helpers import assert_close
+from vllm_semantics import SLICES, fill, vllm_lora_linear
 
 vllm = pytest.importorskip("vllm")
 pytestmark = [pytest.mark.vllm,

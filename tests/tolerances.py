@@ -1,4 +1,4 @@
-"""Tolerances for comparisons against the float64 reference.
+"""Tolerances for comparisons against the float64 reference (``helpers.assert_close``).
 
 A result that is a sum (every output and gradient here is) can only be as exact as the
 magnitudes of the terms it adds up, not of the sum itself: a one-row gradient that is a
@@ -49,30 +49,3 @@ def term_magnitudes(fn, args, dy=None):
     grads = [(a.grad if a.grad is not None else torch.zeros_like(a))
              if isinstance(a, torch.Tensor) and a.requires_grad else None for a in abs_args]
     return y.detach(), grads
-
-
-def assert_close(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = "",
-                 terms: torch.Tensor | None = None):
-    """Compare ``got`` (computed in ``dtype``) with a float64 reference ``ref``.
-
-    With ``terms`` (the sum of the terms' magnitudes, from ``term_magnitudes``):
-    ``|got - ref| <= TERM_UNITS[dtype] * unit roundoff * terms`` elementwise. Without:
-    ``TOLERANCES[dtype]`` relative to |ref| (for results compared at a coarser level).
-    """
-    ref = ref.detach().double()
-    got = got.detach().double()
-    assert got.shape == ref.shape, f"{what}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
-    assert torch.isfinite(got).all(), f"{what}: non-finite values"
-    err = (got - ref).abs()
-    if terms is None:
-        tol = TOLERANCES[dtype]
-        bound = tol["atol"] * (ref.abs().max().item() or 1.0) + tol["rtol"] * ref.abs()
-        how = f"{tol} of |ref|"
-    else:
-        rtol = TERM_UNITS[dtype] * UNIT_ROUNDOFF[dtype]
-        bound = rtol * terms.detach().double()
-        how = f"{rtol:.3g} x the term magnitude"
-    worst = (err - bound).argmax()
-    assert err.flatten()[worst] <= bound.flatten()[worst], (
-        f"{what}: error {err.flatten()[worst].item():.3g} at element {worst.item()} exceeds "
-        f"{bound.flatten()[worst].item():.3g} ({how}) for {dtype}; max error {err.max().item():.3g}")

@@ -1,4 +1,5 @@
-"""The class swap: each patched PEFT class gets a cached subclass overriding a few methods.
+"""The class swap of ``fastlora.patch`` (``fastlora.swap.ClassSwap``): each patched PEFT class
+gets a cached subclass overriding a few methods.
 
 The subclass keeps PEFT's class name (``repr`` still says ``lora.Linear(...)``) and pickles
 as the original class; ``swap`` / ``restore`` change a module's ``__class__`` and create /
@@ -11,6 +12,7 @@ import copyreg
 
 from torch import nn
 
+from ..swap import ClassSwap
 from . import state
 from .forward import fused_forward
 from .mixed_batch import routing_hooks
@@ -90,49 +92,45 @@ def _unmerge(self, *args, **kwargs):
 
 _LAYER_METHODS = {"forward": fused_forward, "merge": _merge, "unmerge": _unmerge}
 _TUNER_METHODS = {"_enable_peft_forward_hooks": _tuner_forward_hooks}
-_PATCHED: dict[type, type] = {}  # original class -> patched subclass
 
 
 def _is_tuner(cls: type) -> bool:
     return hasattr(cls, "_enable_peft_forward_hooks")
 
 
+def _methods(original: type) -> dict:
+    return {**(_TUNER_METHODS if _is_tuner(original) else _LAYER_METHODS),
+            "__reduce_ex__": _reduce_ex}
+
+
+def _describe(original: type) -> str:
+    methods = _TUNER_METHODS if _is_tuner(original) else _LAYER_METHODS
+    return (f"{original.__module__}.{original.__qualname__} with {', '.join(methods)} from "
+            "fastlora (fastlora.patch); everything else is PEFT's.")
+
+
+_SWAP = ClassSwap(_methods, _describe, __name__)
+
+
 def patched_class(original: type) -> type:
     """The cached subclass of a PEFT LoRA layer class (``forward`` fused) or of a LoRA tuner
     class (mixed batches in training), named as the original."""
-    cls = _PATCHED.get(original)
-    if cls is None:
-        methods = _TUNER_METHODS if _is_tuner(original) else _LAYER_METHODS
-        cls = type(original.__name__, (original,), {
-            **methods,
-            "__reduce_ex__": _reduce_ex,
-            "__module__": __name__,
-            "__qualname__": original.__qualname__,
-            "__doc__": f"{original.__module__}.{original.__qualname__} with "
-                       f"{', '.join(methods)} from fastlora (fastlora.patch); everything else "
-                       "is PEFT's.",
-            "_fastlora_original_class": original,
-        })
-        _PATCHED[original] = cls
-    return cls
+    return _SWAP.subclass(original)
 
 
 def is_patched(module: nn.Module) -> bool:
     """True when ``module``'s class is one ``fastlora.patch`` installed."""
-    cls = type(module)
-    return _PATCHED.get(getattr(cls, "_fastlora_original_class", None)) is cls
+    return _SWAP.owns(module)
 
 
 def swap(module: nn.Module) -> None:
     """Give ``module`` its patched class (and a LoRA layer its state)."""
-    cls = patched_class(type(module))
-    module.__class__ = cls
-    if not _is_tuner(cls):
+    _SWAP.swap(module)
+    if not _is_tuner(type(module)):
         state.attach(module)
 
 
 def restore(module: nn.Module) -> None:
     """Give ``module`` back its PEFT class and remove everything ``swap`` added."""
-    module.__class__ = type(module)._fastlora_original_class
+    _SWAP.restore(module)
     state.detach(module)
-

@@ -30,7 +30,7 @@ from torch import nn
 from ..functional import dora_linear
 from ..plans import lora_linear
 from .mixed_batch import peft_mixed_batch_forward
-from .reader import BNB_4BIT, FAST_DTYPES, Adapter, Base, NotFused, read_adapter, read_base
+from .reader import BNB_4BIT, FAST_DTYPES, Adapter, Base, NotFused, read_active
 from . import state
 from .state import dora_norm
 
@@ -43,14 +43,14 @@ def fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         # model-level hook has already rejected unknown names
         names = kwargs["adapter_names"]
         return peft_mixed_batch_forward(self, x, names, known_adapters=names)
-    if args or kwargs or self.disable_adapters or self.merged:
+    # PEFT's disable_adapters and merged properties, read from their fields
+    if args or kwargs or self._disable_adapters or self.merged_adapters:
         return peft_forward(self, x, *args, **kwargs)
-    base = read_base(self)
-    if isinstance(base, NotFused):
+    kept = state.state_of(self)
+    read = read_active(self, kept.readings if kept is not None else None)
+    if isinstance(read, NotFused):
         return peft_forward(self, x)
-    adapters = [read_adapter(self, a) for a in self.active_adapters if a in self.lora_A]
-    if not adapters or any(isinstance(a, NotFused) for a in adapters):
-        return peft_forward(self, x)
+    base, adapters = read
     autocast = torch.is_autocast_enabled(x.device.type)
     # a bitsandbytes 4-bit base casts x to its compute dtype (x may have any float dtype)
     same = base.kind == BNB_4BIT or x.dtype == base.weight.dtype
@@ -65,7 +65,8 @@ def fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             return _dora(self, first, x, base)
         p = first.dropout_p()
         return lora_linear(x, base.weight, _bias(base, adapters), first.A, first.B, first.scale,
-                           dropout_p=p, training=p > 0.0, plans=state.plans(self))
+                           dropout_p=p, training=p > 0.0,
+                           plans=kept.plans if kept is not None else None)
     same_dtype = all(a.A.dtype == first.A.dtype for a in adapters)
     dropping = any(a.dropout_p() > 0.0 for a in adapters)
     if any(a.magnitude is not None for a in adapters):
@@ -82,6 +83,8 @@ def fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 def _bias(base: Base, adapters: list[Adapter], factors: list | None = None):
     """The fused bias: the base bias plus ``f_i * s_i * b_i`` for each adapter with a lora_B
     bias ``b_i`` (``f_i``: its DoRA column factor ``[N]``, default 1), in the weight's dtype."""
+    if len(adapters) == 1 and adapters[0].lora_bias is None:
+        return base.bias
     terms = [(a, f) for a, f in zip(adapters, factors or [None] * len(adapters))
              if a.lora_bias is not None]
     if not terms:

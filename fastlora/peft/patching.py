@@ -19,6 +19,8 @@ from torch import nn
 from ..cache import writes_visible
 from . import classes
 from .classes import is_patched
+from ..layers import CONV1D
+from ..swap import original_class
 from .reader import (BNB_4BIT, NotFused, adapter_names, is_dora, layer_problem, lora_tuner_class,
                      peft_lora, read_adapter, read_base)
 from .report import LayerReport, PatchReport
@@ -36,7 +38,7 @@ def _judge(name: str, layer, selected: set[str] | None) -> LayerReport:
     base = getattr(layer, "base_layer", None)
     entry = LayerReport(
         name=name or type(layer).__name__,
-        layer_type=getattr(type(layer), "_fastlora_original_class", type(layer)).__name__,
+        layer_type=original_class(layer).__name__,
         base_type=type(base).__name__ if base is not None else "-",
         adapters=adapter_names(layer), patched=False)
     problem = layer_problem(layer)
@@ -56,7 +58,7 @@ def _judge(name: str, layer, selected: set[str] | None) -> LayerReport:
                 return entry
             sharded = True
     entry.patched = True
-    if not isinstance(read, NotFused) and read.kind == "Conv1D":
+    if not isinstance(read, NotFused) and read.kind == CONV1D:
         entry.notes.append("Conv1D base (fan_in_fan_out): weight passed as a transposed view")
     if not isinstance(read, NotFused) and read.kind == BNB_4BIT:
         w = read.weight

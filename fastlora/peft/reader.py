@@ -2,24 +2,26 @@
 adapters, or why fastlora cannot run them.
 
 The one place that knows PEFT's layer layout. ``patch`` asks it once per layer, the patched
-forward on every call and the mixed-batch forward for every adapter of a batch, so the three
-always agree. Readers only look at attributes, types and flags (no tensor data), so
-``torch.compile`` traces them without a graph break.
+forward on every call (through ``read_active``, which keeps the decision) and the
+mixed-batch forward for every adapter of a batch, so the three always agree. Readers only
+look at attributes, types and flags (no tensor data), so ``torch.compile`` traces them
+without a graph break.
 """
 from __future__ import annotations
 
 import functools
-import sys
+from collections.abc import MutableMapping
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
+from ..cache import Stamped
+from ..layers import BNB_4BIT, CONV1D, LINEAR, linear_kind, loaded_class, quant_hint
 from ..quant4 import Quant4Weight, UnreadableLayout
+from ..swap import original_class
 
 FAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_LINEAR_FORWARD = nn.Linear.forward
-BNB_4BIT = "bnb 4-bit"  # the base kind of a bitsandbytes Linear4bit
 
 
 def peft_lora():
@@ -37,31 +39,6 @@ def lora_tuner_class() -> type:
     from peft.tuners.lora.model import LoraModel
 
     return LoraModel
-
-
-@functools.cache
-def _conv1d():
-    """transformers' ``Conv1D`` class and its forward, or (None, None) without transformers."""
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:
-        return None, None
-    return Conv1D, Conv1D.forward
-
-
-def _loaded_class(module: str, name: str) -> type | None:
-    """Class ``name`` of ``module`` if that module is already imported (a model holding
-    bitsandbytes layers has imported it; nothing is imported here, so bitsandbytes stays
-    optional and its import cost is never paid for a model without it)."""
-    return getattr(sys.modules.get(module), name, None)
-
-
-def _bnb_4bit_base(module: nn.Module) -> bool:
-    """A bitsandbytes ``Linear4bit`` (or subclass: ``LinearNF4``/``LinearFP4``) with its
-    own forward."""
-    cls = _loaded_class("bitsandbytes.nn.modules", "Linear4bit")
-    return (cls is not None and isinstance(module, cls)
-            and type(module).forward is cls.forward)
 
 
 @functools.cache
@@ -122,22 +99,6 @@ class Adapter(NamedTuple):
 
 # ------------------------------------------------------------------ parameters and modules
 
-_QUANT_HINTS = {"bitsandbytes": "bitsandbytes", "bnb": "bitsandbytes", "gptq": "GPTQ", "awq": "AWQ",
-                "aqlm": "AQLM", "hqq": "HQQ", "eetq": "EETQ", "torchao": "torchao",
-                "optimum": "optimum", "quanto": "quanto", "auto_round": "auto-round",
-                "transformer_engine": "Transformer Engine", ".inc": "Intel Neural Compressor",
-                "fp8": "FP8"}
-
-
-def quant_hint(obj) -> str | None:
-    """The quantization library an object's class comes from, guessed from its module."""
-    mod = (type(obj).__module__ or "").lower() + "." + type(obj).__name__.lower()
-    for key, label in _QUANT_HINTS.items():
-        if key in mod:
-            return label
-    return None
-
-
 def _param_problem(what: str, p) -> NotFused | None:
     """Why a parameter cannot go to the fused ops as is (sharded, partitioned, quantized)."""
     if p is None:
@@ -157,20 +118,15 @@ def _param_problem(what: str, p) -> NotFused | None:
     return None
 
 
-def _hooked(module: nn.Module) -> bool:
-    """Hooks or a replaced forward (accelerate's offload, DeepSpeed, a user's): PEFT calls the
-    module, the fused ops would bypass them."""
-    return bool(module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__
-                or hasattr(module, "_hf_hook"))
-
-
-def _plain_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) and type(module).forward is _LINEAR_FORWARD
-
-
-def _conv1d_base(module: nn.Module) -> bool:
-    conv1d, forward = _conv1d()
-    return conv1d is not None and isinstance(module, conv1d) and type(module).forward is forward
+def _hooked(*modules: nn.Module) -> bool:
+    """Hooks or a replaced forward on one of ``modules`` (accelerate's offload, DeepSpeed, a
+    user's): PEFT calls the module, the fused ops would bypass them."""
+    for module in modules:
+        attrs = module.__dict__  # accelerate's _hf_hook and replaced forward live there
+        if (module._forward_hooks or module._forward_pre_hooks or "forward" in attrs
+                or "_hf_hook" in attrs):
+            return True
+    return False
 
 
 def is_dora(layer, name: str) -> bool:
@@ -199,9 +155,9 @@ def layer_problem(layer) -> str | None:
     """Why a tuner layer's class cannot be patched (it is not PEFT's LoRA ``Linear``)."""
     lora_layer, _ = peft_lora()
     cls = type(layer)
-    lora_4bit = _loaded_class("peft.tuners.lora.bnb", "Linear4bit")
+    lora_4bit = loaded_class("peft.tuners.lora.bnb", "Linear4bit")
     if lora_4bit is not None and isinstance(layer, lora_4bit):
-        orig = getattr(cls, "_fastlora_original_class", cls)
+        orig = original_class(layer)
         if orig.forward is not lora_4bit.forward:
             return f"{orig.__qualname__} overrides PEFT's Linear4bit.forward"
         return None
@@ -212,7 +168,7 @@ def layer_problem(layer) -> str | None:
         tuner = cls.__module__.split(".")[2] if cls.__module__.startswith("peft.tuners.") else cls.__module__
         return f"not a LoRA layer ({tuner} tuner)"
     if isinstance(layer, lora_layer.Linear):
-        orig = getattr(cls, "_fastlora_original_class", cls)
+        orig = original_class(layer)
         if orig.forward is not lora_layer.Linear.forward:
             return f"{orig.__qualname__} overrides PEFT's Linear.forward"
         return None
@@ -241,18 +197,14 @@ def read_base(layer) -> Base | NotFused:
     _, BaseTunerLayer = peft_lora()
     if isinstance(base, BaseTunerLayer):
         return NotFused(f"base layer is another tuner layer ({type(base).__name__})")
-    if _plain_linear(base):
-        weight, kind = base.weight, "Linear"
-    elif _conv1d_base(base):
-        weight, kind = base.weight, "Conv1D"
-    elif _bnb_4bit_base(base):
-        weight, kind = base.weight, BNB_4BIT
-    else:
+    kind = linear_kind(base)
+    if kind is None:
         hint = quant_hint(base)
         if hint:
             return NotFused(f"quantized base layer ({hint}: {type(base).__name__})")
         return NotFused(f"base layer {type(base).__name__} is not a plain nn.Linear or "
                         "transformers Conv1D")
+    weight = base.weight
     if _hooked(base):
         return NotFused("base layer has forward hooks or a replaced forward "
                         "(accelerate offload / device map?)")
@@ -264,7 +216,7 @@ def read_base(layer) -> Base | NotFused:
     problem = _param_problem("base weight", weight) or _param_problem("base bias", bias)
     if problem is not None:
         return problem
-    return Base(base, weight.t() if kind == "Conv1D" else weight, bias, kind)
+    return Base(base, weight.t() if kind == CONV1D else weight, bias, kind)
 
 
 def _bnb_4bit(base: nn.Module, weight, bias) -> Base | NotFused:
@@ -298,7 +250,7 @@ def read_adapter(layer, name: str) -> Adapter | NotFused:
     parts = []
     for part in ("lora_A", "lora_B"):
         mod = getattr(layer, part)[name]
-        if not _plain_linear(mod):
+        if linear_kind(mod) != LINEAR:
             return NotFused(f"adapter '{name}': {part} is a {type(mod).__name__}, not nn.Linear")
         if _hooked(mod):
             return NotFused(f"adapter '{name}': {part} has forward hooks")
@@ -340,3 +292,105 @@ def adapter_names(layer) -> tuple[str, ...]:
     names = list(getattr(layer, "lora_A", {}).keys())
     names += [n for n in getattr(layer, "lora_embedding_A", {}).keys() if n not in names]
     return tuple(names)
+
+
+# ----------------------------------------------------------------------- kept decisions
+
+def read_active(layer, kept: MutableMapping | None) -> tuple[Base, list[Adapter]] | NotFused:
+    """The base and the active adapters a LoRA ``Linear`` holds (in PEFT's order), as the
+    fused forward takes them, or why PEFT's forward must run.
+
+    ``kept``: the layer's kept decisions (its state; None keeps nothing). The readers above
+    decide once; the decision is kept while everything it depends on is as it was: the
+    active adapters, the modules' types and hooks, dropout ``p >= 1``, the adapters' LoRA
+    variants, the presence of biases and magnitudes (``_look``), and the layout of every
+    tensor read (``Stamped`` without versions: the reader reads no values). A steady-state
+    call fetches the layer's current modules and parameters from their dicts and compares;
+    the scales and dropout modules are always the current ones. A bitsandbytes 4-bit base is
+    read on every call (its quant state is a plain object bitsandbytes replaces at will).
+    """
+    seen = _look(layer) if kept is not None and not torch.compiler.is_compiling() else None
+    if seen is not None:
+        names, extra, tensors, base, adapters = seen
+        hit = kept.get(names)
+        if hit is not None and hit.valid_for(tensors, extra):
+            decided = hit.value
+            if isinstance(decided, NotFused):
+                return decided
+            module, weight, bias = base
+            return Base(module, weight.t() if decided == CONV1D else weight, bias,
+                        decided), adapters
+    read = read_base(layer)
+    active = layer.active_adapters
+    adapters = [read_adapter(layer, a) for a in active if a in layer.lora_A]
+    decided = read if isinstance(read, NotFused) else next(
+        (a for a in adapters if isinstance(a, NotFused)),
+        NotFused("no active adapter") if not adapters else None)
+    if decided is None:
+        decided = (read, adapters)
+    if seen is not None and (isinstance(decided, NotFused) or _agrees(read, adapters, seen)):
+        kept[names] = Stamped(tensors, extra, decided if isinstance(decided, NotFused)
+                              else read.kind, values=False)
+    return decided
+
+
+def _look(layer) -> tuple | None:
+    """What ``read_active``'s decision depends on, fetched from the modules' own dicts (no
+    reader check runs): (active adapter names the layer holds, the facts, the tensors, (base
+    module, weight, bias), the adapters as ``Adapter``s with their current scales), or None
+    for a layout the dicts do not show (a parameter that is not registered as one: a
+    parametrization; modules missing) or a 4-bit base."""
+    try:
+        attrs, modules = layer.__dict__, layer._modules
+        base = modules["base_layer"]
+        params = base._parameters
+        weight, bias = params["weight"], params.get("bias")
+        if weight is None or (type(weight) is not nn.Parameter
+                              and type(weight) is not torch.Tensor):
+            return None  # 4-bit (Params4bit) and other tensor subclasses: read every call
+        active = layer._active_adapter
+        names = (active,) if type(active) is str else tuple(active)
+        lora_A, lora_B = modules["lora_A"]._modules, modules["lora_B"]._modules
+        dropouts = modules["lora_dropout"]._modules
+        magnitudes = modules["lora_magnitude_vector"]._modules
+        variants = attrs.get("lora_variant") or {}
+        use_dora = attrs.get("use_dora") or {}
+        scaling = attrs["scaling"]
+        extra = [type(base), bias is None]
+        hooked = [base]
+        tensors = [weight] if bias is None else [weight, bias]
+        held, adapters = [], []
+        for name in names:
+            mod_A = lora_A.get(name)
+            if mod_A is None:
+                continue
+            mod_B, drop, mag = lora_B[name], dropouts[name], magnitudes.get(name)
+            A, B = mod_A._parameters["weight"], mod_B._parameters["weight"]
+            lora_bias = mod_B._parameters.get("bias")
+            magnitude = mag._parameters["weight"] if mag is not None else None
+            extra += (type(mod_A), type(mod_B), type(drop), drop.__dict__.get("p", 0.0) >= 1.0,
+                      type(variants.get(name)), use_dora.get(name), lora_bias is None,
+                      magnitude is None)
+            hooked += (mod_A, mod_B)
+            tensors += (A, B)
+            if lora_bias is not None:
+                tensors.append(lora_bias)
+            if magnitude is not None:
+                tensors.append(magnitude)
+            held.append(name)
+            adapters.append(Adapter(name, A, B, scaling[name], drop, magnitude, lora_bias))
+        extra.append(_hooked(*hooked))
+    except (KeyError, AttributeError, TypeError):
+        return None
+    return tuple(held), tuple(extra), tensors, (base, weight, bias), adapters
+
+
+def _agrees(base: Base, adapters: list[Adapter], seen: tuple) -> bool:
+    """Whether the readers read the very tensors and modules ``_look`` fetched."""
+    _, _, _, (module, weight, bias), looked = seen
+    w = base.weight._base if base.kind == CONV1D else base.weight
+    return (base.module is module and w is weight and base.bias is bias
+            and len(adapters) == len(looked)
+            and all(a.A is b.A and a.B is b.B and a.dropout is b.dropout
+                    and a.magnitude is b.magnitude and a.lora_bias is b.lora_bias
+                    and a.name == b.name for a, b in zip(adapters, looked)))

@@ -1,10 +1,10 @@
 """The one object fastlora keeps on a patched LoRA layer: ``patch`` creates it, ``unpatch``
-removes it whole. It holds the layer's caches, valid by the rule of ``fastlora.cache``: DoRA
-row norms per adapter (shared by the plain and the mixed-batch forward), the packed
-adapters of the last inference mixed batch and the launch plans of ``lora_linear``
-(``fastlora.plans``). A layer under FSDP keeps nothing; PEFT's merge / unmerge (writes
-through ``.data``) clear it; ``fastlora.refresh`` clears it. Copies and pickles of a
-patched layer get an empty one."""
+removes it whole. It holds the layer's caches, valid by the rule of ``fastlora.cache``: the
+reader's decisions per set of active adapters (``reader.read_active``), DoRA row norms per
+adapter (shared by the plain and the mixed-batch forward), the packed adapters of the last
+inference mixed batch and the launch plans of ``lora_linear`` (``fastlora.plans``). A
+layer under FSDP keeps nothing; PEFT's merge / unmerge (writes through ``.data``) clear it;
+``fastlora.refresh`` clears it. Copies and pickles of a patched layer get an empty one."""
 from __future__ import annotations
 
 import torch
@@ -17,11 +17,13 @@ ATTR = "_fastlora_state"
 
 class LayerState(Cache):
     def __init__(self):
+        self.readings: dict[tuple[str, ...], Stamped] = {}
         self.norms = DoraNormCache()
         self.bank: Stamped | None = None
         self.plans = LoraPlans()
 
     def clear(self) -> None:
+        self.readings.clear()
         self.norms.clear()
         self.bank = None
         self.plans.clear()
@@ -45,15 +47,9 @@ def clear(layer) -> None:
 def state_of(layer) -> LayerState | None:
     """The layer's state if it may keep values now (patched, not managed by FSDP)."""
     state = layer.__dict__.get(ATTR)
-    if state is None or not writes_visible(layer, layer.base_layer):
+    if state is None or not writes_visible(layer, layer._modules["base_layer"]):
         return None
     return state
-
-
-def plans(layer) -> LoraPlans | None:
-    """The layer's ``lora_linear`` launch plans, None when it may keep nothing."""
-    state = state_of(layer)
-    return state.plans if state is not None else None
 
 
 def dora_norm(layer, name: str, weight, lora_A, lora_B, scale) -> torch.Tensor:

@@ -2,7 +2,7 @@
 ``AdapterBank``, per row, from the routing of the batch in flight.
 
 Each ``nn.Linear`` (or transformers ``Conv1D``) of the bank's model gets its ``__class__``
-swapped for a cached subclass (named as the original) whose ``forward`` reads the routing
+swapped (``fastlora.swap``) for a cached subclass (named as the original) whose ``forward`` reads the routing
 that ``routed(routing)`` makes current (a context variable: no argument threads through the
 model's own code) and calls ``fastlora.multi_lora_linear`` with the layer's adapters (through
 the layer's launch plans, ``fastlora.plans.MultiPlans``); with no routing, or no adapter covering the layer, it is the original forward. Parameters, buffers,
@@ -19,13 +19,13 @@ from torch import nn
 
 from ..bank import AdapterBank, layer_weight
 from ..routing import Routing
+from ..swap import ClassSwap
 
 __all__ = ["attach", "detach", "is_attached", "routed"]
 
 _ROUTING: contextvars.ContextVar[Routing | None] = contextvars.ContextVar("fastlora_routing",
                                                                           default=None)
 _ATTR = "_fastlora_serve"  # the layer's (bank, module name), in the instance __dict__
-_ROUTED: dict[type, type] = {}  # original class -> routed subclass
 
 
 @contextlib.contextmanager
@@ -50,21 +50,16 @@ def _forward(self, x):
     return layer.plans(x, layer.weight, self.bias, layer, routing)
 
 
-def _routed_class(original: type) -> type:
-    cls = _ROUTED.get(original)
-    if cls is None:
-        cls = type(original.__name__, (original,), {
-            "forward": _forward, "__module__": __name__, "__qualname__": original.__qualname__,
-            "__doc__": f"{original.__module__}.{original.__qualname__} whose rows take their "
-                       "adapters from an AdapterBank (fastlora.serve.attach)",
-            "_fastlora_original_class": original})
-        _ROUTED[original] = cls
-    return cls
+def _describe(original: type) -> str:
+    return (f"{original.__module__}.{original.__qualname__} whose rows take their adapters "
+            "from an AdapterBank (fastlora.serve.attach)")
+
+
+_SWAP = ClassSwap(lambda original: {"forward": _forward}, _describe, __name__)
 
 
 def is_attached(module: nn.Module) -> bool:
-    cls = type(module)
-    return _ROUTED.get(getattr(cls, "_fastlora_original_class", None)) is cls
+    return _SWAP.owns(module)
 
 
 def _targets(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -92,7 +87,7 @@ def attach(model: nn.Module, bank: AdapterBank) -> list[str]:
     targets = _targets(model)
     for name, module in targets:
         module.__dict__[_ATTR] = (bank, name)
-        module.__class__ = _routed_class(type(module))
+        _SWAP.swap(module)
     return [name for name, _ in targets]
 
 
@@ -101,7 +96,7 @@ def detach(model: nn.Module) -> list[str]:
     done = []
     for name, module in model.named_modules():
         if is_attached(module):
-            module.__class__ = type(module)._fastlora_original_class
+            _SWAP.restore(module)
             module.__dict__.pop(_ATTR, None)
             done.append(name)
     return done
