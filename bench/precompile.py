@@ -230,6 +230,7 @@ def trace(fns) -> list[Launch]:
 def jobs(launches: list[Launch]) -> list[tuple[Launch, object]]:
     """(launch, config) pairs to compile, one per distinct Triton cache key, in order."""
     from triton import knobs
+    from triton.runtime import jit
 
     keys = []
 
@@ -238,7 +239,8 @@ def jobs(launches: list[Launch]) -> list[tuple[Launch, object]]:
         return True  # compile nothing
 
     pairs, seen = [], set()
-    with _patched(knobs.runtime, "jit_cache_hook", hook):
+    with _patched(knobs.runtime, "jit_cache_hook", hook), \
+            _patched(jit, "serialize_specialization_data", _serializable(jit.serialize_specialization_data)):
         for launch in launches:
             for config in launch.configs():
                 keys.clear()
@@ -248,6 +250,18 @@ def jobs(launches: list[Launch]) -> list[tuple[Launch, object]]:
                     seen.add(key)
                     pairs.append((launch, config))
     return pairs
+
+
+def _serializable(serialize):
+    """Triton's ``serialize_specialization_data`` (run before a cache hook), taking a
+    ``tl.constexpr`` that wraps a dtype (a descriptor's member, ``Quant4.DTYPE``) by the
+    dtype's name: Triton writes a top-level dtype so, but puts a constexpr's value into JSON
+    as it is."""
+    def wrapped(name, signature, constants, *rest):
+        constants = {k: type(v)(str(v.value)) if type(v).__name__ == "constexpr"
+                     and type(v.value).__name__ == "dtype" else v for k, v in constants.items()}
+        return serialize(name, signature, constants, *rest)
+    return wrapped
 
 
 # ---------------------------------------------------------------- workers
