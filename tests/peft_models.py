@@ -94,3 +94,20 @@ def assert_grads_close(patched, ref, tol=MODEL_TOL):
         assert gr[n] is not None and gp[n] is not None, n
         assert gr[n].abs().max() > 0, f"{n}: zero reference gradient (weak test)"
         assert_close(gp[n], gr[n], what=n, tol=tol)
+
+
+def two_adapter_layer(device, dora: bool = False, alpha_b: int = 6):
+    """A PEFT model on one Linear(32 -> 40) with adapters "default" (r=4, DoRA if ``dora``) and
+    "b" (r=2, lora_alpha ``alpha_b``), patched, and an unpatched copy (the oracle)."""
+    from fastlora import patch
+    torch.manual_seed(0)
+    model = get_peft_model(nn.Sequential(nn.Linear(32, 40)),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["0"],
+                                      init_lora_weights=False, use_dora=dora))
+    torch.manual_seed(1)
+    model.add_adapter("b", LoraConfig(r=2, lora_alpha=alpha_b, target_modules=["0"],
+                                      init_lora_weights=False))
+    model = model.to(device).eval()
+    ref = copy.deepcopy(model)
+    assert patch(model).all_patched
+    return model, ref

@@ -41,3 +41,19 @@ def count_launches(monkeypatch) -> list[str]:
     for cls in (autotuner.Autotuner, jit.JITFunction, interpreter.InterpretedFunction):
         wrap(cls)
     return launched
+
+
+def torch_ops():
+    """A ``TorchDispatchMode`` that records the name of every torch op run under it (``.ops``)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class TorchOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.add(func.name())
+            return func(*args, **(kwargs or {}))
+
+    return TorchOps()

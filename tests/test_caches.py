@@ -21,11 +21,11 @@ from helpers import assert_close
 
 peft = pytest.importorskip("peft")
 
-from peft import LoraConfig, get_peft_model  # noqa: E402
+from peft import LoraConfig  # noqa: E402
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict  # noqa: E402
 
-from fastlora.peft import patch  # noqa: E402
 from fastlora.peft.state import ATTR  # noqa: E402
+from peft_models import two_adapter_layer  # noqa: E402
 
 NAMES = ["default", "b", "__base__"]
 
@@ -42,17 +42,7 @@ def perturbed(t: torch.Tensor, seed: int) -> torch.Tensor:
 def make_pair(device):
     """A PEFT model on one Linear(32 -> 40) with adapters "default" (DoRA) and "b" (LoRA),
     patched, and an unpatched copy (the oracle)."""
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(32, 40))
-    model = get_peft_model(net, LoraConfig(r=4, lora_alpha=8, target_modules=["0"],
-                                           init_lora_weights=False, use_dora=True))
-    torch.manual_seed(1)
-    model.add_adapter("b", LoraConfig(r=2, lora_alpha=4, target_modules=["0"],
-                                      init_lora_weights=False))
-    model = model.to(device).eval()
-    ref = copy.deepcopy(model)
-    assert patch(model).all_patched
-    return model, ref
+    return two_adapter_layer(device, dora=True, alpha_b=4)
 
 
 def layer_of(model):

@@ -135,11 +135,10 @@ def test_decode_forward_is_two_launches_reading_w_once(monkeypatch, device):
     two launches per layer forward, whatever the adapters: the gathered shrink and the
     fused linear (every row its own adapter's B, DoRA's g made in the kernel). Nothing is
     sorted, and no torch op runs besides allocations and views."""
-    from torch.utils._python_dispatch import TorchDispatchMode
 
     from fastlora.kernels import multi_meta
     from fastlora.routing import Routing
-    from spies import count_calls, count_launches
+    from spies import count_calls, count_launches, torch_ops
 
     weight, bias, bank = make_bank([(1, 8, 16, 3)[i % 4] for i in range(32)],
                                    [i % 3 == 0 for i in range(32)], device=device)
@@ -149,18 +148,9 @@ def test_decode_forward_is_two_launches_reading_w_once(monkeypatch, device):
     routing = Routing.from_index(index, bank.n)
     routing.row_index(64)  # made once per model forward, before the layers
 
-    class TorchOps(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = set()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.add(func.name())
-            return func(*args, **(kwargs or {}))
-
     grouped = count_calls(monkeypatch, (multi_meta, "group_rows"))
     launches = count_launches(monkeypatch)
-    with torch.no_grad(), TorchOps() as ops:
+    with torch.no_grad(), torch_ops() as ops:
         y = multi_lora_linear(x, weight, bias, bank, routing)
     assert launches == ["_lora_shrink_kernel", "_lora_linear_kernel"], launches
     assert grouped == {"group_rows": 0}

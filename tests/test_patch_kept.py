@@ -5,7 +5,6 @@ unpatched copy alike, and checks that the next output equals PEFT's and that the
 runs exactly when it should."""
 from __future__ import annotations
 
-import copy
 import sys
 
 import pytest
@@ -14,11 +13,9 @@ from torch import nn
 
 peft = pytest.importorskip("peft")
 
-from peft import LoraConfig, get_peft_model  # noqa: E402
-
-from fastlora.peft import patch  # noqa: E402
 from fastlora.peft import reader  # noqa: E402
 from helpers import assert_close  # noqa: E402
+from peft_models import two_adapter_layer  # noqa: E402
 from spies import count_calls  # noqa: E402
 
 FORWARD = sys.modules["fastlora.peft.forward"]
@@ -27,17 +24,7 @@ FORWARD = sys.modules["fastlora.peft.forward"]
 def make(device):
     """A PEFT model on one Linear(32 -> 40) with adapters "default" (r=4) and "b" (r=2),
     patched, and an unpatched copy (the oracle)."""
-    torch.manual_seed(0)
-    model = get_peft_model(nn.Sequential(nn.Linear(32, 40)),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["0"],
-                                      init_lora_weights=False))
-    torch.manual_seed(1)
-    model.add_adapter("b", LoraConfig(r=2, lora_alpha=6, target_modules=["0"],
-                                      init_lora_weights=False))
-    model = model.to(device).eval()
-    ref = copy.deepcopy(model)
-    assert patch(model).all_patched
-    return model, ref
+    return two_adapter_layer(device)
 
 
 def layer_of(model):

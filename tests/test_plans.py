@@ -148,22 +148,12 @@ def test_serve_decode_layer_is_two_launches_and_nothing_else(monkeypatch, device
     """A served layer's decode call (fastlora.serve): the two launches (gathered shrink,
     fused linear), allocations and views, no memset, no check re-run; a write into the
     bank is seen, and a routing whose adapter was replaced is refused."""
-    from torch.utils._python_dispatch import TorchDispatchMode
 
     from bench_host import stubbed_launches
 
     from fastlora.bank import AdapterBank
     from fastlora.serve import attach, routed
-    from spies import count_launches
-
-    class TorchOps(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = set()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.add(func.name())
-            return func(*args, **(kwargs or {}))
+    from spies import count_launches, torch_ops
 
     g = generator(7)
     model = nn.Sequential(nn.Linear(48, 40)).to(device)
@@ -189,7 +179,7 @@ def test_serve_decode_layer_is_two_launches_and_nothing_else(monkeypatch, device
     with torch.no_grad(), routed(routing):
         layer(x)
         counts = deciders(monkeypatch)
-        with stubbed_launches(), TorchOps() as ops:  # the interpreter's own copies left out
+        with stubbed_launches(), torch_ops() as ops:  # the interpreter's own copies left out
             layer(x)
         launches = count_launches(monkeypatch)
         y = layer(x)
