@@ -18,7 +18,7 @@ import triton.language as tl
 
 from . import backward, dora, linear, linear_tma, shrink
 from .common import FULL_FP32, TL_DTYPES
-from .descriptors import BankTerm, DoraBank, Mat, Quant4, Rows, Term
+from .descriptors import BankTerm, DoraBank, Mat, Quant4, Rows, Segments, Term
 from .quant4 import DENSE_CONSTEXPRS
 
 
@@ -185,12 +185,6 @@ def _linear(ab: str, lb: str, bias: bool, dropout: bool, label: str,
     return AotVariant(kernel, f"{label} {precision}", types, const)
 
 
-def _dora_bank(mag: str) -> dict[str, str]:
-    """The DoRA facts of a multi-adapter bank (``AdapterMeta.kwargs("dora")``)."""
-    return dict(mag_ptr=f"*{mag}", norm_ptr="*fp32", dora_ptr="*i8", stride_mag="i32",
-                stride_norm="i32")
-
-
 def _tma(ab: str, lb: str, label: str, b_nk: bool, bias: bool = False, dropout: bool = False,
          scale_out: bool = False, scale_in: bool = False, precision: str = FULL_FP32
          ) -> AotVariant:
@@ -219,22 +213,23 @@ def _tma(ab: str, lb: str, label: str, b_nk: bool, bias: bool = False, dropout: 
 
 def _dy(dy: str, b: str, dora: bool, precision: str = FULL_FP32, multi: bool = False
         ) -> AotVariant:
-    """multi: sorted multi-adapter rows, B and dB the packed ``[S, N]`` B^T."""
-    types = dict(dy_ptr=f"*{dy}", b_ptr=f"*{b}", t_ptr="*fp32", ds_ptr="*fp32", db_ptr="*fp32",
-                 g_ptr="*fp32", y_ptr=f"*{dy}", bias_ptr=f"*{dy}", dg_ptr="*fp32",
-                 M="i32", N="i32", R="i32", M_BUCKET="i32", stride_dym="i32", stride_tm="i32",
-                 stride_ym="i32", scale="fp32")
-    const = dict(stride_dyn=1, stride_tr=1, stride_yn=1, DORA=dora, HAS_BIAS=dora,
-                 BLOCK_R=16, PRECISION=precision)
-    if multi:
-        more, flags = _multi("sorted")
-        del types["g_ptr"]
-        types.update(more, stride_br="i32", stride_dbr="i32", scale_ptr="*fp32",
-                     **(_dora_bank(b) if dora else {}))
-        const.update(flags, g_ptr=None, stride_bn=1, stride_dbn=1)
+    """multi: sorted multi-adapter rows, B and dB the packed ``[S, N]`` B^T (seen as ``[N,
+    S]``: unit stride along N)."""
+    unit = ("stride_dyn", "stride_tr", "stride_yn",
+            *(("stride_bn", "stride_dbn") if multi else ("stride_br", "stride_dbr")))
+    types = dict(dy=_mat(dy, "dy", "mn", unit), b=_mat(b, "b", "nr", unit),
+                 t=_mat("fp32", "t", "mr", unit), ds="*fp32", db=_mat("fp32", "db", "nr", unit),
+                 M="i32", N="i32", R="i32", M_BUCKET="i32", scale="fp32")
+    const = dict(DORA=dora, BLOCK_R=16, PRECISION=precision)
+    if dora:
+        types.update(g="*fp32", y=_mat(dy, "y", "mn", unit), bias=f"*{dy}", dg="*fp32")
     else:
-        types.update(stride_bn="i32", stride_dbn="i32")
-        const.update(stride_br=1, stride_dbr=1)
+        const.update(g=None, y=None, bias=None, dg=None)
+    if multi:
+        types["segs"] = Segments("*i32", "*i32", "*i32", "*i32", "*fp32", "i32", tl.constexpr(64))
+        if dora:
+            types["g"] = DoraBank(f"*{b}", "i32", "*fp32", "i32", "*i8")
+        const["MULTI"] = True
     label = f"{'sorted ' if multi else ''}dy={dy} B={b} dora={dora} {precision}"
     return AotVariant(backward.DY_KERNELS[multi, b == "fp32"], label, types, const)
 

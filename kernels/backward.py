@@ -19,52 +19,50 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (TL_DTYPES, configs, dora_factor, dropout_keep, fp32_precision, m_bucket,
+from .common import (TL_DTYPES, configs, dora_g, dropout_keep, fp32_precision, m_bucket,
                      on_device, operand, rank_block, sm_count, tune)
+from .descriptors import Mat, Segments, dora_bank, mat, segments
 from .multi_meta import AdapterMeta, RowMap, segment_tile, segment_tiles
 
 
 @triton.jit
-def _lora_dy_kernel(dy_ptr, b_ptr, t_ptr, ds_ptr, db_ptr, g_ptr, y_ptr, bias_ptr, dg_ptr,
-                    M, N, R, M_BUCKET, stride_dym, stride_dyn, stride_bn, stride_br,
-                    stride_tm, stride_tr, stride_ym, stride_yn, stride_dbn, stride_dbr, scale,
-                    DORA: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
-                    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    perm_ptr=None, seg_ptr=None, off_ptr=None, rank_ptr=None,
-                    scale_ptr=None, mag_ptr=None, norm_ptr=None, dora_ptr=None, stride_mag=0,
-                    stride_norm=0, n_adapters=0, MULTI: tl.constexpr = False,
-                    N_POW2: tl.constexpr = 2):
-    """dY ``[M, N]``, B ``[N, R]`` (adapter dtype: the dots run in it), T ``[M, R]`` fp32;
-    dS ``[M, R]`` (contiguous) and dB ``[N, R]`` are fp32 accumulators.
+def _lora_dy_kernel(dy, b, t, ds, db, g, y, bias, dg, M, N, R, M_BUCKET, scale,
+                    DORA: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, segs=None,
+                    MULTI: tl.constexpr = False):
+    """dY ``[M, N]``, B ``[N, R]`` (adapter dtype: the dots run in it), T ``[M, R]`` fp32
+    (``Mat``s); dS ``[M, R]`` (contiguous) and dB ``[N, R]`` (``Mat``) are fp32 accumulators.
 
     DORA: the LoRA gradients are those of ``g * dY`` (g ``[N]`` fp32), and the same pass
     over dY accumulates ``dg * g = colsum(dY * (Y - bias))`` into dg ``[N]`` fp32 from the
-    saved output Y ``[M, N]``.
+    saved output Y ``[M, N]`` (``Mat``) and the bias ``[N]`` (or None). Without DORA, g, y,
+    bias and dg are None.
 
-    MULTI: B is the packed B^T ``[S, N]`` and dB its gradient (adapter a's rows ``off[a]
-    ..``, strides given), T the scaled shrink (dB gets no scale; dS each adapter's),
-    rows through perm (T, dS in batch row order); DoRA adapters (flags) take g from
-    magnitude / weight norm and sum into their row of dg ``[n, N]``. Grid: (segment tiles,
-    column splits, rank tiles). Otherwise grid: (row tiles, column splits, rank tiles).
-    Split j visits column tiles j, j + splits, ...
+    MULTI: B is the packed B^T ``[S, N]`` seen as ``[N, S]`` and dB its gradient (adapter
+    a's columns ``segs.offsets[a] ..``), T the scaled shrink (dB gets no scale; dS each
+    adapter's ``segs.scales``), rows through ``segs`` (``descriptors.Segments``; T, dS in
+    batch row order); g is a ``DoraBank`` (its DoRA adapters take g from magnitude / weight
+    norm and sum into their row of dg ``[n, N]``). Grid: (segment tiles, column splits,
+    rank tiles). Otherwise grid: (row tiles, column splits, rank tiles). Split j visits
+    column tiles j, j + splits, ...
     """
     splits = tl.num_programs(1)
     r0 = tl.program_id(2) * BLOCK_R
     ranks = r0 + tl.arange(0, BLOCK_R)
     if MULTI:
-        adapter, rows, row_in, rank = segment_tile(tl.program_id(0), seg_ptr, perm_ptr,
-                                                   rank_ptr, n_adapters, BLOCK_M, N_POW2)
+        adapter, rows, row_in, rank = segment_tile(tl.program_id(0), segs.seg, segs.perm,
+                                                   segs.ranks, segs.n, BLOCK_M, segs.N_POW2)
         if r0 >= rank:
             return
         rank_in = ranks < rank
-        b_rows = tl.load(off_ptr + adapter).to(tl.int64) + ranks
-        ds_scale = tl.load(scale_ptr + adapter)
+        b_rows = tl.load(segs.offsets + adapter).to(tl.int64) + ranks
+        ds_scale = tl.load(segs.scales + adapter)
         db_scale = 1.0
         adapter = adapter.to(tl.int64)
         dora = False
         colsum = False
         if DORA:
-            dora = tl.load(dora_ptr + adapter) != 0
+            dora = tl.load(g.flags + adapter) != 0
             colsum = dora & (tl.program_id(2) == 0)
     else:
         rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -76,38 +74,38 @@ def _lora_dy_kernel(dy_ptr, b_ptr, t_ptr, ds_ptr, db_ptr, g_ptr, y_ptr, bias_ptr
         adapter = 0
         dora = True
         colsum = tl.program_id(2) == 0
-    t = tl.load(t_ptr + rows[:, None] * stride_tm + ranks[None, :] * stride_tr,
-                mask=row_in[:, None] & rank_in[None, :], other=0.0)
-    ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    t_tile = tl.load(t.ptr + rows[:, None] * t.stride0 + ranks[None, :] * t.stride1,
+                     mask=row_in[:, None] & rank_in[None, :], other=0.0)
+    ds_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for n0 in range(tl.program_id(1) * BLOCK_N, N, splits * BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         col_in = cols < N
-        dy = tl.load(dy_ptr + rows[:, None] * stride_dym + cols[None, :] * stride_dyn,
-                     mask=row_in[:, None] & col_in[None, :], other=0.0)
-        b = tl.load(b_ptr + cols[:, None] * stride_bn + b_rows[None, :] * stride_br,
-                    mask=col_in[:, None] & rank_in[None, :], other=0.0)
+        dy_tile = tl.load(dy.ptr + rows[:, None] * dy.stride0 + cols[None, :] * dy.stride1,
+                          mask=row_in[:, None] & col_in[None, :], other=0.0)
+        b_tile = tl.load(b.ptr + cols[:, None] * b.stride0 + b_rows[None, :] * b.stride1,
+                         mask=col_in[:, None] & rank_in[None, :], other=0.0)
         if DORA:
             if colsum:
-                y = tl.load(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn,
-                            mask=row_in[:, None] & col_in[None, :], other=0.0).to(tl.float32)
-                if HAS_BIAS:
-                    y -= tl.load(bias_ptr + cols, mask=col_in, other=0.0).to(tl.float32)[None, :]
-                tl.atomic_add(dg_ptr + adapter * N + cols, tl.sum(dy.to(tl.float32) * y, axis=0),
-                              mask=col_in)
-            dy = dy.to(tl.float32) * dora_factor(g_ptr, mag_ptr, norm_ptr, stride_mag,
-                                                 stride_norm, adapter, dora, cols, col_in, MULTI)
-        dy = dy.to(b.dtype)
-        ds = tl.dot(dy, b, ds, input_precision=PRECISION)
-        db = tl.dot(tl.trans(dy), t.to(b.dtype), input_precision=PRECISION)
-        tl.atomic_add(db_ptr + cols[:, None] * stride_dbn + b_rows[None, :] * stride_dbr,
-                      db * db_scale, mask=col_in[:, None] & rank_in[None, :])
-    tl.atomic_add(ds_ptr + rows[:, None] * R + ranks[None, :], ds * ds_scale,
+                y_tile = tl.load(y.ptr + rows[:, None] * y.stride0 + cols[None, :] * y.stride1,
+                                 mask=row_in[:, None] & col_in[None, :], other=0.0
+                                 ).to(tl.float32)
+                if bias is not None:
+                    y_tile -= tl.load(bias + cols, mask=col_in, other=0.0).to(tl.float32)[None, :]
+                tl.atomic_add(dg + adapter * N + cols,
+                              tl.sum(dy_tile.to(tl.float32) * y_tile, axis=0), mask=col_in)
+            dy_tile = dy_tile.to(tl.float32) * dora_g(g, adapter, dora, cols, col_in, MULTI)
+        dy_tile = dy_tile.to(b_tile.dtype)
+        ds_acc = tl.dot(dy_tile, b_tile, ds_acc, input_precision=PRECISION)
+        db_tile = tl.dot(tl.trans(dy_tile), t_tile.to(b_tile.dtype), input_precision=PRECISION)
+        tl.atomic_add(db.ptr + cols[:, None] * db.stride0 + b_rows[None, :] * db.stride1,
+                      db_tile * db_scale, mask=col_in[:, None] & rank_in[None, :])
+    tl.atomic_add(ds + rows[:, None] * R + ranks[None, :], ds_acc * ds_scale,
                   mask=row_in[:, None] & rank_in[None, :])
 
 
 def _dy_configs(shapes, block_m=32):
     return configs(("BLOCK_M", "BLOCK_N"), shapes, dict(BLOCK_M=block_m, BLOCK_N=32),
-                   zero=("ds_ptr", "db_ptr", "dg_ptr"))
+                   zero=("ds", "db", "dg"))
 
 
 # keyed by (multi-adapter rows, "B is fp32"): tf32x3 splits a [BLOCK_M, BLOCK_N] tile of
@@ -224,11 +222,12 @@ def _splits(tiles: int, other_tiles: int, device: torch.device) -> int:
     return max(1, min(tiles, triton.cdiv(2 * sm_count(device), max(other_tiles, 1))))
 
 
-def _dy_launch(row_tiles, dy: torch.Tensor, b: torch.Tensor, b_dims: str, t: torch.Tensor,
-               db: torch.Tensor, y: torch.Tensor | None, bias: torch.Tensor | None,
-               dg: torch.Tensor, multi: bool, **args) -> torch.Tensor:
-    """dS ``[M, R]`` fp32 (the rest of the results accumulate into db and dg);
-    ``row_tiles(BLOCK_M)``: the grid's first axis."""
+def _dy_launch(row_tiles, dy: torch.Tensor, b: Mat, t: torch.Tensor, db: Mat, g,
+               y: torch.Tensor | None, bias: torch.Tensor | None, dg: torch.Tensor | None,
+               segs: Segments | None, scale: float) -> torch.Tensor:
+    """dS ``[M, R]`` fp32 (the rest of the results accumulate into db and dg); b and db
+    ``[N, R]`` (``Mat``); with DoRA (y given) g (``[N]``, or a ``DoraBank`` with segs) and
+    dg, else None; ``row_tiles(BLOCK_M)``: the grid's first axis."""
     m, n = dy.shape
     r = t.shape[1]
     ds = torch.empty((m, r), dtype=torch.float32, device=dy.device)
@@ -240,12 +239,10 @@ def _dy_launch(row_tiles, dy: torch.Tensor, b: torch.Tensor, b_dims: str, t: tor
         splits = _splits(triton.cdiv(n, meta["BLOCK_N"]), tiles * rank_tiles, dy.device)
         return (tiles, splits, rank_tiles)
 
-    DY_KERNELS[multi, b.dtype == torch.float32][grid](
-        **operand("dy", dy, "mn"), **operand("b", b, b_dims), **operand("t", t, "mr"),
-        **operand("y", y if y is not None else dy, "mn"), **operand("db", db, b_dims),
-        ds_ptr=ds, dg_ptr=dg, bias_ptr=bias, DORA=y is not None, HAS_BIAS=bias is not None,
-        M=m, N=n, R=r, M_BUCKET=m_bucket(m), BLOCK_R=block_r, PRECISION=fp32_precision(),
-        MULTI=multi, **args)
+    DY_KERNELS[segs is not None, b.ptr.dtype == torch.float32][grid](
+        dy=mat(dy), b=b, t=mat(t), ds=ds, db=db, g=g, y=None if y is None else mat(y),
+        bias=bias, dg=dg, M=m, N=n, R=r, M_BUCKET=m_bucket(m), scale=scale, DORA=y is not None, BLOCK_R=block_r, PRECISION=fp32_precision(),
+        segs=segs, MULTI=segs is not None)
     return ds
 
 
@@ -258,13 +255,13 @@ def lora_dy(dy: torch.Tensor, lora_B: torch.Tensor, t: torch.Tensor, scaling: fl
     m, n = dy.shape
     r = lora_B.shape[1]
     db = torch.empty((n, r), dtype=torch.float32, device=dy.device)
-    dg = torch.empty((n if dora is not None else 1,), dtype=torch.float32, device=dy.device)
+    dg = torch.empty((n,), dtype=torch.float32, device=dy.device) if dora is not None else None
     if m == 0:
         ds = torch.empty((m, r), dtype=torch.float32, device=dy.device)
         return (ds, db.zero_()) + ((dg.zero_(),) if dora is not None else ())
-    ds = _dy_launch(lambda block_m: triton.cdiv(m, block_m), dy, lora_B, "nr", t, db,
-                    dora.y if dora else None, dora.bias if dora else None, dg, False,
-                    g_ptr=dora.g if dora else None, scale=scaling)
+    ds = _dy_launch(lambda block_m: triton.cdiv(m, block_m), dy, mat(lora_B), t, mat(db),
+                    dora.g if dora else None, dora.y if dora else None,
+                    dora.bias if dora else None, dg, None, scaling)
     return (ds, db) + ((dg,) if dora is not None else ())
 
 
@@ -279,13 +276,14 @@ def multi_lora_dy(dy: torch.Tensor, B: torch.Tensor, t: torch.Tensor, bank: Adap
     m, n = dy.shape
     dora = y is not None and bank.dora
     db = torch.empty(B.shape, dtype=torch.float32, device=dy.device)
-    dg = torch.empty((rows.n, n) if dora else (1,), dtype=torch.float32, device=dy.device)
+    dg = torch.empty((rows.n, n), dtype=torch.float32, device=dy.device) if dora else None
     if m == 0 or rows.n == 0:
         ds = torch.zeros((m, t.shape[1]), dtype=torch.float32, device=dy.device)
         return (ds, db.zero_()) + ((dg.zero_(),) if dora else ())
-    ds = _dy_launch(lambda block_m: segment_tiles(m, rows.n, block_m), dy, B, "rn", t, db,
-                    y if dora else None, bias if dora else None, dg, True, g_ptr=None,
-                    scale=1.0, **rows.kwargs(), **bank.kwargs("offsets", "ranks", "scales", "dora"))
+    # B^T and its gradient as [N, S]: the kernel reads b and db by (column, rank)
+    ds = _dy_launch(lambda block_m: segment_tiles(m, rows.n, block_m), dy, mat(B.t()), t,
+                    mat(db.t()), dora_bank(bank) if dora else None, y if dora else None,
+                    bias if dora else None, dg, segments(rows, bank), 1.0)
     return (ds, db) + ((dg,) if dora else ())
 
 

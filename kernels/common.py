@@ -171,7 +171,8 @@ def configs(names: tuple[str, ...], shapes: list[tuple], interp: dict,
     if zero:
         def hook(nargs):
             for name in zero:
-                _tensor(nargs[name]).zero_()
+                if nargs[name] is not None:  # an absent accumulator is None
+                    _tensor(nargs[name]).zero_()
         for config in chosen:
             config.pre_hook = hook
     return chosen
@@ -285,3 +286,15 @@ def dora_factor(g_ptr, mag_ptr, norm_ptr, stride_mag, stride_norm, key, dora, co
         return mag.to(tl.float32) / norm
     else:
         return tl.load(g_ptr + cols, mask=col_in, other=0.0)[None, :]
+
+
+@triton.jit
+def dora_g(g, key, dora, cols, col_in, MULTI: tl.constexpr):
+    """DoRA's column factor (``dora_factor``) from ``g``: one adapter's g ``[N]`` fp32 or,
+    with MULTI, a ``descriptors.DoraBank``."""
+    if MULTI:
+        factor = dora_factor(None, g.magnitude, g.weight_norm, g.stride_mag, g.stride_norm, key,
+                             dora, cols, col_in, True)
+    else:
+        factor = dora_factor(g, None, None, 0, 0, key, dora, cols, col_in, False)
+    return factor

@@ -69,6 +69,28 @@ def rows_view(row_map) -> Rows:
     return Rows(None, g.perm, g.keys, row_map.n, tl.constexpr(False))
 
 
+class Segments(NamedTuple):
+    """A multi-adapter batch over segment tiles of sorted rows (``multi_meta.segment_tile``),
+    int32 on the device: perm ``[M]`` (the row of each sorted position), seg (adapter a's
+    positions ``seg[a] .. seg[a + 1]``), the bank's offsets and ranks ``[n]`` (adapter a's
+    rows ``offsets[a] .. offsets[a] + ranks[a]`` of the packed gradients) and its scales
+    fp32 ``[n]``. n: the bank's adapter slots; N_POW2 (constexpr): a power of two >= n."""
+    perm: torch.Tensor
+    seg: torch.Tensor
+    offsets: torch.Tensor
+    ranks: torch.Tensor
+    scales: torch.Tensor
+    n: int
+    N_POW2: tl.constexpr
+
+
+def segments(row_map, bank) -> Segments:
+    """The segment tiles of a ``multi_meta.RowMap`` (sorted rows) over an ``AdapterMeta``."""
+    rows = row_map.kwargs()
+    return Segments(rows["perm_ptr"], rows["seg_ptr"], bank.offsets, bank.ranks, bank.scales,
+                    row_map.n, tl.constexpr(rows["N_POW2"]))
+
+
 class BankTerm(NamedTuple):
     """The low-rank term of a multi-adapter batch (``linear.MultiLowRank``): l ``[chunks, M,
     R]`` fp32 (rows in batch order, R the largest rank, already scaled; ``l`` its

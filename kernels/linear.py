@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (FP32_GEMM_SHAPES, Launch, configs, dora_factor, dropout_keep,
+from .common import (FP32_GEMM_SHAPES, Launch, configs, dora_g, dropout_keep,
                      fp32_precision, gemm_configs, grouped_tile, low_rank_tile, m_bucket,
                      on_device, rank_block, tune)
 from .descriptors import BankTerm, Mat, Term, dora_bank, mat, quant4_view, rows_view
@@ -142,18 +142,6 @@ def _gathered_low_rank(l_rows, stride_ls, chunks, stride_lr, lb_ptr, row_off, ro
 
 
 @triton.jit
-def _dora_g(g, key, dora, cols, col_in, MULTI: tl.constexpr):
-    """DoRA's column factor (``dora_factor``) from ``g``: one adapter's g ``[N]`` fp32 or,
-    with MULTI, a ``DoraBank``."""
-    if MULTI:
-        factor = dora_factor(None, g.magnitude, g.weight_norm, g.stride_mag, g.stride_norm, key,
-                             dora, cols, col_in, True)
-    else:
-        factor = dora_factor(g, None, None, 0, 0, key, dora, cols, col_in, False)
-    return factor
-
-
-@triton.jit
 def _lora_linear_kernel(a, b, out, low, bias, g, M, N, K, R, M_BUCKET,
                         HAS_LORA: tl.constexpr, DROPOUT: tl.constexpr, SCALE_OUT: tl.constexpr,
                         SCALE_IN: tl.constexpr, IN_PLACE: tl.constexpr, QUANT4: tl.constexpr,
@@ -244,14 +232,14 @@ def _lora_linear_kernel(a, b, out, low, bias, g, M, N, K, R, M_BUCKET,
                 b_tile = tl.load(b_ptrs, mask=k_in[:, None] & col_in[None, :], other=0.0)
                 b_ptrs += BLOCK_K * b.stride0
             if SCALE_IN:
-                g_in = _dora_g(g, key, dora, k0 + ks, k_in, MULTI)
+                g_in = dora_g(g, key, dora, k0 + ks, k_in, MULTI)
                 a_tile = (a_tile.to(tl.float32) * g_in).to(b_tile.dtype)
             else:
                 a_tile = a_tile.to(b_tile.dtype)
             acc = tl.dot(a_tile, b_tile, acc, input_precision=PRECISION)
             a_ptrs += BLOCK_K * a.stride1
     if SCALE_OUT:
-        acc *= _dora_g(g, key, dora, cols, col_in, MULTI)
+        acc *= dora_g(g, key, dora, cols, col_in, MULTI)
     if bias is not None:
         acc += tl.load(bias + cols, mask=col_in, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptrs, acc.to(out.ptr.dtype.element_ty), mask=out_in)

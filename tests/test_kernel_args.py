@@ -3,10 +3,10 @@ take at most 24 parameters, an absent feature is a None member (no placeholder p
 and the ahead-of-time signatures declare descriptors member by member."""
 import pytest
 
-from fastlora.kernels import aot, linear
-from fastlora.kernels.descriptors import BankTerm, Mat, Rows, Term
+from fastlora.kernels import aot, backward, linear
+from fastlora.kernels.descriptors import BankTerm, DoraBank, Mat, Rows, Segments, Term
 
-CONVERTED = [linear._lora_linear_kernel]
+CONVERTED = [linear._lora_linear_kernel, backward._lora_dy_kernel]
 MAX_PARAMS = 24
 
 
@@ -53,3 +53,23 @@ def test_single_adapter_term_without_dropout_has_no_seed():
     assert isinstance(signature["low"], Term) and signature["low"].seed == "constexpr"
     assert constexprs[(low, Term._fields.index("seed"))] is None
     assert signature["bias"] == "*bf16"
+
+
+def test_dy_signature_without_dora_has_no_dora_arguments():
+    variant = _variant("sorted dy=bf16 B=bf16 dora=False tf32")
+    signature, constexprs, attrs = variant.compile_args(variant.kernel.configs[0].kwargs)
+    names = backward._lora_dy_kernel.arg_names
+    for absent in ("g", "y", "bias", "dg"):  # None constexprs, not placeholder pointers
+        assert signature[absent] == "constexpr" and constexprs[(names.index(absent),)] is None
+    segs = names.index("segs")
+    assert isinstance(signature["segs"], Segments) and signature["segs"].perm == "*i32"
+    assert constexprs[(segs, Segments._fields.index("N_POW2"))] == 64
+    # the packed B^T seen as [N, S]: unit stride along N
+    assert constexprs[(names.index("b"), 1)] == 1 and (names.index("b"), 2) in attrs
+
+
+def test_dy_signature_of_a_dora_bank():
+    variant = _variant("sorted dy=bf16 B=fp32 dora=True tf32x3")
+    signature, _, _ = variant.compile_args(variant.kernel.configs[0].kwargs)
+    assert isinstance(signature["g"], DoraBank) and signature["g"].magnitude == "*fp32"
+    assert isinstance(signature["y"], Mat) and signature["bias"] == "*bf16"
