@@ -23,11 +23,11 @@ from . import dispatch, kernels
 
 
 def _base(weight: torch.Tensor, quant: list[torch.Tensor], quant_meta: list[int] | None,
-          compute_dtype: torch.dtype | None) -> torch.Tensor | kernels.Quant4Args:
-    """The base weight as the kernels take it: W itself, or the 4-bit ``Quant4Args``."""
+          compute_dtype: torch.dtype | None) -> torch.Tensor | kernels.Quant4:
+    """The base weight as the kernels take it: W itself, or the 4-bit ``Quant4``."""
     if not quant:
         return weight
-    return kernels.Quant4Args.from_parts(weight, quant, quant_meta, compute_dtype)
+    return kernels.Quant4.from_parts(weight, quant, quant_meta, compute_dtype)
 
 
 def _out_features(weight: torch.Tensor, quant_meta: list[int] | None) -> int:
@@ -46,7 +46,7 @@ def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     kernels load it), None without dropout."""
     t = kernels.lora_shrink(x, lora_A, dropout_p, seed)
     w = _base(weight, quant, quant_meta, compute_dtype)
-    y = dispatch.linear(dispatch.FORWARD, x, w.t(), kernels.LowRank(t, lora_B.t(), scaling), bias)
+    y = dispatch.linear(dispatch.FORWARD, x, w.t(), kernels.term(t, lora_B.t(), scaling), bias)
     return y, t
 
 
@@ -69,7 +69,7 @@ def lora_linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     ds, db = kernels.lora_dy(dy, lora_B, t, scaling)
     da = kernels.lora_da(ds, x, lora_A.dtype, dropout_p, seed)
     if need_dx:
-        low = kernels.LowRank(ds, lora_A, 1.0 / (1.0 - dropout_p), dropout_p, seed)
+        low = kernels.term(ds, lora_A, 1.0 / (1.0 - dropout_p), dropout_p, seed)
         dx = dispatch.linear(dispatch.LORA_DX, dy, _base(weight, quant, quant_meta, compute_dtype),
                              low, out_dtype=x.dtype)
     else:
@@ -157,7 +157,7 @@ def dora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     """``g * (x W^T + s T B^T) + bias``, g ``[N]`` fp32; returns y and T = x A^T (fp32)."""
     t = kernels.lora_shrink(x, lora_A)
     w = _base(weight, quant, quant_meta, compute_dtype)
-    y = dispatch.linear(dispatch.FORWARD, x, w.t(), kernels.LowRank(t, lora_B.t(), scaling),
+    y = dispatch.linear(dispatch.FORWARD, x, w.t(), kernels.term(t, lora_B.t(), scaling),
                         bias, g_out=g)
     return y, t
 
@@ -183,7 +183,7 @@ def dora_linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     da = kernels.lora_da(ds, x, lora_A.dtype)
     if need_dx:
         dx = dispatch.linear(dispatch.DORA_DX, dy, _base(weight, quant, quant_meta, compute_dtype),
-                             kernels.LowRank(ds, lora_A, 1.0), out_dtype=x.dtype, g_in=g)
+                             kernels.term(ds, lora_A, 1.0), out_dtype=x.dtype, g_in=g)
     else:
         dx = x.new_empty((0,))
     return dx, da.to(lora_A.dtype), db.to(lora_B.dtype), dg / g

@@ -12,7 +12,7 @@ gradient (a = dY, b = W) run it. Its implementations (``IMPLS``):
 
 Each op stage has its candidates: ``FORWARD`` and ``LORA_DX`` all three, ``DORA_DX``
 fused and tma (cuBLAS cannot scale dY's columns, the reduction dimension, inside its
-product). A bitsandbytes 4-bit weight (b a ``kernels.Quant4Args``) has one: ``fused``,
+product). A bitsandbytes 4-bit weight (b a ``kernels.Quant4``) has one: ``fused``,
 which dequantizes each tile in registers (``QUANT4_UNAVAILABLE`` says why not the others);
 nothing is timed for it. On the first call for a key (``StageSpec.key``: device, dtypes, M bucket, N, K,
 rank bucket, layouts, flags) every candidate that can take the call is timed as the user
@@ -63,7 +63,7 @@ class LinearArgs:
     """One linear-stage call: ``kernels.fused_linear``'s arguments."""
     a: torch.Tensor
     b: torch.Tensor
-    low: kernels.LowRank | None = None
+    low: kernels.Term | None = None
     bias: torch.Tensor | None = None
     out_dtype: torch.dtype | None = None
     g_out: torch.Tensor | None = None
@@ -124,8 +124,8 @@ class StageSpec:
     def of(cls, args: LinearArgs, impls: tuple[str, ...] = FORWARD) -> StageSpec:
         (m, k), n = args.a.shape, args.b.shape[1]
         low = args.low
-        return cls(m, n, k, low.l.shape[1] if low is not None else 0, args.a.dtype,
-                   low.lb.dtype if low is not None else None, args.out_dtype or args.a.dtype,
+        return cls(m, n, k, low.l.ptr.shape[1] if low is not None else 0, args.a.dtype,
+                   low.lb.ptr.dtype if low is not None else None, args.out_dtype or args.a.dtype,
                    args.a.stride(1) == 1, args.b.stride(0) == 1 and n > 1,
                    kernels.tma_layout_unsupported(args.a, args.b) is None,
                    low is not None and low.dropout_p > 0.0, args.bias is not None,
@@ -155,8 +155,8 @@ class StageSpec:
                   randn(self.r, self.n, dtype=self.adapter_dtype))
             # the kernels load the dropout seed from an int64 [1] tensor on the device
             seed = torch.zeros(1, dtype=torch.int64, device=device) if self.dropout else None
-            low = kernels.LowRank(randn(self.m, self.r, dtype=torch.float32), lb, 1.0,
-                                  0.1 if self.dropout else 0.0, seed)
+            low = kernels.term(randn(self.m, self.r, dtype=torch.float32), lb, 1.0,
+                               0.1 if self.dropout else 0.0, seed)
         g_out = randn(self.n, dtype=torch.float32) if self.g_out else None
         g_in = randn(self.k, dtype=torch.float32) if self.g_in else None
         return LinearArgs(a, b, low, randn(self.n) if self.bias else None, self.out_dtype,
@@ -224,7 +224,7 @@ def _cuda_stage_ms(fn: Callable[[], object], device: torch.device) -> float:
 
 
 def _call_key(impls: tuple[str, ...], a: torch.Tensor, b: torch.Tensor,
-              low: kernels.LowRank | None, bias, out_dtype, g_out, g_in) -> tuple:
+              low: kernels.Term | None, bias, out_dtype, g_out, g_in) -> tuple:
     """A hashable key with every fact the choice for a call depends on, built without
     strings: finer than ``StageSpec.key`` (M by ``(M - 1).bit_length()``, exact r and
     strides, the pointers' 16-byte offsets) and holding ``FASTLORA_IMPL``, so that setting
@@ -233,7 +233,8 @@ def _call_key(impls: tuple[str, ...], a: torch.Tensor, b: torch.Tensor,
     return (impls, os.environ.get(IMPL_ENV), a.get_device(), a.dtype, out_dtype,
             (m - 1).bit_length(), k, b.shape[1], a.stride(), b.stride(),
             (a.data_ptr() | b.data_ptr()) & 15,
-            (low.lb.dtype, low.l.shape[1], low.dropout_p > 0.0) if low is not None else None,
+            (low.lb.ptr.dtype, low.l.ptr.shape[1], low.dropout_p > 0.0) if low is not None
+            else None,
             bias is None, g_out is None, g_in is None)
 
 
@@ -267,7 +268,7 @@ class Chooser:
         return self.timer is not None or device.type == "cuda"
 
     def run(self, impls: tuple[str, ...], a: torch.Tensor, b: torch.Tensor,
-            low: kernels.LowRank | None = None, bias: torch.Tensor | None = None,
+            low: kernels.Term | None = None, bias: torch.Tensor | None = None,
             out_dtype: torch.dtype | None = None, g_out: torch.Tensor | None = None,
             g_in: torch.Tensor | None = None) -> torch.Tensor:
         """The stage's result from the implementation chosen for this call (``impls``: the
@@ -370,13 +371,13 @@ CHOOSER = Chooser()
 
 
 def linear(impls: tuple[str, ...], a: torch.Tensor, b: torch.Tensor,
-           low: kernels.LowRank | None = None, bias: torch.Tensor | None = None,
+           low: kernels.Term | None = None, bias: torch.Tensor | None = None,
            out_dtype: torch.dtype | None = None, *, g_out: torch.Tensor | None = None,
            g_in: torch.Tensor | None = None) -> torch.Tensor:
     """``kernels.fused_linear``'s result from the one of ``impls`` (a stage's candidates:
     ``FORWARD``, ``LORA_DX``, ``DORA_DX``) that ``CHOOSER`` picks for this call; for a
-    4-bit b (``kernels.Quant4Args``) from the fused kernel, its only implementation."""
-    if isinstance(b, kernels.Quant4Args):
+    4-bit b (``kernels.Quant4``) from the fused kernel, its only implementation."""
+    if isinstance(b, kernels.Quant4):
         return IMPLS[DEFAULT].launch(a, b, low, bias, out_dtype, g_out=g_out, g_in=g_in)
     return CHOOSER.run(impls, a, b, low, bias, out_dtype, g_out, g_in)
 

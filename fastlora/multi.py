@@ -53,13 +53,15 @@ def multi_lora_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     scaled shrink, rows in batch order, as partial sums over K chunks). DoRA: magnitude
     ``[n, N]``, weight_norm ``[n, N]`` fp32 and dora_flags ``[n]`` int8; dropout ``[n]``
     fp32 or None."""
-    from .kernels.linear import MultiLowRank, multi_fused_linear
+    from .kernels.descriptors import bank_term, dora_bank
+    from .kernels.linear import multi_fused_linear
     from .kernels.shrink import multi_lora_shrink
 
     bank, rows = _meta(offsets, ranks, scales, max_rank, dropout, magnitude, weight_norm,
                        dora_flags, index, perm, keys, seg)
     s = multi_lora_shrink(x, A, bank, rows, seed)
-    y = multi_fused_linear(x, weight.t(), MultiLowRank(s, B, bank, rows), bias, scale_out=True)
+    y = multi_fused_linear(x, weight.t(), bank_term(s, B, bank, rows), bias,
+                           g_out=dora_bank(bank))
     return y, s
 
 
@@ -87,7 +89,8 @@ def multi_lora_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     ``[n, N]`` or empty); rows of adapters absent from the batch get zeros. y: the
     forward's output (DoRA only)."""
     from .kernels.backward import multi_lora_da, multi_lora_dy
-    from .kernels.linear import MultiLowRank, multi_fused_linear
+    from .kernels.descriptors import bank_term, dora_bank
+    from .kernels.linear import multi_fused_linear
 
     bank, rows = _meta(offsets, ranks, scales, s.shape[2], dropout, magnitude, weight_norm,
                        dora_flags, index, perm, keys, seg)
@@ -96,8 +99,8 @@ def multi_lora_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     ds, db = out[:2]
     da = multi_lora_da(ds, x, bank, rows, A.shape[0], A.dtype, seed)
     if need_dx:
-        low = MultiLowRank(ds[None], A, bank, rows, seed)
-        dx = multi_fused_linear(dy, weight, low, out_dtype=x.dtype, scale_in=True)
+        low = bank_term(ds[None], A, bank, rows, seed)
+        dx = multi_fused_linear(dy, weight, low, out_dtype=x.dtype, g_in=dora_bank(bank))
     else:
         dx = x.new_empty((0,))
     if magnitude is not None:  # d magnitude = dg / norm, dg = colsum(dY * (Y - bias)) / g

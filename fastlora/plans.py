@@ -76,9 +76,9 @@ class _LoraPlan:
         t = torch.empty(self.t_shape, dtype=torch.float32, device=self.device)
         self.shrink(x_ptr=x2, a_ptr=lora_A, t_ptr=t, seed_ptr=seed_t)
         if isinstance(self.linear, dispatch.Impl):
-            from .kernels import LowRank
+            from .kernels import term
 
-            return self.linear.launch(x2, weight.t(), LowRank(t, lora_B.t(), self.scale),
+            return self.linear.launch(x2, weight.t(), term(t, lora_B.t(), self.scale),
                                       bias), t
         y = torch.empty(self.y_shape, dtype=x2.dtype, device=self.device)
         self.linear(a_ptr=x2, b_ptr=weight.t(), l_ptr=t, lb_ptr=lora_B.t(), bias_ptr=bias,
@@ -123,7 +123,7 @@ class _Maker:
         self.scale, self.dropout_p = plan.scale, plan.dropout_p
 
     def launch(self, x2, weight, bias, lora_A, lora_B, seed_t):
-        from .kernels import LowRank
+        from .kernels import term
         from .kernels.common import on_device
         from .kernels.linear import linear_launch
         from .kernels.shrink import shrink_launch
@@ -136,7 +136,7 @@ class _Maker:
             shrink = shrink_launch(x2, lora_A, t, plan.dropout_p, seed_t)
             shrink()
             plan.shrink = shrink.without("x_ptr", "a_ptr", "t_ptr", "seed_ptr")
-            low = LowRank(t, lora_B.t(), plan.scale)
+            low = term(t, lora_B.t(), plan.scale)
             impl, self.final = dispatch.CHOOSER.decide(
                 dispatch.LinearArgs(x2, weight.t(), low, bias), dispatch.FORWARD)
             if impl.name != dispatch.DEFAULT:
@@ -284,7 +284,8 @@ def _make_multi(x, weight, bias, layer, routing):
             or backend.choose(x, weight, bank.A, bank.B) != "triton"):
         return None, result
     from .kernels.common import on_device
-    from .kernels.linear import MultiLowRank, multi_linear_launch
+    from .kernels.descriptors import bank_term, dora_bank
+    from .kernels.linear import multi_linear_launch
     from .kernels.multi_meta import AdapterMeta, RowMap
     from .kernels.shrink import gather_splits, multi_shrink_launch
 
@@ -304,8 +305,8 @@ def _make_multi(x, weight, bias, layer, routing):
         y = torch.empty(plan.y_shape, dtype=x.dtype, device=x.device)
         plan.shrink = multi_shrink_launch(x2, bank.A, t, meta, rows).without(
             "x_ptr", "t_ptr", "index_ptr")
-        plan.linear = multi_linear_launch(x2, weight.t(), MultiLowRank(t, bank.B, meta, rows),
-                                          bias, y, scale_out=True).without(
+        plan.linear = multi_linear_launch(x2, weight.t(), bank_term(t, bank.B, meta, rows),
+                                          bias, y, g_out=dora_bank(meta)).without(
             "a_ptr", "b_ptr", "l_ptr", "bias_ptr", "out_ptr", "index_ptr")
 
     make(x.reshape(m, x.shape[-1]))

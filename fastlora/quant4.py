@@ -186,9 +186,9 @@ class Quant4Weight:
     def kernel_args(self):
         """The launch metadata of the QUANT4 kernels, W ``[N, K]`` dequantized to the compute
         dtype (imports the kernels)."""
-        from .kernels.quant4 import Quant4Args
+        from .kernels.descriptors import Quant4
 
-        return Quant4Args.from_parts(*self.op_args(), self.compute_dtype or self.dtype)
+        return Quant4.from_parts(*self.op_args(), self.compute_dtype or self.dtype)
 
     def op_args(self) -> tuple[torch.Tensor, list[torch.Tensor], list[int]]:
         """What ``fastlora._ops`` takes for this weight: (packed data, [absmax, code book

@@ -19,7 +19,6 @@ import triton.language as tl
 from . import backward, dora, linear, linear_tma, shrink
 from .common import FULL_FP32, TL_DTYPES
 from .descriptors import BankTerm, DoraBank, Mat, Quant4, Rows, Segments, Term
-from .quant4 import DENSE_CONSTEXPRS
 
 
 _TORCH = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -81,45 +80,31 @@ def _split(value, path: tuple[int, ...], field: str, constexprs: dict, aligned: 
     return "constexpr"
 
 
-_MULTI_ROWS = {"sorted": dict(perm_ptr="*i32", seg_ptr="*i32"), "positions": dict(perm_ptr="*i32", key_ptr="*i32"),
-               "gather": dict(index_ptr="*i32")}
-
-
-def _multi(rows: str) -> tuple[dict, dict]:
-    """(types, constexprs) of a MULTI launch: rows "sorted" (segment tiles), "positions"
-    (tiles of sorted positions: the fused linear) or "gather" (rows in batch order)."""
-    types = dict(off_ptr="*i32", rank_ptr="*i32", n_adapters="i32", **_MULTI_ROWS[rows])
-    const = dict(MULTI=True, **({"N_POW2": 64} if rows == "sorted" else {}))
-    if rows == "gather":
-        const["GATHER"] = True
-    return types, const
+def _segments(rows: str) -> Segments:
+    """The ``Segments`` type of a multi-adapter launch: rows "sorted" (segment tiles) or
+    "gather" (the bank's facts only, rows through a ``Rows``)."""
+    sorted_rows = "*i32" if rows == "sorted" else None
+    return Segments(sorted_rows, sorted_rows, "*i32", "*i32", "*fp32", "i32",
+                    tl.constexpr(64 if rows == "sorted" else 2))
 
 
 def _shrink(x: str, a: str, dropout: bool, precision: str = FULL_FP32,
             rows: str | None = None) -> AotVariant:
     """rows: None (one adapter), "sorted" or "gather" (multi-adapter rows)."""
-    types = dict(x_ptr=f"*{x}", a_ptr=f"*{a}", t_ptr="*fp32", M="i32", K="i32", R="i32",
-                 M_BUCKET="i32", stride_xm="i32", stride_ar="i32", stride_tm="i32",
-                 seed_ptr="*i64", dropout_p="fp32", keep_scale="fp32")
-    const = dict(stride_xk=1, stride_ak=1, stride_tr=1, DROPOUT=dropout, BLOCK_R=16,
-                 PRECISION=precision)
+    unit = ("stride_xk", "stride_ak", "stride_tr")
+    types = dict(x=_mat(x, "x", "mk", unit), a=_mat(a, "a", "rk", unit),
+                 t=_mat("fp32", "t", "mr", unit), M="i32", K="i32", R="i32", M_BUCKET="i32",
+                 dropout_p="fp32", keep_scale="fp32", **({"seed": "*i64"} if dropout else {}))
+    const = dict(DROPOUT=dropout, BLOCK_R=16, PRECISION=precision, seed=None)
     if rows:
-        more, multi = _multi(rows)
-        types.update(more, stride_ts="i32", k_chunk="i32", scale_ptr="*fp32",
-                     **({"p_ptr": "*fp32"} if dropout else {}))
-        const.update(multi)
+        types.update(stride_ts="i32", k_chunk="i32", segs=_segments(rows),
+                     **({"p": "*fp32"} if dropout else {}))
+        const.update(MULTI=True, GATHER=rows == "gather", p=None)
+        if rows == "gather":
+            types["gathered"] = Rows("*i32", None, None, "i32", tl.constexpr(True))
     label = f"{rows + ' ' if rows else ''}x={x} A={a} dropout={dropout} {precision}"
     return AotVariant(shrink.KERNELS[rows or "single", a == "fp32"], label, types, const,
                       dots=rows != "gather")
-
-
-def _q4_types(quant4: dict | None) -> dict[str, str]:
-    """The q4_* pointer types of the DoRA norm kernel: a 4-bit weight's quant state
-    (``quant4``: its QUANT4 constexprs), or the placeholders a dense launch passes (never
-    read)."""
-    nested = bool(quant4 and quant4["Q4_BLOCKSIZE2"])
-    return dict(q4_absmax="*u8" if nested else "*fp32", q4_code="*fp32", q4_absmax2="*fp32",
-                q4_code2="*fp32", q4_offset="*fp32")
 
 
 def _q4(dtype: str, dx: bool, nested: bool, blocksize: int, aligned: bool) -> dict:
@@ -128,12 +113,14 @@ def _q4(dtype: str, dx: bool, nested: bool, blocksize: int, aligned: bool) -> di
                 Q4_BLOCKSIZE2=256 if nested else 0, Q4_ALIGNED=aligned)
 
 
-def _quant4_view(q4: dict) -> Quant4:
-    """The ``descriptors.Quant4`` type of a 4-bit weight (``_q4``)."""
+def _quant4_view(q4: dict, transposed: bool) -> Quant4:
+    """The ``descriptors.Quant4`` type of a 4-bit weight (``_q4``), as W^T (``transposed``)
+    or W."""
     nested = "*fp32" if q4["Q4_BLOCKSIZE2"] else None
     return Quant4("*u8", "*u8" if nested else "*fp32", "*fp32", nested, nested, nested,
+                  "i32", "i32",
                   *(tl.constexpr(q4[n]) for n in ("Q4_DTYPE", "Q4_BLOCKSIZE", "Q4_BLOCKSIZE2",
-                                                  "Q4_ALIGNED")))
+                                                  "Q4_ALIGNED")), tl.constexpr(transposed))
 
 
 def _mat(dtype: str, name: str, dims: str, unit_strides: tuple[str, ...]) -> Mat:
@@ -162,7 +149,7 @@ def _linear(ab: str, lb: str, bias: bool, dropout: bool, label: str,
                  IN_PLACE=in_place, PRECISION=precision, MULTI=False, QUANT4=0, bias=None,
                  g=None)
     if quant4:  # b is the 4-bit weight, W^T (QUANT4 1) or W (2: the dx pass)
-        types["b"] = _quant4_view(quant4)
+        types["b"] = _quant4_view(quant4, not quant4["Q4_DX"])
         const["QUANT4"] = 2 if quant4["Q4_DX"] else 1
         kernel = linear.Q4_KERNELS[linear.kind(_TORCH[ab], _TORCH[lb], dropout),
                                    quant4["Q4_ALIGNED"]]
@@ -190,14 +177,14 @@ def _tma(ab: str, lb: str, label: str, b_nk: bool, bias: bool = False, dropout: 
          ) -> AotVariant:
     """The sm_90 TMA kernel; b_nk: b described as W ``[N, K]`` (the forward)."""
     # the forward reads lb = B^T ([r, N], unit stride along r), the dx pass lb = A
-    unit = "stride_lbr" if b_nk else "stride_lbn"
-    types = dict(l_ptr="*fp32", lb_ptr=f"*{lb}", bias_ptr=f"*{ab}", g_ptr="*fp32", M="i32",
-                 N="i32", K="i32", R="i32", M_BUCKET="i32", stride_lm="i32",
-                 scale="fp32", seed_ptr="*i64", dropout_p="fp32",
-                 **{n: "i32" for n in ("stride_lbr", "stride_lbn") if n != unit})
-    const = dict(HAS_LORA=True, HAS_BIAS=bias, DROPOUT=dropout, SCALE_OUT=scale_out,
-                 SCALE_IN=scale_in, B_NK=b_nk, BLOCK_R=16, PRECISION=precision, stride_lr=1,
-                 **{unit: 1})
+    unit = ("stride_lr", "stride_lbr" if b_nk else "stride_lbn")
+    low = Term(_mat("fp32", "l", "mr", unit), _mat(lb, "lb", "rn", unit), "fp32",
+               "*i64" if dropout else None, "fp32", tl.constexpr(16))
+    types = dict(low=low, M="i32", N="i32", K="i32", R="i32", M_BUCKET="i32",
+                 **({"bias": f"*{ab}"} if bias else {}),
+                 **({"g": "*fp32"} if scale_out or scale_in else {}))
+    const = dict(HAS_LORA=True, DROPOUT=dropout, SCALE_OUT=scale_out, SCALE_IN=scale_in,
+                 B_NK=b_nk, PRECISION=precision, bias=None, g=None)
 
     def descriptors(config):
         bm, bn, bk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
@@ -236,15 +223,14 @@ def _dy(dy: str, b: str, dora: bool, precision: str = FULL_FP32, multi: bool = F
 
 def _da(x: str, dot, precision: str = FULL_FP32, multi: bool = False) -> AotVariant:
     """multi: sorted multi-adapter rows, dA the packed ``[S, K]`` gradient."""
-    types = dict(ds_ptr="*fp32", x_ptr=f"*{x}", da_ptr="*fp32", M="i32", K="i32", R="i32",
-                 M_BUCKET="i32", stride_dsm="i32", stride_xm="i32", seed_ptr="*i64",
-                 dropout_p="fp32", keep_scale="fp32")
-    const = dict(stride_dsr=1, stride_xk=1, DOT_DTYPE=dot, DROPOUT=True, BLOCK_R=16,
-                 PRECISION=precision)
+    unit = ("stride_dsr", "stride_xk")
+    types = dict(ds=_mat("fp32", "ds", "mr", unit), x=_mat(x, "x", "mk", unit), da="*fp32",
+                 M="i32", K="i32", R="i32", M_BUCKET="i32", seed="*i64", dropout_p="fp32",
+                 keep_scale="fp32")
+    const = dict(DOT_DTYPE=dot, DROPOUT=True, BLOCK_R=16, PRECISION=precision)
     if multi:
-        more, flags = _multi("sorted")
-        types.update(more, p_ptr="*fp32")
-        const.update(flags)
+        types.update(segs=_segments("sorted"), p="*fp32")
+        const["MULTI"] = True
     label = f"{'sorted ' if multi else ''}x={x} dot={dot} {precision}"
     return AotVariant(backward.DA_KERNELS[multi, dot == tl.float32], label, types, const)
 
@@ -252,16 +238,15 @@ def _da(x: str, dot, precision: str = FULL_FP32, multi: bool = False) -> AotVari
 def _dora_norm(w: str, a: str, precision: str = FULL_FP32, quant4: dict | None = None
                ) -> AotVariant:
     """The row-norm pass over W (``quant4``: a 4-bit W's QUANT4 constexprs, w ignored)."""
-    types = dict(w_ptr="*u8" if quant4 else f"*{w}", a_ptr=f"*{a}", wa_ptr="*fp32",
-                 sq_ptr="*fp32", N="i32", K="i32", R="i32", stride_wn="i32", stride_ar="i32",
-                 **_q4_types(quant4))
-    flags = {n: (quant4 or DENSE_CONSTEXPRS)[n]
-             for n in ("QUANT4", "Q4_BLOCKSIZE", "Q4_BLOCKSIZE2", "Q4_ALIGNED")}
-    const = dict(stride_wk=1, stride_ak=1, BLOCK_R=16, PRECISION=precision, **flags)
+    unit = ("stride_wk", "stride_ak")
+    types = dict(w=_quant4_view(quant4, False) if quant4 else _mat(w, "w", "nk", unit),
+                 a=_mat(a, "a", "rk", unit), wa_ptr="*fp32", sq_ptr="*fp32", N="i32", K="i32",
+                 R="i32")
+    const = dict(QUANT4=bool(quant4), BLOCK_R=16, PRECISION=precision)
     if quant4:
         kernel = dora.Q4_KERNELS[a == "fp32", quant4["Q4_ALIGNED"]]
-        label = (f"4-bit W {'nested ' if flags['Q4_BLOCKSIZE2'] else ''}"
-                 f"b{flags['Q4_BLOCKSIZE']}{'' if flags['Q4_ALIGNED'] else ' straddling'}")
+        label = (f"4-bit W {'nested ' if quant4['Q4_BLOCKSIZE2'] else ''}"
+                 f"b{quant4['Q4_BLOCKSIZE']}{'' if quant4['Q4_ALIGNED'] else ' straddling'}")
     else:
         kernel, label = dora.KERNELS[a == "fp32"], f"W={w}"
     return AotVariant(kernel, f"{label} A={a} {precision}", types, const)

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .common import (TL_DTYPES, configs, dora_g, dropout_keep, fp32_precision, m_bucket,
-                     on_device, operand, rank_block, sm_count, tune)
+                     on_device, rank_block, sm_count, tune)
 from .descriptors import Mat, Segments, dora_bank, mat, segments
 from .multi_meta import AdapterMeta, RowMap, segment_tile, segment_tiles
 
@@ -136,22 +136,19 @@ def _da_tile(acc, ds_ptr, x_ptr, rows, row_in, ranks, rank_in, cols, col_in, col
 
 
 @triton.jit
-def _lora_da_kernel(ds_ptr, x_ptr, da_ptr, M, K, R, M_BUCKET,
-                    stride_dsm, stride_dsr, stride_xm, stride_xk,
-                    seed_ptr, dropout_p, keep_scale,
+def _lora_da_kernel(ds, x, da, M, K, R, M_BUCKET, seed, dropout_p, keep_scale,
                     DOT_DTYPE: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr,
-                    PRECISION: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                    perm_ptr=None, seg_ptr=None, off_ptr=None, rank_ptr=None,
-                    p_ptr=None, n_adapters=0, MULTI: tl.constexpr = False,
-                    N_POW2: tl.constexpr = 2):
-    """dS ``[M, R]`` fp32, x ``[M, K]``; dA ``[R, K]`` a contiguous fp32 accumulator.
+                    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                    segs=None, p=None, MULTI: tl.constexpr = False):
+    """dS ``[M, R]`` fp32 and x ``[M, K]`` (``Mat``s); dA ``[R, K]`` a contiguous fp32
+    accumulator. DROPOUT: x's keep-mask from seed (int64 ``[1]``, else None) at dropout_p,
+    times keep_scale (1 / (1 - dropout_p)).
 
     The dot runs in DOT_DTYPE, the adapter's dtype (PEFT casts x to it).
-    MULTI: dA is the packed ``[S, K]`` gradient, adapter a's rows ``off[a] ..``, its rows
-    through perm, p ``[n]`` fp32 its dropout; grid (column tiles, segment tiles, rank
-    tiles). Otherwise grid (column tiles, row splits, rank tiles); split j visits row tiles
-    j, j + splits...
+    MULTI: dA is the packed ``[S, K]`` gradient (adapter a's rows ``segs.offsets[a] ..``),
+    rows through segs (``descriptors.Segments``), p ``[n]`` fp32 the adapters' dropout
+    (DROPOUT); grid (column tiles, segment tiles, rank tiles). Otherwise grid (column tiles,
+    row splits, rank tiles); split j visits row tiles j, j + splits...
     """
     col0 = tl.program_id(0) * BLOCK_K
     cols = col0.to(tl.int64) + tl.arange(0, BLOCK_K)
@@ -159,40 +156,40 @@ def _lora_da_kernel(ds_ptr, x_ptr, da_ptr, M, K, R, M_BUCKET,
     ranks = r0 + tl.arange(0, BLOCK_R)
     col_in = cols < K
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
-    seed = 0
+    seed_value = 0
     if DROPOUT:
-        seed = tl.load(seed_ptr)
+        seed_value = tl.load(seed)
     if MULTI:
-        adapter, rows, row_in, rank = segment_tile(tl.program_id(1), seg_ptr, perm_ptr,
-                                                   rank_ptr, n_adapters, BLOCK_M, N_POW2)
+        adapter, rows, row_in, rank = segment_tile(tl.program_id(1), segs.seg, segs.perm,
+                                                   segs.ranks, segs.n, BLOCK_M, segs.N_POW2)
         if r0 >= rank:
             return
         rank_in = ranks < rank
-        p = 0.0
+        adapter_p = 0.0
         if DROPOUT:
-            p = tl.load(p_ptr + adapter)
-        acc = _da_tile(acc, ds_ptr, x_ptr, rows, row_in, ranks, rank_in, cols, col_in, col0, K,
-                       stride_dsm, stride_dsr, stride_xm, stride_xk, seed, p, DOT_DTYPE, DROPOUT,
-                       PRECISION, BLOCK_K)
-        keep_scale = 1.0 / (1.0 - p)
-        a_rows = tl.load(off_ptr + adapter).to(tl.int64) + ranks
+            adapter_p = tl.load(p + adapter)
+        acc = _da_tile(acc, ds.ptr, x.ptr, rows, row_in, ranks, rank_in, cols, col_in, col0, K,
+                       ds.stride0, ds.stride1, x.stride0, x.stride1, seed_value, adapter_p,
+                       DOT_DTYPE, DROPOUT, PRECISION, BLOCK_K)
+        keep_scale = 1.0 / (1.0 - adapter_p)
+        a_rows = tl.load(segs.offsets + adapter).to(tl.int64) + ranks
     else:
         rank_in = ranks < R
         for m0 in range(tl.program_id(1) * BLOCK_M, M, tl.num_programs(1) * BLOCK_M):
             rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
-            acc = _da_tile(acc, ds_ptr, x_ptr, rows, rows < M, ranks, rank_in, cols, col_in,
-                           col0, K, stride_dsm, stride_dsr, stride_xm, stride_xk, seed,
+            acc = _da_tile(acc, ds.ptr, x.ptr, rows, rows < M, ranks, rank_in, cols, col_in,
+                           col0, K, ds.stride0, ds.stride1, x.stride0, x.stride1, seed_value,
                            dropout_p, DOT_DTYPE, DROPOUT, PRECISION, BLOCK_K)
         a_rows = ranks
     if DROPOUT:
         acc *= keep_scale
-    tl.atomic_add(da_ptr + a_rows[:, None] * K + cols[None, :], acc,
+    tl.atomic_add(da + a_rows[:, None] * K + cols[None, :], acc,
                   mask=rank_in[:, None] & col_in[None, :])
 
 
 def _da_configs(shapes, block_m=32):
     return configs(("BLOCK_M", "BLOCK_K"), shapes, dict(BLOCK_M=block_m, BLOCK_K=32),
-                   zero=("da_ptr",))
+                   zero=("da",))
 
 
 # keyed by (multi-adapter rows, "the dot runs in fp32"); the multi-adapter dot fits its
@@ -288,8 +285,9 @@ def multi_lora_dy(dy: torch.Tensor, B: torch.Tensor, t: torch.Tensor, bank: Adap
 
 
 def _da_launch(da: torch.Tensor, ds: torch.Tensor, x: torch.Tensor, adapter_dtype: torch.dtype,
-               second_axis, multi: bool, **args) -> torch.Tensor:
-    """``second_axis(BLOCK_M, column tiles, rank tiles)``: the grid's second axis."""
+               second_axis, segs: Segments | None, **args) -> torch.Tensor:
+    """``second_axis(BLOCK_M, column tiles, rank tiles)``: the grid's second axis; segs: the
+    segment tiles of a multi-adapter batch, else None."""
     m, k = x.shape
     r = ds.shape[1]
     block_r = rank_block(r)
@@ -299,10 +297,10 @@ def _da_launch(da: torch.Tensor, ds: torch.Tensor, x: torch.Tensor, adapter_dtyp
         col_tiles = triton.cdiv(k, meta["BLOCK_K"])
         return (col_tiles, second_axis(meta["BLOCK_M"], col_tiles * rank_tiles), rank_tiles)
 
-    DA_KERNELS[multi, adapter_dtype == torch.float32][grid](
-        **operand("ds", ds, "mr"), **operand("x", x, "mk"), da_ptr=da, M=m, K=k, R=r,
-        M_BUCKET=m_bucket(m), DOT_DTYPE=TL_DTYPES[adapter_dtype], BLOCK_R=block_r,
-        PRECISION=fp32_precision(), MULTI=multi, **args)
+    DA_KERNELS[segs is not None, adapter_dtype == torch.float32][grid](
+        ds=mat(ds), x=mat(x), da=da, M=m, K=k, R=r, M_BUCKET=m_bucket(m),
+        DOT_DTYPE=TL_DTYPES[adapter_dtype], BLOCK_R=block_r, PRECISION=fp32_precision(),
+        segs=segs, MULTI=segs is not None, **args)
     return da
 
 
@@ -316,9 +314,9 @@ def lora_da(ds: torch.Tensor, x: torch.Tensor, adapter_dtype: torch.dtype,
     if m == 0:
         return da.zero_()
     splits = lambda block_m, others: _splits(triton.cdiv(m, block_m), others, x.device)  # noqa: E731
-    return _da_launch(da, ds, x, adapter_dtype, splits, False, seed_ptr=seed,
-                      dropout_p=dropout_p, keep_scale=1.0 / (1.0 - dropout_p),
-                      DROPOUT=dropout_p > 0.0)
+    dropout = dropout_p > 0.0
+    return _da_launch(da, ds, x, adapter_dtype, splits, None, seed=seed if dropout else None,
+                      dropout_p=dropout_p, keep_scale=1.0 / (1.0 - dropout_p), DROPOUT=dropout)
 
 
 @on_device
@@ -334,6 +332,6 @@ def multi_lora_da(ds: torch.Tensor, x: torch.Tensor, bank: AdapterMeta, rows: Ro
         return da.zero_()
     tiles = lambda block_m, others: segment_tiles(m, rows.n, block_m)  # noqa: E731
     dropout = bank.dropout is not None
-    return _da_launch(da, ds, x, adapter_dtype, tiles, True, seed_ptr=seed if dropout else None,
-                      dropout_p=0.0, keep_scale=1.0, DROPOUT=dropout, **rows.kwargs(),
-                      **bank.kwargs("offsets", "ranks", "dropout"))
+    return _da_launch(da, ds, x, adapter_dtype, tiles, segments(rows, bank),
+                      seed=seed if dropout else None, dropout_p=0.0, keep_scale=1.0,
+                      DROPOUT=dropout, p=bank.dropout)

@@ -141,13 +141,6 @@ def rank_block(r: int) -> int:
     return min(max(16, next_pow2(r)), 64)
 
 
-def operand(name: str, t: torch.Tensor, dims: str) -> dict:
-    """A tensor as kernel keyword arguments: ``{name}_ptr`` and ``stride_{name}{d}`` for each
-    dimension letter d of ``dims`` (e.g. ``operand("x", x, "mk")``: x_ptr, stride_xm,
-    stride_xk)."""
-    return {f"{name}_ptr": t, **{f"stride_{name}{d}": t.stride(i) for i, d in enumerate(dims)}}
-
-
 def m_bucket(m: int) -> int:
     """Autotune key for the row count: tuning once per power of two, not once per M."""
     return min(next_pow2(m), 8192)

@@ -8,35 +8,34 @@ import torch
 import triton
 import triton.language as tl
 
-from .quant4 import Quant4Args, dequant4_tile
+from .descriptors import Quant4
+from .quant4 import dequant4_tile
 
 
 @triton.jit
-def _dequant4_kernel(out_ptr, q4_data, q4_absmax, q4_code, q4_absmax2, q4_code2, q4_offset,
-                     N, K, TRANSPOSE: tl.constexpr, Q4_BLOCKSIZE: tl.constexpr,
-                     Q4_BLOCKSIZE2: tl.constexpr, Q4_ALIGNED: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out ``[N, K]`` = W, one ``[BLOCK_N, BLOCK_K]`` block per program, dequantized as the
-    dx pass reads W or, with TRANSPOSE, as the forward reads ``W^T``."""
+def _dequant4_kernel(out_ptr, q, N, K, TRANSPOSE: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
+    """out ``[N, K]`` = W (q a ``descriptors.Quant4``), one ``[BLOCK_N, BLOCK_K]`` block per
+    program, dequantized as the dx pass reads W or, with TRANSPOSE, as the forward reads
+    ``W^T``."""
     ns = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
     ks = k0 + tl.arange(0, BLOCK_K)
     n_in = ns < N
-    w = dequant4_tile(q4_data, q4_absmax, q4_code, q4_absmax2, q4_code2, q4_offset, ns, n_in,
-                      k0, K, TRANSPOSE, out_ptr.dtype.element_ty, BLOCK_K, Q4_BLOCKSIZE,
-                      Q4_BLOCKSIZE2, Q4_ALIGNED)
+    w = dequant4_tile(q.data, q.absmax, q.code, q.absmax2, q.code2, q.offset, ns, n_in, k0, K,
+                      TRANSPOSE, out_ptr.dtype.element_ty, BLOCK_K, q.BLOCKSIZE, q.BLOCKSIZE2,
+                      q.ALIGNED)
     if TRANSPOSE:
         w = tl.trans(w)
     tl.store(out_ptr + ns[:, None] * K + ks[None, :], w, mask=n_in[:, None] & (ks < K)[None, :])
 
 
-def dequantize4(q: Quant4Args, dtype: torch.dtype = torch.float32, transpose: bool = False,
+def dequantize4(q: Quant4, dtype: torch.dtype = torch.float32, transpose: bool = False,
                 block_n: int = 32, block_k: int = 32) -> torch.Tensor:
     """W ``[N, K]`` in ``dtype`` as the kernels dequantize it, from ``[block_n, block_k]``
     tiles (read as the forward reads ``W^T`` with ``transpose``)."""
     n, k = q.shape
     out = torch.empty((n, k), dtype=dtype, device=q.data.device)
     grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
-    _dequant4_kernel[grid](out, *q.pointers(), n, k, TRANSPOSE=transpose, BLOCK_N=block_n,
-                           BLOCK_K=block_k, **q.constexprs())
+    _dequant4_kernel[grid](out, q, n, k, TRANSPOSE=transpose, BLOCK_N=block_n, BLOCK_K=block_k)
     return out

@@ -19,8 +19,7 @@ from typing import NamedTuple
 import torch
 import triton.language as tl
 
-from .common import TL_DTYPES
-from .quant4 import Quant4Args
+from .common import TL_DTYPES, next_pow2, rank_block
 
 
 class Mat(NamedTuple):
@@ -49,6 +48,17 @@ class Term(NamedTuple):
     BLOCK_R: tl.constexpr
 
 
+def term(l: torch.Tensor, lb: torch.Tensor, scale: float, dropout_p: float = 0.0,
+         seed: torch.Tensor | None = None) -> Term:
+    """One adapter's low-rank term ``scale * keep * (l @ lb)``: l ``[M, r]`` fp32, lb ``[r,
+    N]`` (any strides); ``dropout_p > 0`` masks it with the keep-mask of ``seed`` (int64
+    ``[1]`` on the device) for an ``[M, N]`` input."""
+    if dropout_p > 0.0 and seed is None:
+        raise ValueError(f"a low-rank term with dropout_p={dropout_p} needs a seed tensor")
+    return Term(mat(l), mat(lb), scale, seed if dropout_p > 0.0 else None, dropout_p,
+                tl.constexpr(rank_block(l.shape[1])))
+
+
 class Rows(NamedTuple):
     """Which adapter each row of a multi-adapter batch uses (``multi_meta.RowMap``), int32 on
     the device: GATHER (constexpr) rows in batch order, ``index`` ``[M]`` (-1: base only;
@@ -73,10 +83,12 @@ class Segments(NamedTuple):
     """A multi-adapter batch over segment tiles of sorted rows (``multi_meta.segment_tile``),
     int32 on the device: perm ``[M]`` (the row of each sorted position), seg (adapter a's
     positions ``seg[a] .. seg[a + 1]``), the bank's offsets and ranks ``[n]`` (adapter a's
-    rows ``offsets[a] .. offsets[a] + ranks[a]`` of the packed gradients) and its scales
-    fp32 ``[n]``. n: the bank's adapter slots; N_POW2 (constexpr): a power of two >= n."""
-    perm: torch.Tensor
-    seg: torch.Tensor
+    rows ``offsets[a] .. offsets[a] + ranks[a]`` of the packed operands and gradients) and
+    its scales fp32 ``[n]``. n: the bank's adapter slots; N_POW2 (constexpr): a power of two
+    >= n. perm and seg None: the rows are gathered (read through a ``Rows``), not sorted,
+    and only the bank's facts are read."""
+    perm: torch.Tensor | None
+    seg: torch.Tensor | None
     offsets: torch.Tensor
     ranks: torch.Tensor
     scales: torch.Tensor
@@ -85,14 +97,17 @@ class Segments(NamedTuple):
 
 
 def segments(row_map, bank) -> Segments:
-    """The segment tiles of a ``multi_meta.RowMap`` (sorted rows) over an ``AdapterMeta``."""
-    rows = row_map.kwargs()
-    return Segments(rows["perm_ptr"], rows["seg_ptr"], bank.offsets, bank.ranks, bank.scales,
-                    row_map.n, tl.constexpr(rows["N_POW2"]))
+    """The segment tiles of a ``multi_meta.RowMap`` over an ``AdapterMeta``: sorted rows, or
+    for gathered ones the bank's facts only (perm, seg None)."""
+    if row_map.gather:
+        return Segments(None, None, bank.offsets, bank.ranks, bank.scales, row_map.n,
+                        tl.constexpr(2))
+    return Segments(row_map.groups.perm, row_map.groups.seg, bank.offsets, bank.ranks,
+                    bank.scales, row_map.n, tl.constexpr(max(next_pow2(row_map.n), 2)))
 
 
 class BankTerm(NamedTuple):
-    """The low-rank term of a multi-adapter batch (``linear.MultiLowRank``): l ``[chunks, M,
+    """The low-rank term of a multi-adapter batch (``bank_term``): l ``[chunks, M,
     R]`` fp32 (rows in batch order, R the largest rank, already scaled; ``l`` its
     ``[M, R]`` slice 0 and ``stride_chunk`` the step to the next partial sum), the packed lb
     ``[S, N]``, each adapter a's rows ``offsets[a] .. offsets[a] + ranks[a]`` (int32
@@ -111,6 +126,20 @@ class BankTerm(NamedTuple):
     BLOCK_R: tl.constexpr
 
 
+def bank_term(l: torch.Tensor, lb: torch.Tensor, bank, rows, seed: torch.Tensor | None = None
+              ) -> BankTerm:
+    """The prologue term of ``multi_fused_linear``: l ``[chunks, M, R]`` fp32 (summed over
+    chunks; rows in batch order, R the largest rank) times each row's adapter's rows of the
+    packed lb ``[S, N]``, for the adapters of ``bank`` (``multi_meta.AdapterMeta``) and the
+    rows of ``rows`` (``multi_meta.RowMap``). ``seed``: masks the term with the keep-mask of
+    an ``[M, N]`` input at each adapter's ``bank.dropout`` (the dx pass); None, or a bank
+    without dropout: no mask."""
+    dropout = seed is not None and bank.dropout is not None
+    return BankTerm(Mat(l, l.stride(1), l.stride(2)), l.stride(0), l.shape[0], mat(lb),
+                    rows_view(rows), bank.offsets, bank.ranks, bank.dropout if dropout else None,
+                    seed if dropout else None, tl.constexpr(rank_block(l.shape[2])))
+
+
 class DoraBank(NamedTuple):
     """DoRA's factors of a multi-adapter bank (``multi_meta.AdapterMeta``): adapter a's
     ``g = magnitude[a] / weight_norm[a]`` where ``flags[a]`` (int8) is nonzero, else 1;
@@ -123,33 +152,75 @@ class DoraBank(NamedTuple):
     flags: torch.Tensor
 
 
-def dora_bank(meta) -> DoraBank:
-    """The DoRA facts of an ``AdapterMeta`` that has them."""
+def dora_bank(meta) -> DoraBank | None:
+    """The DoRA facts of an ``AdapterMeta``, None when it has none."""
+    if not meta.dora:
+        return None
     return DoraBank(meta.magnitude, meta.magnitude.stride(0), meta.weight_norm,
                     meta.weight_norm.stride(0), meta.flags)
 
 
 class Quant4(NamedTuple):
-    """A bitsandbytes 4-bit weight W ``[N, K]`` as the kernels read it (``Quant4Args``):
-    data uint8 ``[ceil(N*K / 2)]``, absmax (fp32, or uint8 codes when nested), code fp32
-    ``[16]``; nested only (else None): absmax2 fp32, code2 fp32 ``[256]``, offset fp32
-    ``[1]``. Constexprs: DTYPE the compute dtype (``tl`` dtype), BLOCKSIZE, BLOCKSIZE2 (0:
-    not nested), ALIGNED (K a multiple of BLOCKSIZE)."""
+    """A bitsandbytes 4-bit weight W ``[N, K]`` (layout: ``kernels.quant4``), the one form
+    launchers and kernels share: data uint8 ``[ceil(N*K / 2)]``, absmax ``[ceil(N*K /
+    BLOCKSIZE)]`` (fp32, or uint8 codes when nested), code fp32 ``[16]``; nested only (else
+    None): absmax2 fp32 ``[ceil(blocks / BLOCKSIZE2)]``, code2 fp32 ``[256]``, offset fp32
+    ``[1]``. All contiguous, on one device. N, K: W's shape (the kernels take their sizes
+    as arguments of their own; these serve the launchers). Constexprs: DTYPE the compute
+    dtype the tiles are dequantized to (``tl`` dtype), BLOCKSIZE, BLOCKSIZE2 (0: not
+    nested), ALIGNED (K a multiple of BLOCKSIZE: a block never straddles rows), TRANSPOSED:
+    as a GEMM's b operand, ``W^T`` ``[K, N]`` (the forward) rather than W (the dx pass)."""
     data: torch.Tensor
     absmax: torch.Tensor
     code: torch.Tensor
     absmax2: torch.Tensor | None
     code2: torch.Tensor | None
     offset: torch.Tensor | None
+    N: int
+    K: int
     DTYPE: tl.constexpr
     BLOCKSIZE: tl.constexpr
     BLOCKSIZE2: tl.constexpr
     ALIGNED: tl.constexpr
+    TRANSPOSED: tl.constexpr
 
+    @classmethod
+    def from_parts(cls, data: torch.Tensor, quant: list[torch.Tensor], meta: list[int],
+                   dtype: torch.dtype) -> "Quant4":
+        """From a 4-bit weight as the custom ops carry it: packed data, quant ``[absmax,
+        code]`` (``+ [absmax2, code2, offset]`` when nested), meta ``[N, K, blocksize,
+        blocksize2]``, the compute dtype (fp16, bf16 or fp32)."""
+        n, k, blocksize, blocksize2 = meta
+        absmax, code, *nested = quant
+        absmax2, code2, offset = nested or (None, None, None)
+        return cls(data, absmax, code, absmax2, code2, offset, n, k,
+                   tl.constexpr(TL_DTYPES[dtype]), tl.constexpr(blocksize),
+                   tl.constexpr(blocksize2 if nested else 0),
+                   tl.constexpr(k % blocksize == 0), tl.constexpr(False))
 
-def quant4_view(q: Quant4Args) -> Quant4:
-    """The kernel view of a 4-bit weight."""
-    c = q.constexprs()
-    return Quant4(q.data, q.absmax, q.code, q.absmax2, q.code2, q.offset,
-                  tl.constexpr(TL_DTYPES[q.dtype]), tl.constexpr(c["Q4_BLOCKSIZE"]),
-                  tl.constexpr(c["Q4_BLOCKSIZE2"]), tl.constexpr(c["Q4_ALIGNED"]))
+    @property
+    def shape(self) -> tuple[int, int]:
+        """W's shape ``[N, K]``."""
+        return (self.N, self.K)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype as a torch dtype."""
+        return next(t for t, d in TL_DTYPES.items() if d == self.DTYPE.value)
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.data.is_cuda
+
+    def t(self) -> "Quant4":
+        """The same weight as the other operand: W^T for W and back (no copy)."""
+        return self._replace(TRANSPOSED=tl.constexpr(not self.TRANSPOSED.value))
+
+    @property
+    def b_shape(self) -> tuple[int, int]:
+        """The shape as a GEMM's b: ``[K, N]`` when transposed, else ``[N, K]``."""
+        return (self.K, self.N) if self.TRANSPOSED.value else (self.N, self.K)

@@ -12,7 +12,8 @@ import triton
 import triton.language as tl
 
 from .common import configs, fp32_precision, on_device, rank_block, tune
-from .quant4 import DENSE_CONSTEXPRS, Quant4Args, dequant4_tile
+from .descriptors import Quant4, mat
+from .quant4 import dequant4_tile
 
 
 def _configs(shapes):
@@ -30,17 +31,12 @@ _Q4_CONFIGS = {(False, True): _configs([(32, 256, 4, 3), (64, 128, 4, 3), (128, 
 
 
 @triton.jit
-def _dora_norm_kernel(w_ptr, a_ptr, wa_ptr, sq_ptr, N, K, R,
-                      stride_wn, stride_wk, stride_ar, stride_ak,
-                      q4_absmax, q4_code, q4_absmax2, q4_code2, q4_offset,
-                      QUANT4: tl.constexpr, Q4_BLOCKSIZE: tl.constexpr,
-                      Q4_BLOCKSIZE2: tl.constexpr, Q4_ALIGNED: tl.constexpr,
+def _dora_norm_kernel(w, a, wa_ptr, sq_ptr, N, K, R, QUANT4: tl.constexpr,
                       BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """W ``[N, K]`` (any float), A ``[R, K]`` (adapter dtype: the dot runs in it);
-    writes ``W A^T`` to wa ``[N, R]`` and ``rowsum(W^2)`` to sq ``[N]``, both contiguous fp32.
-    QUANT4: w_ptr is a 4-bit W's packed data (the q4_* parts of ``Quant4Args``), W's
-    strides are unused.
+    """W ``[N, K]`` (``Mat``, any float; QUANT4: a 4-bit W, ``descriptors.Quant4``), A ``[R,
+    K]`` (``Mat``, adapter dtype: the dot runs in it); writes ``W A^T`` to wa ``[N, R]`` and
+    ``rowsum(W^2)`` to sq ``[N]``, both contiguous fp32.
 
     Grid: (row tiles, rank tiles); rank tile 0 also sums the squares.
     """
@@ -54,16 +50,16 @@ def _dora_norm_kernel(w_ptr, a_ptr, wa_ptr, sq_ptr, N, K, R,
         cols = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         col_in = cols < K
         if QUANT4:
-            w = dequant4_tile(w_ptr, q4_absmax, q4_code, q4_absmax2, q4_code2, q4_offset, rows,
-                              row_in, k0, K, False, tl.float32, BLOCK_K, Q4_BLOCKSIZE,
-                              Q4_BLOCKSIZE2, Q4_ALIGNED)
+            w_tile = dequant4_tile(w.data, w.absmax, w.code, w.absmax2, w.code2, w.offset, rows,
+                                   row_in, k0, K, False, tl.float32, BLOCK_K, w.BLOCKSIZE,
+                                   w.BLOCKSIZE2, w.ALIGNED)
         else:
-            w = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :] * stride_wk,
-                        mask=row_in[:, None] & col_in[None, :], other=0.0)
-        a = tl.load(a_ptr + ranks[None, :] * stride_ar + cols[:, None] * stride_ak,
-                    mask=col_in[:, None] & rank_in[None, :], other=0.0)
-        acc = tl.dot(w.to(a.dtype), a, acc, input_precision=PRECISION)
-        wf = w.to(tl.float32)
+            w_tile = tl.load(w.ptr + rows[:, None] * w.stride0 + cols[None, :] * w.stride1,
+                             mask=row_in[:, None] & col_in[None, :], other=0.0)
+        a_tile = tl.load(a.ptr + ranks[None, :] * a.stride0 + cols[:, None] * a.stride1,
+                         mask=col_in[:, None] & rank_in[None, :], other=0.0)
+        acc = tl.dot(w_tile.to(a_tile.dtype), a_tile, acc, input_precision=PRECISION)
+        wf = w_tile.to(tl.float32)
         sq += tl.sum(wf * wf, axis=1)
     tl.store(wa_ptr + rows[:, None] * R + ranks[None, :], acc,
              mask=row_in[:, None] & rank_in[None, :])
@@ -74,31 +70,25 @@ def _dora_norm_kernel(w_ptr, a_ptr, wa_ptr, sq_ptr, N, K, R,
 _KEY = ["N", "K", "R", "QUANT4"]
 KERNELS = {fp32: tune(_dora_norm_kernel, c, _KEY, prune=False) for fp32, c in _CONFIGS.items()}
 Q4_KERNELS = {key: tune(_dora_norm_kernel, c, _KEY, prune=False) for key, c in _Q4_CONFIGS.items()}
-_DENSE = {name: DENSE_CONSTEXPRS[name] for name in ("QUANT4", "Q4_BLOCKSIZE", "Q4_BLOCKSIZE2",
-                                                    "Q4_ALIGNED")}
 
 
 @on_device
-def dora_norm(weight: torch.Tensor | Quant4Args, lora_A: torch.Tensor, lora_B: torch.Tensor,
+def dora_norm(weight: torch.Tensor | Quant4, lora_A: torch.Tensor, lora_B: torch.Tensor,
               scaling: float) -> torch.Tensor:
     """``||weight + scaling * lora_B @ lora_A||`` per row, fp32 ``[N]``; weight ``[N, K]``
-    (any strides, e.g. a transposed Conv1D weight; or a 4-bit ``Quant4Args``), lora_A
+    (any strides, e.g. a transposed Conv1D weight; or a 4-bit ``Quant4``), lora_A
     ``[r, K]``, lora_B ``[N, r]``."""
     r = lora_A.shape[0]
     fp32 = lora_A.dtype == torch.float32
-    if isinstance(weight, Quant4Args):
-        (n, k), w_ptr, strides = weight.shape, weight.data, (0, 0)
-        quant, flags = weight.pointers()[1:], dict(QUANT4=True, **weight.constexprs())
-        kernel = Q4_KERNELS[fp32, flags["Q4_ALIGNED"]]
-    else:
-        (n, k), w_ptr, strides = weight.shape, weight, weight.stride()
-        quant, flags, kernel = (lora_A,) * 5, _DENSE, KERNELS[fp32]
+    quant4 = isinstance(weight, Quant4)
+    n, k = weight.shape
+    kernel = Q4_KERNELS[fp32, weight.ALIGNED.value] if quant4 else KERNELS[fp32]
     wa = torch.empty((n, r), dtype=torch.float32, device=lora_A.device)
     sq = torch.empty((n,), dtype=torch.float32, device=lora_A.device)
     block_r = rank_block(r)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(r, block_r))  # noqa: E731
-    kernel[grid](w_ptr, lora_A, wa, sq, n, k, r, *strides, lora_A.stride(0), lora_A.stride(1),
-                 *quant, **flags, BLOCK_R=block_r, PRECISION=fp32_precision())
+    kernel[grid](weight if quant4 else mat(weight), mat(lora_A), wa, sq, n, k, r, QUANT4=quant4,
+                 BLOCK_R=block_r, PRECISION=fp32_precision())
     a = lora_A.float()
     b = lora_B.float()
     cross = (b * wa).sum(1)

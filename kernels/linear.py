@@ -6,7 +6,7 @@ tile's accumulator before the single store of the output, so no ``M x N`` LoRA t
 exists. DoRA adds the column factor ``g``: on the output columns in the forward
 (``g_out``), on dY's columns (the reduction dimension, ``g_in``) in the dx pass.
 
-``QUANT4``: b is a bitsandbytes 4-bit weight (``Quant4Args``), W^T in the forward, W in the
+``QUANT4``: b is a bitsandbytes 4-bit weight (``descriptors.Quant4``), W^T in the forward, W in the
 dx pass; each ``[BLOCK_K, BLOCK_N]`` tile of b is dequantized in registers (``dequant4_tile``)
 right where the 16-bit kernel loads it, and a's tile is cast to the compute dtype, so the
 dequantized ``N x K`` weight never exists in memory.
@@ -33,18 +33,16 @@ keep-mask of each row's adapter.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 
 from .common import (FP32_GEMM_SHAPES, Launch, configs, dora_g, dropout_keep,
                      fp32_precision, gemm_configs, grouped_tile, low_rank_tile, m_bucket,
-                     on_device, rank_block, tune)
-from .descriptors import BankTerm, Mat, Term, dora_bank, mat, quant4_view, rows_view
-from .multi_meta import AdapterMeta, RowMap, tile_rows
-from .quant4 import Quant4Args, dequant4_tile
+                     on_device, tune)
+from .descriptors import BankTerm, DoraBank, Quant4, Term, mat
+from .multi_meta import tile_rows
+from .quant4 import dequant4_tile
 
 
 _SMALL = [(128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (32, 128, 128, 4, 4), (16, 64, 128, 4, 5),
@@ -259,33 +257,19 @@ IN_PLACE_KERNEL = tune(
     ["M_BUCKET", "N", "R", "HAS_LORA", "DROPOUT", "SCALE_OUT"], restore=["out"])
 
 
-@dataclass
-class LowRank:
-    """The epilogue term ``scale * keep * (l @ lb)``: l ``[M, r]`` fp32, lb ``[r, N]``.
-
-    ``dropout_p > 0`` masks it with the keep-mask of ``seed`` (int64 ``[1]`` on the device)
-    for an ``[M, N]`` input.
-    """
-    l: torch.Tensor
-    lb: torch.Tensor
-    scale: float
-    dropout_p: float = 0.0
-    seed: torch.Tensor | None = None
-
-
-def b_shape(b: torch.Tensor | Quant4Args) -> tuple[int, int]:
+def b_shape(b: torch.Tensor | Quant4) -> tuple[int, int]:
     """The ``[K, N]`` shape of a GEMM's b operand, dense or 4-bit."""
-    return b.b_shape if isinstance(b, Quant4Args) else (b.shape[0], b.shape[1])
+    return b.b_shape if isinstance(b, Quant4) else (b.shape[0], b.shape[1])
 
 
-def _gemm_args(a: torch.Tensor, b: torch.Tensor | Quant4Args, bias: torch.Tensor | None,
+def _gemm_args(a: torch.Tensor, b: torch.Tensor | Quant4, bias: torch.Tensor | None,
                out: torch.Tensor, in_place: bool) -> dict:
     """The kernel arguments of the base GEMM (a ``[M, K]`` @ b ``[K, N]`` + bias -> out): a,
-    b, out (``Mat``; a 4-bit b as ``Quant4`` and its QUANT4 mode; in place: a and b None,
+    b, out (``Mat``; a 4-bit b as itself, with its QUANT4 mode; in place: a and b None,
     never read), bias, the sizes and the precision."""
     (m, k), n = a.shape, b_shape(b)[1]
-    if isinstance(b, Quant4Args):
-        b_desc, mode = quant4_view(b), (1 if b.transposed else 2)
+    if isinstance(b, Quant4):
+        b_desc, mode = b, (1 if b.TRANSPOSED.value else 2)
     else:
         b_desc, mode = mat(b), 0
     return dict(a=None if in_place else mat(a), b=None if in_place else b_desc, QUANT4=mode,
@@ -299,34 +283,31 @@ _SLOTS = {"a_ptr": ("a", "ptr"), "b_ptr": ("b", "ptr"), "out_ptr": ("out", "ptr"
           "seed_ptr": ("low", "seed"), "index_ptr": ("low", "rows", "index")}
 
 
-def linear_launch(a: torch.Tensor, b: torch.Tensor | Quant4Args, low: LowRank | None,
+def linear_launch(a: torch.Tensor, b: torch.Tensor | Quant4, low: Term | None,
                   bias: torch.Tensor | None, out: torch.Tensor, g_out: torch.Tensor | None = None,
                   g_in: torch.Tensor | None = None, in_place: bool = False) -> Launch:
     """The launch of ``fused_linear`` (``in_place``: of ``cublas_linear``'s pass) writing
-    out ``[M, N]`` (M, N > 0). Its tensors (``Launch.slots``): a_ptr, b_ptr, l_ptr, lb_ptr,
-    bias_ptr, out_ptr, seed_ptr."""
+    out ``[M, N]`` (M, N > 0); low: one adapter's term (``descriptors.term``) or None. Its
+    tensors (``Launch.slots``): a_ptr, b_ptr, l_ptr, lb_ptr, bias_ptr, out_ptr, seed_ptr."""
     if g_out is not None and g_in is not None:
         raise ValueError("the fused linear takes g_out or g_in, not both")
     m, n = out.shape
-    dropout = low is not None and low.dropout_p > 0.0
-    term = None if low is None else Term(
-        mat(low.l), mat(low.lb), low.scale, low.seed if dropout else None, low.dropout_p,
-        tl.constexpr(rank_block(low.l.shape[1])))
+    dropout = low is not None and low.seed is not None
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     gemm = _gemm_args(a, b, bias, out, in_place)
-    lb_dtype = low.lb.dtype if low is not None else None
+    lb_dtype = low.lb.ptr.dtype if low is not None else None
     if gemm["QUANT4"]:
-        kernel = Q4_KERNELS[kind(b.dtype, lb_dtype, dropout), gemm["b"].ALIGNED.value]
+        kernel = Q4_KERNELS[kind(b.dtype, lb_dtype, dropout), b.ALIGNED.value]
     else:
         kernel = IN_PLACE_KERNEL if in_place else KERNELS[kind(a.dtype, lb_dtype, dropout)]
     return Launch(kernel, grid, dict(
-        **gemm, low=term, R=0 if low is None else low.l.shape[1],
+        **gemm, low=low, R=0 if low is None else low.l.ptr.shape[1],
         g=g_out if g_out is not None else g_in, HAS_LORA=low is not None, DROPOUT=dropout,
         SCALE_OUT=g_out is not None, SCALE_IN=g_in is not None, IN_PLACE=in_place,
         MULTI=False), _SLOTS)
 
 
-def _launch(a: torch.Tensor, b: torch.Tensor | Quant4Args, low: LowRank | None,
+def _launch(a: torch.Tensor, b: torch.Tensor | Quant4, low: Term | None,
             bias: torch.Tensor | None, out: torch.Tensor, g_out: torch.Tensor | None,
             g_in: torch.Tensor | None, in_place: bool) -> torch.Tensor:
     if out.shape[0] and out.shape[1]:
@@ -337,14 +318,14 @@ def _launch(a: torch.Tensor, b: torch.Tensor | Quant4Args, low: LowRank | None,
 
 
 @on_device
-def fused_linear(a: torch.Tensor, b: torch.Tensor | Quant4Args, low: LowRank | None = None,
+def fused_linear(a: torch.Tensor, b: torch.Tensor | Quant4, low: Term | None = None,
                  bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None, *,
                  g_out: torch.Tensor | None = None, g_in: torch.Tensor | None = None
                  ) -> torch.Tensor:
     """``g_out * (a @ (g_in * b) + low-rank term) + bias``: a ``[M, K]``, b ``[K, N]`` (any
-    strides; or a 4-bit ``Quant4Args``, W^T or W, whose tiles are dequantized in the
-    kernel: the dot runs in its compute dtype), the optional DoRA factors g_out ``[N]`` /
-    g_in ``[K]`` contiguous fp32."""
+    strides; or a 4-bit ``Quant4``, W^T or W, whose tiles are dequantized in the
+    kernel: the dot runs in its compute dtype), low the low-rank term (``descriptors.term``)
+    or None, the optional DoRA factors g_out ``[N]`` / g_in ``[K]`` contiguous fp32."""
     out = torch.empty((a.shape[0], b_shape(b)[1]), dtype=out_dtype or a.dtype, device=a.device)
     return _launch(a, b, low, bias, out, g_out, g_in, in_place=False)
 
@@ -361,7 +342,7 @@ def cublas_unsupported(a: torch.Tensor, out_dtype: torch.dtype | None = None,
 
 
 @on_device
-def cublas_linear(a: torch.Tensor, b: torch.Tensor, low: LowRank | None = None,
+def cublas_linear(a: torch.Tensor, b: torch.Tensor, low: Term | None = None,
                   bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None, *,
                   g_out: torch.Tensor | None = None, g_in: torch.Tensor | None = None
                   ) -> torch.Tensor:
@@ -416,55 +397,37 @@ MULTI_KERNELS = {
 }
 
 
-@dataclass
-class MultiLowRank:
-    """The prologue term of ``multi_fused_linear``: l ``[chunks, M, R]`` fp32 (summed over
-    chunks; rows in batch order, R the largest rank) times each row's adapter's rows of the
-    packed lb ``[S, N]``, for the bank's adapters (``bank``) and rows (``rows``). ``seed``:
-    masks the term with the keep-mask of an ``[M, N]`` input at each adapter's
-    ``bank.dropout`` (the dx pass); None: no mask."""
-    l: torch.Tensor
-    lb: torch.Tensor
-    bank: AdapterMeta
-    rows: RowMap
-    seed: torch.Tensor | None = None
-
-
-def multi_linear_launch(a: torch.Tensor, b: torch.Tensor, low: MultiLowRank,
-                        bias: torch.Tensor | None, out: torch.Tensor, scale_out: bool = False,
-                        scale_in: bool = False) -> Launch:
+def multi_linear_launch(a: torch.Tensor, b: torch.Tensor, low: BankTerm,
+                        bias: torch.Tensor | None, out: torch.Tensor,
+                        g_out: DoraBank | None = None, g_in: DoraBank | None = None) -> Launch:
     """The launch of ``multi_fused_linear`` writing out ``[M, N]`` (M, N > 0). Its
     per-batch tensors (``Launch.slots``): a_ptr, b_ptr, l_ptr, bias_ptr, out_ptr,
     seed_ptr, index_ptr (gathered rows)."""
-    if scale_out and scale_in:
+    if g_out is not None and g_in is not None:
         raise ValueError("multi_fused_linear scales the output or the input, not both")
     m, n = out.shape
-    bank = low.bank
-    dropout = low.seed is not None and bank.dropout is not None
-    dora = bank.dora and (scale_out or scale_in)
-    path = "scale_in" if dora and scale_in else "gather" if low.rows.gather else "sorted"
-    r = low.l.shape[2]
-    term = BankTerm(Mat(low.l, low.l.stride(1), low.l.stride(2)), low.l.stride(0), low.l.shape[0],
-                    mat(low.lb), rows_view(low.rows),
-                    bank.offsets, bank.ranks, bank.dropout if dropout else None,
-                    low.seed if dropout else None, tl.constexpr(rank_block(r)))
+    dropout = low.seed is not None
+    path = "scale_in" if g_in is not None else "gather" if low.rows.GATHER.value else "sorted"
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     return Launch(MULTI_KERNELS[path, a.dtype == torch.float32], grid, dict(
-        **_gemm_args(a, b, bias, out, False), low=term, R=r, g=dora_bank(bank) if dora else None,
-        HAS_LORA=True, DROPOUT=dropout, SCALE_OUT=dora and scale_out,
-        SCALE_IN=dora and scale_in, IN_PLACE=False, MULTI=True), _SLOTS)
+        **_gemm_args(a, b, bias, out, False), low=low, R=low.l.ptr.shape[2],
+        g=g_out if g_out is not None else g_in, HAS_LORA=True, DROPOUT=dropout,
+        SCALE_OUT=g_out is not None, SCALE_IN=g_in is not None, IN_PLACE=False, MULTI=True),
+        _SLOTS)
 
 
 @on_device
-def multi_fused_linear(a: torch.Tensor, b: torch.Tensor, low: MultiLowRank,
+def multi_fused_linear(a: torch.Tensor, b: torch.Tensor, low: BankTerm,
                        bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None, *,
-                       scale_out: bool = False, scale_in: bool = False) -> torch.Tensor:
+                       g_out: DoraBank | None = None, g_in: DoraBank | None = None
+                       ) -> torch.Tensor:
     """``g * (a @ b + low-rank term) + bias`` with per-row adapters: a ``[M, K]``, b
-    ``[K, N]`` (any strides); with a DoRA bank, each row's adapter's g scales the output
-    (``scale_out``: the forward) or a's columns (``scale_in``: the dx pass)."""
-    if scale_out and scale_in:
+    ``[K, N]`` (any strides), low the bank's term (``descriptors.bank_term``); with a DoRA
+    bank's factors (``descriptors.dora_bank``), each row's adapter's g scales the output
+    (``g_out``: the forward) or a's columns (``g_in``: the dx pass)."""
+    if g_out is not None and g_in is not None:
         raise ValueError("multi_fused_linear scales the output or the input, not both")
     out = torch.empty((a.shape[0], b.shape[1]), dtype=out_dtype or a.dtype, device=a.device)
     if out.shape[0] and out.shape[1]:
-        multi_linear_launch(a, b, low, bias, out, scale_out, scale_in)()
+        multi_linear_launch(a, b, low, bias, out, g_out, g_in)()
     return out

@@ -27,8 +27,9 @@ import triton
 import triton.language as tl
 
 from .common import (fp32_precision, gemm_configs, grouped_tile, interpreting, low_rank_tile,
-                     m_bucket, on_device, rank_block, sm_count, tune)
-from .linear import LowRank, kind
+                     m_bucket, on_device, sm_count, tune)
+from .descriptors import Term
+from .linear import kind
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -64,29 +65,28 @@ _KEY = ["M_BUCKET", "N", "K", "R", "HAS_LORA", "DROPOUT", "SCALE_IN", "B_NK"]
 
 
 @triton.jit
-def _store_half(out_desc, acc, row0, col0, bias_ptr, g_ptr, N, HAS_BIAS: tl.constexpr,
-                SCALE_OUT: tl.constexpr, HALF: tl.constexpr):
-    """g, bias and the store of one ``[BLOCK_M, HALF]`` half tile at (row0, col0)."""
+def _store_half(out_desc, acc, row0, col0, bias, g, N, SCALE_OUT: tl.constexpr,
+                HALF: tl.constexpr):
+    """g, bias (None: none) and the store of one ``[BLOCK_M, HALF]`` half tile at (row0,
+    col0)."""
     cols = col0 + tl.arange(0, HALF)
     col_in = cols < N
     if SCALE_OUT:
-        acc *= tl.load(g_ptr + cols, mask=col_in, other=0.0)[None, :]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=col_in, other=0.0).to(tl.float32)[None, :]
+        acc *= tl.load(g + cols, mask=col_in, other=0.0)[None, :]
+    if bias is not None:
+        acc += tl.load(bias + cols, mask=col_in, other=0.0).to(tl.float32)[None, :]
     out_desc.store([row0, col0], acc.to(out_desc.dtype))
 
 
 @triton.jit
-def _lora_linear_tma_kernel(a_desc, b_desc, out_desc, l_ptr, lb_ptr, bias_ptr, g_ptr,
-                            M, N, K, R, M_BUCKET, stride_lm, stride_lr, stride_lbr, stride_lbn,
-                            scale, seed_ptr, dropout_p,
-                            HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
-                            DROPOUT: tl.constexpr, SCALE_OUT: tl.constexpr,
-                            SCALE_IN: tl.constexpr, B_NK: tl.constexpr, BLOCK_R: tl.constexpr,
+def _lora_linear_tma_kernel(a_desc, b_desc, out_desc, M, N, K, R, M_BUCKET, low, bias, g,
+                            HAS_LORA: tl.constexpr, DROPOUT: tl.constexpr,
+                            SCALE_OUT: tl.constexpr, SCALE_IN: tl.constexpr, B_NK: tl.constexpr,
                             PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """Descriptors of a ``[M, K]``, b (``[N, K]`` with B_NK, else ``[K, N]``) and out
-    ``[M, N]``, all one dtype; l, lb, bias, g as in ``_lora_linear_kernel``.
+    ``[M, N]``, all one dtype; low (a ``descriptors.Term``, HAS_LORA; else None), bias and g
+    as in ``_lora_linear_kernel`` (None when absent).
 
     Grid: at most one program per SM; program i takes tiles i, i + programs, ...
     """
@@ -100,16 +100,17 @@ def _lora_linear_tma_kernel(a_desc, b_desc, out_desc, l_ptr, lb_ptr, bias_ptr, g
         if HAS_LORA:
             rows = row0.to(tl.int64) + tl.arange(0, BLOCK_M)
             cols = col0.to(tl.int64) + tl.arange(0, BLOCK_N)
-            acc = low_rank_tile(l_ptr, lb_ptr, rows, cols, rows < M, cols < N, R, stride_lm,
-                                stride_lr, stride_lbr, stride_lbn, scale, seed_ptr, dropout_p, col0,
-                                N, DROPOUT, BLOCK_R, BLOCK_N, PRECISION)
+            acc = low_rank_tile(low.l.ptr, low.lb.ptr, rows, cols, rows < M, cols < N, R,
+                                low.l.stride0, low.l.stride1, low.lb.stride0, low.lb.stride1,
+                                low.scale, low.seed, low.dropout_p, col0, N, DROPOUT,
+                                low.BLOCK_R, BLOCK_N, PRECISION)
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             a = a_desc.load([row0, k0])
             if SCALE_IN:
                 ks = k0 + tl.arange(0, BLOCK_K)
-                g_in = tl.load(g_ptr + ks, mask=ks < K, other=0.0)
+                g_in = tl.load(g + ks, mask=ks < K, other=0.0)
                 a = (a.to(tl.float32) * g_in[None, :]).to(a.dtype)
             if B_NK:
                 b = b_desc.load([col0, k0]).T
@@ -117,9 +118,8 @@ def _lora_linear_tma_kernel(a_desc, b_desc, out_desc, l_ptr, lb_ptr, bias_ptr, g
                 b = b_desc.load([k0, col0])
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
         left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1)))
-        _store_half(out_desc, left, row0, col0, bias_ptr, g_ptr, N, HAS_BIAS, SCALE_OUT, HALF)
-        _store_half(out_desc, right, row0, col0 + HALF, bias_ptr, g_ptr, N, HAS_BIAS, SCALE_OUT,
-                    HALF)
+        _store_half(out_desc, left, row0, col0, bias, g, N, SCALE_OUT, HALF)
+        _store_half(out_desc, right, row0, col0 + HALF, bias, g, N, SCALE_OUT, HALF)
 
 
 KERNELS = {k: tune(_lora_linear_tma_kernel, c, _KEY) for k, c in _CONFIGS.items()}
@@ -165,7 +165,7 @@ def tma_layout_unsupported(a: torch.Tensor, b: torch.Tensor) -> str | None:
 
 
 @on_device
-def tma_linear(a: torch.Tensor, b: torch.Tensor, low: LowRank | None = None,
+def tma_linear(a: torch.Tensor, b: torch.Tensor, low: Term | None = None,
                bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None, *,
                g_out: torch.Tensor | None = None, g_in: torch.Tensor | None = None
                ) -> torch.Tensor:
@@ -186,24 +186,17 @@ def tma_linear(a: torch.Tensor, b: torch.Tensor, low: LowRank | None = None,
     a_desc = TensorDescriptor.from_tensor(a, [16, 16])
     b_desc = TensorDescriptor.from_tensor(b.t() if b_nk else b, [16, 16])
     out_desc = TensorDescriptor.from_tensor(out, [16, 16])
-    has_lora = low is not None
-    if low is None:  # placeholders: HAS_LORA=False never reads them
-        low = LowRank(l=out, lb=out, scale=0.0)
-    r = low.l.shape[1] if has_lora else 0
     g = g_out if g_out is not None else g_in
     sms = sm_count(a.device)
 
     def grid(meta):
         return (min(sms, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])),)
 
-    dropout = has_lora and low.dropout_p > 0.0
-    lb_dtype = low.lb.dtype if has_lora else None
+    dropout = low is not None and low.seed is not None
+    lb_dtype = low.lb.ptr.dtype if low is not None else None
     KERNELS[kind(a.dtype, lb_dtype, dropout or g_in is not None)][grid](
-        a_desc, b_desc, out_desc, low.l, low.lb, bias if bias is not None else out,
-        g if g is not None else out, m, n, k, r, m_bucket(m),
-        low.l.stride(0), low.l.stride(1), low.lb.stride(0), low.lb.stride(1),
-        low.scale, low.seed if low.seed is not None else out, low.dropout_p,
-        HAS_LORA=has_lora, HAS_BIAS=bias is not None, DROPOUT=dropout,
-        SCALE_OUT=g_out is not None, SCALE_IN=g_in is not None, B_NK=b_nk,
-        BLOCK_R=rank_block(max(r, 1)), PRECISION=fp32_precision())
+        a_desc, b_desc, out_desc, low, bias, g, m, n, k,
+        low.l.ptr.shape[1] if low is not None else 0, m_bucket(m), HAS_LORA=low is not None,
+        DROPOUT=dropout, SCALE_OUT=g_out is not None, SCALE_IN=g_in is not None, B_NK=b_nk,
+        PRECISION=fp32_precision())
     return out

@@ -33,7 +33,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import next_pow2
 
 GATHER_MAX_M = 128  # batches of at most this many rows take the gathered (decode) path
 
@@ -88,18 +87,6 @@ class RowMap:
             return self
         return RowMap(self.n, groups=self.groups or group_rows(self.index, self.n))
 
-    def kwargs(self, segments: bool = True) -> dict:
-        """The kernels' row arguments: ``index_ptr`` and ``GATHER``, or the sorted rows'
-        ``perm_ptr`` and ``seg_ptr``, ``N_POW2`` (kernels over segment tiles) or ``key_ptr``
-        (``segments=False``: tiles of sorted positions); ``n_adapters``."""
-        if self.gather:
-            return dict(index_ptr=self.index, n_adapters=self.n, GATHER=True)
-        g = self.groups
-        if segments:
-            return dict(perm_ptr=g.perm, seg_ptr=g.seg, n_adapters=self.n,
-                        N_POW2=max(next_pow2(self.n), 2))
-        return dict(perm_ptr=g.perm, key_ptr=g.keys, n_adapters=self.n)
-
 
 @dataclass(frozen=True)
 class AdapterMeta:
@@ -126,23 +113,6 @@ class AdapterMeta:
     @property
     def dora(self) -> bool:
         return self.flags is not None
-
-    def kwargs(self, *facts: str) -> dict:
-        """Kernel arguments of the named facts: "offsets" (off_ptr), "ranks" (rank_ptr),
-        "scales" (scale_ptr), "dropout" (p_ptr, when set), "dora" (mag_ptr, norm_ptr,
-        dora_ptr and their row strides, when set)."""
-        out = {}
-        for fact in facts:
-            if fact == "dora":
-                if self.dora:
-                    out.update(mag_ptr=self.magnitude, norm_ptr=self.weight_norm,
-                               dora_ptr=self.flags, stride_mag=self.magnitude.stride(0),
-                               stride_norm=self.weight_norm.stride(0))
-            elif getattr(self, fact) is not None:
-                name = {"offsets": "off_ptr", "ranks": "rank_ptr", "scales": "scale_ptr",
-                        "dropout": "p_ptr"}[fact]
-                out[name] = getattr(self, fact)
-        return out
 
 
 def segment_tiles(m: int, n: int, block_m: int) -> int:

@@ -1,5 +1,5 @@
-"""bitsandbytes 4-bit weights in the kernels: launch metadata and the jit helper that
-dequantizes a tile of W in registers (a kernel calls it behind a ``QUANT4`` constexpr).
+"""bitsandbytes 4-bit weights in the kernels: the jit helper that dequantizes a tile of W in
+registers (a kernel calls it behind a ``QUANT4`` constexpr, on a ``descriptors.Quant4``).
 
 The packed format (bitsandbytes 0.50, NF4 and FP4): W ``[N, K]`` is flattened row-major;
 element ``f = n * K + k`` is the 4-bit code in byte ``f // 2`` of the packed data, the high
@@ -14,87 +14,8 @@ offset a 1-element tensor).
 """
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
-
-import torch
 import triton
 import triton.language as tl
-
-
-@dataclass(frozen=True, eq=False)
-class Quant4Args:
-    """What a QUANT4 kernel reads for a bitsandbytes 4-bit weight W ``[N, K]`` (``shape``):
-    data uint8 ``[ceil(N*K / 2)]``, absmax ``[ceil(N*K / blocksize)]`` (fp32, or uint8 codes
-    when nested), code fp32 ``[16]``; nested: absmax2 fp32 ``[ceil(blocks / blocksize2)]``,
-    code2 fp32 ``[256]``, offset fp32 ``[1]``. All contiguous, on one device.
-
-    As the b operand of a GEMM (``fused_linear``): W ``[N, K]`` (the dx pass), or
-    ``W^T`` ``[K, N]`` once ``t()`` flipped ``transposed`` (the forward), its tiles
-    dequantized to ``dtype``, the compute dtype the dot runs in."""
-    data: torch.Tensor
-    absmax: torch.Tensor
-    code: torch.Tensor
-    shape: tuple[int, int]
-    blocksize: int
-    absmax2: torch.Tensor | None = None
-    code2: torch.Tensor | None = None
-    offset: torch.Tensor | None = None
-    blocksize2: int = 256
-    dtype: torch.dtype = torch.float16
-    transposed: bool = False
-
-    @classmethod
-    def from_parts(cls, data: torch.Tensor, quant: list[torch.Tensor], meta: list[int],
-                   dtype: torch.dtype) -> "Quant4Args":
-        """From a 4-bit weight as the custom ops carry it: packed data, quant ``[absmax,
-        code]`` (``+ [absmax2, code2, offset]`` when nested), meta ``[N, K, blocksize,
-        blocksize2]``, the compute dtype."""
-        n, k, blocksize, blocksize2 = meta
-        absmax, code, *nested = quant
-        absmax2, code2, offset = nested or (None, None, None)
-        return cls(data, absmax, code, (n, k), blocksize, absmax2, code2, offset, blocksize2,
-                   dtype)
-
-    @property
-    def nested(self) -> bool:
-        return self.absmax2 is not None
-
-    @property
-    def device(self) -> torch.device:
-        return self.data.device
-
-    @property
-    def is_cuda(self) -> bool:
-        return self.data.is_cuda
-
-    def t(self) -> "Quant4Args":
-        """The same weight as the other operand: W^T for W and back (no copy)."""
-        return dataclasses.replace(self, transposed=not self.transposed)
-
-    @property
-    def b_shape(self) -> tuple[int, int]:
-        """The shape as a GEMM's b: ``[K, N]`` when transposed, else ``[N, K]``."""
-        n, k = self.shape
-        return (k, n) if self.transposed else (n, k)
-
-    def pointers(self) -> tuple[torch.Tensor, ...]:
-        """The six pointer arguments ``q4_data .. q4_offset`` (absmax stands in for the
-        nested parts of a plain weight: the kernel never reads them)."""
-        spare = self.absmax
-        return (self.data, self.absmax, self.code, self.absmax2 if self.nested else spare,
-                self.code2 if self.nested else spare, self.offset if self.nested else spare)
-
-    def constexprs(self) -> dict:
-        """``Q4_BLOCKSIZE``, ``Q4_BLOCKSIZE2`` (0: plain fp32 absmax) and ``Q4_ALIGNED``
-        (K a multiple of the blocksize: a block never straddles rows)."""
-        return dict(Q4_BLOCKSIZE=self.blocksize,
-                    Q4_BLOCKSIZE2=self.blocksize2 if self.nested else 0,
-                    Q4_ALIGNED=self.shape[1] % self.blocksize == 0)
-
-
-# what a QUANT4-capable kernel gets for a dense weight (never read: QUANT4 is off)
-DENSE_CONSTEXPRS = dict(QUANT4=False, Q4_BLOCKSIZE=64, Q4_BLOCKSIZE2=0, Q4_ALIGNED=True)
 
 
 @triton.jit

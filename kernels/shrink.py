@@ -17,7 +17,8 @@ import triton
 import triton.language as tl
 
 from .common import (Launch, configs, dropout_keep, fp32_precision, interpreting, m_bucket,
-                     on_device, operand, rank_block, shrink_tile, tune)
+                     on_device, rank_block, shrink_tile, tune)
+from .descriptors import Mat, mat, rows_view, segments
 from .multi_meta import AdapterMeta, RowMap, segment_tile, segment_tiles, tile_rows
 
 _GATHER_R = 16  # rank tile of the gathered shrink: [BLOCK_M, 16, BLOCK_K] products
@@ -50,75 +51,77 @@ def _gathered_shrink(x_ptr, a_ptr, rows, row_in, row_off, ranks, rank_in, stride
 
 
 @triton.jit
-def _lora_shrink_kernel(x_ptr, a_ptr, t_ptr, M, K, R, M_BUCKET,
-                        stride_xm, stride_xk, stride_ar, stride_ak, stride_tm, stride_tr,
-                        seed_ptr, dropout_p, keep_scale,
+def _lora_shrink_kernel(M, K, R, M_BUCKET, x, a, t, seed, dropout_p, keep_scale,
                         DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                        stride_ts=0, k_chunk=0, index_ptr=None, perm_ptr=None,
-                        seg_ptr=None, off_ptr=None, rank_ptr=None, scale_ptr=None, p_ptr=None,
-                        n_adapters=0, MULTI: tl.constexpr = False, GATHER: tl.constexpr = False,
-                        N_POW2: tl.constexpr = 2):
-    """x ``[M, K]`` (any float), A ``[R, K]`` (adapter dtype: the dot runs in it, as PEFT
-    casts x to it), T ``[M, R]`` fp32, times keep_scale (1 / (1 - p)) with DROPOUT.
+                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, stride_ts=0, k_chunk=0,
+                        segs=None, gathered=None, p=None, MULTI: tl.constexpr = False,
+                        GATHER: tl.constexpr = False):
+    """x ``[M, K]`` (``Mat``, any float), A ``[R, K]`` (``Mat``, adapter dtype: the dot runs
+    in it, as PEFT casts x to it), T ``[M, R]`` fp32 (``Mat``), times keep_scale (1 / (1 -
+    dropout_p)) with DROPOUT (seed int64 ``[1]``, else None).
 
-    MULTI: packed A ``[S, K]``; off/rank int32, scale/p fp32 ``[n]`` (``AdapterMeta``); rows
-    of adapter a get ``s_a / (1 - p_a) * drop(x) @ A_a^T`` in their first ``rank[a]``
-    columns of T ``[M, R]`` (R the largest rank; other columns and base rows are never
-    written). Sorted rows (perm, seg): grid (segment tiles, rank tiles). GATHER (index
-    ``[M]``): grid (row tiles, rank tiles of 16, K chunks of ``k_chunk`` columns), chunk c's
-    partial sum in ``T[c]`` of T ``[chunks, M, R]`` (stride_ts). Otherwise grid (row
-    tiles, rank tiles).
+    MULTI: packed A ``[S, K]``; the bank's offsets, ranks and scales in segs
+    (``descriptors.Segments``), p fp32 ``[n]`` its dropout (DROPOUT); rows of adapter a get
+    ``s_a / (1 - p_a) * drop(x) @ A_a^T`` in their first ``rank[a]`` columns of T ``[M, R]``
+    (R the largest rank; other columns and base rows are never written). Sorted rows
+    (segs.perm, segs.seg): grid (segment tiles, rank tiles). GATHER (``gathered``: a
+    ``descriptors.Rows`` of rows in batch order; segs.perm, segs.seg None): grid (row
+    tiles, rank tiles of 16, K chunks of ``k_chunk`` columns), chunk c's partial sum in
+    ``T[c]`` of T ``[chunks, M, R]`` (t its ``[M, R]`` slice 0, stride_ts the step to the
+    next). Otherwise grid (row tiles, rank tiles).
     """
     r0 = tl.program_id(1) * BLOCK_R
     ranks = r0 + tl.arange(0, BLOCK_R)
+    t_ptr = t.ptr
     if MULTI:
         if GATHER:
-            rows, row_in, keys, has_adapter = tile_rows(tl.program_id(0) * BLOCK_M, M, index_ptr,
-                                                        None, None, n_adapters, BLOCK_M, True)
-            row_rank = tl.load(rank_ptr + keys, mask=has_adapter, other=0)
+            rows, row_in, keys, has_adapter = tile_rows(
+                tl.program_id(0) * BLOCK_M, M, gathered.index, gathered.perm, gathered.keys,
+                gathered.n, BLOCK_M, gathered.GATHER)
+            row_rank = tl.load(segs.ranks + keys, mask=has_adapter, other=0)
             if r0 >= tl.max(row_rank, axis=0):
                 return
-            row_off = tl.load(off_ptr + keys, mask=has_adapter, other=0).to(tl.int64)
-            scale = tl.load(scale_ptr + keys, mask=has_adapter, other=0.0)[:, None]
-            p = tl.zeros_like(scale)
+            row_off = tl.load(segs.offsets + keys, mask=has_adapter, other=0).to(tl.int64)
+            scale = tl.load(segs.scales + keys, mask=has_adapter, other=0.0)[:, None]
+            row_p = tl.zeros_like(scale)
             if DROPOUT:
-                p = tl.load(p_ptr + keys, mask=has_adapter, other=0.0)[:, None]
-                scale = scale / (1.0 - p)
+                row_p = tl.load(p + keys, mask=has_adapter, other=0.0)[:, None]
+                scale = scale / (1.0 - row_p)
             out_in = ranks[None, :] < row_rank[:, None]
             k_begin = tl.program_id(2) * k_chunk
-            acc = _gathered_shrink(x_ptr, a_ptr, rows, row_in, row_off, ranks, out_in,
-                                   stride_xm, stride_xk, stride_ar, stride_ak, k_begin,
-                                   tl.minimum(k_begin + k_chunk, K), K, seed_ptr, p, DROPOUT,
+            acc = _gathered_shrink(x.ptr, a.ptr, rows, row_in, row_off, ranks, out_in,
+                                   x.stride0, x.stride1, a.stride0, a.stride1, k_begin,
+                                   tl.minimum(k_begin + k_chunk, K), K, seed, row_p, DROPOUT,
                                    BLOCK_K)
             t_ptr += tl.program_id(2).to(tl.int64) * stride_ts
         else:
-            adapter, rows, row_in, rank = segment_tile(tl.program_id(0), seg_ptr, perm_ptr,
-                                                       rank_ptr, n_adapters, BLOCK_M, N_POW2)
+            adapter, rows, row_in, rank = segment_tile(tl.program_id(0), segs.seg, segs.perm,
+                                                       segs.ranks, segs.n, BLOCK_M, segs.N_POW2)
             if r0 >= rank:
                 return
             rank_in = ranks < rank
-            scale = tl.load(scale_ptr + adapter)
-            p = 0.0
+            scale = tl.load(segs.scales + adapter)
+            adapter_p = 0.0
             if DROPOUT:
-                p = tl.load(p_ptr + adapter)
-                scale = scale / (1.0 - p)
-            a_rows = tl.load(off_ptr + adapter).to(tl.int64) + ranks
-            acc = shrink_tile(x_ptr, rows, row_in, stride_xm, stride_xk, a_ptr, a_rows, rank_in,
-                              stride_ar, stride_ak, K, seed_ptr, p, DROPOUT, PRECISION, BLOCK_K)
+                adapter_p = tl.load(p + adapter)
+                scale = scale / (1.0 - adapter_p)
+            a_rows = tl.load(segs.offsets + adapter).to(tl.int64) + ranks
+            acc = shrink_tile(x.ptr, rows, row_in, x.stride0, x.stride1, a.ptr, a_rows, rank_in,
+                              a.stride0, a.stride1, K, seed, adapter_p, DROPOUT, PRECISION,
+                              BLOCK_K)
             out_in = row_in[:, None] & rank_in[None, :]
     else:
         rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_in = rows < M
         rank_in = ranks < R
-        acc = shrink_tile(x_ptr, rows, row_in, stride_xm, stride_xk, a_ptr, ranks.to(tl.int64),
-                          rank_in, stride_ar, stride_ak, K, seed_ptr, dropout_p, DROPOUT,
+        acc = shrink_tile(x.ptr, rows, row_in, x.stride0, x.stride1, a.ptr, ranks.to(tl.int64),
+                          rank_in, a.stride0, a.stride1, K, seed, dropout_p, DROPOUT,
                           PRECISION, BLOCK_K)
         scale = 1.0
         if DROPOUT:
             scale = keep_scale
         out_in = row_in[:, None] & rank_in[None, :]
-    tl.store(t_ptr + rows[:, None] * stride_tm + ranks[None, :] * stride_tr, acc * scale,
+    tl.store(t_ptr + rows[:, None] * t.stride0 + ranks[None, :] * t.stride1, acc * scale,
              mask=out_in)
 
 
@@ -155,25 +158,29 @@ def gather_splits(k: int) -> tuple[int, int]:
     return max(triton.cdiv(k, chunk), 1), chunk
 
 
-def _launch(kernel, grid, x: torch.Tensor, a: torch.Tensor, t: torch.Tensor, dims: str,
-            **args) -> Launch:
+# where a launch plan's per-call tensors sit in the descriptors (``Launch.slots``)
+_SLOTS = {"x_ptr": ("x", "ptr"), "a_ptr": ("a", "ptr"), "t_ptr": ("t", "ptr"),
+          "seed_ptr": ("seed",), "index_ptr": ("gathered", "index")}
+
+
+def _launch(kernel, grid, x: torch.Tensor, a: torch.Tensor, t: Mat, **args) -> Launch:
     m, k = x.shape
-    return Launch(kernel, grid, dict(**operand("x", x, "mk"), **operand("a", a, "rk"),
-                                     **operand("t", t, dims), M=m, K=k, R=t.shape[-1],
-                                     M_BUCKET=m_bucket(m), PRECISION=fp32_precision(), **args))
+    return Launch(kernel, grid, dict(x=mat(x), a=mat(a), t=t, M=m, K=k, R=t.ptr.shape[-1],
+                                     M_BUCKET=m_bucket(m), PRECISION=fp32_precision(), **args),
+                  _SLOTS)
 
 
 def shrink_launch(x: torch.Tensor, lora_A: torch.Tensor, t: torch.Tensor,
                   dropout_p: float = 0.0, seed: torch.Tensor | None = None) -> Launch:
     """The launch that writes ``drop(x) @ lora_A.T`` into t fp32 ``[M, r]`` (M > 0); x
     ``[M, K]``, lora_A ``[r, K]``, seed int64 ``[1]`` on x's device when ``dropout_p > 0``.
-    Its tensor arguments: x_ptr, a_ptr, t_ptr, seed_ptr."""
+    Its tensors (``Launch.slots``): x_ptr, a_ptr, t_ptr, seed_ptr."""
     m, r = t.shape
     block_r = rank_block(r)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(r, block_r))  # noqa: E731
-    return _launch(KERNELS["single", lora_A.dtype == torch.float32], grid, x, lora_A, t, "mr",
-                   seed_ptr=seed, dropout_p=dropout_p, keep_scale=1.0 / (1.0 - dropout_p),
-                   DROPOUT=dropout_p > 0.0, BLOCK_R=block_r)
+    return _launch(KERNELS["single", lora_A.dtype == torch.float32], grid, x, lora_A, mat(t),
+                   seed=seed if dropout_p > 0.0 else None, dropout_p=dropout_p,
+                   keep_scale=1.0 / (1.0 - dropout_p), DROPOUT=dropout_p > 0.0, BLOCK_R=block_r)
 
 
 @on_device
@@ -190,7 +197,8 @@ def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float = 0.0,
 def multi_shrink_launch(x: torch.Tensor, A: torch.Tensor, t: torch.Tensor, bank: AdapterMeta,
                         rows: RowMap, seed: torch.Tensor | None = None) -> Launch:
     """The launch of ``multi_lora_shrink`` into t ``[chunks, M, max_rank]`` (M > 0, n > 0).
-    Its per-batch tensor arguments: x_ptr, t_ptr, seed_ptr and the rows' (``rows.kwargs``)."""
+    Its per-batch tensors (``Launch.slots``): x_ptr, t_ptr, seed_ptr, index_ptr (gathered
+    rows)."""
     m, k = x.shape
     r = t.shape[2]
     chunk = gather_splits(k)[1] if rows.gather else k
@@ -201,9 +209,12 @@ def multi_shrink_launch(x: torch.Tensor, A: torch.Tensor, t: torch.Tensor, bank:
         block_r = rank_block(r)
         grid = lambda meta: (segment_tiles(m, rows.n, meta["BLOCK_M"]), triton.cdiv(r, block_r))  # noqa: E731
     kernel = KERNELS["gather" if rows.gather else "sorted", A.dtype == torch.float32]
-    return _launch(kernel, grid, x, A, t, "smr", seed_ptr=seed, dropout_p=0.0, keep_scale=1.0,
-                   DROPOUT=bank.dropout is not None, BLOCK_R=block_r, k_chunk=chunk, MULTI=True,
-                   **rows.kwargs(), **bank.kwargs("offsets", "ranks", "scales", "dropout"))
+    dropout = bank.dropout is not None
+    return _launch(kernel, grid, x, A, Mat(t, t.stride(1), t.stride(2)),
+                   seed=seed if dropout else None, dropout_p=0.0, keep_scale=1.0,
+                   DROPOUT=dropout, BLOCK_R=block_r, stride_ts=t.stride(0), k_chunk=chunk,
+                   segs=segments(rows, bank), gathered=rows_view(rows) if rows.gather else None,
+                   p=bank.dropout, MULTI=True, GATHER=rows.gather)
 
 
 @on_device

@@ -13,7 +13,7 @@ from data import generator, randn
 from fastlora import dispatch
 from fastlora.choice_cache import ChoiceCache
 from fastlora.dispatch import DORA_DX, FORWARD, Chooser, Impl, LinearArgs, StageSpec
-from fastlora.kernels import LowRank, tma_layout_unsupported
+from fastlora.kernels import term, tma_layout_unsupported
 from helpers import assert_close
 
 
@@ -49,7 +49,7 @@ def call(m=40, k=64, n=32, r=8, dtype=torch.float16, device="cpu", **flags):
     g = generator(m)
     w = randn(n, k, g=g, device=device, dtype=dtype)
     lb = randn(n, r, g=g, device=device, dtype=dtype).t()
-    low = LowRank(randn(m, r, g=g, device=device), lb, 1.0)
+    low = term(randn(m, r, g=g, device=device), lb, 1.0)
     return LinearArgs(randn(m, k, g=g, device=device, dtype=dtype), w.t(), low, **flags)
 
 
@@ -239,7 +239,8 @@ def test_real_impls_run_through_the_chooser(fastest, device):
     reference result."""
     args = call(m=37, k=72, n=40, dtype=torch.float32, device=device,
                 bias=randn(40, g=generator(1), device=device))
-    ref = (args.a.double() @ args.b.double() + args.low.l.double() @ args.low.lb.double()
+    low = args.low
+    ref = (args.a.double() @ args.b.double() + low.l.ptr.double() @ low.lb.ptr.double()
            + args.bias.double())
     timer = FakeTimer(**{n: (0.5 if n == fastest else 1.0) for n in dispatch.IMPLS})
     runs = []

@@ -6,8 +6,8 @@ import torch
 
 from data import generator, randn
 from fastlora import reference
-from fastlora.kernels import (LowRank, cublas_linear, cublas_unsupported, dropout_mask,
-                              fused_linear, tma_linear, tma_unsupported)
+from fastlora.kernels import (cublas_linear, cublas_unsupported, dropout_mask, fused_linear,
+                              term, tma_linear, tma_unsupported)
 from helpers import assert_close
 
 IMPLS = {"fused": fused_linear, "cublas": cublas_linear, "tma": tma_linear}
@@ -50,7 +50,7 @@ def stage_and_reference(form, layer, scaling=0.5, p=0.25, seed=7):
         else:
             ref = reference.lora_linear(_f64(x), _f64(w), _f64(b) if b is not None else None,
                                         _f64(A), _f64(B), scaling)
-        return (x, w.t(), LowRank(t, B.t(), scaling), b), dict(g_out=g if dora else None), ref
+        return (x, w.t(), term(t, B.t(), scaling), b), dict(g_out=g if dora else None), ref
     # dx: autograd of the reference gives dY W + keep * (dS A) / (1 - p), dS = s dY' B
     dy = layer["dy"]
     x64 = _f64(x).requires_grad_()
@@ -58,14 +58,14 @@ def stage_and_reference(form, layer, scaling=0.5, p=0.25, seed=7):
         y = reference.dora_linear(x64, _f64(w), None, _f64(A), _f64(B), scaling,
                                   _f64(layer["magnitude"]))
         ds = (scaling * (_f64(dy) * g.double()) @ _f64(B)).float()
-        low = LowRank(ds, A, 1.0)
+        low = term(ds, A, 1.0)
     else:
         seed = torch.full((1,), seed, dtype=torch.int64, device=x.device)
         mask = dropout_mask(seed, *x.shape, p)
         y = reference.lora_linear(x64, _f64(w), None, _f64(A), _f64(B), scaling, dropout_p=p,
                                   training=True, dropout_mask=mask)
         ds = (scaling * _f64(dy) @ _f64(B)).float()
-        low = LowRank(ds, A, 1.0 / (1.0 - p), p, seed)
+        low = term(ds, A, 1.0 / (1.0 - p), p, seed)
     y.backward(_f64(dy))
     return (dy, w, low, None), dict(g_in=g if dora else None, out_dtype=x.dtype), x64.grad
 
