@@ -239,7 +239,9 @@ def _dora_norm(w: str, a: str, precision: str = FULL_FP32, quant4: dict | None =
                ) -> AotVariant:
     """The row-norm pass over W (``quant4``: a 4-bit W's QUANT4 constexprs, w ignored)."""
     unit = ("stride_wk", "stride_ak")
-    types = dict(w=_quant4_view(quant4, False) if quant4 else _mat(w, "w", "nk", unit),
+    # a 4-bit W as the norm op passes it: no compute dtype (fp32), not transposed
+    q4 = quant4 and _quant4_view(dict(quant4, Q4_DTYPE=tl.float32), False)
+    types = dict(w=q4 if quant4 else _mat(w, "w", "nk", unit),
                  a=_mat(a, "a", "rk", unit), wa_ptr="*fp32", sq_ptr="*fp32", N="i32", K="i32",
                  R="i32")
     const = dict(QUANT4=bool(quant4), BLOCK_R=16, PRECISION=precision)

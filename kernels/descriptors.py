@@ -186,15 +186,16 @@ class Quant4(NamedTuple):
 
     @classmethod
     def from_parts(cls, data: torch.Tensor, quant: list[torch.Tensor], meta: list[int],
-                   dtype: torch.dtype) -> "Quant4":
+                   dtype: torch.dtype | None) -> "Quant4":
         """From a 4-bit weight as the custom ops carry it: packed data, quant ``[absmax,
         code]`` (``+ [absmax2, code2, offset]`` when nested), meta ``[N, K, blocksize,
-        blocksize2]``, the compute dtype (fp16, bf16 or fp32)."""
+        blocksize2]``, the compute dtype (fp16, bf16 or fp32; None: fp32, for a weight no
+        GEMM reads, such as DoRA's norm pass, which dequantizes in fp32)."""
         n, k, blocksize, blocksize2 = meta
         absmax, code, *nested = quant
         absmax2, code2, offset = nested or (None, None, None)
         return cls(data, absmax, code, absmax2, code2, offset, n, k,
-                   tl.constexpr(TL_DTYPES[dtype]), tl.constexpr(blocksize),
+                   tl.constexpr(TL_DTYPES[dtype or torch.float32]), tl.constexpr(blocksize),
                    tl.constexpr(blocksize2 if nested else 0),
                    tl.constexpr(k % blocksize == 0), tl.constexpr(False))
 

@@ -175,3 +175,10 @@ def test_term_needs_a_seed_for_dropout():
     assert term(l, lb, 2.0, 0.0, torch.zeros(1, dtype=torch.int64)).seed is None
     with pytest.raises(ValueError, match="seed"):
         term(l, lb, 2.0, 0.1)
+
+
+def test_quant4_without_a_compute_dtype_dequantizes_to_fp32():
+    """DoRA's norm op passes no compute dtype."""
+    q = Quant4.from_parts(torch.zeros(8, dtype=torch.uint8), [torch.ones(1), torch.ones(16)],
+                          [4, 4, 64, 256], None)
+    assert q.dtype == torch.float32
