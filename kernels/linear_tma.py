@@ -195,8 +195,8 @@ def tma_linear(a: torch.Tensor, b: torch.Tensor, low: Term | None = None,
     dropout = low is not None and low.seed is not None
     lb_dtype = low.lb.ptr.dtype if low is not None else None
     KERNELS[kind(a.dtype, lb_dtype, dropout or g_in is not None)][grid](
-        a_desc, b_desc, out_desc, low, bias, g, m, n, k,
-        low.l.ptr.shape[1] if low is not None else 0, m_bucket(m), HAS_LORA=low is not None,
-        DROPOUT=dropout, SCALE_OUT=g_out is not None, SCALE_IN=g_in is not None, B_NK=b_nk,
+        a_desc=a_desc, b_desc=b_desc, out_desc=out_desc, low=low, bias=bias, g=g, M=m, N=n, K=k,
+        R=low.l.ptr.shape[1] if low is not None else 0, M_BUCKET=m_bucket(m),
+        HAS_LORA=low is not None, DROPOUT=dropout, SCALE_OUT=g_out is not None, SCALE_IN=g_in is not None, B_NK=b_nk,
         PRECISION=fp32_precision())
     return out
