@@ -17,7 +17,7 @@ from common import capture
 from data import generator, randint, randn
 from fastlora import functional, reference
 from fastlora import multi_lora_linear
-from fastlora.adapters import pack_adapters
+from fastlora.adapters.packed import pack_adapters
 from fastlora.kernels import dropout_mask
 from fastlora.kernels.multi_meta import group_rows
 from helpers import assert_close
@@ -137,7 +137,7 @@ def test_decode_forward_is_two_launches_reading_w_once(monkeypatch, device):
     sorted, and no torch op runs besides allocations and views."""
 
     from fastlora.kernels import multi_meta
-    from fastlora.routing import Routing
+    from fastlora.adapters.routing import Routing
     from spies import count_calls, count_launches, torch_ops
 
     weight, bias, bank = make_bank([(1, 8, 16, 3)[i % 4] for i in range(32)],
@@ -352,7 +352,7 @@ def test_gpu_bad_index_is_a_device_assert(tmp_path):
     script = tmp_path / "bad_index.py"
     script.write_text(
         "import torch, fastlora\n"
-        "from fastlora.adapters import pack_adapters\n"
+        "from fastlora.adapters.packed import pack_adapters\n"
         "g = torch.Generator().manual_seed(0)\n"
         "w = torch.randn(48, 70, generator=g).cuda()\n"
         "a = [(torch.randn(4, 70, generator=g).cuda(), torch.randn(48, 4, generator=g).cuda(), 1.0)]\n"

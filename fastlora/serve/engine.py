@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..checks import check_positive_int
-from ..routing import BASE
+from ..ops.checks import check_positive_int
+from ..adapters.routing import BASE
 from .attach import attach, routed
 from .kv import Running, cache_keyword
 from .pool import AdapterPool

@@ -19,9 +19,9 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from ..bank import AdapterBank, Prepared
-from ..checks import check_positive_int
-from ..routing import BASE, Routing
+from ..adapters.bank import AdapterBank, Prepared
+from ..ops.checks import check_positive_int
+from ..adapters.routing import BASE, Routing
 
 __all__ = ["AdapterPool"]
 

@@ -3,7 +3,7 @@
 Custom ops (with fake implementations) let ``torch.compile(fullgraph=True)`` trace the
 layer without a graph break. Saved for backward: x, T = drop(x) A^T (fp32 ``[M, r]``)
 and the dropout seed; never the mask, a dropped copy of x, or anything ``M x N``.
-The linear stages (forward and dx) run the implementation ``fastlora.dispatch`` chooses
+The linear stages (forward and dx) run the implementation ``fastlora.choice.dispatch`` chooses
 for their shapes, inside the ops' real implementations (so under ``torch.compile`` too).
 
 The base weight is dense (``weight`` ``[N, K]``, ``quant`` empty) or bitsandbytes 4-bit:
@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from . import dispatch, kernels
+from ..choice import dispatch
+from .. import kernels
 
 
 def _base(weight: torch.Tensor, quant: list[torch.Tensor], quant_meta: list[int] | None,

@@ -2,7 +2,7 @@
 
 One bank serves a model (or a single layer): adapters are loaded by name (from a PEFT
 directory, a ``.safetensors`` file, a state dict or a ``fastlora.io.Adapter``), unloaded,
-or replaced at run time; ``bank.index(names)`` gives the ``fastlora.routing.Routing`` of a
+or replaced at run time; ``bank.index(names)`` gives the ``fastlora.adapters.routing.Routing`` of a
 batch (one entry per sequence or row) for ``fastlora.multi_lora_linear``, and
 ``bank[module_name]`` the layer's :class:`LayerBank`.
 
@@ -21,7 +21,7 @@ adapter pool of ``fastlora.serve`` pages adapters through such a bank). An adapt
 (slot) is shared by all layers; a layer an adapter does not cover holds rank 0 for it (the
 base only, as PEFT).
 
-Tenant isolation: the bank's slot table (``fastlora.routing.Slots``) gives each loaded
+Tenant isolation: the bank's slot table (``fastlora.adapters.routing.Slots``) gives each loaded
 adapter a new generation; a routing records those of its slots, and every layer refuses
 it once one of them was unloaded or replaced. An index on an empty slot is an error.
 """
@@ -34,12 +34,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .adapters import PackedAdapters
-from .cache import Stamped
-from .checks import FLOAT32_MAX
-from .functional import dora_weight_norm
-from .layers import BNB_4BIT, CONV1D, LINEAR, linear_kind
-from .plans import MultiPlans
+from .packed import PackedAdapters
+from ..ops.cache import Refreshable, Stamped
+from ..ops.checks import FLOAT32_MAX
+from ..functional import dora_weight_norm
+from ..nn.layers import BNB_4BIT, CONV1D, LINEAR, linear_kind
+from ..choice.plans import MultiPlans
 from .routing import BASE, Routing, Slots
 
 __all__ = ["AdapterBank", "LayerBank", "Prepared"]
@@ -188,7 +188,7 @@ class LayerBank:
         """Raise if the adapter does not fit this layer (shapes, rank, dtypes, device) or holds
         NaN / Inf (as ``fastlora.io`` refuses them) or a scale beyond float32 (the kernels'
         scale dtype); returns the scale as a float. ``who`` names the adapter (and layer)."""
-        from .io.finite import check_finite, finite_number
+        from ..io.finite import check_finite, finite_number
 
         n_out, k = self.weight.shape
         for what, t in (("A", A), ("B", B), ("magnitude", magnitude)):
@@ -281,7 +281,7 @@ class LayerBank:
 
     def _refresh_norms(self, force: bool = False) -> None:
         """Recompute the DoRA norms if the base weight changed (the rule of
-        ``fastlora.cache``), or always with ``force``."""
+        ``fastlora.ops.cache``), or always with ``force``."""
         weight = self.weight
         if force or self._norm_stamp is None or not self._norm_stamp.valid_for((weight,), None):
             with torch.no_grad():
@@ -330,7 +330,7 @@ def base_layer(module: nn.Module) -> nn.Module:
 
 
 def layer_weight(module: nn.Module) -> torch.Tensor | None:
-    """``[N, K]`` weight of a dense linear layer (``fastlora.layers``: an ``nn.Linear``, or a
+    """``[N, K]`` weight of a dense linear layer (``fastlora.nn.layers``: an ``nn.Linear``, or a
     transformers ``Conv1D`` as a transposed view), seen through a LoRA wrapper; None for
     any other module (a bitsandbytes 4-bit layer included)."""
     module = base_layer(module)
@@ -355,7 +355,7 @@ def _not_served(module: nn.Module) -> str | None:
     return f"{what}, not an nn.Linear or a transformers Conv1D"
 
 
-class AdapterBank:
+class AdapterBank(Refreshable):
     """Named adapters for a model's linear layers (or one layer), packed per layer.
 
     ``base``: a model (adapters bind to its ``nn.Linear`` / ``Conv1D`` modules by name, as
@@ -497,7 +497,7 @@ class AdapterBank:
 
     def _read(self, name: str, source) -> dict:
         """``{layer: (A, B, scale, magnitude)}`` of ``source`` (as ``prepare`` takes it)."""
-        from .io import Adapter, load_adapter
+        from ..io import Adapter, load_adapter
 
         if isinstance(source, dict) and all(isinstance(v, tuple) for v in source.values()):
             return source
@@ -604,14 +604,14 @@ class AdapterBank:
 
     def refresh(self) -> None:
         """Recompute every layer's DoRA norms now. Base-weight changes are otherwise detected
-        by the rule of ``fastlora.cache``; this is for writes it cannot see
+        by the rule of ``fastlora.ops.cache``; this is for writes it cannot see
         (``weight.data.copy_(t)``). ``fastlora.refresh(bank)`` calls it."""
         for bank in self.layers.values():
             if bank.is_dora is not None:
                 bank._refresh_norms(force=True)
 
     def __repr__(self) -> str:
-        from .io.summary import size_text
+        from ..io.summary import size_text
 
         served = "a model" if self._model is not None else "one layer"
         return (f"AdapterBank({len(self)} adapters {self.names} over {len(self.layers)} layers of {served}, "

@@ -30,7 +30,7 @@ import torch
 def _meta(offsets, ranks, scales, max_rank, dropout, magnitude, weight_norm, dora_flags,
           index, perm, keys, seg):
     """The kernels' launch metadata: (``AdapterMeta``, ``RowMap``)."""
-    from .kernels.multi_meta import AdapterMeta, RowGroups, RowMap
+    from ..kernels.multi_meta import AdapterMeta, RowGroups, RowMap
 
     n = offsets.shape[0]
     bank = AdapterMeta(offsets, ranks, scales, max_rank, dropout, magnitude, weight_norm,
@@ -53,8 +53,8 @@ def multi_lora_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     scaled shrink, rows in batch order, as partial sums over K chunks). DoRA: magnitude
     ``[n, N]``, weight_norm ``[n, N]`` fp32 and dora_flags ``[n]`` int8; dropout ``[n]``
     fp32 or None."""
-    from .kernels.linear import MultiLowRank, multi_fused_linear
-    from .kernels.shrink import multi_lora_shrink
+    from ..kernels.linear import MultiLowRank, multi_fused_linear
+    from ..kernels.shrink import multi_lora_shrink
 
     bank, rows = _meta(offsets, ranks, scales, max_rank, dropout, magnitude, weight_norm,
                        dora_flags, index, perm, keys, seg)
@@ -66,7 +66,7 @@ def multi_lora_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 @multi_lora_fwd.register_fake
 def _(x, weight, bias, A, B, offsets, ranks, scales, magnitude, weight_norm, dora_flags, dropout,
       index, perm, keys, seg, max_rank, seed):
-    from .kernels.shrink import gather_splits
+    from ..kernels.shrink import gather_splits
 
     chunks = gather_splits(x.shape[1])[0] if index is not None else 1
     return (x.new_empty((x.shape[0], weight.shape[0])),
@@ -86,8 +86,8 @@ def multi_lora_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     """Returns (dx or empty, packed dA ``[S, K]``, packed dB^T ``[S, N]``, d magnitude
     ``[n, N]`` or empty); rows of adapters absent from the batch get zeros. y: the
     forward's output (DoRA only)."""
-    from .kernels.backward import multi_lora_da, multi_lora_dy
-    from .kernels.linear import MultiLowRank, multi_fused_linear
+    from ..kernels.backward import multi_lora_da, multi_lora_dy
+    from ..kernels.linear import MultiLowRank, multi_fused_linear
 
     bank, rows = _meta(offsets, ranks, scales, s.shape[2], dropout, magnitude, weight_norm,
                        dora_flags, index, perm, keys, seg)
