@@ -101,7 +101,8 @@ class Server:
     batch-size bucket (1, 2, 4, 8, 16, 24, ... ``max_batch``; a step pads its rows to the
     smallest bucket holding them), captured at a bucket's first step after two eager
     warm-up runs, over a static KV cache of ``max_batch`` rows and ``max_length`` columns
-    (allocated at the first prefill), the bucket's static routing and the pool's bank.
+    (allocated at the first prefill: 2 x layers x ``max_batch`` x KV heads x head dim x
+    ``max_length`` elements), the bucket's static routing and the pool's bank.
     Before each step the graphs are checked against what they captured (the bank's storage
     and the layers its adapters cover, the model's parameters and buffers) and captured
     again when it changed (``graphs.invalidations`` counts why); a capture that fails turns
