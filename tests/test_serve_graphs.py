@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from data import generator, randint, randn
-from fastlora.bank import AdapterBank
+from fastlora.adapters.bank import AdapterBank
 from fastlora.serve import AdapterPool, Server
 from fastlora.serve import graphs as graphs_module
 from fastlora.serve.graphs import GraphDecoder, bucket_for, buckets
