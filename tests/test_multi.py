@@ -395,3 +395,34 @@ def test_gpu_multi_training_step_in_a_cuda_graph():
     graph.replay()
     assert not torch.equal(first, out["y"])
     assert torch.isfinite(x.grad).all() and torch.isfinite(bank.A.grad).all()
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "dora-and-dropout"])
+def test_multi_op_passes_opcheck_with_either_list_form(training, device):
+    """The op takes the adapters' and rows' descriptors as two lists of optional tensors
+    (``library.multi_args``). torch handles a list holding a None as one opaque input but
+    flattens a list of tensors only (DoRA and dropout adapters; gathered rows that carry
+    their groups for the backward): the op's schema, fake and autograd registration hold
+    for both forms (opcheck), and the gradients match the reference in the second."""
+    from fastlora.adapters.routing import Routing
+    from fastlora.ops import library
+
+    weight, bias, bank = make_bank([8, 4, 16], [True, False, False], device=device,
+                                   dropout=(0.0, 0.2, 0.1))
+    g = generator(16)
+    x = randn(24, K, g=g, device=device, requires_grad=True)
+    index = randint(0, 3, (24,), g=g, device=device)
+    adapters, rows = library.multi_args(bank, Routing.from_index(index, bank.n), 24,
+                                        dropout=training, grouped=True)
+    assert any(t is None for t in adapters + rows) is not training
+    seed = torch.full((1,), 5, dtype=torch.int64, device=device)
+    args = (x, weight, bias, bank.A, bank.B, bank.magnitude, adapters, rows, bank.max_rank,
+            seed if training else None)
+    torch.library.opcheck(library.multi_lora_fwd, args,
+                          test_utils=("test_schema", "test_autograd_registration",
+                                      "test_faketensor"))
+    if training:
+        mask = torch.ones(24, K, dtype=torch.bool, device=device)
+        for a, pa in enumerate((0.0, 0.2, 0.1)):
+            mask[index == a] = dropout_mask(5, 24, K, pa, device=device)[index == a]
+        check(x, weight, bias, bank, index, torch.float32, training=True, seed=5, mask=mask)
