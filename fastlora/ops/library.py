@@ -247,8 +247,8 @@ dora_linear_fwd.register_autograd(_dora_backward, setup_context=_dora_setup_cont
 # DoRA's magnitude are differentiable: they stay top-level arguments (torch treats a list
 # holding a None as one opaque input, so a tensor inside it would get no gradient).
 
-ADAPTER_FIELDS = ("offsets", "ranks", "scales", "dropout", "weight_norm", "flags")
-ROW_FIELDS = ("index", "perm", "keys", "seg")
+ADAPTER_FIELDS = ("offsets", "ranks", "scales", "dropout", "weight_norm", "flags")  # AdapterMeta's
+ROW_FIELDS = ("index", "perm", "keys", "seg")  # RowMap's index, then its RowGroups'
 
 
 def multi_args(bank, routing, m: int, *, dropout: bool, grouped: bool
@@ -277,12 +277,11 @@ def launch_meta(adapters: list[torch.Tensor | None], magnitude: torch.Tensor | N
                 rows: list[torch.Tensor | None], max_rank: int
                 ) -> tuple[kernels.AdapterMeta, kernels.RowMap]:
     """The launchers' (``AdapterMeta``, ``RowMap``) of ``multi_args``' lists."""
-    offsets, ranks, scales, dropout, weight_norm, flags = adapters
-    index, perm, keys, seg = rows
-    meta = kernels.AdapterMeta(offsets, ranks, scales, max_rank, dropout, magnitude, weight_norm,
-                               flags)
+    meta = kernels.AdapterMeta(max_rank=max_rank, magnitude=magnitude,
+                               **dict(zip(ADAPTER_FIELDS, adapters)))
+    index, perm, keys, seg = rows  # ROW_FIELDS: RowMap's index, RowGroups' fields
     groups = kernels.RowGroups(perm, keys, seg) if perm is not None else None
-    return meta, kernels.RowMap(offsets.shape[0], index, groups)
+    return meta, kernels.RowMap(adapters[0].shape[0], index, groups)
 
 
 def _multi_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -376,7 +375,8 @@ def _multi_grads(ctx, dy, needs) -> tuple:
     says no gradient is wanted."""
     saved = ctx.saved_tensors
     x, weight, bias, A, B, magnitude, s, y, seed = saved[:9]
-    adapters, rows = list(saved[9:9 + len(ADAPTER_FIELDS)]), list(saved[9 + len(ADAPTER_FIELDS):])
+    adapters = list(saved[9:9 + len(ADAPTER_FIELDS)])
+    rows = list(saved[9 + len(ADAPTER_FIELDS):9 + len(ADAPTER_FIELDS) + len(ROW_FIELDS)])
     need_x, need_w, need_b, need_a, need_bb, need_m = needs
     dx = da = db = dmag = dweight = dbias = None
     if need_x or need_a or need_bb or need_m:
