@@ -280,23 +280,14 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
             return reference.multi_lora_linear(x, weight, bias, bank, routing.row_index(m),
                                                training=drop,
                                                generator=_generator(seed, generator, x.device))
-    from .ops import multi
-    from .kernels.multi_meta import gathers
+    from .ops import library
 
-    index = perm = keys = seg = None
-    if gathers(m):  # decode: each row gathers its adapter, nothing sorted
-        index = routing.row_index(m)
     differentiable = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias, bank.A, bank.B, bank.magnitude))
-    if index is None or differentiable:  # the backward works on grouped rows: once per routing
-        groups = routing.groups(m)
-        perm, keys, seg = groups.perm, groups.keys, groups.seg
-    dora = bank.magnitude is not None
-    y, _ = multi.multi_lora_fwd(x.reshape(-1, x.shape[-1]), weight, bias, bank.A, bank.B,
-                                bank.offsets, bank.ranks, bank.scales, bank.magnitude,
-                                bank.weight_norm.detach() if dora else None,
-                                bank.is_dora.view(torch.int8) if dora else None,
-                                bank.dropout if drop else None, index, perm, keys, seg,
-                                int(bank.max_rank),
-                                _seed(seed, generator, x.device) if drop else None)
+    # the backward works on grouped rows: made once per routing
+    adapters, rows = library.multi_args(bank, routing, m, dropout=drop, grouped=differentiable)
+    y = library.multi_lora(x.reshape(-1, x.shape[-1]), weight, bias, bank.A, bank.B,
+                           bank.magnitude, adapters, rows, int(bank.max_rank),
+                           _seed(seed, generator, x.device) if drop else None,
+                           record=differentiable)
     return y.view(*x.shape[:-1], weight.shape[0])

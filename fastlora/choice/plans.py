@@ -286,18 +286,16 @@ def _make_multi(x, weight, bias, layer, routing):
         return None, result
     from ..kernels.common import on_device
     from ..kernels.linear import MultiLowRank, multi_linear_launch
-    from ..kernels.multi_meta import AdapterMeta, RowMap
     from ..kernels.shrink import gather_splits, multi_shrink_launch
+    from ..ops import library
 
     plan = _MultiPlan()
     plan.packed, plan.device = bank, x.device
     plan.t_shape = (gather_splits(x.shape[-1])[0], m, max(bank.max_rank, 1))
     plan.y_shape, plan.out_shape = (m, weight.shape[0]), (*x.shape[:-1], weight.shape[0])
-    dora = bank.magnitude is not None
-    meta = AdapterMeta(bank.offsets, bank.ranks, bank.scales, bank.max_rank, None,
-                       bank.magnitude, bank.weight_norm.detach() if dora else None,
-                       bank.is_dora.view(torch.int8) if dora else None)
-    rows = RowMap(bank.n, routing.row_index(m))
+    # the op's own descriptors (eval: no dropout; decode rows gather, nothing grouped)
+    adapters, rows = library.multi_args(bank, routing, m, dropout=False, grouped=False)
+    meta, rows = library.launch_meta(adapters, bank.magnitude, rows, bank.max_rank)
 
     @on_device
     def make(x2):
