@@ -149,7 +149,7 @@ def measure(k=64, n=64, r=8, rows=1, rounds=20, dtype=torch.float16, device="cpu
             wall: bool | None = None) -> list[dict]:
     """One row per (path, mode): calls, host_us (launches stubbed) and, on a GPU (or with
     ``wall``), wall_us (real launches)."""
-    from fastlora.backend import interpreting
+    from fastlora.choice.backend import interpreting
     from fastlora.serve import routed
 
     if torch.device(device).type == "cpu" and not interpreting():

@@ -198,7 +198,7 @@ def with_forced(layer: dict, run: Run, m, k, n, r, p, dtype) -> tuple[dict, list
     stages can run, and ``fastlora.warmup``'s explanations (it chooses the implementations
     first, so the timings below never include choosing)."""
     import fastlora
-    from fastlora import dispatch
+    from fastlora.choice import dispatch
 
     explained = fastlora.warmup((m, k), (n, k), r, dtype=run.half, adapter_dtype=dtype,
                                 bias=False, dropout_p=p, device=run.device)

@@ -59,7 +59,7 @@ def peft_4bit(k: int, n: int, r: int, dtype: torch.dtype, device):
 def make_impls(run: Run, k: int, n: int, r: int) -> dict:
     """(name -> (forward fn of x, trainable params), the 4-bit weight, (W16, A, B))."""
     import fastlora
-    from fastlora.quant4 import Quant4Weight
+    from fastlora.ops.quant4 import Quant4Weight
 
     dtype = run.half
     w16 = run.randn(n, k, seed=1) * k ** -0.5

@@ -234,7 +234,7 @@ def check_outputs(base, bank, peft_model, run: Run) -> dict:
 
 
 def main(argv=None) -> int:
-    from fastlora.bank import AdapterBank
+    from fastlora.adapters.bank import AdapterBank
     from fastlora.serve import attach
 
     args = parse_args(argv)

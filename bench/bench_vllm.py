@@ -104,7 +104,7 @@ def vllm_punica(slots: torch.Tensor, n_slots: int, rank: int, device):
 def make_impls(weight, stacked, slots: torch.Tensor, vllm: bool) -> dict:
     """name -> forward fn of x ``[M, K]`` for the tokens' ``slots`` ``[M]`` (CPU int64)."""
     from fastlora import multi_lora_linear
-    from fastlora.routing import Routing
+    from fastlora.adapters.routing import Routing
 
     device = weight.device
     routing = Routing.from_index(slots.to(device), stacked.slots)

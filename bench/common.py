@@ -288,7 +288,7 @@ def capture(body):
 @contextlib.contextmanager
 def forced_impl(name: str | None):
     """Run the block with ``FASTLORA_IMPL=name`` (unchanged for None): fastlora's linear
-    stages, forward and backward, run that implementation (``fastlora.dispatch``)."""
+    stages, forward and backward, run that implementation (``fastlora.choice.dispatch``)."""
     if name is None:
         yield
         return

@@ -205,8 +205,8 @@ def trace(fns) -> list[Launch]:
     uninitialized, which changes no launch (nothing is read back)."""
     from triton.runtime.autotuner import Autotuner
 
-    from fastlora import backend, dispatch
-    from fastlora.choice_cache import ChoiceCache
+    from fastlora.choice import backend, dispatch
+    from fastlora.choice.store import ChoiceCache
 
     launches: list[Launch] = []
 

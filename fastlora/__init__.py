@@ -10,13 +10,13 @@ which implementation runs each layer shape and tunes its kernels (before CUDA-gr
 capture; ``warmup_multi`` for ``multi_lora_linear``), ``explain`` says.
 """
 from . import nn, reference
-from .adapters import PackedAdapters, pack_adapters
-from .bank import AdapterBank
-from .cache import refresh
+from .adapters.packed import PackedAdapters, pack_adapters
+from .adapters.bank import AdapterBank
+from .ops.cache import refresh
 from .functional import dora_linear, dora_weight_norm, lora_linear, multi_lora_linear
 from .peft import PatchReport, is_patched, patch, unpatch
-from .quant4 import Quant4Weight
-from .warmup import explain, warmup, warmup_multi
+from .ops.quant4 import Quant4Weight
+from .choice.warmup import explain, warmup, warmup_multi
 
 __version__ = "0.1.0"
 __all__ = ["AdapterBank", "PackedAdapters", "PatchReport", "dora_linear", "dora_weight_norm",

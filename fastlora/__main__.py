@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     if command == "demo":
         from .demo import main as run
     elif command == "check-kernels":
-        from .check_kernels import main as run
+        from .kernels.check import main as run
     elif command == "bench":
         script = Path(__file__).resolve().parents[1] / "bench" / "bench_layer.py"
         if not script.exists():

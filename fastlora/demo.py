@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as e:
         print(f"fastlora demo: error: {_import_problem(e)}", file=sys.stderr)
         return 1
-    from . import backend
+    from .choice import backend
     from .peft import patch
 
     device = torch.device(args.device)

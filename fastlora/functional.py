@@ -1,5 +1,5 @@
-"""Functional ops: argument checks (``fastlora.checks``), autocast, backend choice
-(``fastlora.backend``) and the dropout seed, then the custom ops or the PyTorch reference.
+"""Functional ops: argument checks (``fastlora.ops.checks``), autocast, backend choice
+(``fastlora.choice.backend``) and the dropout seed, then the custom ops or the PyTorch reference.
 
 Dropout seed: on the Triton path the seed is an int64 tensor on x's device that the kernels
 load (never a host integer), drawn per call with ``torch.randint`` on the device's
@@ -15,9 +15,11 @@ import warnings
 
 import torch
 
-from . import backend, checks, reference
-from .quant4 import Quant4Weight, as_quant4, is_bnb_4bit
-from .routing import Routing
+from .choice import backend
+from .ops import checks
+from . import reference
+from .ops.quant4 import Quant4Weight, as_quant4, is_bnb_4bit
+from .adapters.routing import Routing
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -62,7 +64,7 @@ def _prepare(x, weight, bias, lora_A, lora_B, scaling, dropout_p, **others):
 
 
 def _op_weight(weight) -> tuple:
-    """(weight, quant, quant_meta, compute_dtype) as ``fastlora._ops`` takes a dense or a
+    """(weight, quant, quant_meta, compute_dtype) as ``fastlora.ops.library`` takes a dense or a
     4-bit (``Quant4Weight``) base weight."""
     if isinstance(weight, Quant4Weight):
         return (*weight.op_args(), weight.compute_dtype)
@@ -103,7 +105,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     16-bit base: the LoRA branch then runs in fp32, as PEFT's. Returns ``[..., N]`` in x's
     dtype.
 
-    weight may be bitsandbytes 4-bit: a ``Params4bit`` or a ``fastlora.quant4.Quant4Weight``
+    weight may be bitsandbytes 4-bit: a ``Params4bit`` or a ``fastlora.ops.quant4.Quant4Weight``
     (NF4/FP4, double-quantized absmax or not). Its tiles are dequantized inside the fused
     kernels (the ``N x K`` weight is never built) in the compute dtype of bitsandbytes'
     ``Linear4bit``: the view's ``compute_dtype``, else the autocast dtype, else x's; x may
@@ -121,12 +123,12 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         return reference.lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=p,
                                      training=training,
                                      generator=_generator(seed, generator, x.device))
-    from . import _ops
+    from .ops import library
 
     lead = x.shape[:-1]
     seed_t = _seed(seed, generator, x.device) if p > 0.0 else None
     w, quant, meta, compute = _op_weight(weight)
-    y, _ = _ops.lora_linear_fwd(x.reshape(-1, x.shape[-1]), w, bias, lora_A, lora_B,
+    y, _ = library.lora_linear_fwd(x.reshape(-1, x.shape[-1]), w, bias, lora_A, lora_B,
                                 float(scaling), p, seed_t, quant, meta, compute)
     return y.view(*lead, weight.shape[0])
 
@@ -151,10 +153,10 @@ def dora_weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.T
             w = weight.to(lora_A.dtype) if quant is None else \
                 reference.dequantize_4bit(quant, lora_A.dtype)
             return reference.dora_weight_norm(w.float(), lora_A.float(), lora_B.float(), scaling)
-        from . import _ops
+        from .ops import library
 
         w, quant_parts, meta, _ = _op_weight(quant or weight)
-        return _ops.dora_norm(w, lora_A.detach(), lora_B.detach(), float(scaling), quant_parts,
+        return library.dora_norm(w, lora_A.detach(), lora_B.detach(), float(scaling), quant_parts,
                               meta)
 
 
@@ -202,15 +204,15 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                                      dropout_p=p, training=training,
                                      generator=_generator(seed, generator, x.device),
                                      weight_norm=weight_norm)
-    from . import _ops
+    from .ops import library
 
     w, quant, meta, compute = _op_weight(weight)
     if weight_norm is None:
-        weight_norm = _ops.dora_norm(w, lora_A.detach(), lora_B.detach(), float(scaling),
+        weight_norm = library.dora_norm(w, lora_A.detach(), lora_B.detach(), float(scaling),
                                      quant, meta)
     g = (magnitude.float() / weight_norm.detach().float()).contiguous()
     lead = x.shape[:-1]
-    y, _ = _ops.dora_linear_fwd(x.reshape(-1, x.shape[-1]), w, bias, lora_A, lora_B,
+    y, _ = library.dora_linear_fwd(x.reshape(-1, x.shape[-1]), w, bias, lora_A, lora_B,
                                 float(scaling), g, quant, meta, compute)
     return y.view(*lead, weight.shape[0])
 
@@ -222,7 +224,7 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     bank (-1: base only); weight ``[N, K]``, bias ``[N]`` or None. Returns ``[..., N]`` in
     x's dtype; each row equals ``fastlora.lora_linear`` (or ``dora_linear``) with its adapter.
 
-    ``adapter_index``: a ``fastlora.routing.Routing`` (made once per model forward, e.g. by
+    ``adapter_index``: a ``fastlora.adapters.routing.Routing`` (made once per model forward, e.g. by
     ``AdapterBank.index``: this call then does no index checks and no row grouping of its
     own; an entry per sequence serves all its rows) or an integer tensor with one entry per
     row (x's leading shape, or flattened), checked and grouped here.
@@ -234,8 +236,8 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     routing and row count) and tensor-core dots per adapter; so does the backward, whose
     groups a differentiable decode call makes once per routing too, not once per layer.
 
-    The bank is a ``fastlora.adapters.PackedAdapters`` (or anything with a ``packed()``
-    method giving one, such as a ``fastlora.bank.AdapterBank`` layer). Differentiable in x,
+    The bank is a ``fastlora.adapters.packed.PackedAdapters`` (or anything with a ``packed()``
+    method giving one, such as a ``fastlora.adapters.bank.AdapterBank`` layer). Differentiable in x,
     weight, bias and the bank's A, B and magnitude: each adapter's rows get the gradient of
     its own rows only (zero for adapters absent from the batch). In training, adapter i's
     rows see dropout ``bank.dropout[i]`` (mask from ``seed`` or ``generator``, regenerated
@@ -278,23 +280,14 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
             return reference.multi_lora_linear(x, weight, bias, bank, routing.row_index(m),
                                                training=drop,
                                                generator=_generator(seed, generator, x.device))
-    from . import multi
-    from .kernels.multi_meta import gathers
+    from .ops import library
 
-    index = perm = keys = seg = None
-    if gathers(m):  # decode: each row gathers its adapter, nothing sorted
-        index = routing.row_index(m)
     differentiable = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias, bank.A, bank.B, bank.magnitude))
-    if index is None or differentiable:  # the backward works on grouped rows: once per routing
-        groups = routing.groups(m)
-        perm, keys, seg = groups.perm, groups.keys, groups.seg
-    dora = bank.magnitude is not None
-    y, _ = multi.multi_lora_fwd(x.reshape(-1, x.shape[-1]), weight, bias, bank.A, bank.B,
-                                bank.offsets, bank.ranks, bank.scales, bank.magnitude,
-                                bank.weight_norm.detach() if dora else None,
-                                bank.is_dora.view(torch.int8) if dora else None,
-                                bank.dropout if drop else None, index, perm, keys, seg,
-                                int(bank.max_rank),
-                                _seed(seed, generator, x.device) if drop else None)
+    # the backward works on grouped rows: made once per routing
+    adapters, rows = library.multi_args(bank, routing, m, dropout=drop, grouped=differentiable)
+    y = library.multi_lora(x.reshape(-1, x.shape[-1]), weight, bias, bank.A, bank.B,
+                           bank.magnitude, adapters, rows, int(bank.max_rank),
+                           _seed(seed, generator, x.device) if drop else None,
+                           record=differentiable)
     return y.view(*x.shape[:-1], weight.shape[0])

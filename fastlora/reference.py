@@ -2,7 +2,7 @@
 
 Shapes follow PEFT: x ``[..., K]``, weight ``[N, K]``, bias ``[N]``, lora_A ``[r, K]``,
 lora_B ``[N, r]``. Any float dtype works; the tests run these in float32 (or float64).
-A weight may also be bitsandbytes 4-bit (a ``Params4bit`` or a ``fastlora.quant4.Quant4Weight``):
+A weight may also be bitsandbytes 4-bit (a ``Params4bit`` or a ``fastlora.ops.quant4.Quant4Weight``):
 it is decoded by ``Quant4Weight.dequantize`` (fastlora's PyTorch decode of bitsandbytes'
 format; bitsandbytes' own CPU ``dequantize_4bit`` is wrong for some shapes, and the tests
 check this decode against one done by hand), and the base layer is computed as
@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .quant4 import Quant4Weight, is_bnb_4bit
+from .ops.quant4 import Quant4Weight, is_bnb_4bit
 
 
 def dequantize_4bit(weight, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -108,7 +108,7 @@ def multi_lora_linear(x, weight, bias, bank, adapter_index, *, training: bool = 
     index on the host (an oracle, not a fast path).
 
     x ``[..., K]``, weight ``[N, K]``, bias ``[N]`` or None, bank a
-    ``fastlora.adapters.PackedAdapters``, adapter_index ``[...]`` (one per row, -1 = base).
+    ``fastlora.adapters.packed.PackedAdapters``, adapter_index ``[...]`` (one per row, -1 = base).
 
     In training, rows of adapter i see dropout ``bank.dropout[i]``; ``dropout_mask`` (bool,
     x's shape) replaces the random masks, so a test can replay a kernel's mask.

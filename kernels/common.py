@@ -17,23 +17,49 @@ class Launch:
     named tensors left to each call (``launch(**tensors)``): a launch plan keeps the
     decisions and the layout facts, never the tensors of one call. ``slots`` names where a
     tensor sits inside a descriptor argument (``"a_ptr": ("a", "ptr")``: member ptr of
-    argument a); a name without a slot is an argument itself."""
-    __slots__ = ("kernel", "grid", "args", "slots")
+    argument a); a name without a slot is an argument itself.
+
+    A call with tensors runs no Python function besides ``__call__`` and ``_with``: the
+    slots are kept as member indices and the descriptors rebuilt with ``tuple.__new__``
+    (a NamedTuple's own constructor and ``_replace`` are Python functions, a few per
+    tensor, paid on every decode step)."""
+    __slots__ = ("kernel", "grid", "args", "slots", "_paths")
 
     def __init__(self, kernel, grid, args: dict, slots: dict[str, tuple[str, ...]] | None = None):
         self.kernel, self.grid, self.args, self.slots = kernel, grid, args, slots or {}
+        self._paths = {}  # name -> (argument, member indices) for the slots args has
+        for name, path in self.slots.items():
+            desc, indices = args.get(path[0]), []
+            for member in path[1:]:  # a slot this launch's descriptors lack is left out
+                if member not in getattr(desc, "_fields", ()):
+                    break
+                indices.append(type(desc)._fields.index(member))
+                desc = desc[indices[-1]]
+            else:
+                self._paths[name] = (path[0], tuple(indices))
 
     def _with(self, tensors: dict) -> dict:
         args = dict(self.args)
+        paths = self._paths
         for name, t in tensors.items():
-            path = self.slots.get(name)
-            if path is None:
+            if name not in self.slots:
                 args[name] = t
-            else:
-                args[path[0]] = _put(args[path[0]], path[1:], t)
+                continue
+            top, indices = paths[name]
+            if not indices:
+                args[top] = t
+                continue
+            chain = [args[top]]
+            for i in indices[:-1]:
+                chain.append(chain[-1][i])
+            for desc, i in zip(reversed(chain), reversed(indices)):
+                t = _new_tuple(type(desc), (*desc[:i], t, *desc[i + 1:]))
+            args[top] = t
         return args
 
     def without(self, *names: str) -> "Launch":
+        """The launch with the named tensors left to each call (None in their slots)."""
+        names = [name for name in names if name not in self.slots or name in self._paths]
         args = self._with(dict.fromkeys(names))
         for name in names:
             if name not in self.slots:
@@ -44,11 +70,7 @@ class Launch:
         self.kernel[self.grid](**(self._with(tensors) if tensors else self.args))
 
 
-def _put(desc, path: tuple[str, ...], value):
-    """``desc`` (a NamedTuple, nested) with the member at ``path`` replaced by ``value``."""
-    if not path:
-        return value
-    return desc._replace(**{path[0]: _put(getattr(desc, path[0]), path[1:], value)})
+_new_tuple = tuple.__new__  # a NamedTuple made from its members, without its Python __new__
 
 
 def interpreting() -> bool:

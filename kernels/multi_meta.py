@@ -55,7 +55,7 @@ def group_rows(index: torch.Tensor, n: int) -> RowGroups:
     """Group the rows of a batch by adapter: index ``[M]`` integer, -1 for base rows.
 
     Indices outside ``-1 .. n - 1`` are clamped here (so no kernel reads out of bounds);
-    they are refused before (``fastlora.checks.check_index``, when a routing is made).
+    they are refused before (``fastlora.ops.checks.check_index``, when a routing is made).
     """
     key = index.reshape(-1).to(torch.int32)
     key = torch.where(key < 0, n, key).clamp_(0, n)

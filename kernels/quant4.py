@@ -6,7 +6,7 @@ element ``f = n * K + k`` is the 4-bit code in byte ``f // 2`` of the packed dat
 nibble for even f, the low nibble for odd f (with N * K odd the last low nibble is padding).
 Blocks of ``blocksize`` consecutive flat elements share one scale ``absmax[f // blocksize]``
 (fp32), so when K is not a multiple of the blocksize a block straddles two rows. The value
-is ``code_book[code] * absmax`` in fp32 (the code books: ``fastlora.quant4.code_book``);
+is ``code_book[code] * absmax`` in fp32 (the code books: ``fastlora.ops.quant4.code_book``);
 bitsandbytes' forward rounds it once, straight to the compute dtype. Double quantization
 ("nested") stores absmax as uint8 codes q: ``absmax[b] = code2[q[b]] * absmax2[b // blocksize2]
 + offset`` in fp32 (code2: the 256-entry dynamic map, blocksize2 256 as bitsandbytes writes it;

@@ -16,7 +16,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 @pytest.fixture(autouse=True, scope="session")
 def _choice_cache_dir(tmp_path_factory):
     """The implementation choices the tests measure (on a GPU) go to a scratch directory,
-    never to the user's cache (fastlora.choice_cache)."""
+    never to the user's cache (fastlora.choice.store)."""
     os.environ["FASTLORA_CACHE_DIR"] = str(tmp_path_factory.mktemp("choices"))
 
 
@@ -65,7 +65,7 @@ def fused_calls(monkeypatch):
 @pytest.fixture(params=["torch", "triton"])
 def fast_backend(request, monkeypatch, device):
     """FASTLORA_BACKEND=torch, or the default path (Triton: GPU or CPU interpreter)."""
-    from fastlora import backend
+    from fastlora.choice import backend
 
     if request.param == "torch":
         monkeypatch.setenv("FASTLORA_BACKEND", "torch")

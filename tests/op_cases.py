@@ -8,7 +8,7 @@ import torch
 import fastlora
 from data import generator, randn
 from fastlora import reference
-from fastlora.adapters import pack_adapters
+from fastlora.adapters.packed import pack_adapters
 from helpers import assert_close
 from tolerances import term_magnitudes
 

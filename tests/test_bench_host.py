@@ -16,3 +16,15 @@ def test_host_benchmark_gives_every_path_and_mode(device):
         assert row.get("bwd_calls", 4) > 3
     table = markdown_table(rows, COLUMNS)
     assert table.count("\n") == len(rows) + 2
+
+
+def test_no_eval_path_makes_more_python_calls_than_peft(device):
+    """Issue 21's target: a steady-state call of every fastlora path (eval), and of the
+    patched and drop-in layers with grad, runs no more Python than PEFT's unpatched layer.
+    (The served layer with grad, a trainable base the server never has, is not held to it.)"""
+    rows = measure(k=32, n=16, r=4, rounds=1, device=device, wall=False)
+    calls = {(r["path"], r["mode"]): r["calls"] for r in rows}
+    for path in ("nn.LoraLinear", "patched peft", "serve decode"):
+        assert calls[path, "eval"] <= calls["peft", "eval"], calls
+    for path in ("nn.LoraLinear", "patched peft"):
+        assert calls[path, "grad"] <= calls["peft", "grad"], calls

@@ -15,7 +15,7 @@ from torch import nn
 
 import fastlora
 from fastlora import reference
-from fastlora.bank import AdapterBank
+from fastlora.adapters.bank import AdapterBank
 from fastlora.nn import DoraLinear
 from helpers import assert_close
 

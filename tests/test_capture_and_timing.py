@@ -10,9 +10,9 @@ import triton.language as tl
 
 import fastlora
 from data import generator, randn
-from fastlora import dispatch
-from fastlora.choice_cache import ChoiceCache
-from fastlora.dispatch import Chooser, Impl, LinearArgs, stage_ms
+from fastlora.choice import dispatch
+from fastlora.choice.store import ChoiceCache
+from fastlora.choice.dispatch import Chooser, Impl, LinearArgs, stage_ms
 from fastlora.kernels import capture
 from fastlora.kernels.common import tune
 from spies import count_launches
@@ -97,7 +97,7 @@ def test_warmup_runs_a_4bit_layer_s_kernels(monkeypatch, device):
 def test_warmup_multi_spreads_the_rows_over_a_bank_s_loaded_slots(monkeypatch, device):
     """An AdapterBank with empty slots (an index on one raises): the rows go to the two
     loaded adapters."""
-    from fastlora.bank import AdapterBank
+    from fastlora.adapters.bank import AdapterBank
 
     layer = torch.nn.Linear(K, N, device=device)
     bank = AdapterBank(layer, capacity=4)

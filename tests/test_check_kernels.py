@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fastlora.check_kernels import SMEM_LIMIT, SPILL_BUDGET, Row
+from fastlora.kernels.check import SMEM_LIMIT, SPILL_BUDGET, Row
 
 _Q4_LABELS = ("4-bit forward", "4-bit dx", "4-bit DoRA forward", "4-bit DoRA dx",
               "4-bit W nested b64", "straddling")
@@ -135,7 +135,7 @@ def test_bad_invocation_is_one_line_and_exit_code_2(args, env, message):
 
 
 def test_run_refuses_interpreter_and_unknown_target(monkeypatch):
-    from fastlora import check_kernels
+    from fastlora.kernels import check as check_kernels
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):

@@ -1,4 +1,4 @@
-"""The on-disk choice cache (fastlora.choice_cache): every unreadable file is ignored with
+"""The on-disk choice cache (fastlora.choice.store): every unreadable file is ignored with
 one warning and rewritten by the next write, and concurrent writers lose no entries (a
 file lock around read-merge-replace; none where fcntl is missing)."""
 import json
@@ -8,8 +8,8 @@ import warnings
 
 import pytest
 
-from fastlora import choice_cache
-from fastlora.choice_cache import Choice, ChoiceCache
+from fastlora.choice import store as choice_cache
+from fastlora.choice.store import Choice, ChoiceCache
 
 
 @pytest.fixture(autouse=True)

@@ -10,9 +10,9 @@ import torch
 
 import fastlora
 from data import generator, randn
-from fastlora import dispatch
-from fastlora.choice_cache import ChoiceCache
-from fastlora.dispatch import DORA_DX, FORWARD, Chooser, Impl, LinearArgs, StageSpec
+from fastlora.choice import dispatch
+from fastlora.choice.store import ChoiceCache
+from fastlora.choice.dispatch import DORA_DX, FORWARD, Chooser, Impl, LinearArgs, StageSpec
 from fastlora.kernels import term, tma_layout_unsupported
 from helpers import assert_close
 

@@ -339,7 +339,7 @@ def test_gpu_cuda_graph_replay(monkeypatch):
     """Forward and backward capture in a CUDA graph: fastlora.warmup chooses the
     implementation of every linear stage beforehand (nothing is timed afterwards), then a
     warm-up step on the side stream autotunes."""
-    from fastlora import dispatch
+    from fastlora.choice import dispatch
 
     for e in fastlora.warmup((256, 1024), (768, 1024), 16, dtype=torch.bfloat16, device="cuda"):
         assert e.why == "measured" and e.impl in e.timings_ms, str(e)
@@ -406,7 +406,7 @@ def test_gpu_second_device_while_first_is_current():
 def test_gpu_deterministic_mode_runs_the_reference(monkeypatch):
     """Under torch.use_deterministic_algorithms the ops run the PyTorch reference (the
     kernels' backward reduces with atomics): gradients are bit-identical run to run."""
-    from fastlora import backend
+    from fastlora.choice import backend
 
     monkeypatch.setattr(backend, "_warned_deterministic", False)
     args = make(300, 130, 70, 16, torch.float32, device="cuda")

@@ -17,7 +17,7 @@ from common import capture
 from data import generator, randint, randn
 from fastlora import functional, reference
 from fastlora import multi_lora_linear
-from fastlora.adapters import pack_adapters
+from fastlora.adapters.packed import pack_adapters
 from fastlora.kernels import dropout_mask
 from fastlora.kernels.multi_meta import group_rows
 from helpers import assert_close
@@ -137,7 +137,7 @@ def test_decode_forward_is_two_launches_reading_w_once(monkeypatch, device):
     sorted, and no torch op runs besides allocations and views."""
 
     from fastlora.kernels import multi_meta
-    from fastlora.routing import Routing
+    from fastlora.adapters.routing import Routing
     from spies import count_calls, count_launches, torch_ops
 
     weight, bias, bank = make_bank([(1, 8, 16, 3)[i % 4] for i in range(32)],
@@ -352,7 +352,7 @@ def test_gpu_bad_index_is_a_device_assert(tmp_path):
     script = tmp_path / "bad_index.py"
     script.write_text(
         "import torch, fastlora\n"
-        "from fastlora.adapters import pack_adapters\n"
+        "from fastlora.adapters.packed import pack_adapters\n"
         "g = torch.Generator().manual_seed(0)\n"
         "w = torch.randn(48, 70, generator=g).cuda()\n"
         "a = [(torch.randn(4, 70, generator=g).cuda(), torch.randn(48, 4, generator=g).cuda(), 1.0)]\n"
@@ -395,3 +395,67 @@ def test_gpu_multi_training_step_in_a_cuda_graph():
     graph.replay()
     assert not torch.equal(first, out["y"])
     assert torch.isfinite(x.grad).all() and torch.isfinite(bank.A.grad).all()
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "dora-and-dropout"])
+def test_multi_op_passes_opcheck_with_either_list_form(training, device):
+    """The op takes the adapters' and rows' descriptors as two lists of optional tensors
+    (``library.multi_args``). torch handles a list holding a None as one opaque input but
+    flattens a list of tensors only (DoRA and dropout adapters; gathered rows that carry
+    their groups for the backward): the op's schema, fake and autograd registration hold
+    for both forms (opcheck), and the gradients match the reference in the second."""
+    from fastlora.adapters.routing import Routing
+    from fastlora.ops import library
+
+    weight, bias, bank = make_bank([8, 4, 16], [True, False, False], device=device,
+                                   dropout=(0.0, 0.2, 0.1))
+    g = generator(16)
+    x = randn(24, K, g=g, device=device, requires_grad=True)
+    index = randint(0, 3, (24,), g=g, device=device)
+    adapters, rows = library.multi_args(bank, Routing.from_index(index, bank.n), 24,
+                                        dropout=training, grouped=True)
+    assert any(t is None for t in adapters + rows) is not training
+    seed = torch.full((1,), 5, dtype=torch.int64, device=device)
+    args = (x, weight, bias, bank.A, bank.B, bank.magnitude, adapters, rows, bank.max_rank,
+            seed if training else None)
+    torch.library.opcheck(library.multi_lora_fwd, args,
+                          test_utils=("test_schema", "test_autograd_registration",
+                                      "test_faketensor"))
+    if training:
+        mask = torch.ones(24, K, dtype=torch.bool, device=device)
+        for a, pa in enumerate((0.0, 0.2, 0.1)):
+            mask[index == a] = dropout_mask(5, 24, K, pa, device=device)[index == a]
+        check(x, weight, bias, bank, index, torch.float32, training=True, seed=5, mask=mask)
+
+
+def test_eager_recorded_call_skips_the_op_wrapper_with_the_same_result(device):
+    """A call eager autograd records runs the op's forward, saved tensors and backward
+    without the custom op's Python autograd wrapper (``library._MultiRecorded``: that
+    wrapper flattens every argument as a pytree once the op takes lists): the forward
+    dispatches no custom op, the backward the op layer's ``multi_lora_bwd``, and output
+    and gradients equal those of the custom op called directly."""
+    from fastlora.adapters.routing import Routing
+    from fastlora.ops import library
+    from spies import torch_ops
+
+    weight, bias, bank = make_bank([8, 4, 16], [True, False, False], device=device)
+    g = generator(17)
+    x = randn(24, K, g=g, device=device, requires_grad=True)
+    index = randint(-1, 3, (24,), g=g, device=device)
+    leaves = (x, bank.A, bank.B, bank.magnitude)
+    with torch_ops() as ops:
+        y = multi_lora_linear(x, weight, bias, bank, index)
+    assert not any(op.startswith("fastlora::") for op in ops.ops), ops.ops
+    dy = upstream(y, 0)
+    with torch_ops() as ops:
+        eager = torch.autograd.grad(y, leaves, dy)
+    assert "fastlora::multi_lora_bwd" in ops.ops
+
+    adapters, rows = library.multi_args(bank, Routing.from_index(index, bank.n), 24,
+                                        dropout=False, grouped=True)
+    op_y = library.multi_lora_fwd(x, weight, bias, bank.A, bank.B, bank.magnitude, adapters,
+                                  rows, bank.max_rank, None)[0]
+    assert torch.equal(y, op_y)
+    for name, got, want in zip(["x", "A", "B", "magnitude"], eager,
+                               torch.autograd.grad(op_y, leaves, dy)):
+        assert torch.equal(got, want), name

@@ -1,4 +1,4 @@
-"""fastlora.bank.AdapterBank: loading (PEFT directories, state dicts, Adapter objects),
+"""fastlora.adapters.bank.AdapterBank: loading (PEFT directories, state dicts, Adapter objects),
 unloading and replacing adapters in place, packed memory, and the errors it raises."""
 import copy
 
@@ -8,7 +8,7 @@ import torch
 import fastlora
 from data import generator, rand, randn, randperm
 from fastlora import multi_lora_linear, reference
-from fastlora.bank import AdapterBank
+from fastlora.adapters.bank import AdapterBank
 from fastlora.io import Adapter, AdapterLayer
 from helpers import assert_close
 

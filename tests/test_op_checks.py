@@ -9,7 +9,7 @@ import torch
 
 import fastlora
 from data import generator, randn
-from fastlora.adapters import pack_adapters
+from fastlora.adapters.packed import pack_adapters
 from op_cases import make
 
 

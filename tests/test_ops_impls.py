@@ -7,9 +7,9 @@ import torch
 
 import fastlora
 from data import generator, randn
-from fastlora import dispatch
-from fastlora.choice_cache import ChoiceCache
-from fastlora.dispatch import Chooser, Impl
+from fastlora.choice import dispatch
+from fastlora.choice.store import ChoiceCache
+from fastlora.choice.dispatch import Chooser, Impl
 from fastlora.kernels import dropout_mask
 from op_cases import P, check_dora, check_lora, make, with_magnitude
 

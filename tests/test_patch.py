@@ -20,7 +20,7 @@ transformers = pytest.importorskip("transformers")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from peft.tuners.lora.layer import Linear as PeftLinear  # noqa: E402
 
-from fastlora import backend  # noqa: E402
+from fastlora.choice import backend  # noqa: E402
 from fastlora.peft import PatchReport, is_patched, patch, unpatch  # noqa: E402
 from helpers import CUDA, MODEL_TOL, assert_close, rel_err  # noqa: E402
 from peft_models import (PATCH_MODULE, SEQ, add_adapter, assert_grads_close, ids,  # noqa: E402

@@ -25,7 +25,7 @@ def dora_calls(monkeypatch):
         return real_norm(*a, **kw)
 
     monkeypatch.setattr(PATCH_MODULE, "dora_linear", dora)
-    monkeypatch.setattr("fastlora.cache.dora_weight_norm", norm)
+    monkeypatch.setattr("fastlora.ops.cache.dora_weight_norm", norm)
     return calls
 
 

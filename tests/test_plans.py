@@ -1,4 +1,4 @@
-"""Launch plans (fastlora.plans): a layer's steady-state call decides nothing again (no
+"""Launch plans (fastlora.choice.plans): a layer's steady-state call decides nothing again (no
 backend choice, no argument checks, no implementation choice), and any change that could
 change a decision makes the next call decide again."""
 from __future__ import annotations
@@ -7,7 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from fastlora import backend, checks, dispatch, functional, reference
+from fastlora.choice import backend, dispatch
+from fastlora.ops import checks
+from fastlora import functional, reference
 from fastlora.nn import LoraLinear
 from data import generator, randn
 from helpers import assert_close
@@ -151,7 +153,7 @@ def test_serve_decode_layer_is_two_launches_and_nothing_else(monkeypatch, device
 
     from bench_host import stubbed_launches
 
-    from fastlora.bank import AdapterBank
+    from fastlora.adapters.bank import AdapterBank
     from fastlora.serve import attach, routed
     from spies import count_launches, torch_ops
 

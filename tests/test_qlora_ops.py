@@ -12,7 +12,7 @@ import fastlora
 from data import generator, randn
 from fastlora import reference
 from fastlora.kernels import dropout_mask
-from fastlora.quant4 import Quant4Weight
+from fastlora.ops.quant4 import Quant4Weight
 from helpers import assert_close
 from op_cases import compare, upstream
 
@@ -123,7 +123,7 @@ def test_dora_norm_cache_follows_4bit_weight_changes(bnbf, change, device):
     packed codes or of any of their scales."""
     import bitsandbytes as bnb
 
-    from fastlora.cache import DoraNormCache
+    from fastlora.ops.cache import DoraNormCache
 
     g = generator(6)
     layer = bnb.nn.Linear4bit(128, 40, bias=False, compute_dtype=torch.float32,

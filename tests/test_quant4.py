@@ -15,7 +15,7 @@ import fastlora
 from data import generator, randn
 from fastlora import reference
 from fastlora.kernels import dequantize4, fused_linear
-from fastlora.quant4 import Quant4Weight, code_book, is_bnb_4bit
+from fastlora.ops.quant4 import Quant4Weight, code_book, is_bnb_4bit
 from helpers import assert_close
 
 # (N, K), blocksize: blocks straddling rows (K not a multiple of the blocksize), odd N and K,
@@ -276,6 +276,6 @@ def test_from_bnb_rejects_foreign_states(bnbf):
 
 
 def test_fastlora_imports_without_bitsandbytes():
-    code = ("import sys, fastlora, fastlora.quant4, fastlora.reference; "
+    code = ("import sys, fastlora, fastlora.ops.quant4, fastlora.reference; "
             "assert 'bitsandbytes' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)

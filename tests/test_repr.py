@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastlora.bank import AdapterBank
+from fastlora.adapters.bank import AdapterBank
 from fastlora.io import Adapter, AdapterLayer, load_adapter
 
 

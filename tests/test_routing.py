@@ -1,4 +1,4 @@
-"""fastlora.routing.Routing: made once per batch, reused by every layer of a forward (no
+"""fastlora.adapters.routing.Routing: made once per batch, reused by every layer of a forward (no
 per-layer checks or grouping), one entry per sequence serving prefill and decode row
 counts, static buffers rewritten in place for CUDA graphs."""
 
@@ -7,10 +7,11 @@ import torch
 
 import fastlora
 from data import generator, randint, randn
-from fastlora import checks, multi_lora_linear, reference
-from fastlora.bank import AdapterBank
+from fastlora.ops import checks
+from fastlora import multi_lora_linear, reference
+from fastlora.adapters.bank import AdapterBank
 from fastlora.kernels import multi_meta
-from fastlora.routing import Routing
+from fastlora.adapters.routing import Routing
 from helpers import assert_close
 from spies import count_calls
 

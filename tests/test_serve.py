@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from data import generator, randint, randn
-from fastlora.bank import AdapterBank
+from fastlora.adapters.bank import AdapterBank
 from fastlora.io import load_adapter, save_adapter
 from fastlora.serve import AdapterPool, Server, attach, detach, is_attached, routed
 

@@ -14,7 +14,7 @@ from common import Run
 def test_attached_model_agrees_with_peft_and_the_bound_counts_the_step(device):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from fastlora.bank import AdapterBank
+    from fastlora.adapters.bank import AdapterBank
     from fastlora.serve import attach
 
     g = torch.Generator().manual_seed(90)

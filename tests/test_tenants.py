@@ -11,9 +11,9 @@ import torch
 
 from data import generator, randint, randn
 from fastlora import multi_lora_linear, pack_adapters, reference
-from fastlora.bank import AdapterBank
+from fastlora.adapters.bank import AdapterBank
 from fastlora.io import NonFiniteWeightError
-from fastlora.routing import Routing
+from fastlora.adapters.routing import Routing
 from helpers import assert_close
 
 K, N = 40, 36

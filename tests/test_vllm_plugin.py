@@ -15,7 +15,7 @@ import torch
 
 from data import generator, randint, randn
 from fastlora import multi_lora_linear
-from fastlora.routing import Routing
+from fastlora.adapters.routing import Routing
 from fastlora.vllm import plugin, version
 from fastlora.vllm.stacked import StackedAdapters
 from fastlora.vllm.step import StepRouting

@@ -1,5 +1,5 @@
 """Finite values: the one check that refuses NaN or Inf in an adapter's tensors and numbers,
-for the file reader and for ``fastlora.bank`` (which takes adapters from tensors too)."""
+for the file reader and for ``fastlora.adapters.bank`` (which takes adapters from tensors too)."""
 from __future__ import annotations
 
 import math

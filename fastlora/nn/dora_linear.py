@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cache import DoraNormCache, writes_visible
+from ..ops.cache import DoraNormCache, writes_visible
 from ..functional import dora_linear, dora_weight_norm
 from .lora_linear import LoraLinear
 
@@ -15,7 +15,7 @@ class DoraLinear(LoraLinear):
 
     magnitude ``[out]`` (adapter dtype) starts at ``||W||`` per row, so a new layer equals
     its base. The detached row norm is cached while W, A, B and s are unchanged (see
-    ``fastlora.cache`` for what that detects; ``fastlora.refresh`` after ``p.data.copy_``),
+    ``fastlora.ops.cache`` for what that detects; ``fastlora.refresh`` after ``p.data.copy_``),
     so inference costs what LoRA costs.
     """
 

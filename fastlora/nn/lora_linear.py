@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cache import writes_visible
-from ..plans import LoraPlans, lora_linear
+from ..ops.cache import writes_visible
+from ..choice.plans import LoraPlans, lora_linear
 
 
 class LoraLinear(nn.Module):

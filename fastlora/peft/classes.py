@@ -1,4 +1,4 @@
-"""The class swap of ``fastlora.patch`` (``fastlora.swap.ClassSwap``): each patched PEFT class
+"""The class swap of ``fastlora.patch`` (``fastlora.nn.swap.ClassSwap``): each patched PEFT class
 gets a cached subclass overriding a few methods.
 
 The subclass keeps PEFT's class name (``repr`` still says ``lora.Linear(...)``) and pickles
@@ -12,7 +12,7 @@ import copyreg
 
 from torch import nn
 
-from ..swap import ClassSwap
+from ..nn.swap import ClassSwap
 from . import state
 from .forward import fused_forward
 from .mixed_batch import routing_hooks

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..functional import dora_linear
-from ..plans import lora_linear
+from ..choice.plans import lora_linear
 from .mixed_batch import peft_mixed_batch_forward
 from .reader import BNB_4BIT, FAST_DTYPES, Adapter, Base, NotFused, read_active
 from . import state

@@ -3,7 +3,7 @@
 (PEFT refuses that) and with DoRA adapters (PEFT refuses those), each row exactly as if its
 adapter alone were active.
 
-The batch's ``fastlora.routing.Routing`` is made once per model call, not per layer: the
+The batch's ``fastlora.adapters.routing.Routing`` is made once per model call, not per layer: the
 patched tuner's ``adapter_names`` context (``classes``) adds ``routing_hooks`` after PEFT's
 own hooks, which turn the names PEFT hands each patched layer into one routing per name list
 and device, shared by every layer (its row grouping made once per row count). Slots follow
@@ -16,9 +16,9 @@ from collections.abc import Sequence
 
 import torch
 
-from ..adapters import PackedAdapters, pack_adapters
+from ..adapters.packed import PackedAdapters, pack_adapters
 from ..functional import multi_lora_linear
-from ..routing import BASE, Routing
+from ..adapters.routing import BASE, Routing
 from .reader import BNB_4BIT, Adapter, NotFused, read_adapter, read_base
 from .state import cached_bank, dora_norm
 

@@ -16,11 +16,11 @@ from typing import Iterable
 
 from torch import nn
 
-from ..cache import writes_visible
+from ..ops.cache import writes_visible
 from . import classes
 from .classes import is_patched
-from ..layers import CONV1D
-from ..swap import original_class
+from ..nn.layers import CONV1D
+from ..nn.swap import original_class
 from .reader import (BNB_4BIT, NotFused, adapter_names, is_dora, layer_problem, lora_tuner_class,
                      peft_lora, read_adapter, read_base)
 from .report import LayerReport, PatchReport

@@ -16,10 +16,10 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from ..cache import Stamped
-from ..layers import BNB_4BIT, CONV1D, LINEAR, linear_kind, loaded_class, quant_hint
-from ..quant4 import Quant4Weight, UnreadableLayout
-from ..swap import original_class
+from ..ops.cache import Stamped
+from ..nn.layers import BNB_4BIT, CONV1D, LINEAR, linear_kind, loaded_class, quant_hint
+from ..ops.quant4 import Quant4Weight, UnreadableLayout
+from ..nn.swap import original_class
 
 FAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 

@@ -1,16 +1,16 @@
 """The one object fastlora keeps on a patched LoRA layer: ``patch`` creates it, ``unpatch``
-removes it whole. It holds the layer's caches, valid by the rule of ``fastlora.cache``: the
+removes it whole. It holds the layer's caches, valid by the rule of ``fastlora.ops.cache``: the
 reader's decisions per set of active adapters (``reader.read_active``), DoRA row norms per
 adapter (shared by the plain and the mixed-batch forward), the packed adapters of the last
-inference mixed batch and the launch plans of ``lora_linear`` (``fastlora.plans``). A
+inference mixed batch and the launch plans of ``lora_linear`` (``fastlora.choice.plans``). A
 layer under FSDP keeps nothing; PEFT's merge / unmerge (writes through ``.data``) clear it;
 ``fastlora.refresh`` clears it. Copies and pickles of a patched layer get an empty one."""
 from __future__ import annotations
 
 import torch
 
-from ..cache import Cache, DoraNormCache, Stamped, writes_visible
-from ..plans import LoraPlans
+from ..ops.cache import Cache, DoraNormCache, Stamped, writes_visible
+from ..choice.plans import LoraPlans
 
 ATTR = "_fastlora_state"
 

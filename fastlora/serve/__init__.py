@@ -7,7 +7,8 @@
   memory and paged into a bounded set of device slots on demand (least recently used out);
 * ``Server``: continuous-batching greedy generation on transformers' ``DynamicCache``,
   requests joining and leaving between decode steps, tokens streamed out, adapters loaded,
-  replaced and unloaded while serving.
+  replaced and unloaded while serving; on CUDA its decode steps replay CUDA graphs per
+  batch-size bucket over a static KV cache (``fastlora.serve.graphs``).
 
 Needs transformers for ``Server``. Where serving outgrows one machine, an engine such as vLLM
 is the place (see the README on how fastlora's kernels map onto its LoRA layers).

@@ -2,10 +2,10 @@
 ``AdapterBank``, per row, from the routing of the batch in flight.
 
 Each ``nn.Linear`` (or transformers ``Conv1D``) of the bank's model gets its ``__class__``
-swapped (``fastlora.swap``) for a cached subclass (named as the original) whose ``forward`` reads the routing
+swapped (``fastlora.nn.swap``) for a cached subclass (named as the original) whose ``forward`` reads the routing
 that ``routed(routing)`` makes current (a context variable: no argument threads through the
 model's own code) and calls ``fastlora.multi_lora_linear`` with the layer's adapters (through
-the layer's launch plans, ``fastlora.plans.MultiPlans``); with no routing, or no adapter covering the layer, it is the original forward. Parameters, buffers,
+the layer's launch plans, ``fastlora.choice.plans.MultiPlans``); with no routing, or no adapter covering the layer, it is the original forward. Parameters, buffers,
 hooks and state_dict keys stay as they were; ``detach`` gives the classes back. Modules whose
 forward was replaced on the instance (which a class swap cannot reach) and PEFT LoRA layers
 (serve the base model, or use ``fastlora.patch`` and ``adapter_names``) are refused.
@@ -17,9 +17,9 @@ import contextvars
 
 from torch import nn
 
-from ..bank import AdapterBank, layer_weight
-from ..routing import Routing
-from ..swap import ClassSwap
+from ..adapters.bank import AdapterBank, layer_weight
+from ..adapters.routing import Routing
+from ..nn.swap import ClassSwap
 
 __all__ = ["attach", "detach", "is_attached", "routed"]
 

@@ -12,6 +12,11 @@ paged to the device on demand): ``load`` / ``unload`` / ``load(..., replace=True
 between steps; the routing of each forward is made from the pool after its adapters are
 reserved, so it never serves an adapter that was swapped out under it.
 
+On CUDA, decode steps replay CUDA graphs, one per batch-size bucket, over a static KV
+cache of ``max_length`` columns (``fastlora.serve.graphs``); prefills run eagerly. On the
+CPU (or with ``cuda_graphs=False``) every step runs eagerly on transformers'
+``DynamicCache`` (``fastlora.serve.kv``).
+
 Nothing is lost: ``submit`` refuses what would fail later (token ids outside the vocabulary,
 an empty prompt, ``max_new_tokens < 1``, an unknown adapter); a step whose forward raises
 puts the server back as it was before that forward (see ``Server.step``) and re-raises; a
@@ -29,11 +34,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..checks import check_positive_int
-from ..routing import BASE
+from ..ops.checks import check_positive_int
+from ..adapters.routing import BASE
 from .attach import attach, routed
+from .graphs import GraphDecoder
 from .kv import Running, cache_keyword
 from .pool import AdapterPool
+from .static_kv import StaticRunning, static_cache_unsupported
 
 __all__ = ["Request", "Server"]
 
@@ -88,13 +95,34 @@ class Server:
     the pool's bank (``fastlora.serve.attach``). ``max_batch`` (>= 1): the most requests
     decoded together; ``eos_token_id``: default stop tokens (default the model's generation
     config); ``pad_token_id``: the left padding of a prefill. Token ids are checked against
-    the model's input embedding (``vocab``). Puts the model in eval mode."""
+    the model's input embedding (``vocab``). Puts the model in eval mode.
+
+    ``cuda_graphs``: decode steps replay CUDA graphs (``fastlora.serve.graphs``): one per
+    batch-size bucket (1, 2, 4, 8, 16, 24, ... ``max_batch``; a step pads its rows to the
+    smallest bucket holding them), captured at a bucket's first step after two eager
+    warm-up runs, over a static KV cache of ``max_batch`` rows and ``max_length`` columns
+    (allocated at the first prefill: 2 x layers x ``max_batch`` x KV heads x head dim x
+    ``max_length`` elements), the bucket's static routing and the pool's bank.
+    Before each step the graphs are checked against what they captured (the bank's storage
+    and the layers its adapters cover, the model's parameters and buffers) and captured
+    again when it changed (``graphs.invalidations`` counts why); a capture that fails turns
+    graphs off with a warning (``graphs.disabled``) and the steps run eagerly. None (the
+    default): on when the model is on CUDA and transformers' ``StaticCache`` holds it;
+    ``why_eager`` says why they are off. Hooks and other Python in the model's forward do
+    not run at replays. ``max_length``: the longest request (prompt + ``max_new_tokens``)
+    ``submit`` accepts (None: any, or with graphs min(``max_position_embeddings``, 2048)).
+    """
 
     def __init__(self, model: nn.Module, pool: AdapterPool, *, max_batch: int = 32,
-                 eos_token_id: int | Iterable[int] | None = None, pad_token_id: int = 0):
+                 eos_token_id: int | Iterable[int] | None = None, pad_token_id: int = 0,
+                 cuda_graphs: bool | None = None, max_length: int | None = None):
         if pool.bank.model is not model:
             raise ValueError("the pool was made for another model")
         check_positive_int("max_batch", max_batch)
+        if max_length is not None:
+            check_positive_int("max_length", max_length)
+        if cuda_graphs not in (None, True, False):
+            raise TypeError(f"cuda_graphs must be True, False or None, got {cuda_graphs!r}")
         self.vocab = _vocab_size(model)
         self.pad = self._token_ids([pad_token_id], "pad_token_id")[0]
         if eos_token_id is None:
@@ -107,9 +135,31 @@ class Server:
         params = inspect.signature(type(model).forward).parameters
         self._cache_arg = cache_keyword(model)
         self._extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        self.why_eager = self._why_eager(cuda_graphs)
+        self.graphs: GraphDecoder | None = None
+        if self.why_eager is None:
+            config = getattr(model, "config", None)
+            max_length = max_length or min(
+                getattr(config, "max_position_embeddings", None) or 2048, 2048)
+            self.graphs = GraphDecoder(model, pool.bank, max_batch=max_batch,
+                                       max_length=max_length, pad=self.pad,
+                                       cache_arg=self._cache_arg, extra=self._extra)
+        self.max_length = max_length
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        self._batch: Running | None = None
+        self._batch: Running | StaticRunning | None = None
+
+    def _why_eager(self, cuda_graphs: bool | None) -> str | None:
+        """Why decode steps run eagerly (None: they replay CUDA graphs); ``cuda_graphs=True``
+        that cannot be honoured raises."""
+        if cuda_graphs is False:
+            return "cuda_graphs=False"
+        device = self.pool.device
+        why = (f"the model is on {device.type}, CUDA graphs need CUDA"
+               if device.type not in GraphDecoder.devices else static_cache_unsupported(self.model))
+        if why is not None and cuda_graphs:
+            raise ValueError(f"cuda_graphs=True: {why}")
+        return why
 
     # ------------------------------------------------------------ requests
 
@@ -130,6 +180,11 @@ class Server:
         if not prompt:
             raise ValueError("prompt is empty: a request needs at least one prompt token")
         check_positive_int("max_new_tokens", max_new_tokens)
+        if self.max_length is not None and len(prompt) + max_new_tokens > self.max_length:
+            graphs = " (the static KV cache of its CUDA graphs)" if self.graphs else ""
+            raise ValueError(f"a prompt of {len(prompt)} tokens and max_new_tokens="
+                             f"{max_new_tokens} exceed the server's max_length="
+                             f"{self.max_length}{graphs}: pass Server(max_length=...)")
         if adapter == BASE:
             adapter = None
         if adapter is not None and not isinstance(adapter, str):
@@ -256,14 +311,18 @@ class Server:
     def _decode(self) -> list[tuple[Request, int]]:
         batch = self._batch
         self.pool.reserve(r.adapter for r in self.running)
-        ids = torch.tensor([[r.tokens[-1]] for r in self.running], device=self.pool.device)
-        mask = batch.mask_for_step()
+        last = [r.tokens[-1] for r in self.running]
         try:
-            tokens = self._forward(self.running, ids, mask, batch.positions(), batch.cache)
+            if self.graphs is not None:
+                tokens = self.graphs.decode(batch, last, [r.adapter for r in self.running])
+            else:
+                ids = torch.tensor(last, device=self.pool.device)[:, None]
+                mask = batch.mask_for_step()
+                tokens = self._forward(self.running, ids, mask, batch.positions(), batch.cache)
+                batch.stepped(mask)
         except BaseException:
             batch.rollback()
             raise
-        batch.stepped(mask)
         for r, t in zip(self.running, tokens):
             r._commit(t)
         return list(zip(self.running, tokens))
@@ -324,7 +383,7 @@ class Server:
             if len(live) < len(requests):
                 joined.keep(live)
             if self._batch is None:
-                self._batch = joined
+                self._batch = joined if self.graphs is None else self.graphs.start(joined)
             else:
                 self._batch.merge(joined)
         for r, t in zip(requests, tokens):  # committed: nothing below raises

@@ -19,9 +19,9 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from ..bank import AdapterBank, Prepared
-from ..checks import check_positive_int
-from ..routing import BASE, Routing
+from ..adapters.bank import AdapterBank, Prepared
+from ..ops.checks import check_positive_int
+from ..adapters.routing import BASE, Routing
 
 __all__ = ["AdapterPool"]
 
@@ -30,13 +30,16 @@ class AdapterPool:
     """Adapters registered by name (any source ``fastlora.io`` reads, or ``{layer: (A, B,
     scale, magnitude)}``), paged into ``slots`` device slots of up to ``max_rank`` rows.
     ``slots`` and ``max_rank`` are at least 1; ``dtype``: the adapters' dtype on the device
-    (default: the model's)."""
+    (default: the model's); ``dora``: DoRA buffers allocated up front (``AdapterBank(dora=
+    True)``), so that a first DoRA page-in writes in place and a ``Server``'s CUDA graphs
+    stay valid (without it, that page-in makes the server capture them again, once)."""
 
     def __init__(self, model: nn.Module, *, slots: int = 32, max_rank: int = 64,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, dora: bool = False):
         check_positive_int("slots", slots)
         check_positive_int("max_rank", max_rank)
-        self.bank = AdapterBank(model, dtype=dtype, capacity=slots, max_rank=max_rank, fixed=True)
+        self.bank = AdapterBank(model, dtype=dtype, capacity=slots, max_rank=max_rank, fixed=True,
+                                dora=dora)
         self.device = self.bank.device
         self._host: dict[str, Prepared] = {}
         self._lru: OrderedDict[str, None] = OrderedDict()  # resident, least recently used first

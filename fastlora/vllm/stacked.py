@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..adapters import PackedAdapters
+from ..adapters.packed import PackedAdapters
 
 
 class StackedAdapters:

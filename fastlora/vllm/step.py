@@ -1,4 +1,4 @@
-"""``StepRouting``: the ``fastlora.routing.Routing`` of vLLM's current step, made once per
+"""``StepRouting``: the ``fastlora.adapters.routing.Routing`` of vLLM's current step, made once per
 step from vLLM's token mapping (when vLLM updates its punica metadata, outside any model
 forward) and read by every LoRA layer the plugin took over. Plain PyTorch: no vLLM import.
 """
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ..routing import Routing
+from ..adapters.routing import Routing
 
 
 class StepRouting:

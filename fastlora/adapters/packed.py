@@ -14,8 +14,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from . import checks
-from .functional import dora_weight_norm
+from ..ops import checks
+from ..functional import dora_weight_norm
 from .routing import Slots
 
 __all__ = ["PackedAdapters", "pack_adapters"]
@@ -34,7 +34,7 @@ class PackedAdapters:
     fact fixed at packing, True when some DoRA adapter has dropout > 0 (such a batch runs
     the PyTorch reference in training); checked against the tensors when they are on the CPU.
     ``slots``: the slot table of the ``AdapterBank`` the adapters live in (a
-    ``fastlora.routing.Slots``, which routings are checked against), or None.
+    ``fastlora.adapters.routing.Slots``, which routings are checked against), or None.
     """
     A: torch.Tensor
     B: torch.Tensor

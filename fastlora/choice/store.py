@@ -71,7 +71,7 @@ def _versions() -> dict[str, str]:
     import torch
     import triton
 
-    from . import __version__
+    from .. import __version__
 
     return {"fastlora": __version__, "torch": torch.__version__, "triton": triton.__version__}
 

@@ -1,5 +1,5 @@
 """``fastlora.warmup`` and ``fastlora.explain``: measure before CUDA-graph capture, and say
-which implementation runs a layer's stages (see ``fastlora.dispatch``); ``warmup_multi``
+which implementation runs a layer's stages (see ``fastlora.choice.dispatch``); ``warmup_multi``
 does the same for a multi-adapter call.
 
 ``warmup`` and ``explain`` describe one layer call by its shapes: x ``[..., K]`` (leading
@@ -80,8 +80,8 @@ def warmup(x_shape, weight_shape, rank: int, *, dtype: torch.dtype = torch.bfloa
 
 def _run_layer(x_shape, weight_shape, rank, dtype, adapter_dtype, bias, dropout_p, dora,
                training, device, generator, quant4) -> None:
-    from .functional import dora_linear, lora_linear
-    from .quant4 import Quant4Weight
+    from ..functional import dora_linear, lora_linear
+    from ..ops.quant4 import Quant4Weight
 
     n, k = weight_shape
 
@@ -115,7 +115,7 @@ def warmup_multi(x_shape, weight: torch.Tensor, bias: torch.Tensor | None, bank,
     autotuned for this row count. ``weight`` ``[N, K]``, ``bias`` and ``bank`` as
     ``multi_lora_linear`` takes them: call it for each row count (or bucket) a graph will be
     captured with."""
-    from .functional import multi_lora_linear
+    from ..functional import multi_lora_linear
 
     packed = bank.packed()
     m = math.prod(x_shape[:-1])

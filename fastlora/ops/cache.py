@@ -32,10 +32,10 @@ import weakref
 import torch
 from torch import nn
 
-from .functional import dora_weight_norm
+from ..functional import dora_weight_norm
 from .quant4 import Quant4Weight
 
-__all__ = ["Cache", "DoraNormCache", "Stamped", "refresh", "writes_visible"]
+__all__ = ["Cache", "DoraNormCache", "Refreshable", "Stamped", "refresh", "writes_visible"]
 
 
 def _stamp(t: torch.Tensor, values: bool = True) -> tuple | None:
@@ -91,6 +91,14 @@ class Cache:
         return type(self), ()
 
 
+class Refreshable:
+    """Base of objects that keep values derived from parameters outside any module cache
+    (``AdapterBank``: its DoRA norms) and recompute them in ``refresh()``."""
+
+    def refresh(self) -> None:
+        raise NotImplementedError
+
+
 def writes_visible(*modules: nn.Module) -> bool:
     """False when FSDP manages one of ``modules``: its unsharded parameters are refilled by
     all-gathers that leave version counters unchanged, so nothing may be cached for them."""
@@ -130,10 +138,8 @@ def refresh(*objects) -> None:
     modules: patched PEFT layers, ``fastlora.nn.DoraLinear``; or ``AdapterBank``s, whose
     DoRA norms are recomputed). Needed only after writes the version counter cannot see,
     such as ``p.data.copy_(t)``; the next forward recomputes what it needs."""
-    from .bank import AdapterBank
-
     for obj in objects:
-        if isinstance(obj, AdapterBank):
+        if isinstance(obj, Refreshable):
             obj.refresh()
         elif isinstance(obj, nn.Module):
             for module in obj.modules():

@@ -49,7 +49,7 @@ def loaded_class(module: str, name: str) -> type | None:
 
 def linear_kind(module: nn.Module) -> str | None:
     """``LINEAR``, ``CONV1D`` or ``BNB_4BIT`` (see the module docstring), else None. A layer
-    whose class fastlora swapped (``fastlora.swap``) is judged by its original class."""
+    whose class fastlora swapped (``fastlora.nn.swap``) is judged by its original class."""
     forward = original_class(module).forward
     if isinstance(module, nn.Linear) and forward is _LINEAR_FORWARD:
         return LINEAR

@@ -4,7 +4,7 @@ overrides a few methods; giving the original class back undoes it.
 
 The subclass keeps the original's name and qualified name (``repr`` and error messages
 unchanged) and knows it (``_fastlora_original_class``): ``original_class`` sees through
-any swap, so a swapped layer is still recognized for what it is (``fastlora.layers``).
+any swap, so a swapped layer is still recognized for what it is (``fastlora.nn.layers``).
 Parameters, buffers, hooks and the instance ``__dict__`` are untouched.
 """
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """Launch plans: what a layer call decides, decided once per layer and input layout.
 
 Before its two launches a ``lora_linear`` call decides the backend, checks its arguments,
-picks the linear stage's implementation (``fastlora.dispatch``) and builds every kernel
+picks the linear stage's implementation (``fastlora.choice.dispatch``) and builds every kernel
 argument. All of that depends on
 
 * the layer's tensors (weight, bias, lora_A, lora_B): their identity, storage and layout,
-  the rule of ``fastlora.cache`` without the version counter (a plan is stamped with them,
+  the rule of ``fastlora.ops.cache`` without the version counter (a plan is stamped with them,
   holds none, and reads no values: an optimizer step keeps it);
 * x's shape, strides, dtype, device and 16-byte alignment, the scale and dropout, whether
   autograd records the call, and the switches read per call (autocast, the
@@ -16,7 +16,7 @@ A steady-state call is a key lookup, a stamp comparison, two allocations and the
 launches (``kernels.common.Launch``, the arguments but the tensors fixed). A call autograd
 records (adapter or x trainable, the base frozen) runs the same launches inside a plain
 ``torch.autograd.Function`` (``_Recorded``) whose backward is the op layer's
-(``fastlora._ops.lora_linear_bwd``): the custom op's Python autograd wrapper (pytree
+(``fastlora.ops.library.lora_linear_bwd``): the custom op's Python autograd wrapper (pytree
 flattening of 11 arguments, ~150 Python calls) is skipped. A call no plan covers runs
 ``fastlora.lora_linear``: the PyTorch backend, autocast, a 4-bit weight, an empty x, a
 trainable base weight or bias, a ``torch.func`` transform, ``torch.compile`` (which traces
@@ -29,8 +29,9 @@ import os
 
 import torch
 
-from . import backend, dispatch, functional
-from .cache import Cache, Stamped
+from . import backend, dispatch
+from .. import functional
+from ..ops.cache import Cache, Stamped
 
 __all__ = ["LoraPlans", "MultiPlans", "lora_linear"]
 
@@ -76,7 +77,7 @@ class _LoraPlan:
         t = torch.empty(self.t_shape, dtype=torch.float32, device=self.device)
         self.shrink(x_ptr=x2, a_ptr=lora_A, t_ptr=t, seed_ptr=seed_t)
         if isinstance(self.linear, dispatch.Impl):
-            from .kernels import term
+            from ..kernels import term
 
             return self.linear.launch(x2, weight.t(), term(t, lora_B.t(), self.scale),
                                       bias), t
@@ -89,7 +90,7 @@ class _LoraPlan:
 class _Recorded(torch.autograd.Function):
     """A planned call autograd records: forward, the plan's two launches (``plan``: a
     ``_LoraPlan``, or a ``_Maker`` that makes one); backward, the op layer's own backward
-    (``fastlora._ops.lora_linear_bwd``: dx, dA, dB from x, T and the dropout seed, saved as
+    (``fastlora.ops.library.lora_linear_bwd``: dx, dA, dB from x, T and the dropout seed, saved as
     the custom op saves them). The base is frozen (weight and bias need no gradient), so
     they travel with the plan in ``rest`` = (plan, weight, bias, seed ``[1]`` or None):
     each argument of ``apply`` costs Python calls."""
@@ -104,7 +105,7 @@ class _Recorded(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        from ._ops import lora_linear_bwd
+        from ..ops.library import lora_linear_bwd
 
         x2, lora_A, lora_B, t, seed_t, weight = ctx.saved_tensors
         need_x, need_a, need_b = ctx.needs_input_grad[:3]
@@ -123,10 +124,10 @@ class _Maker:
         self.scale, self.dropout_p = plan.scale, plan.dropout_p
 
     def launch(self, x2, weight, bias, lora_A, lora_B, seed_t):
-        from .kernels import term
-        from .kernels.common import on_device
-        from .kernels.linear import linear_launch
-        from .kernels.shrink import shrink_launch
+        from ..kernels import term
+        from ..kernels.common import on_device
+        from ..kernels.linear import linear_launch
+        from ..kernels.shrink import shrink_launch
 
         plan = self.plan
 
@@ -274,8 +275,8 @@ class _MultiPlan:
 
 def _make_multi(x, weight, bias, layer, routing):
     """(a plan for this decode call or None, this call's result)."""
-    from .kernels.multi_meta import gathers
-    from .routing import Routing
+    from ..kernels.multi_meta import gathers
+    from ..adapters.routing import Routing
 
     bank = layer.packed()
     m = x.numel() // x.shape[-1] if x.dim() else 0
@@ -283,21 +284,19 @@ def _make_multi(x, weight, bias, layer, routing):
     if (not isinstance(routing, Routing) or not 0 < m or not gathers(m)
             or backend.choose(x, weight, bank.A, bank.B) != "triton"):
         return None, result
-    from .kernels.common import on_device
-    from .kernels.descriptors import bank_term, dora_bank
-    from .kernels.linear import multi_linear_launch
-    from .kernels.multi_meta import AdapterMeta, RowMap
-    from .kernels.shrink import gather_splits, multi_shrink_launch
+    from ..kernels.common import on_device
+    from ..kernels.descriptors import bank_term, dora_bank
+    from ..kernels.linear import multi_linear_launch
+    from ..kernels.shrink import gather_splits, multi_shrink_launch
+    from ..ops import library
 
     plan = _MultiPlan()
     plan.packed, plan.device = bank, x.device
     plan.t_shape = (gather_splits(x.shape[-1])[0], m, max(bank.max_rank, 1))
     plan.y_shape, plan.out_shape = (m, weight.shape[0]), (*x.shape[:-1], weight.shape[0])
-    dora = bank.magnitude is not None
-    meta = AdapterMeta(bank.offsets, bank.ranks, bank.scales, bank.max_rank, None,
-                       bank.magnitude, bank.weight_norm.detach() if dora else None,
-                       bank.is_dora.view(torch.int8) if dora else None)
-    rows = RowMap(bank.n, routing.row_index(m))
+    # the op's own descriptors (eval: no dropout; decode rows gather, nothing grouped)
+    adapters, rows = library.multi_args(bank, routing, m, dropout=False, grouped=False)
+    meta, rows = library.launch_meta(adapters, bank.magnitude, rows, bank.max_rank)
 
     @on_device
     def make(x2):

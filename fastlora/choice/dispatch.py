@@ -19,7 +19,7 @@ rank bucket, layouts, flags) every candidate that can take the call is timed as 
 pays for it (``stage_ms``: whole stage calls, host work and every launch included, back to
 back in rounds closed by a synchronization, median of the rounds; the first call, which
 compiles and autotunes, excluded; nothing allocated), the fastest is kept in memory and on disk
-(``fastlora.choice_cache``), and no later call with that key is timed again: a later call
+(``fastlora.choice.store``), and no later call with that key is timed again: a later call
 costs one tuple lookup (``Chooser.run``). Nothing is timed while a CUDA graph is being
 captured: a cached choice runs, else the default (with a warning, once);
 ``fastlora.warmup`` measures beforehand (and a Triton kernel never tunes inside a capture:
@@ -38,10 +38,10 @@ from typing import Callable
 
 import torch
 
-from . import kernels
-from .choice_cache import Choice, ChoiceCache
-from .kernels.capture import capturing
-from .kernels.common import m_bucket, next_pow2
+from .. import kernels
+from .store import Choice, ChoiceCache
+from ..kernels.capture import capturing
+from ..kernels.common import m_bucket, next_pow2
 
 IMPL_ENV = "FASTLORA_IMPL"
 DEFAULT = "fused"
@@ -386,7 +386,7 @@ def layer_stages(m: int, k: int, n: int, r: int, *, dtype: torch.dtype,
                  adapter_dtype: torch.dtype, bias: bool, dropout: bool, dora: bool,
                  training: bool, quant4: bool = False) -> dict[str, StageSpec]:
     """The linear-stage calls one ``lora_linear``/``dora_linear`` call makes (x ``[m, k]``,
-    weight ``[n, k]`` row-major, or 4-bit with ``quant4``, rank r), as ``fastlora._ops``
+    weight ``[n, k]`` row-major, or 4-bit with ``quant4``, rank r), as ``fastlora.ops.library``
     makes them: "forward" (a = x, b = W^T, lb = B^T, the bias, DoRA's g on the output) and,
     in training, "dx" (a = dY, b = W, lb = A, dropout's keep-mask, DoRA's g on dY). DoRA
     with dropout in training runs the PyTorch reference: no stage. Rows are 16-byte

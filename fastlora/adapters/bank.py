@@ -2,7 +2,7 @@
 
 One bank serves a model (or a single layer): adapters are loaded by name (from a PEFT
 directory, a ``.safetensors`` file, a state dict or a ``fastlora.io.Adapter``), unloaded,
-or replaced at run time; ``bank.index(names)`` gives the ``fastlora.routing.Routing`` of a
+or replaced at run time; ``bank.index(names)`` gives the ``fastlora.adapters.routing.Routing`` of a
 batch (one entry per sequence or row) for ``fastlora.multi_lora_linear``, and
 ``bank[module_name]`` the layer's :class:`LayerBank`.
 
@@ -21,7 +21,7 @@ adapter pool of ``fastlora.serve`` pages adapters through such a bank). An adapt
 (slot) is shared by all layers; a layer an adapter does not cover holds rank 0 for it (the
 base only, as PEFT).
 
-Tenant isolation: the bank's slot table (``fastlora.routing.Slots``) gives each loaded
+Tenant isolation: the bank's slot table (``fastlora.adapters.routing.Slots``) gives each loaded
 adapter a new generation; a routing records those of its slots, and every layer refuses
 it once one of them was unloaded or replaced. An index on an empty slot is an error.
 """
@@ -34,12 +34,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .adapters import PackedAdapters
-from .cache import Stamped
-from .checks import FLOAT32_MAX
-from .functional import dora_weight_norm
-from .layers import BNB_4BIT, CONV1D, LINEAR, linear_kind
-from .plans import MultiPlans
+from .packed import PackedAdapters
+from ..ops.cache import Refreshable, Stamped
+from ..ops.checks import FLOAT32_MAX
+from ..functional import dora_weight_norm
+from ..nn.layers import BNB_4BIT, CONV1D, LINEAR, linear_kind
+from ..choice.plans import MultiPlans
 from .routing import BASE, Routing, Slots
 
 __all__ = ["AdapterBank", "LayerBank", "Prepared"]
@@ -75,13 +75,14 @@ class LayerBank:
     """One base layer's adapters (weight ``[N, K]``), packed along the rank in fixed-capacity
     storage: ``capacity`` adapters, ``rows`` rank rows in all (``fixed``: ``max_rank`` rows per
     slot, slot i at row ``i * max_rank``). DoRA tensors (magnitude ``[capacity, N]``, the
-    detached weight norm, flags) appear with the first DoRA adapter. ``source``: the base
+    detached weight norm, flags) appear with the first DoRA adapter, or with the layer when
+    ``dora`` (then a DoRA adapter is written in place). ``source``: the base
     layer (its current weight is read on every use, so a replaced weight is seen) or a
     weight tensor; ``slots``: the bank's slot table."""
 
     def __init__(self, source: nn.Module | torch.Tensor, capacity: int, rows: int,
                  dtype: torch.dtype, max_rank: int, slots: Slots | None = None,
-                 fixed: bool = False):
+                 fixed: bool = False, dora: bool = False):
         # a module's weight is read on every use (a replaced one is seen), its kind once
         self._module = isinstance(source, nn.Module)
         self._source = base_layer(source) if self._module else source
@@ -104,6 +105,8 @@ class LayerBank:
         self._alloc = [0] * capacity  # rows reserved per slot (>= rank)
         self._scale = [0.0] * capacity
         self._dora = [False] * capacity
+        if dora:
+            self._allocate_dora()
         self._free: list[tuple[int, int]] = [(0, rows)] if rows and not fixed else []
         self._norm_stamp: Stamped | None = None
         self.plans = MultiPlans()  # decode calls' launch plans (fastlora.serve)
@@ -188,7 +191,7 @@ class LayerBank:
         """Raise if the adapter does not fit this layer (shapes, rank, dtypes, device) or holds
         NaN / Inf (as ``fastlora.io`` refuses them) or a scale beyond float32 (the kernels'
         scale dtype); returns the scale as a float. ``who`` names the adapter (and layer)."""
-        from .io.finite import check_finite, finite_number
+        from ..io.finite import check_finite, finite_number
 
         n_out, k = self.weight.shape
         for what, t in (("A", A), ("B", B), ("magnitude", magnitude)):
@@ -239,10 +242,7 @@ class LayerBank:
         self._write_meta(slot)
         if t.magnitude is not None:
             if self.magnitude is None:
-                dev = self.weight.device
-                self.magnitude = torch.ones((self.capacity, self.B.shape[1]), dtype=self.A.dtype, device=dev)
-                self.weight_norm = torch.ones((self.capacity, self.B.shape[1]), device=dev)
-                self.is_dora = torch.zeros(self.capacity, dtype=torch.bool, device=dev)
+                self._allocate_dora()
             self._refresh_norms()
             with torch.no_grad():
                 self.magnitude[slot].copy_(t.magnitude, non_blocking=non_blocking)
@@ -252,6 +252,14 @@ class LayerBank:
             self.is_dora[slot] = False
             self.weight_norm[slot] = 1.0
         self._dora[slot] = t.magnitude is not None
+
+    def _allocate_dora(self) -> None:
+        """The DoRA tensors: magnitude ``[capacity, N]`` (bank dtype, 1), the weight norm
+        ``[capacity, N]`` (fp32, 1), ``is_dora`` ``[capacity]`` (bool, False)."""
+        dev, shape = self.A.device, (self.capacity, self.B.shape[1])
+        self.magnitude = torch.ones(shape, dtype=self.A.dtype, device=dev)
+        self.weight_norm = torch.ones(shape, device=dev)
+        self.is_dora = torch.zeros(self.capacity, dtype=torch.bool, device=dev)
 
     def clear(self, slot: int) -> None:
         """Empty ``slot`` (rank 0: base only) and free its rows."""
@@ -281,7 +289,7 @@ class LayerBank:
 
     def _refresh_norms(self, force: bool = False) -> None:
         """Recompute the DoRA norms if the base weight changed (the rule of
-        ``fastlora.cache``), or always with ``force``."""
+        ``fastlora.ops.cache``), or always with ``force``."""
         weight = self.weight
         if force or self._norm_stamp is None or not self._norm_stamp.valid_for((weight,), None):
             with torch.no_grad():
@@ -304,10 +312,22 @@ class LayerBank:
                               self.max_rank or max(self._rank + [1]), self.magnitude,
                               self.weight_norm, self.is_dora, slots=self.slots)
 
+    def tensors(self) -> tuple[torch.Tensor | None, ...]:
+        """Every tensor of the layer's storage (the DoRA ones None until allocated)."""
+        return (self.A, self.B, self.offsets, self.ranks, self.scales, self.magnitude,
+                self.weight_norm, self.is_dora)
+
+    def layout(self) -> tuple:
+        """What a forward over this layer captured in a CUDA graph bakes in: the kernels'
+        rank bound, then the address, dtype and shape of each of ``tensors()`` (None: not
+        allocated). Writes in place keep it; ``grow``, a repack and the first DoRA adapter
+        (without ``dora``) change it."""
+        return (self.max_rank or max(self._rank + [1]),
+                *(None if t is None else (t.data_ptr(), t.dtype, tuple(t.shape))
+                  for t in self.tensors()))
+
     def nbytes(self) -> int:
-        tensors = [self.A, self.B, self.offsets, self.ranks, self.scales, self.magnitude,
-                   self.weight_norm, self.is_dora]
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        return sum(t.numel() * t.element_size() for t in self.tensors() if t is not None)
 
     def __repr__(self) -> str:
         ranks = {slot: r for slot, r in enumerate(self._rank) if r}
@@ -330,7 +350,7 @@ def base_layer(module: nn.Module) -> nn.Module:
 
 
 def layer_weight(module: nn.Module) -> torch.Tensor | None:
-    """``[N, K]`` weight of a dense linear layer (``fastlora.layers``: an ``nn.Linear``, or a
+    """``[N, K]`` weight of a dense linear layer (``fastlora.nn.layers``: an ``nn.Linear``, or a
     transformers ``Conv1D`` as a transposed view), seen through a LoRA wrapper; None for
     any other module (a bitsandbytes 4-bit layer included)."""
     module = base_layer(module)
@@ -355,7 +375,7 @@ def _not_served(module: nn.Module) -> str | None:
     return f"{what}, not an nn.Linear or a transformers Conv1D"
 
 
-class AdapterBank:
+class AdapterBank(Refreshable):
     """Named adapters for a model's linear layers (or one layer), packed per layer.
 
     ``base``: a model (adapters bind to its ``nn.Linear`` / ``Conv1D`` modules by name, as
@@ -368,11 +388,15 @@ class AdapterBank:
     with the adapters; fixing it keeps ``torch.compile`` graphs valid when adapters change).
     ``fixed=True`` (needs ``max_rank``): ``capacity`` slots of ``max_rank`` rows each,
     allocated up front, never moved or grown; loading into a full bank raises.
+    ``dora=True``: every layer's DoRA tensors are allocated with the layer (memory for
+    ``capacity`` magnitudes and norms per layer, and the DoRA epilogue in every call), so
+    that a first DoRA adapter is written in place instead of allocating them: a CUDA graph
+    captured before it stays valid (``layout()``).
     """
 
     def __init__(self, base: nn.Module | torch.Tensor, *, dtype: torch.dtype | None = None,
                  capacity: int = 8, rows: int = 0, max_rank: int | None = None,
-                 fixed: bool = False):
+                 fixed: bool = False, dora: bool = False):
         if isinstance(base, torch.Tensor) or (isinstance(base, nn.Module)
                                               and layer_weight(base) is not None):
             self._model, self._targets = None, {"": base}
@@ -398,6 +422,7 @@ class AdapterBank:
         if fixed and not max_rank:
             raise ValueError("AdapterBank(fixed=True) needs max_rank (the rows of every slot)")
         self.capacity, self.rows, self.max_rank, self.fixed = capacity, rows, max_rank, fixed
+        self.dora = dora
         self.layers: dict[str, LayerBank] = {}
         self.slots = Slots(capacity, self._device())
         self._covers: dict[str, list[str]] = {}  # adapter -> layers it holds
@@ -429,7 +454,7 @@ class AdapterBank:
         if layer not in self.layers:
             weight = self._weight(layer)
             bank = LayerBank(weight, self.capacity, self.rows, self.dtype, self.max_rank or 0,
-                             self.slots, self.fixed)
+                             self.slots, self.fixed, self.dora)
             self.layers[layer] = bank
         return self.layers[layer]
 
@@ -497,7 +522,7 @@ class AdapterBank:
 
     def _read(self, name: str, source) -> dict:
         """``{layer: (A, B, scale, magnitude)}`` of ``source`` (as ``prepare`` takes it)."""
-        from .io import Adapter, load_adapter
+        from ..io import Adapter, load_adapter
 
         if isinstance(source, dict) and all(isinstance(v, tuple) for v in source.values()):
             return source
@@ -598,20 +623,29 @@ class AdapterBank:
             return _weight_of(next(iter(self._targets.values()))).device
         return next(self._model.parameters()).device
 
+    def layout(self) -> tuple:
+        """What a forward over this bank captured in a CUDA graph bakes in: ``(capacity,
+        ((layer name, LayerBank.layout()), ...))`` over the layers some adapter covers (the
+        others run the base layer alone: ``serve.attach``). It changes only inside ``put``,
+        ``unload`` and growth, each of which also changes ``slots.version``: a caller may
+        recompute it only when that version moved."""
+        return (self.capacity, tuple((name, layer.layout()) for name, layer in self.layers.items()
+                                     if layer.live))
+
     def nbytes(self) -> int:
         """Bytes held by all layer banks."""
         return sum(bank.nbytes() for bank in self.layers.values())
 
     def refresh(self) -> None:
         """Recompute every layer's DoRA norms now. Base-weight changes are otherwise detected
-        by the rule of ``fastlora.cache``; this is for writes it cannot see
+        by the rule of ``fastlora.ops.cache``; this is for writes it cannot see
         (``weight.data.copy_(t)``). ``fastlora.refresh(bank)`` calls it."""
         for bank in self.layers.values():
             if bank.is_dora is not None:
                 bank._refresh_norms(force=True)
 
     def __repr__(self) -> str:
-        from .io.summary import size_text
+        from ..io.summary import size_text
 
         served = "a model" if self._model is not None else "one layer"
         return (f"AdapterBank({len(self)} adapters {self.names} over {len(self.layers)} layers of {served}, "

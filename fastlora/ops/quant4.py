@@ -49,7 +49,7 @@ def code_book(quant_type: str, device) -> torch.Tensor:
 class UnreadableLayout(ValueError):
     """A bitsandbytes 4-bit weight in a state fastlora does not read, though bitsandbytes
     computes with it (not quantized yet, repacked for its CPU inference, not contiguous).
-    A quant state that fails :func:`fastlora.checks.check_quant4` is no such case: it is
+    A quant state that fails :func:`fastlora.ops.checks.check_quant4` is no such case: it is
     wrong for bitsandbytes too, and raises its own error."""
 
 
@@ -159,7 +159,7 @@ class Quant4Weight:
                           code2=_flat(getattr(state2, "code", None)), offset=_flat(state.offset),
                           blocksize2=getattr(state2, "blocksize", None))
         # a view of the parameter itself (not .data): it shares the parameter's version
-        # counter, so an in-place write to the packed codes is seen by fastlora.cache
+        # counter, so an in-place write to the packed codes is seen by fastlora.ops.cache
         return cls(data=_bytes(weight.view(-1)), absmax=_flat(state.absmax), shape=shape,
                    quant_type=state.quant_type, blocksize=state.blocksize, dtype=state.dtype,
                    compute_dtype=compute_dtype, **nested)
@@ -186,12 +186,12 @@ class Quant4Weight:
     def kernel_args(self):
         """The launch metadata of the QUANT4 kernels, W ``[N, K]`` dequantized to the compute
         dtype (imports the kernels)."""
-        from .kernels.descriptors import Quant4
+        from ..kernels.descriptors import Quant4
 
         return Quant4.from_parts(*self.op_args(), self.compute_dtype or self.dtype)
 
     def op_args(self) -> tuple[torch.Tensor, list[torch.Tensor], list[int]]:
-        """What ``fastlora._ops`` takes for this weight: (packed data, [absmax, code book
+        """What ``fastlora.ops.library`` takes for this weight: (packed data, [absmax, code book
         (+ absmax2, code2, offset when nested)], [N, K, blocksize, blocksize2]); the code
         book is fastlora's fp32 copy of bitsandbytes' on the weight's device."""
         quant = [self.absmax, code_book(self.quant_type, self.device)]

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import checks
+from ..ops import checks
 
 __all__ = ["BASE", "Routing", "Slots"]
 
@@ -152,7 +152,7 @@ class Routing:
         routing = cls(torch.full((entries,), -1, dtype=torch.int32, device=device), n, slots,
                       {} if slots is not None else None, rows=rows)
         routing._rows[rows] = routing._expand(rows)
-        from .kernels.multi_meta import gathers
+        from ..kernels.multi_meta import gathers
 
         if not gathers(rows):  # decode buckets gather each row's adapter: nothing to sort
             routing.groups(rows)
@@ -258,7 +258,7 @@ class Routing:
         return self.index if per == 1 else self.index.repeat_interleave(per)
 
     def _group(self, rows: torch.Tensor):
-        from .kernels.multi_meta import group_rows
+        from ..kernels.multi_meta import group_rows
 
         return group_rows(rows, self.n)
 
