@@ -324,7 +324,7 @@ def nbytes(*tensors) -> int:
 class Results:
     """One benchmark's result files ``<stem>-<gpu>-<date>.json`` and ``.md``, rewritten
     after every ``add`` (a run cut short keeps what it measured), plus the ``.png`` plot
-    (``bench/plot.py``) at ``finish``.
+    (``bench/tools/plot.py``) at ``finish``.
 
     ``plot``: the plot's specification (see ``plot.py``), or None for no plot.
     """
@@ -390,7 +390,7 @@ class Results:
             except ImportError:  # (a GPU image without it: the tables hold every figure)
                 print("no plot: matplotlib is not installed", flush=True)
             else:
-                from plot import plot_file
+                from tools.plot import plot_file
 
                 written += plot_file(self.path)
         print("wrote " + ", ".join(str(p) for p in written), flush=True)

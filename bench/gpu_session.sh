@@ -192,7 +192,7 @@ step_tests() {
   export PY d timeout_opt_s="${timeout_opt[*]}" collect_s="${collect[*]}"
   export -f test_file
   printf '%s\n' $files | run 500 xargs -P 4 -n 1 bash -c 'test_file "$1"' _ || rc=1
-  { "$PY" bench/junit_summary.py "$d"
+  { "$PY" bench/tools/junit_summary.py "$d"
     for f in "$d"/*.log; do echo "$(basename "$f" .log): $(tail -n 1 "$f")"; done
   } | tee "$d/summary.txt" | tee -a "$LOG"
   return $rc
@@ -203,14 +203,14 @@ step_sanitize() {
   # The first, plain run autotunes (results cached on disk) and checks the numbers, so that
   # the run under the sanitizer launches each kernel only a few times.
   export TRITON_CACHE_AUTOTUNING=1
-  run 240 "$PY" bench/sanitize_calls.py "${DRYFLAG[@]}" >"$d/calls.log" || { cat "$d/calls.log"; return 1; }
+  run 240 "$PY" bench/tools/sanitize_calls.py "${DRYFLAG[@]}" >"$d/calls.log" || { cat "$d/calls.log"; return 1; }
   cat "$d/calls.log"
   if [ $DRY = 1 ]; then
     say "dry run: the script ran without compute-sanitizer"
     return 0
   fi
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 run 400 compute-sanitizer --tool memcheck --error-exitcode 3 \
-    --print-limit 50 --log-file "$d/memcheck.log" "$PY" bench/sanitize_calls.py
+    --print-limit 50 --log-file "$d/memcheck.log" "$PY" bench/tools/sanitize_calls.py
   local rc=$?
   tail -5 "$d/memcheck.log" | tee -a "$LOG"
   return $rc
@@ -222,7 +222,7 @@ bench() {
   local script=$1 cap=$(($2 * STEP_S / 530)) b; b=$(budget $(($3 * STEP_S / 530))); shift 3
   run "$cap" "$PY" "bench/$script" --out "$WORK/$STEP" --budget-s "$b" "${DRYFLAG[@]}" "$@"
   local rc=$?
-  [ $rc -eq 0 ] || "$PY" bench/plot.py "$WORK/$STEP" >>"$LOG" 2>&1  # plots of what was saved
+  [ $rc -eq 0 ] || "$PY" bench/tools/plot.py "$WORK/$STEP" >>"$LOG" 2>&1  # plots of what was saved
   pack
   return $rc
 }
@@ -266,7 +266,7 @@ step_qlora() {
 }
 
 # The headline (see the estimate at the top): the kernels compiled first on every core
-# (bench/precompile.py, the headline's own calls and shapes), each benchmark in its own
+# (bench/tools/precompile.py, the headline's own calls and shapes), each benchmark in its own
 # process under a hard cap, then the gpu_smoke tests in the time left; headline.md beside
 # the archive holds its figures on one page.
 HEADLINE_SHAPE=(--shape 4096 4096 --rank 16)
@@ -276,9 +276,9 @@ step_headline() {
   bitsandbytes
   # the compiler never runs in the interpreter; the dry run: the same plumbing, two
   # compilations (for sm_90) into a scratch cache
-  local pre=(env -u TRITON_INTERPRET "$PY" bench/precompile.py)
+  local pre=(env -u TRITON_INTERPRET "$PY" bench/tools/precompile.py)
   [ $DRY = 1 ] && pre=(env -u TRITON_INTERPRET TRITON_CACHE_DIR="$WORK/triton-cache" "$PY"
-                       bench/precompile.py --dry-run --limit 2 --jobs 2)
+                       bench/tools/precompile.py --dry-run --limit 2 --jobs 2)
   run 120 "${pre[@]}" "${HEADLINE_SHAPE[@]}" --m 16 8192 --dropout 0 0.1 \
     >"$d/precompile.log" || rc=1
   tail -n 3 "$d/precompile.log" | tee -a "$LOG"
@@ -296,7 +296,7 @@ step_headline() {
     tests/test_dispatch.py tests/test_capture_and_timing.py tests/test_routing.py \
     tests/test_multi.py >"$d/tests/gpu_smoke.log" || rc=1
   tail -n 1 "$d/tests/gpu_smoke.log" | tee -a "$LOG"
-  "$PY" bench/headline_summary.py "$d" >"$d/headline.md" || rc=1
+  "$PY" bench/tools/headline_summary.py "$d" >"$d/headline.md" || rc=1
   cp "$d/headline.md" "$OUT/headline.md"
   return $rc
 }

@@ -1,5 +1,6 @@
 """bench/gpu_session.sh, the GPU run in steps: its CPU dry run goes through every step,
 benchmark script, result file, plot and archive; without a GPU nothing claims a measurement."""
+import importlib
 import json
 import os
 import subprocess
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-from render_readme import TITLES, render
+from tools.render_readme import TITLES, render
 
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without CUDA")
 
@@ -128,11 +129,11 @@ def test_gpu_steps_refuse_to_run_without_cuda(tmp_path):
 @no_gpu
 @pytest.mark.parametrize("script", ["bench_layer", "bench_dora", "bench_decode", "bench_multi",
                                     "bench_model", "bench_serve", "bench_qlora", "bench_vllm",
-                                    "sanitize_calls"])
+                                    "tools.sanitize_calls"])
 def test_benchmarks_exit_non_zero_when_nothing_is_measured(script, tmp_path):
-    main = __import__(script).main
+    main = importlib.import_module(script).main
     with pytest.raises(SystemExit) as exit_:
-        main(["--out", str(tmp_path)] if script != "sanitize_calls" else [])
+        main(["--out", str(tmp_path)] if script != "tools.sanitize_calls" else [])
     assert "no CUDA device" in str(exit_.value.code) and "nothing was measured" in str(exit_.value.code)
     assert not list(tmp_path.iterdir())
 

@@ -1,4 +1,5 @@
-"""README's Measured section comes from committed result files only (bench/render_readme.py)."""
+"""README's Measured section comes from committed result files only
+(bench/tools/render_readme.py)."""
 import io
 import json
 import tarfile
@@ -7,8 +8,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-from collect_results import collect
-from render_readme import END, NO_RESULTS, START, main, render, replace_block
+from tools.collect_results import collect
+from tools.render_readme import END, NO_RESULTS, START, main, render, replace_block
 
 
 def env(gpu="NVIDIA H100 80GB HBM3", date="2026-11-20", dry_run=False):
@@ -111,7 +112,7 @@ def test_rewrites_only_the_marked_block(results, tmp_path):
 def test_readme_block_is_the_rendering_of_the_committed_results():
     readme = (ROOT / "README.md").read_text()
     assert replace_block(readme, render(ROOT / "bench" / "results", ROOT)) == readme, \
-        "README's Measured section is out of date: run python bench/render_readme.py"
+        "README's Measured section is out of date: run python bench/tools/render_readme.py"
 
 
 def archive(path: Path, files: dict) -> Path:

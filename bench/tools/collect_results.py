@@ -1,9 +1,9 @@
 """Copy the result files of GPU-run archives (``STEP.tgz`` from bench/gpu_session.sh) into
-bench/results/, ready to commit and render into README (bench/render_readme.py).
+bench/results/, ready to commit and render into README (bench/tools/render_readme.py).
 
 Takes each benchmark's ``.json`` with its ``.md`` and ``.png``; dry-run results are refused.
 
-    python bench/collect_results.py layer.tgz multi.tgz ... [--results DIR]
+    python bench/tools/collect_results.py layer.tgz multi.tgz ... [--results DIR]
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import sys
 import tarfile
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
 def collect(archive: Path, results: Path) -> list[Path]:

@@ -1,6 +1,6 @@
 """Summary of pytest JUnit XML reports: one line per report, the failing tests, a total.
 
-    python bench/junit_summary.py DIR        (every *.xml in DIR)
+    python bench/tools/junit_summary.py DIR        (every *.xml in DIR)
 """
 from __future__ import annotations
 

@@ -20,8 +20,8 @@ differ from the launches'.
 ``--dry-run``: the same on a CPU with tiny shapes, compiled for sm_90 (a stand-in for the
 CUDA driver reports that target), ``--limit`` jobs only. Never uses Triton's interpreter.
 
-    python bench/precompile.py [--benchmarks layer dora multi qlora] [--shape K N] [--m M...]
-                               [--rank R] [--dropout P...] [--jobs N] [--limit N] [--dry-run]
+    python bench/tools/precompile.py [--benchmarks layer dora multi qlora] [--shape K N] [--m M...]
+                                     [--rank R] [--dropout P...] [--jobs N] [--limit N] [--dry-run]
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ os.environ.pop("TRITON_INTERPRET", None)  # compiles: never the interpreter (nor
 
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: see tools/__init__.py
 
 BENCHMARKS = ("layer", "dora", "multi", "qlora")
 DRY_TARGET = 90  # the dry run compiles for sm_90

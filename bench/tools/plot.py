@@ -8,7 +8,7 @@ A result JSON (``common.Results``) carries its plot's specification:
      "slice": {"r": 16, "p": 0.1},    held fixed, at the present value nearest to these
      "panels": [["forward", ["fwd/F.linear", "fwd/peft"]], ...]}   one panel per entry
 
-    python bench/plot.py RESULT.json|DIR ...     (re)draws the PNG beside each JSON
+    python bench/tools/plot.py RESULT.json|DIR ...     (re)draws the PNG beside each JSON
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: see tools/__init__.py
 from tables import header, sliced  # noqa: E402
 
 STYLES = ["-", "--", ":", "-."]

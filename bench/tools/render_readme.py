@@ -5,8 +5,8 @@ no figure in README is ever written by hand. For each benchmark and GPU the newe
 file is summarized (a short table, links to the full table and the plot); dry-run results
 are never rendered.
 
-    python bench/render_readme.py            rewrite README.md's section
-    python bench/render_readme.py --check    exit 1 if README.md's section is out of date
+    python bench/tools/render_readme.py            rewrite README.md's section
+    python bench/tools/render_readme.py --check    exit 1 if README.md's section is out of date
 """
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: see tools/__init__.py
 from tables import header, markdown_table, nearest  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 START, END = "<!-- measured:start -->", "<!-- measured:end -->"
 ORDER = ["layer", "decode", "dora", "qlora", "multi", "model", "model-4bit", "serve"]
 TITLES = {"layer": "Layer: forward and backward", "decode": "Decode: three timings",
@@ -27,13 +27,13 @@ TITLES = {"layer": "Layer: forward and backward", "decode": "Decode: three timin
           "model-4bit": "Model: QLoRA, bitsandbytes 4-bit base",
           "serve": "Serving: decode steps and adapter paging"}
 NO_RESULTS = """No GPU measurements are committed yet. `bash bench/gpu_session.sh STEP` on a GPU
-machine writes them into `STEP.tgz` archives; `python bench/collect_results.py STEP.tgz ...`
-copies them into `bench/results/`, and once they are committed
-`python bench/render_readme.py` fills this section from them.
+machine writes them into `STEP.tgz` archives;
+`python bench/tools/collect_results.py STEP.tgz ...` copies them into `bench/results/`, and
+once they are committed `python bench/tools/render_readme.py` fills this section from them.
 """
-INTRO = """Rendered by `python bench/render_readme.py` from the result files in `bench/results/`
-(the newest per benchmark and GPU). A ratio is fastlora's time over the reference's,
-measured in the same run: below 1 is faster.
+INTRO = """Rendered by `python bench/tools/render_readme.py` from the result files in
+`bench/results/` (the newest per benchmark and GPU). A ratio is fastlora's time over the
+reference's, measured in the same run: below 1 is faster.
 """
 
 
@@ -212,7 +212,7 @@ def main(argv=None) -> int:
     if args.check:
         if new != text:
             print(f"{args.readme}: the Measured section is out of date; run "
-                  "python bench/render_readme.py", file=sys.stderr)
+                  "python bench/tools/render_readme.py", file=sys.stderr)
             return 1
         return 0
     args.readme.write_text(new)

@@ -2,7 +2,7 @@
 rows of fastlora's implementation with the ratios that answer the headline's questions
 (each measured side by side in the same run), then the GPU tests' JUnit totals.
 
-    python bench/headline_summary.py DIR        (prints markdown)
+    python bench/tools/headline_summary.py DIR        (prints markdown)
 """
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import json
 import sys
 from pathlib import Path
 
-from junit_summary import summarize
-from tables import header, markdown_table
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: see tools/__init__.py
+from tables import header, markdown_table  # noqa: E402
+from tools.junit_summary import summarize  # noqa: E402
 
 # benchmark -> (the implementation's rows shown, the columns that place them, the ratios)
 HEADLINE = {

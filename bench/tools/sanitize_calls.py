@@ -9,8 +9,8 @@ automatic choice runs only the fastest. Each call without dropout is compared wi
 run checks the numbers as well as the memory accesses); calls with dropout are checked for
 finite results. Exits 1 if a check fails.
 
-    compute-sanitizer --tool memcheck python bench/sanitize_calls.py
-    python bench/sanitize_calls.py --dry-run        (CPU, Triton interpreter)
+    compute-sanitizer --tool memcheck python bench/tools/sanitize_calls.py
+    python bench/tools/sanitize_calls.py --dry-run        (CPU, Triton interpreter)
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: see tools/__init__.py
 from common import Run, dtype_name, forced_impl  # noqa: E402
 
 M, K, N, R = 37, 70, 48, 8
