@@ -7,12 +7,12 @@ injected by hooks that raise inside the model's forward."""
 import pytest
 import torch
 
-from data import generator, randint, randn
+from serve_models import VOCAB, decode_fails_once, random_adapter, random_prompts, tiny_llama
 from fastlora.serve import AdapterPool, Server
 
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
 
-VOCAB = 48
+MODULES = ("q_proj", "v_proj")
 POISON = 47  # a prompt holding this token makes the embedding raise in a prefill
 
 
@@ -21,43 +21,12 @@ def _torch_backend(monkeypatch):
     monkeypatch.setenv("FASTLORA_BACKEND", "torch")
 
 
-def tiny(device):
-    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2,
-                                      vocab_size=VOCAB, max_position_embeddings=64,
-                                      eos_token_id=None)
-    model = transformers.LlamaForCausalLM(config).eval()
-    g = generator(90)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            scale = 8 if "lm_head" in name else 1
-            p.copy_(randn(*p.shape, g=g, scale=scale * p.shape[-1] ** -0.5))
-    return model.to(device)
-
-
-def adapter(model, seed, rank=2):
-    """``{layer: (A, B, scale, None)}`` for every q_proj and v_proj."""
-    g = generator(seed)
-    layers = {}
-    for name, m in model.named_modules():
-        if name.endswith(("q_proj", "v_proj")):
-            n, k = m.weight.shape
-            layers[name] = (randn(rank, k, g=g, scale=0.3).to(m.weight.device),
-                            randn(n, rank, g=g, scale=0.3).to(m.weight.device), 1.5, None)
-    return layers
-
-
 def server_of(device, max_batch=8, **kw):
-    model = tiny(device)
+    model = tiny_llama(device, 90)
     pool = AdapterPool(model, slots=2, max_rank=4)
-    pool.register("a", adapter(model, 91))
-    pool.register("b", adapter(model, 92))
+    pool.register("a", random_adapter(model, 91, 2, MODULES))
+    pool.register("b", random_adapter(model, 92, 2, MODULES))
     return Server(model, pool, max_batch=max_batch, **kw)
-
-
-def prompts(seed, lengths):
-    g = generator(seed)
-    return [randint(0, VOCAB - 1, (n,), g=g).tolist() for n in lengths]
 
 
 def alone(server, prompt, adapter, n):
@@ -110,7 +79,7 @@ def test_submit_checks_each_argument(device):
 def test_capacities_are_at_least_one(device, bad):
     """A zero capacity used to be accepted and then spin in ``stream()`` (max_batch=0,
     slots=0) or fail inside torch (slots=-1)."""
-    model = tiny(device)
+    model = tiny_llama(device, 90)
     for name in ("slots", "max_rank"):
         with pytest.raises(ValueError, match=rf"{name} must be at least 1, got {bad}"):
             AdapterPool(model, **{name: bad})
@@ -127,7 +96,7 @@ def test_a_failed_prefill_loses_no_request(device):
     alone (with the error recorded on it) and every other request gets its own tokens, the
     running ones included."""
     server = server_of(device)
-    ps = prompts(93, [4, 3, 5, 2])
+    ps = random_prompts(93, [4, 3, 5, 2])
     ps[2][1] = POISON
     want = {i: alone(server, ps[i], a, 4) for i, a in [(0, "a"), (1, None), (3, "b")]}
     hook = poison_prefills(server.model)
@@ -159,32 +128,18 @@ def test_a_failed_decode_is_rolled_back(device):
     failure. Eager decode (a hook does not run at CUDA-graph replays; test_serve_graphs
     covers the static cache's rollback)."""
     server = server_of(device, cuda_graphs=False)
-    ps = prompts(94, [3, 5])
+    ps = random_prompts(94, [3, 5])
     want = [alone(server, p, a, 5) for p, a in zip(ps, ["a", "b"])]
-    armed = []
-
-    def fail_once(module, args):
-        if armed:
-            armed.pop()
-            raise RuntimeError("device lost")
-
-    hook = server.model.model.layers[1].mlp.register_forward_pre_hook(fail_once)
     requests = [server.submit(p, adapter=a, max_new_tokens=5) for p, a in zip(ps, ["a", "b"])]
-    server.step()
-    server.step()
-    armed.append(True)
-    with pytest.raises(RuntimeError, match="device lost"):
-        server.step()
-    assert server.running == requests and [len(r.tokens) for r in requests] == [2, 2]
+    decode_fails_once(server, requests)
     while not server.idle:
         server.step()
-    hook.remove()
     assert [r.tokens for r in requests] == want
 
 
 def test_a_raising_callback_fails_its_request_only(device):
     server = server_of(device)
-    ps = prompts(95, [4, 3, 5])
+    ps = random_prompts(95, [4, 3, 5])
     want = [alone(server, p, a, 4) for p, a in zip(ps, ["a", None, "b"])]
     seen = {}
 
@@ -219,14 +174,14 @@ def test_a_callback_sees_the_committed_state(device):
         states.append((list(request.tokens), request in server.running))
         server.cancel(request)
 
-    r = server.submit(prompts(96, [3])[0], adapter="a", max_new_tokens=5, on_token=cancel_at_once)
+    r = server.submit(random_prompts(96, [3])[0], adapter="a", max_new_tokens=5, on_token=cancel_at_once)
     list(server.stream())
     assert states == [([r.tokens[0]], True)] and len(r.tokens) == 1 and server.idle
 
 
 def test_generate_that_raises_leaves_nothing_queued(device):
     server = server_of(device)
-    ps = prompts(97, [3, 4])
+    ps = random_prompts(97, [3, 4])
     with pytest.raises(KeyError, match="unknown adapter 'unknown'"):
         server.generate(ps, ["a", "unknown"], max_new_tokens=2)
     assert server.idle

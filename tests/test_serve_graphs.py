@@ -12,67 +12,31 @@ import copy
 import pytest
 import torch
 
-from data import generator, randint, randn
+from data import generator, randn
+from serve_models import decode_fails_once, random_adapter, random_prompts, tiny_llama
 from fastlora.adapters.bank import AdapterBank
 from fastlora.serve import AdapterPool, Server
 from fastlora.serve import graphs as graphs_module
 from fastlora.serve.graphs import GraphDecoder, bucket_for, buckets
 
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
 
-VOCAB = 48
+MODULES = ("q_proj", "v_proj", "down_proj")
 ADAPTERS = {"a": (2, False), "b": (3, False), "c": (1, False), "d": (2, True)}  # rank, DoRA
-
-
-def tiny(device):
-    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2,
-                                      vocab_size=VOCAB, max_position_embeddings=64,
-                                      eos_token_id=None)
-    model = transformers.LlamaForCausalLM(config).eval()
-    g = generator(80)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            # logits spread wide (no ties on rounding); sharp attention (tokens follow the
-            # cache, not the last token alone)
-            scale = 8 if "lm_head" in name else 3 if name.endswith(("q_proj.weight",
-                                                                    "k_proj.weight")) else 1
-            p.copy_(randn(*p.shape, g=g, scale=scale * p.shape[-1] ** -0.5))
-    return model.to(device)
-
-
-def adapter(model, seed, rank, dora):
-    """``{layer: (A, B, scale, magnitude)}`` for every q_proj, v_proj and down_proj (a
-    magnitude near the weight's row norms for DoRA)."""
-    g = generator(seed)
-    layers = {}
-    for name, m in model.named_modules():
-        if name.endswith(("q_proj", "v_proj", "down_proj")):
-            n, k = m.weight.shape
-            A, B = randn(rank, k, g=g, scale=0.3), randn(n, rank, g=g, scale=0.3)
-            magnitude = (m.weight.detach().cpu().norm(dim=1) * (1 + 0.3 * randn(n, g=g).abs())
-                         if dora else None)
-            layers[name] = (A, B, 1.5, magnitude)
-    return layers
 
 
 def server_of(model, *, dora_buffers=False, slots=3, **kw):
     pool = AdapterPool(model, slots=slots, max_rank=4, dora=dora_buffers)
     for i, (name, (rank, dora)) in enumerate(ADAPTERS.items()):
-        pool.register(name, adapter(model, 81 + i, rank, dora))
+        pool.register(name, random_adapter(model, 81 + i, rank, MODULES, dora))
     return Server(model, pool, max_batch=8, **kw)
-
-
-def prompts(seed, lengths):
-    g = generator(seed)
-    return [randint(0, VOCAB - 1, (n,), g=g).tolist() for n in lengths]
 
 
 def scenario(server, after_capture=None):
     """Requests join and leave between steps over 1 to 4 rows (buckets 1, 2, 4: padding);
     adapters page through 3 slots; the DoRA adapter "d" is first paged in after the first
     graphs were captured (``after_capture(server)`` runs then). Tokens per request."""
-    ps = prompts(82, [3, 5, 2, 12, 4, 3, 9])  # 12 and 9 join shorter rows: shifted right
+    ps = random_prompts(82, [3, 5, 2, 12, 4, 3, 9])  # 12 and 9 join shorter rows: shifted right
     plan = [(0, 0, "a", 6), (0, 1, None, 3), (2, 2, "b", 5), (2, 3, "c", 7), (3, 4, "d", 5),
             (5, 5, "a", 4), (9, 6, "d", 3)]  # (step, prompt, adapter, max_new_tokens)
     requests = {}
@@ -142,25 +106,25 @@ def test_buckets_as_vllm_up_to_max_batch():
 def test_cpu_decodes_eagerly_unless_told(device):
     if device != "cpu":
         pytest.skip("checks the CPU default")
-    server = server_of(tiny(device))
+    server = server_of(tiny_llama(device, 80, sharp_attention=True))
     assert server.graphs is None and "on cpu" in server.why_eager and server.max_length is None
     with pytest.raises(ValueError, match="cuda_graphs=True: the model is on cpu"):
-        server_of(tiny(device), cuda_graphs=True)
-    assert server_of(tiny(device), cuda_graphs=False).why_eager == "cuda_graphs=False"
+        server_of(tiny_llama(device, 80, sharp_attention=True), cuda_graphs=True)
+    assert server_of(tiny_llama(device, 80, sharp_attention=True), cuda_graphs=False).why_eager == "cuda_graphs=False"
     with pytest.raises(TypeError, match="cuda_graphs must be True, False or None"):
-        server_of(tiny(device), cuda_graphs="yes")
+        server_of(tiny_llama(device, 80, sharp_attention=True), cuda_graphs="yes")
 
 
 def test_max_length_refuses_longer_requests(device, eager_graphs):
-    server = server_of(tiny(device), cuda_graphs=True)
+    server = server_of(tiny_llama(device, 80, sharp_attention=True), cuda_graphs=True)
     assert server.max_length == 64  # max_position_embeddings, under 2048
-    server = server_of(tiny(device), cuda_graphs=True, max_length=10)
+    server = server_of(tiny_llama(device, 80, sharp_attention=True), cuda_graphs=True, max_length=10)
     with pytest.raises(ValueError, match="prompt of 4 tokens and max_new_tokens=7 exceed the "
                                          "server's max_length=10 .the static KV cache"):
         server.submit([1, 2, 3, 4], max_new_tokens=7)
     server.submit([1, 2, 3, 4], max_new_tokens=6)
     with pytest.raises(ValueError, match="max_length must be"):
-        server_of(tiny(device), max_length=0)
+        server_of(tiny_llama(device, 80, sharp_attention=True), max_length=0)
 
 
 # ------------------------------------------------------------ the static path
@@ -170,7 +134,7 @@ def test_static_decode_gives_the_eager_tokens(device, eager_graphs):
     """Joins, leaves, padding to buckets, paging, a DoRA adapter paged in after capture:
     the graph path's tokens are the eager server's; the DoRA page-in (no DoRA buffers up
     front) re-captures, with the reason counted."""
-    model = tiny(device)
+    model = tiny_llama(device, 80, sharp_attention=True)
     want = scenario(server_of(copy.deepcopy(model), cuda_graphs=False))
     server = server_of(model, cuda_graphs=True)
     seen = {}
@@ -186,7 +150,7 @@ def test_static_decode_gives_the_eager_tokens(device, eager_graphs):
 def test_preallocated_dora_buffers_keep_their_storage(device, eager_graphs):
     """With AdapterPool(dora=True) a DoRA page-in after capture writes in place: the bank's
     tensors keep their addresses and no graph is captured again."""
-    model = tiny(device)
+    model = tiny_llama(device, 80, sharp_attention=True)
     want = scenario(server_of(copy.deepcopy(model), cuda_graphs=False))
     server = server_of(model, cuda_graphs=True, dora_buffers=True)
     ptrs = {}
@@ -207,7 +171,7 @@ def test_preallocated_dora_buffers_keep_their_storage(device, eager_graphs):
 def test_changed_weights_are_captured_again(device, eager_graphs):
     """A weight written in place (a new version) or replaced between steps: the graphs are
     captured again before the next step, and the tokens follow the new weights."""
-    model = tiny(device)
+    model = tiny_llama(device, 80, sharp_attention=True)
     twin = copy.deepcopy(model)
 
     def change(m):
@@ -217,7 +181,7 @@ def test_changed_weights_are_captured_again(device, eager_graphs):
 
     eager = server_of(twin, cuda_graphs=False)
     server = server_of(model, cuda_graphs=True)
-    ps = prompts(83, [3, 4])
+    ps = random_prompts(83, [3, 4])
     for s in (eager, server):
         requests = [s.submit(p, adapter=a, max_new_tokens=6) for p, a in zip(ps, ["d", None])]
         for _ in range(3):
@@ -283,29 +247,15 @@ def test_a_failed_static_decode_is_rolled_back(device, eager_graphs):
     """A decode whose forward raises after some layers wrote their column: the column
     counters and the mask go back, and the next steps give the tokens of a run without
     the failure."""
-    model = tiny(device)
-    ps = prompts(86, [3, 5])
+    model = tiny_llama(device, 80, sharp_attention=True)
+    ps = random_prompts(86, [3, 5])
     eager = server_of(copy.deepcopy(model), cuda_graphs=False)
     want = eager.generate(ps, ["a", "d"], max_new_tokens=6)
     server = server_of(model, cuda_graphs=True)
-    armed = []
-
-    def fail_once(module, args):
-        if armed:
-            armed.pop()
-            raise RuntimeError("device lost")
-
-    hook = model.model.layers[1].mlp.register_forward_pre_hook(fail_once)
     requests = [server.submit(p, adapter=a, max_new_tokens=6) for p, a in zip(ps, ["a", "d"])]
-    server.step()
-    server.step()
-    armed.append(True)
-    with pytest.raises(RuntimeError, match="device lost"):
-        server.step()
-    assert server.running == requests and [len(r.tokens) for r in requests] == [2, 2]
+    decode_fails_once(server, requests)
     assert int(server.graphs.kv.columns.unique()) == server._batch.width
     list(server.stream())
-    hook.remove()
     assert [r.tokens for r in requests] == want
 
 
@@ -320,7 +270,7 @@ def test_gpu_graph_decode_gives_the_eager_tokens(dora_buffers):
     between steps, a DoRA adapter is paged in after the first captures; every token equals
     the eager server's. Without DoRA buffers up front that page-in re-captures; with them
     nothing is captured again."""
-    model = tiny("cuda")
+    model = tiny_llama("cuda", 80, sharp_attention=True)
     want = scenario(server_of(copy.deepcopy(model), cuda_graphs=False,
                               dora_buffers=dora_buffers))
     server = server_of(model, dora_buffers=dora_buffers)  # the default on CUDA: graphs
@@ -340,17 +290,17 @@ def test_gpu_graph_decode_gives_the_eager_tokens(dora_buffers):
 def test_gpu_graphs_follow_page_ins_and_replaced_adapters():
     """Replays after adapters were paged in, replaced in place and unloaded between steps
     read the bank's new contents (same storage: no re-capture) and give the eager tokens."""
-    model = tiny("cuda")
+    model = tiny_llama("cuda", 80, sharp_attention=True)
     servers = [server_of(copy.deepcopy(model), cuda_graphs=flag, dora_buffers=True, slots=2)
                for flag in (False, True)]
-    ps = prompts(87, [4, 3, 5])
+    ps = random_prompts(87, [4, 3, 5])
     out = []
     for s in servers:
         requests = [s.submit(ps[0], adapter="a", max_new_tokens=8),
                     s.submit(ps[1], adapter="b", max_new_tokens=8)]
         for _ in range(3):
             s.step()
-        s.load("a", adapter(s.model, 88, 2, True), replace=True)  # a DoRA version, in place
+        s.load("a", random_adapter(s.model, 88, 2, MODULES, True), replace=True)  # a DoRA version, in place
         for _ in range(2):
             s.step()
         requests.append(s.submit(ps[2], adapter="c", max_new_tokens=4))  # waits: 2 slots
