@@ -294,7 +294,7 @@ step_headline() {
   run 300 "$PY" -m pytest -q -p no:cacheprovider -m gpu_smoke "${timeout_opt[@]}" "${collect[@]}" \
     --junitxml="$d/tests/gpu_smoke.xml" tests/test_linear_impls.py tests/test_lora_linear.py \
     tests/test_dispatch.py tests/test_capture_and_timing.py tests/test_routing.py \
-    tests/test_multi.py >"$d/tests/gpu_smoke.log" || rc=1
+    tests/test_multi.py tests/test_serve_graphs.py >"$d/tests/gpu_smoke.log" || rc=1
   tail -n 1 "$d/tests/gpu_smoke.log" | tee -a "$LOG"
   "$PY" bench/tools/headline_summary.py "$d" >"$d/headline.md" || rc=1
   cp "$d/headline.md" "$OUT/headline.md"
