@@ -49,8 +49,9 @@ else:
     from .shrink import lora_shrink, multi_lora_shrink
 
     __all__ = ["GATHER_MAX_M", "BankTerm", "DoraBackward", "DoraBank", "PackedAdapters",
-               "Quant4", "RowGroups", "RowMap", "Term", "bank_term", "cublas_linear", "cublas_unsupported",
-               "dequantize4", "dora_bank", "dora_norm", "dropout_mask", "fused_linear",
+               "Quant4", "RowGroups", "RowMap", "Term", "bank_term", "cublas_linear",
+               "cublas_unsupported", "dequantize4", "dora_bank", "dora_norm", "dropout_mask",
+               "fused_linear",
                "group_rows", "lora_da", "lora_dy", "lora_shrink", "multi_fused_linear",
                "multi_lora_da", "multi_lora_dy", "multi_lora_shrink", "term",
                "tma_layout_unsupported", "tma_linear", "tma_unsupported"]

@@ -97,8 +97,8 @@ class Segments(NamedTuple):
 
 
 def segments(row_map, bank) -> Segments:
-    """The segment tiles of a ``multi_meta.RowMap`` over a ``multi_meta.PackedAdapters``: sorted rows, or
-    for gathered ones the bank's facts only (perm, seg None)."""
+    """The segment tiles of a ``multi_meta.RowMap`` over a ``multi_meta.PackedAdapters``:
+    sorted rows, or for gathered ones the bank's facts only (perm, seg None)."""
     if row_map.gather:
         return Segments(None, None, bank.offsets, bank.ranks, bank.scales, row_map.n,
                         tl.constexpr(2))

@@ -453,7 +453,8 @@ def test_the_op_rebuilds_the_one_bank_type_unchecked(monkeypatch, device):
         assert type(meta) is kernels.PackedAdapters
         for name in ("A", "B", "offsets", "ranks", "scales", "magnitude", "is_dora"):
             assert getattr(meta, name) is getattr(bank, name), name
-        assert torch.equal(meta.weight_norm, bank.weight_norm) and not meta.weight_norm.requires_grad
+        assert torch.equal(meta.weight_norm, bank.weight_norm)
+        assert not meta.weight_norm.requires_grad
         assert meta.max_rank == bank.max_rank and meta.n == bank.n and meta.slots is None
         assert meta.dropout is (bank.dropout if training else None)
         assert kernels.dora_bank(meta).flags.dtype == torch.int8

@@ -259,10 +259,11 @@ def multi_args(bank, routing, m: int, *, dropout: bool, grouped: bool
     adapters (``ADAPTER_FIELDS``): the bank's (a ``PackedAdapters``) offsets, ranks int32
     ``[n]``, scales fp32 ``[n]``, dropout fp32 ``[n]`` (``dropout``: applied in this call,
     else None: the one place that decides it), the detached DoRA weight_norm fp32 ``[n, N]``
-    and is_dora bool ``[n]`` (None without DoRA). rows (``ROW_FIELDS``): from the ``Routing``, index int32 ``[m]`` when
-    the batch gathers (``m <= GATHER_MAX_M``) else None; perm, keys ``[m]`` and seg
-    ``[n + 2]`` (the rows grouped by adapter) when it does not gather or when ``grouped``
-    (the backward, which works on grouped rows, will run), else None."""
+    and is_dora bool ``[n]`` (None without DoRA). rows (``ROW_FIELDS``): from the
+    ``Routing``, index int32 ``[m]`` when the batch gathers (``m <= GATHER_MAX_M``) else
+    None; perm, keys ``[m]`` and seg ``[n + 2]`` (the rows grouped by adapter) when it does
+    not gather or when ``grouped`` (the backward, which works on grouped rows, will run),
+    else None."""
     dora = bank.is_dora is not None
     adapters = [bank.offsets, bank.ranks, bank.scales, bank.dropout if dropout else None,
                 bank.weight_norm.detach() if dora else None, bank.is_dora]
