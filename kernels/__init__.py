@@ -45,12 +45,13 @@ else:
     from .dropout import dropout_mask
     from .linear import cublas_linear, cublas_unsupported, fused_linear, multi_fused_linear
     from .linear_tma import tma_layout_unsupported, tma_linear, tma_unsupported
-    from .multi_meta import GATHER_MAX_M, AdapterMeta, RowGroups, RowMap, group_rows
+    from .multi_meta import GATHER_MAX_M, PackedAdapters, RowGroups, RowMap, group_rows
     from .shrink import lora_shrink, multi_lora_shrink
 
-    __all__ = ["GATHER_MAX_M", "AdapterMeta", "BankTerm", "DoraBackward", "DoraBank", "Quant4",
-               "RowGroups", "RowMap", "Term", "bank_term", "cublas_linear", "cublas_unsupported",
-               "dequantize4", "dora_bank", "dora_norm", "dropout_mask", "fused_linear",
+    __all__ = ["GATHER_MAX_M", "BankTerm", "DoraBackward", "DoraBank", "PackedAdapters",
+               "Quant4", "RowGroups", "RowMap", "Term", "bank_term", "cublas_linear",
+               "cublas_unsupported", "dequantize4", "dora_bank", "dora_norm", "dropout_mask",
+               "fused_linear",
                "group_rows", "lora_da", "lora_dy", "lora_shrink", "multi_fused_linear",
                "multi_lora_da", "multi_lora_dy", "multi_lora_shrink", "term",
                "tma_layout_unsupported", "tma_linear", "tma_unsupported"]

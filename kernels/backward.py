@@ -22,7 +22,7 @@ import triton.language as tl
 from .common import (TL_DTYPES, configs, dora_g, dropout_keep, fp32_precision, m_bucket,
                      on_device, rank_block, sm_count, tune)
 from .descriptors import Mat, Segments, dora_bank, mat, segments
-from .multi_meta import AdapterMeta, RowMap, segment_tile, segment_tiles
+from .multi_meta import PackedAdapters, RowMap, segment_tile, segment_tiles
 
 
 @triton.jit
@@ -263,7 +263,7 @@ def lora_dy(dy: torch.Tensor, lora_B: torch.Tensor, t: torch.Tensor, scaling: fl
 
 
 @on_device
-def multi_lora_dy(dy: torch.Tensor, B: torch.Tensor, t: torch.Tensor, bank: AdapterMeta,
+def multi_lora_dy(dy: torch.Tensor, B: torch.Tensor, t: torch.Tensor, bank: PackedAdapters,
                   rows: RowMap, y: torch.Tensor | None = None, bias: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, ...]:
     """``(dS, dB^T)`` as fp32 ``[M, R]`` (rows in batch order) and packed ``[S, N]``; with a
@@ -271,7 +271,7 @@ def multi_lora_dy(dy: torch.Tensor, B: torch.Tensor, t: torch.Tensor, bank: Adap
     bias))`` per DoRA adapter ``[n, N]``. dy ``[M, N]``, B ``[S, N]`` packed B^T, t ``[M, R]``
     from ``multi_lora_shrink`` (summed over its chunks); sorted rows."""
     m, n = dy.shape
-    dora = y is not None and bank.dora
+    dora = y is not None and bank.is_dora is not None
     db = torch.empty(B.shape, dtype=torch.float32, device=dy.device)
     dg = torch.empty((rows.n, n), dtype=torch.float32, device=dy.device) if dora else None
     if m == 0 or rows.n == 0:
@@ -320,7 +320,7 @@ def lora_da(ds: torch.Tensor, x: torch.Tensor, adapter_dtype: torch.dtype,
 
 
 @on_device
-def multi_lora_da(ds: torch.Tensor, x: torch.Tensor, bank: AdapterMeta, rows: RowMap,
+def multi_lora_da(ds: torch.Tensor, x: torch.Tensor, bank: PackedAdapters, rows: RowMap,
                   packed_rows: int, adapter_dtype: torch.dtype,
                   seed: torch.Tensor | None = None) -> torch.Tensor:
     """Packed ``dA`` fp32 ``[packed_rows, K]``: ``dS_a^T drop(x_a)`` in adapter a's rows (the

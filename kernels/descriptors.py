@@ -97,8 +97,8 @@ class Segments(NamedTuple):
 
 
 def segments(row_map, bank) -> Segments:
-    """The segment tiles of a ``multi_meta.RowMap`` over an ``AdapterMeta``: sorted rows, or
-    for gathered ones the bank's facts only (perm, seg None)."""
+    """The segment tiles of a ``multi_meta.RowMap`` over a ``multi_meta.PackedAdapters``:
+    sorted rows, or for gathered ones the bank's facts only (perm, seg None)."""
     if row_map.gather:
         return Segments(None, None, bank.offsets, bank.ranks, bank.scales, row_map.n,
                         tl.constexpr(2))
@@ -130,7 +130,7 @@ def bank_term(l: torch.Tensor, lb: torch.Tensor, bank, rows, seed: torch.Tensor 
               ) -> BankTerm:
     """The prologue term of ``multi_fused_linear``: l ``[chunks, M, R]`` fp32 (summed over
     chunks; rows in batch order, R the largest rank) times each row's adapter's rows of the
-    packed lb ``[S, N]``, for the adapters of ``bank`` (``multi_meta.AdapterMeta``) and the
+    packed lb ``[S, N]``, for the adapters of ``bank`` (``multi_meta.PackedAdapters``) and the
     rows of ``rows`` (``multi_meta.RowMap``). ``seed``: masks the term with the keep-mask of
     an ``[M, N]`` input at each adapter's ``bank.dropout`` (the dx pass); None, or a bank
     without dropout: no mask."""
@@ -141,10 +141,10 @@ def bank_term(l: torch.Tensor, lb: torch.Tensor, bank, rows, seed: torch.Tensor 
 
 
 class DoraBank(NamedTuple):
-    """DoRA's factors of a multi-adapter bank (``multi_meta.AdapterMeta``): adapter a's
-    ``g = magnitude[a] / weight_norm[a]`` where ``flags[a]`` (int8) is nonzero, else 1;
-    magnitude ``[n, N]`` (any float) and weight_norm fp32 ``[n, N]``, unit column stride,
-    their row strides beside them."""
+    """DoRA's factors of a multi-adapter bank (``multi_meta.PackedAdapters``): adapter a's
+    ``g = magnitude[a] / weight_norm[a]`` where ``flags[a]`` (int8 ``[n]``: the bank's
+    is_dora viewed as int8) is nonzero, else 1; magnitude ``[n, N]`` (any float) and
+    weight_norm fp32 ``[n, N]``, unit column stride, their row strides beside them."""
     magnitude: torch.Tensor
     stride_mag: int
     weight_norm: torch.Tensor
@@ -152,12 +152,12 @@ class DoraBank(NamedTuple):
     flags: torch.Tensor
 
 
-def dora_bank(meta) -> DoraBank | None:
-    """The DoRA facts of an ``AdapterMeta``, None when it has none."""
-    if not meta.dora:
+def dora_bank(bank) -> DoraBank | None:
+    """The DoRA facts of a ``multi_meta.PackedAdapters``, None when it has none."""
+    if bank.is_dora is None:
         return None
-    return DoraBank(meta.magnitude, meta.magnitude.stride(0), meta.weight_norm,
-                    meta.weight_norm.stride(0), meta.flags)
+    return DoraBank(bank.magnitude, bank.magnitude.stride(0), bank.weight_norm,
+                    bank.weight_norm.stride(0), bank.is_dora.view(torch.int8))
 
 
 class Quant4(NamedTuple):

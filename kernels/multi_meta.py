@@ -1,5 +1,5 @@
 """Launch metadata of multi-adapter batches: which adapter each row uses (``RowMap``), the
-bank's per-adapter facts (``AdapterMeta``), and the jit helpers that read them.
+bank's per-adapter facts (``PackedAdapters``), and the jit helpers that read them.
 
 Every row of x carries an adapter index (-1: base only). The kernels read it in one of two
 ways (``RowMap``):
@@ -27,7 +27,7 @@ Sizes depend on M and the number of adapters only, so the launches are CUDA-grap
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -88,31 +88,113 @@ class RowMap:
         return RowMap(self.n, groups=self.groups or group_rows(self.index, self.n))
 
 
-@dataclass(frozen=True)
-class AdapterMeta:
-    """The per-adapter facts of a packed bank the kernels load, all on the device: adapter a
-    owns rows ``offsets[a] .. offsets[a] + ranks[a]`` of the packed A / B^T (int32 ``[n]``),
-    scales fp32 ``[n]``; ``max_rank`` (host) sizes the ``[M, max_rank]`` buffers. dropout:
-    fp32 ``[n]`` probabilities, or None (no dropout). DoRA: magnitude ``[n, N]`` (any float,
-    unit column stride), weight_norm fp32 ``[n, N]`` (unit column stride) and flags
-    ``[n]`` int8 (nonzero: a DoRA adapter, ``g = magnitude / weight_norm``; else g = 1), or
-    None."""
+@dataclass(frozen=True, eq=False)
+class PackedAdapters:
+    """n adapters of one base layer (weight ``[N, K]``), packed along the rank: the one type
+    of a multi-adapter bank's per-adapter facts, public (``fastlora.PackedAdapters``, made by
+    ``fastlora.adapters.packed.pack_adapters``) and read by the launchers.
+
+    A ``[S, K]``, B ``[S, N]`` (lora_B transposed), same float dtype: adapter a owns rows
+    ``offsets[a] .. offsets[a] + ranks[a]`` of both; offsets, ranks ``[n]`` int32 (rank 0: the
+    adapter adds nothing to this layer); scales ``[n]`` fp32; ``max_rank`` >= every rank
+    (static: it sizes a ``[M, max_rank]`` fp32 buffer). DoRA: magnitude ``[n, N]`` (any
+    float), weight_norm ``[n, N]`` fp32 (the detached ``||W + s B A||``; 1 in rows of plain
+    adapters) and is_dora ``[n]`` bool (True: ``g = magnitude / weight_norm``, else g = 1),
+    all three or none; the kernels read magnitude and weight_norm with unit column stride and
+    is_dora as int8 (``descriptors.dora_bank``). dropout: ``[n]`` fp32 probabilities applied
+    in training, or None (no dropout; what a launch sees in eval). ``dora_dropout``: a host
+    fact fixed at packing, True when some DoRA adapter has dropout > 0 (such a batch runs the
+    PyTorch reference in training); checked against the tensors when they are on the CPU.
+    ``slots``: the slot table of the ``AdapterBank`` the adapters live in (a
+    ``fastlora.adapters.routing.Slots``, which routings are checked against), or None.
+    """
+    A: torch.Tensor
+    B: torch.Tensor
     offsets: torch.Tensor
     ranks: torch.Tensor
     scales: torch.Tensor
     max_rank: int
-    dropout: torch.Tensor | None = None
     magnitude: torch.Tensor | None = None
     weight_norm: torch.Tensor | None = None
-    flags: torch.Tensor | None = None
+    is_dora: torch.Tensor | None = None
+    dropout: torch.Tensor | None = None
+    dora_dropout: bool = False
+    slots: object | None = None  # a fastlora Slots (kernels import nothing of fastlora)
+
+    def __post_init__(self):
+        n = self.offsets.shape[0] if self.offsets.dim() == 1 else -1
+        if self.A.dim() != 2 or self.B.dim() != 2 or self.A.shape[0] != self.B.shape[0]:
+            raise ValueError(f"bank: A must be [S, K] and B [S, N] (lora_B transposed) with the "
+                             f"same S, got {tuple(self.A.shape)} and {tuple(self.B.shape)}")
+        for name in ("offsets", "ranks"):
+            t = getattr(self, name)
+            if t.dtype != torch.int32 or tuple(t.shape) != (n,):
+                raise ValueError(f"bank: {name} must be int32 [n], got {t.dtype} {tuple(t.shape)}")
+        for name in ("scales", "dropout"):
+            t = getattr(self, name)
+            if t is not None and (not isinstance(t, torch.Tensor) or t.dtype != torch.float32
+                                  or tuple(t.shape) != (n,)):
+                got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"bank: {name} must be a float32 tensor [{n}], got {got} "
+                                 "(pack_adapters takes dropout as floats)")
+        dora = (self.magnitude, self.weight_norm, self.is_dora)
+        if any(t is None for t in dora) != all(t is None for t in dora):
+            raise ValueError("bank: magnitude, weight_norm and is_dora go together (DoRA)")
+        if self.magnitude is not None:
+            rows = (n, self.B.shape[1])
+            if tuple(self.magnitude.shape) != rows or tuple(self.weight_norm.shape) != rows:
+                raise ValueError(f"bank: magnitude and weight_norm must be {list(rows)}, got "
+                                 f"{list(self.magnitude.shape)} and {list(self.weight_norm.shape)}")
+            if self.is_dora.dtype != torch.bool or tuple(self.is_dora.shape) != (n,):
+                raise ValueError(f"bank: is_dora must be bool [{n}]")
+        if self.offsets.device.type == "cpu" and n > 0 and not torch.compiler.is_compiling():
+            self._check_values()
+
+    def _check_values(self) -> None:
+        """The value checks (CPU tensors only: on a GPU they would cost a host sync)."""
+        off, rk = self.offsets.long(), self.ranks.long()
+        if (rk < 0).any() or (rk > self.max_rank).any():
+            raise ValueError(f"bank: ranks {self.ranks.tolist()} outside 0..max_rank={self.max_rank}")
+        if (off < 0).any() or (off + rk > self.A.shape[0]).any():
+            raise ValueError(f"bank: adapter rows (offsets + ranks) exceed A's {self.A.shape[0]} rows")
+        cpu = [t.device.type == "cpu" for t in (self.dropout, self.is_dora) if t is not None]
+        if not all(cpu):
+            return
+        if self.dropout is not None and not ((self.dropout >= 0) & (self.dropout < 1)).all():
+            raise ValueError(f"bank: dropout must hold probabilities in [0, 1), got "
+                             f"{self.dropout.tolist()}")
+        on_dora = (self.dropout is not None and self.is_dora is not None
+                   and bool(((self.dropout > 0) & self.is_dora).any()))
+        if on_dora != self.dora_dropout:
+            raise ValueError(f"bank: dora_dropout={self.dora_dropout}, but DoRA adapters with "
+                             f"dropout > 0: {on_dora}")
+
+    @classmethod
+    def trusted(cls, A: torch.Tensor, B: torch.Tensor, offsets: torch.Tensor,
+                ranks: torch.Tensor, scales: torch.Tensor, max_rank: int,
+                magnitude: torch.Tensor | None, weight_norm: torch.Tensor | None,
+                is_dora: torch.Tensor | None, dropout: torch.Tensor | None) -> PackedAdapters:
+        """The bank of fields taken from a checked one (the custom op's argument lists),
+        without ``__post_init__``'s checks: one launch's view, so dropout is None unless
+        this launch applies it, no slot table, and ``dora_dropout`` False (a training batch
+        with dropout on DoRA adapters never reaches the kernels)."""
+        self = object.__new__(cls)
+        self.__dict__.update(A=A, B=B, offsets=offsets, ranks=ranks, scales=scales,
+                             max_rank=max_rank, magnitude=magnitude, weight_norm=weight_norm,
+                             is_dora=is_dora, dropout=dropout, dora_dropout=False, slots=None)
+        return self
 
     @property
     def n(self) -> int:
         return self.offsets.shape[0]
 
-    @property
-    def dora(self) -> bool:
-        return self.flags is not None
+    def packed(self) -> PackedAdapters:
+        return self
+
+    def map(self, fn) -> PackedAdapters:
+        """The same bank with ``fn`` applied to A, B and magnitude (e.g. a dtype change)."""
+        return replace(self, A=fn(self.A), B=fn(self.B),
+                       magnitude=fn(self.magnitude) if self.magnitude is not None else None)
 
 
 def segment_tiles(m: int, n: int, block_m: int) -> int:

@@ -19,7 +19,7 @@ import triton.language as tl
 from .common import (Launch, configs, dropout_keep, fp32_precision, interpreting, m_bucket,
                      on_device, rank_block, shrink_tile, tune)
 from .descriptors import Mat, mat, rows_view, segments
-from .multi_meta import AdapterMeta, RowMap, segment_tile, segment_tiles, tile_rows
+from .multi_meta import PackedAdapters, RowMap, segment_tile, segment_tiles, tile_rows
 
 _GATHER_R = 16  # rank tile of the gathered shrink: [BLOCK_M, 16, BLOCK_K] products
 
@@ -194,7 +194,7 @@ def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float = 0.0,
     return t
 
 
-def multi_shrink_launch(x: torch.Tensor, A: torch.Tensor, t: torch.Tensor, bank: AdapterMeta,
+def multi_shrink_launch(x: torch.Tensor, A: torch.Tensor, t: torch.Tensor, bank: PackedAdapters,
                         rows: RowMap, seed: torch.Tensor | None = None) -> Launch:
     """The launch of ``multi_lora_shrink`` into t ``[chunks, M, max_rank]`` (M > 0, n > 0).
     Its per-batch tensors (``Launch.slots``): x_ptr, t_ptr, seed_ptr, index_ptr (gathered
@@ -218,7 +218,7 @@ def multi_shrink_launch(x: torch.Tensor, A: torch.Tensor, t: torch.Tensor, bank:
 
 
 @on_device
-def multi_lora_shrink(x: torch.Tensor, A: torch.Tensor, bank: AdapterMeta, rows: RowMap,
+def multi_lora_shrink(x: torch.Tensor, A: torch.Tensor, bank: PackedAdapters, rows: RowMap,
                       seed: torch.Tensor | None = None) -> torch.Tensor:
     """fp32 ``[chunks, M, max_rank]``: summed over chunks, row i holds ``s_a / (1 - p_a) *
     drop(x_i) @ A_a^T`` in its first ``rank[a]`` columns for its adapter a (the rest, and

@@ -428,6 +428,38 @@ def test_multi_op_passes_opcheck_with_either_list_form(training, device):
         check(x, weight, bias, bank, index, torch.float32, training=True, seed=5, mask=mask)
 
 
+def test_the_op_rebuilds_the_one_bank_type_unchecked(monkeypatch, device):
+    """The launchers take the public bank type (``fastlora.PackedAdapters`` is
+    ``fastlora.kernels.PackedAdapters``): the op rebuilds it of A, B, magnitude and its lists
+    (``library.launch_meta``) with the bank's own tensors, without checking them again, and
+    with dropout only where the call applies it (eval: None)."""
+    from fastlora import kernels
+    from fastlora.adapters.routing import Routing
+    from fastlora.ops import library
+
+    assert fastlora.PackedAdapters is kernels.PackedAdapters
+    _, _, bank = make_bank([8, 4, 16], [True, False, False], device=device,
+                           dropout=(0.0, 0.2, 0.1))
+    routing = Routing.from_index(randint(-1, 3, (24,), g=generator(18), device=device), bank.n)
+
+    def checked_again(self):
+        raise AssertionError("launch_meta checked the bank again")
+
+    monkeypatch.setattr(kernels.PackedAdapters, "__post_init__", checked_again)
+    for training in (False, True):
+        adapters, rows = library.multi_args(bank, routing, 24, dropout=training, grouped=False)
+        meta, _ = library.launch_meta(bank.A, bank.B, bank.magnitude, adapters, rows,
+                                      bank.max_rank)
+        assert type(meta) is kernels.PackedAdapters
+        for name in ("A", "B", "offsets", "ranks", "scales", "magnitude", "is_dora"):
+            assert getattr(meta, name) is getattr(bank, name), name
+        assert torch.equal(meta.weight_norm, bank.weight_norm)
+        assert not meta.weight_norm.requires_grad
+        assert meta.max_rank == bank.max_rank and meta.n == bank.n and meta.slots is None
+        assert meta.dropout is (bank.dropout if training else None)
+        assert kernels.dora_bank(meta).flags.dtype == torch.int8
+
+
 def test_eager_recorded_call_skips_the_op_wrapper_with_the_same_result(device):
     """A call eager autograd records runs the op's forward, saved tensors and backward
     without the custom op's Python autograd wrapper (``library._MultiRecorded``: that

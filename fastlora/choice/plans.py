@@ -296,7 +296,8 @@ def _make_multi(x, weight, bias, layer, routing):
     plan.y_shape, plan.out_shape = (m, weight.shape[0]), (*x.shape[:-1], weight.shape[0])
     # the op's own descriptors (eval: no dropout; decode rows gather, nothing grouped)
     adapters, rows = library.multi_args(bank, routing, m, dropout=False, grouped=False)
-    meta, rows = library.launch_meta(adapters, bank.magnitude, rows, bank.max_rank)
+    meta, rows = library.launch_meta(bank.A, bank.B, bank.magnitude, adapters, rows,
+                                     bank.max_rank)
 
     @on_device
     def make(x2):

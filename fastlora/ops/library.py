@@ -242,12 +242,13 @@ dora_linear_fwd.register_autograd(_dora_backward, setup_context=_dora_setup_cont
 #
 # A multi-adapter call's adapter and row descriptors cross the op boundary as two lists of
 # optional tensors, in the orders named here; ``multi_args`` makes them from a
-# ``PackedAdapters`` and a ``Routing`` and ``launch_meta`` turns them into the launchers'
-# ``AdapterMeta`` and ``RowMap``, the only two places that know the orders. A, B and
-# DoRA's magnitude are differentiable: they stay top-level arguments (torch treats a list
-# holding a None as one opaque input, so a tensor inside it would get no gradient).
+# ``PackedAdapters`` and a ``Routing`` and ``launch_meta`` turns them back into the
+# launchers' ``PackedAdapters`` (unchecked: ``PackedAdapters.trusted``) and ``RowMap``, the
+# only two places that know the orders. A, B and DoRA's magnitude are differentiable: they
+# stay top-level arguments (torch treats a list holding a None as one opaque input, so a
+# tensor inside it would get no gradient).
 
-ADAPTER_FIELDS = ("offsets", "ranks", "scales", "dropout", "weight_norm", "flags")  # AdapterMeta's
+ADAPTER_FIELDS = ("offsets", "ranks", "scales", "dropout", "weight_norm", "is_dora")  # the bank's
 ROW_FIELDS = ("index", "perm", "keys", "seg")  # RowMap's index, then its RowGroups'
 
 
@@ -257,15 +258,15 @@ def multi_args(bank, routing, m: int, *, dropout: bool, grouped: bool
 
     adapters (``ADAPTER_FIELDS``): the bank's (a ``PackedAdapters``) offsets, ranks int32
     ``[n]``, scales fp32 ``[n]``, dropout fp32 ``[n]`` (``dropout``: applied in this call,
-    else None), the detached DoRA weight_norm fp32 ``[n, N]`` and flags int8 ``[n]`` (None
-    without DoRA). rows (``ROW_FIELDS``): from the ``Routing``, index int32 ``[m]`` when
-    the batch gathers (``m <= GATHER_MAX_M``) else None; perm, keys ``[m]`` and seg
-    ``[n + 2]`` (the rows grouped by adapter) when it does not gather or when ``grouped``
-    (the backward, which works on grouped rows, will run), else None."""
+    else None: the one place that decides it), the detached DoRA weight_norm fp32 ``[n, N]``
+    and is_dora bool ``[n]`` (None without DoRA). rows (``ROW_FIELDS``): from the
+    ``Routing``, index int32 ``[m]`` when the batch gathers (``m <= GATHER_MAX_M``) else
+    None; perm, keys ``[m]`` and seg ``[n + 2]`` (the rows grouped by adapter) when it does
+    not gather or when ``grouped`` (the backward, which works on grouped rows, will run),
+    else None."""
     dora = bank.is_dora is not None
     adapters = [bank.offsets, bank.ranks, bank.scales, bank.dropout if dropout else None,
-                bank.weight_norm.detach() if dora else None,
-                bank.is_dora.view(torch.int8) if dora else None]
+                bank.weight_norm.detach() if dora else None, bank.is_dora]
     index = routing.row_index(m) if kernels.multi_meta.gathers(m) else None
     if index is None or grouped:
         groups = routing.groups(m)
@@ -273,12 +274,13 @@ def multi_args(bank, routing, m: int, *, dropout: bool, grouped: bool
     return adapters, [index, None, None, None]
 
 
-def launch_meta(adapters: list[torch.Tensor | None], magnitude: torch.Tensor | None,
-                rows: list[torch.Tensor | None], max_rank: int
-                ) -> tuple[kernels.AdapterMeta, kernels.RowMap]:
-    """The launchers' (``AdapterMeta``, ``RowMap``) of ``multi_args``' lists."""
-    meta = kernels.AdapterMeta(max_rank=max_rank, magnitude=magnitude,
-                               **dict(zip(ADAPTER_FIELDS, adapters)))
+def launch_meta(A: torch.Tensor, B: torch.Tensor, magnitude: torch.Tensor | None,
+                adapters: list[torch.Tensor | None], rows: list[torch.Tensor | None],
+                max_rank: int) -> tuple[kernels.PackedAdapters, kernels.RowMap]:
+    """The launchers' (``PackedAdapters``, ``RowMap``) of the op's A, B, magnitude and
+    ``multi_args``' lists, not checked again (``PackedAdapters.trusted``)."""
+    meta = kernels.PackedAdapters.trusted(A=A, B=B, max_rank=max_rank, magnitude=magnitude,
+                                          **dict(zip(ADAPTER_FIELDS, adapters)))
     index, perm, keys, seg = rows  # ROW_FIELDS: RowMap's index, RowGroups' fields
     groups = kernels.RowGroups(perm, keys, seg) if perm is not None else None
     return meta, kernels.RowMap(adapters[0].shape[0], index, groups)
@@ -294,7 +296,7 @@ def _multi_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     as ``multi_args`` makes them, seed int64 ``[1]`` with dropout. Returns y ``[M, N]``
     (x's dtype) and S ``[chunks, M, max_rank]`` fp32 (the scaled shrink, rows in batch
     order, as partial sums over K chunks)."""
-    bank, row_map = launch_meta(adapters, magnitude, rows, max_rank)
+    bank, row_map = launch_meta(A, B, magnitude, adapters, rows, max_rank)
     s = kernels.multi_lora_shrink(x, A, bank, row_map, seed)
     y = kernels.multi_fused_linear(x, weight.t(), kernels.bank_term(s, B, bank, row_map), bias,
                                    g_out=kernels.dora_bank(bank))
@@ -324,7 +326,7 @@ def multi_lora_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     """Returns (dx or empty, packed dA ``[S, K]``, packed dB^T ``[S, N]``, d magnitude
     ``[n, N]`` or empty); rows of adapters absent from the batch get zeros. s, y: the
     forward's outputs (y: DoRA only)."""
-    bank, row_map = launch_meta(adapters, magnitude, rows, s.shape[2])
+    bank, row_map = launch_meta(A, B, magnitude, adapters, rows, s.shape[2])
     row_map = row_map.grouped()
     out = kernels.multi_lora_dy(dy, B, s.sum(0) if s.shape[0] > 1 else s[0], bank, row_map, y,
                                 bias)
@@ -337,7 +339,7 @@ def multi_lora_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     else:
         dx = x.new_empty((0,))
     if magnitude is not None:  # d magnitude = dg / norm, dg = colsum(dY * (Y - bias)) / g
-        dmag = torch.where(bank.flags[:, None] != 0, out[2] / magnitude.float(), 0.0)
+        dmag = torch.where(bank.is_dora[:, None], out[2] / magnitude.float(), 0.0)
         dmag = dmag.to(magnitude.dtype)
     else:
         dmag = x.new_empty((0,))
@@ -351,10 +353,10 @@ def _(dy, x, weight, bias, A, B, magnitude, adapters, rows, s, y, seed, need_dx)
     return dx, torch.empty_like(A), torch.empty_like(B), dmag
 
 
-def _row_factors(bank: kernels.AdapterMeta, row_map: kernels.RowMap) -> torch.Tensor:
+def _row_factors(bank: kernels.PackedAdapters, row_map: kernels.RowMap) -> torch.Tensor:
     """DoRA's g of every row's adapter, fp32 ``[M, N]`` (1 on base rows and plain adapters)."""
     n = bank.n
-    g = torch.where(bank.flags[:, None] != 0, bank.magnitude.float() / bank.weight_norm, 1.0)
+    g = torch.where(bank.is_dora[:, None], bank.magnitude.float() / bank.weight_norm, 1.0)
     g = torch.cat([g, g.new_ones((1, g.shape[1]))])
     if row_map.gather:
         row_key = torch.where((row_map.index < 0) | (row_map.index >= n), n, row_map.index)
@@ -386,7 +388,7 @@ def _multi_grads(ctx, dy, needs) -> tuple:
     if need_w:  # a trainable base weight is unusual: plain PyTorch, no fusion
         dyw = dy.float()
         if magnitude is not None:  # DoRA rows: the gradient of g_a * x W^T
-            dyw = dyw * _row_factors(*launch_meta(adapters, magnitude, rows, s.shape[2]))
+            dyw = dyw * _row_factors(*launch_meta(A, B, magnitude, adapters, rows, s.shape[2]))
         dweight = (dyw.t() @ x.float()).to(weight.dtype)
     if need_b:
         dbias = dy.sum(0, dtype=torch.float32).to(bias.dtype)
