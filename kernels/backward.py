@@ -214,9 +214,10 @@ class DoraBackward:
     bias: torch.Tensor | None
 
 
-def _splits(tiles: int, other_tiles: int, device: torch.device) -> int:
-    """How many programs share a reduction: enough for about two waves of the GPU."""
-    return max(1, min(tiles, triton.cdiv(2 * sm_count(device), max(other_tiles, 1))))
+def _splits(tiles: int, other_tiles: int, sms: int) -> int:
+    """How many programs share a reduction: enough for about two waves of a GPU of ``sms``
+    multiprocessors (``sm_count``)."""
+    return max(1, min(tiles, triton.cdiv(2 * sms, max(other_tiles, 1))))
 
 
 # where a backward plan's per-call tensors sit in the descriptors (``Launch.slots``)
@@ -237,10 +238,11 @@ def _dy_kernel(row_tiles, dy: torch.Tensor, b: Mat, t: torch.Tensor, ds: torch.T
     r = t.shape[1]
     block_r = rank_block(r)
     rank_tiles = triton.cdiv(r, block_r)
+    sms = sm_count(dy.device)  # (the grid holds no tensor: a plan keeps it)
 
     def grid(meta):
         tiles = row_tiles(meta["BLOCK_M"])
-        splits = _splits(triton.cdiv(n, meta["BLOCK_N"]), tiles * rank_tiles, dy.device)
+        splits = _splits(triton.cdiv(n, meta["BLOCK_N"]), tiles * rank_tiles, sms)
         return (tiles, splits, rank_tiles)
 
     return Launch(DY_KERNELS[segs is not None, b.ptr.dtype == torch.float32], grid, dict(
@@ -344,8 +346,8 @@ def da_launch(ds: torch.Tensor, x: torch.Tensor, da: torch.Tensor, adapter_dtype
     """The launch of ``lora_da`` (M > 0) accumulating ``dS^T drop(x)`` into da fp32 ``[r, K]``
     (contiguous), zeroed first by the launch: ds ``[M, r]`` fp32, x ``[M, K]``, seed int64
     ``[1]`` (dropout only). Its tensors (``Launch.slots``): ds_ptr, x_ptr, da_ptr, seed_ptr."""
-    m = x.shape[0]
-    splits = lambda block_m, others: _splits(triton.cdiv(m, block_m), others, x.device)  # noqa: E731
+    m, sms = x.shape[0], sm_count(x.device)
+    splits = lambda block_m, others: _splits(triton.cdiv(m, block_m), others, sms)  # noqa: E731
     dropout = dropout_p > 0.0
     return _da_kernel(da, ds, x, adapter_dtype, splits, None, seed=seed if dropout else None,
                       dropout_p=dropout_p, keep_scale=1.0 / (1.0 - dropout_p), DROPOUT=dropout)

@@ -3,6 +3,8 @@ backend choice, no argument checks, no implementation choice), and any change th
 change a decision makes the next call decide again."""
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 from torch import nn
@@ -128,11 +130,12 @@ BACKWARD_CASES = [(torch.float32, torch.float32, 0.25, (2, 3, 37), (True, True, 
 @pytest.mark.parametrize("dtype, adapter_dtype, dropout, shape, need", BACKWARD_CASES)
 def test_a_planned_backward_runs_only_its_kept_launches(monkeypatch, dtype, adapter_dtype,
                                                          dropout, shape, need, device):
-    """The first backward of a plan's layout keeps its launches (``plans._Grads``); the next
-    backward of that layout builds and decides nothing, launches only the kernels of the
-    gradients autograd needs (dS and dB always, dA, dx) and runs no torch op but allocations
-    and the casts to the inputs' dtypes; its gradients equal the custom op's bit for bit
-    (the same kernels, configs, arguments and dropout seed)."""
+    """The first backward of a plan's layout keeps its launches (``plans._Grads``, holding
+    none of that call's tensors); the next backward of that layout builds and decides
+    nothing, launches only the kernels of the gradients autograd needs (dS and dB always,
+    dA, dx) and runs no torch op but allocations and the casts to the inputs' dtypes; its
+    gradients equal the custom op's bit for bit (the same kernels, configs, arguments and
+    dropout seed)."""
     from bench_host import stubbed_launches
 
     from fastlora.choice import plans
@@ -149,28 +152,32 @@ def test_a_planned_backward_runs_only_its_kept_launches(monkeypatch, dtype, adap
     g = generator(9)
     x = randn(*shape, g=g, device=device, dtype=dtype).requires_grad_(need[0])
     dy = randn(*shape[:-1], 29, g=g, device=device, dtype=dtype)
-    inputs = [t for t, n in zip((x, layer.lora_A, layer.lora_B), need) if n]
 
-    def grads(y):
+    def grads(x, y, dy=dy):
+        inputs = [t for t, n in zip((x, layer.lora_A, layer.lora_B), need) if n]
         return (y,) + torch.autograd.grad(y, inputs, dy)
 
     torch.manual_seed(1)
-    grads(layer(x))  # the first call and backward: the plans are made
+    x0, dy0 = x.detach().clone().requires_grad_(need[0]), dy.clone()  # the same layouts
+    grads(x0, layer(x0), dy0)  # the first call and backward: the plans are made
+    first = weakref.ref(x0), weakref.ref(dy0)
+    del x0, dy0
+    assert [ref() for ref in first] == [None, None], "a plan holds a call's tensor"
     made = count_calls(monkeypatch, (plans, "_make_grads"), (dispatch.Chooser, "decide"))
     y = layer(x)
     with stubbed_launches(), torch_ops() as ops:
-        torch.autograd.grad(y, inputs, dy)
+        grads(x, y)
     assert ops.ops <= {"aten::empty.memory_format", "aten::_to_copy", "aten::view"}, ops.ops
     launches = count_launches(monkeypatch)
     torch.manual_seed(2)
     y = layer(x)
     del launches[:]
-    got = grads(y)
+    got = grads(x, y)
     assert made == {"_make_grads": 0, "decide": 0}, made
     assert launches == (["_lora_dy_kernel"] + ["_lora_da_kernel"] * need[1]
                         + ["_lora_linear_kernel"] * need[0]), launches
     torch.manual_seed(2)
-    want = grads(functional.lora_linear(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B,
+    want = grads(x, functional.lora_linear(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B,
                                         layer.scaling, dropout_p=dropout, training=True))
     for name, a, b in zip(("y",) + tuple(n for n, k in zip(("dx", "dA", "dB"), need) if k),
                           got, want):
