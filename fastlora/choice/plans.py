@@ -165,8 +165,9 @@ def _make_grads(dy, plan: _LoraPlan, key: tuple, x2, weight, lora_A, lora_B, t, 
     grads.need_b, grads.device, grads.dx_dtype = need[2], plan.device, x2.dtype
     grads.ds_shape, grads.db_shape, grads.da_shape, grads.dx_shape = (m, r), (n, r), (r, k), (m, k)
     grads.keep, grads.dropout_p = 1.0 / (1.0 - plan.dropout_p), plan.dropout_p
-    # the launches are made on this call's tensors (what they read: their layouts) and run
-    # by grads itself
+    # the launches are made on this call's layouts (fresh outputs; a kept launch holds no
+    # tensor) and run by grads itself, so the chooser's first call of a key times dx's
+    # candidates on ds not computed yet (a timing reads no values)
     ds = torch.empty(grads.ds_shape, dtype=torch.float32, device=plan.device)
     db = torch.empty(grads.db_shape, dtype=torch.float32, device=plan.device)
     grads.dy = dy_launch(dy, lora_B, t, ds, db, plan.scale).without(
