@@ -184,6 +184,37 @@ def test_a_planned_backward_runs_only_its_kept_launches(monkeypatch, dtype, adap
         assert a.dtype == b.dtype and torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("impl", ["cublas", "tma"])
+def test_a_planned_backward_keeps_the_chosen_dx_implementation(monkeypatch, impl, device):
+    """The dx pass runs what the chooser picks for the op's ``LORA_DX`` stage: a plan keeps
+    a non-default implementation as the ``dispatch.Impl`` to call, and its gradients equal
+    the custom op's bit for bit."""
+    from fastlora.choice import plans
+
+    monkeypatch.setenv("FASTLORA_IMPL", impl)
+    layer = make_layer(device)
+    layer.lora_dropout = 0.25
+    layer.train()
+    g = generator(10)
+    x = randn(6, 48, g=g, device=device, requires_grad=True)
+    dy = randn(6, 40, g=g, device=device)
+    for step in range(2):
+        torch.manual_seed(step)
+        got = _grads(layer, x, dy)
+        if step == 0:
+            made = count_calls(monkeypatch, (plans, "_make_grads"))
+    assert made == {"_make_grads": 0}, made
+    (plan,) = [kept.value for kept in layer._plans._plans.values()]
+    (kept,) = plan.backwards.values()
+    assert kept.dx is dispatch.IMPLS[impl]
+    torch.manual_seed(1)
+    want_y = functional.lora_linear(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B,
+                                    layer.scaling, dropout_p=0.25, training=True)
+    want = (want_y,) + torch.autograd.grad(want_y, (x, layer.lora_A, layer.lora_B), dy)
+    for name, a, b in zip(("y", "dx", "dA", "dB"), got, want):
+        assert torch.equal(a, b), name
+
+
 def test_a_frozen_adapter_gives_x_its_gradient(monkeypatch, device):
     layer = make_layer(device)
     layer.lora_A.requires_grad_(False)
