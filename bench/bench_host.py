@@ -16,8 +16,9 @@ the serve layer's bank is not trainable: grad mode only).
 
 ``calls``: Python function calls (``sys.setprofile`` call events) of one layer call after
 warm-up, Triton's own frames left out; ``bwd_calls`` (with grad): those of
-``y.backward(ones)`` on that call's output, ``torch.autograd.backward``'s own Python
-included (PEFT's row is that alone: its backward runs in C++); ``host_us``: microseconds
+``y.backward(ones)`` on that call's output after warm-up backwards with the same dy,
+``torch.autograd.backward``'s own Python included (PEFT's row is that alone: its backward
+runs in C++); ``host_us``: microseconds
 per call (median of rounds). Both with every Triton launch replaced by a no-op, so they count what fastlora,
 PEFT and torch do on the host before the kernels run (on the CPU the Triton backend is
 taken through ``TRITON_INTERPRET=1``, whose launches are stubbed too). On a GPU a third
@@ -173,10 +174,9 @@ def measure(k=64, n=64, r=8, rows=1, rounds=20, dtype=torch.float16, device="cpu
             with grad, route:
                 with stubbed_launches():
                     for _ in range(3):
-                        if mode == "grad":
-                            layer(x).sum().backward()
-                        else:
-                            layer(x)
+                        y = layer(x)
+                        if mode == "grad":  # the measured backward's dy layout
+                            y.backward(torch.ones_like(y))
                     calls = count_calls(layer, x)
                     host = time_us(layer, x, rounds)
                     row = dict(path=name, mode=mode, calls=calls, host_us=host)

@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (TL_DTYPES, configs, dora_g, dropout_keep, fp32_precision, m_bucket,
-                     on_device, rank_block, sm_count, tune)
+from .common import (TL_DTYPES, Launch, configs, dora_g, dropout_keep, fp32_precision,
+                     m_bucket, on_device, rank_block, sm_count, tune)
 from .descriptors import Mat, Segments, dora_bank, mat, segments
 from .multi_meta import PackedAdapters, RowMap, segment_tile, segment_tiles
 
@@ -214,33 +214,65 @@ class DoraBackward:
     bias: torch.Tensor | None
 
 
-def _splits(tiles: int, other_tiles: int, device: torch.device) -> int:
-    """How many programs share a reduction: enough for about two waves of the GPU."""
-    return max(1, min(tiles, triton.cdiv(2 * sm_count(device), max(other_tiles, 1))))
+def _splits(tiles: int, other_tiles: int, sms: int) -> int:
+    """How many programs share a reduction: enough for about two waves of a GPU of ``sms``
+    multiprocessors (``sm_count``)."""
+    return max(1, min(tiles, triton.cdiv(2 * sms, max(other_tiles, 1))))
+
+
+# where a backward plan's per-call tensors sit in the descriptors (``Launch.slots``)
+_DY_SLOTS = {"dy_ptr": ("dy", "ptr"), "b_ptr": ("b", "ptr"), "t_ptr": ("t", "ptr"),
+             "ds_ptr": ("ds",), "db_ptr": ("db", "ptr")}
+_DA_SLOTS = {"ds_ptr": ("ds", "ptr"), "x_ptr": ("x", "ptr"), "da_ptr": ("da",),
+             "seed_ptr": ("seed",)}
+
+
+def _dy_kernel(row_tiles, dy: torch.Tensor, b: Mat, t: torch.Tensor, ds: torch.Tensor, db: Mat,
+               g, y: torch.Tensor | None, bias: torch.Tensor | None, dg: torch.Tensor | None,
+               segs: Segments | None, scale: float) -> Launch:
+    """The launch of ``_lora_dy_kernel`` (its config pre-hook zeroes ds, db and dg): dS
+    ``[M, R]`` fp32 contiguous into ds; b and db ``[N, R]`` (``Mat``); with DoRA (y given)
+    g (``[N]``, or a ``DoraBank`` with segs) and dg, else None; ``row_tiles(BLOCK_M)``: the
+    grid's first axis."""
+    m, n = dy.shape
+    r = t.shape[1]
+    block_r = rank_block(r)
+    rank_tiles = triton.cdiv(r, block_r)
+    sms = sm_count(dy.device)  # (the grid holds no tensor: a plan keeps it)
+
+    def grid(meta):
+        tiles = row_tiles(meta["BLOCK_M"])
+        splits = _splits(triton.cdiv(n, meta["BLOCK_N"]), tiles * rank_tiles, sms)
+        return (tiles, splits, rank_tiles)
+
+    return Launch(DY_KERNELS[segs is not None, b.ptr.dtype == torch.float32], grid, dict(
+        dy=mat(dy), b=b, t=mat(t), ds=ds, db=db, g=g, y=None if y is None else mat(y),
+        bias=bias, dg=dg, M=m, N=n, R=r, M_BUCKET=m_bucket(m), scale=scale,
+        DORA=y is not None, BLOCK_R=block_r, PRECISION=fp32_precision(), segs=segs,
+        MULTI=segs is not None), _DY_SLOTS)
 
 
 def _dy_launch(row_tiles, dy: torch.Tensor, b: Mat, t: torch.Tensor, db: Mat, g,
                y: torch.Tensor | None, bias: torch.Tensor | None, dg: torch.Tensor | None,
                segs: Segments | None, scale: float) -> torch.Tensor:
-    """dS ``[M, R]`` fp32 (the rest of the results accumulate into db and dg); b and db
-    ``[N, R]`` (``Mat``); with DoRA (y given) g (``[N]``, or a ``DoraBank`` with segs) and
-    dg, else None; ``row_tiles(BLOCK_M)``: the grid's first axis."""
-    m, n = dy.shape
-    r = t.shape[1]
-    ds = torch.empty((m, r), dtype=torch.float32, device=dy.device)
-    block_r = rank_block(r)
-    rank_tiles = triton.cdiv(r, block_r)
-
-    def grid(meta):
-        tiles = row_tiles(meta["BLOCK_M"])
-        splits = _splits(triton.cdiv(n, meta["BLOCK_N"]), tiles * rank_tiles, dy.device)
-        return (tiles, splits, rank_tiles)
-
-    DY_KERNELS[segs is not None, b.ptr.dtype == torch.float32][grid](
-        dy=mat(dy), b=b, t=mat(t), ds=ds, db=db, g=g, y=None if y is None else mat(y),
-        bias=bias, dg=dg, M=m, N=n, R=r, M_BUCKET=m_bucket(m), scale=scale, DORA=y is not None, BLOCK_R=block_r, PRECISION=fp32_precision(),
-        segs=segs, MULTI=segs is not None)
+    """dS ``[M, R]`` fp32 from ``_dy_kernel``'s launch (the rest of the results accumulate
+    into db and dg)."""
+    ds = torch.empty((dy.shape[0], t.shape[1]), dtype=torch.float32, device=dy.device)
+    _dy_kernel(row_tiles, dy, b, t, ds, db, g, y, bias, dg, segs, scale)()
     return ds
+
+
+def dy_launch(dy: torch.Tensor, lora_B: torch.Tensor, t: torch.Tensor, ds: torch.Tensor,
+              db: torch.Tensor, scaling: float, dora: DoraBackward | None = None,
+              dg: torch.Tensor | None = None) -> Launch:
+    """The launch of ``lora_dy`` (M > 0) accumulating ``s dY' B`` into ds fp32 ``[M, r]``
+    (contiguous) and ``s dY'^T T`` into db fp32 ``[N, r]`` (and with DoRA the column sums
+    into dg fp32 ``[N]``), each zeroed first by the launch; dy ``[M, N]``, lora_B ``[N, r]``,
+    t ``[M, r]``. Its tensors (``Launch.slots``): dy_ptr, b_ptr, t_ptr, ds_ptr, db_ptr."""
+    m = dy.shape[0]
+    return _dy_kernel(lambda block_m: triton.cdiv(m, block_m), dy, mat(lora_B), t, ds, mat(db),
+                      dora.g if dora else None, dora.y if dora else None,
+                      dora.bias if dora else None, dg, None, scaling)
 
 
 @on_device
@@ -253,12 +285,10 @@ def lora_dy(dy: torch.Tensor, lora_B: torch.Tensor, t: torch.Tensor, scaling: fl
     r = lora_B.shape[1]
     db = torch.empty((n, r), dtype=torch.float32, device=dy.device)
     dg = torch.empty((n,), dtype=torch.float32, device=dy.device) if dora is not None else None
+    ds = torch.empty((m, r), dtype=torch.float32, device=dy.device)
     if m == 0:
-        ds = torch.empty((m, r), dtype=torch.float32, device=dy.device)
         return (ds, db.zero_()) + ((dg.zero_(),) if dora is not None else ())
-    ds = _dy_launch(lambda block_m: triton.cdiv(m, block_m), dy, mat(lora_B), t, mat(db),
-                    dora.g if dora else None, dora.y if dora else None,
-                    dora.bias if dora else None, dg, None, scaling)
+    dy_launch(dy, lora_B, t, ds, db, scaling, dora, dg)()
     return (ds, db) + ((dg,) if dora is not None else ())
 
 
@@ -284,9 +314,10 @@ def multi_lora_dy(dy: torch.Tensor, B: torch.Tensor, t: torch.Tensor, bank: Pack
     return (ds, db) + ((dg,) if dora else ())
 
 
-def _da_launch(da: torch.Tensor, ds: torch.Tensor, x: torch.Tensor, adapter_dtype: torch.dtype,
-               second_axis, segs: Segments | None, **args) -> torch.Tensor:
-    """``second_axis(BLOCK_M, column tiles, rank tiles)``: the grid's second axis; segs: the
+def _da_kernel(da: torch.Tensor, ds: torch.Tensor, x: torch.Tensor, adapter_dtype: torch.dtype,
+               second_axis, segs: Segments | None, **args) -> Launch:
+    """The launch of ``_lora_da_kernel`` (its config pre-hook zeroes da);
+    ``second_axis(BLOCK_M, column tiles, rank tiles)``: the grid's second axis; segs: the
     segment tiles of a multi-adapter batch, else None."""
     m, k = x.shape
     r = ds.shape[1]
@@ -297,11 +328,29 @@ def _da_launch(da: torch.Tensor, ds: torch.Tensor, x: torch.Tensor, adapter_dtyp
         col_tiles = triton.cdiv(k, meta["BLOCK_K"])
         return (col_tiles, second_axis(meta["BLOCK_M"], col_tiles * rank_tiles), rank_tiles)
 
-    DA_KERNELS[segs is not None, adapter_dtype == torch.float32][grid](
+    return Launch(DA_KERNELS[segs is not None, adapter_dtype == torch.float32], grid, dict(
         ds=mat(ds), x=mat(x), da=da, M=m, K=k, R=r, M_BUCKET=m_bucket(m),
         DOT_DTYPE=TL_DTYPES[adapter_dtype], BLOCK_R=block_r, PRECISION=fp32_precision(),
-        segs=segs, MULTI=segs is not None, **args)
+        segs=segs, MULTI=segs is not None, **args), _DA_SLOTS)
+
+
+def _da_launch(da: torch.Tensor, ds: torch.Tensor, x: torch.Tensor, adapter_dtype: torch.dtype,
+               second_axis, segs: Segments | None, **args) -> torch.Tensor:
+    """da, into which ``_da_kernel``'s launch accumulated."""
+    _da_kernel(da, ds, x, adapter_dtype, second_axis, segs, **args)()
     return da
+
+
+def da_launch(ds: torch.Tensor, x: torch.Tensor, da: torch.Tensor, adapter_dtype: torch.dtype,
+              dropout_p: float = 0.0, seed: torch.Tensor | None = None) -> Launch:
+    """The launch of ``lora_da`` (M > 0) accumulating ``dS^T drop(x)`` into da fp32 ``[r, K]``
+    (contiguous), zeroed first by the launch: ds ``[M, r]`` fp32, x ``[M, K]``, seed int64
+    ``[1]`` (dropout only). Its tensors (``Launch.slots``): ds_ptr, x_ptr, da_ptr, seed_ptr."""
+    m, sms = x.shape[0], sm_count(x.device)
+    splits = lambda block_m, others: _splits(triton.cdiv(m, block_m), others, sms)  # noqa: E731
+    dropout = dropout_p > 0.0
+    return _da_kernel(da, ds, x, adapter_dtype, splits, None, seed=seed if dropout else None,
+                      dropout_p=dropout_p, keep_scale=1.0 / (1.0 - dropout_p), DROPOUT=dropout)
 
 
 @on_device
@@ -309,14 +358,11 @@ def lora_da(ds: torch.Tensor, x: torch.Tensor, adapter_dtype: torch.dtype,
             dropout_p: float = 0.0, seed: torch.Tensor | None = None) -> torch.Tensor:
     """``dS^T drop(x)`` as fp32 ``[r, K]``: ds ``[M, r]`` fp32, x ``[M, K]``, seed int64 ``[1]``
     (dropout only)."""
-    m, k = x.shape
-    da = torch.empty((ds.shape[1], k), dtype=torch.float32, device=x.device)
-    if m == 0:
+    da = torch.empty((ds.shape[1], x.shape[1]), dtype=torch.float32, device=x.device)
+    if x.shape[0] == 0:
         return da.zero_()
-    splits = lambda block_m, others: _splits(triton.cdiv(m, block_m), others, x.device)  # noqa: E731
-    dropout = dropout_p > 0.0
-    return _da_launch(da, ds, x, adapter_dtype, splits, None, seed=seed if dropout else None,
-                      dropout_p=dropout_p, keep_scale=1.0 / (1.0 - dropout_p), DROPOUT=dropout)
+    da_launch(ds, x, da, adapter_dtype, dropout_p, seed)()
+    return da
 
 
 @on_device

@@ -3,6 +3,8 @@ backend choice, no argument checks, no implementation choice), and any change th
 change a decision makes the next call decide again."""
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 from torch import nn
@@ -116,6 +118,101 @@ def test_training_calls_are_planned(monkeypatch, dropout, device):
     if dropout == 0.0:  # and the numbers are right
         with torch.no_grad():
             assert_close(layer(x), expected(layer, x), torch.float32, "after the steps")
+
+
+# (x's dtype, the adapter's, dropout, x's shape, which of x, lora_A, lora_B need a gradient)
+BACKWARD_CASES = [(torch.float32, torch.float32, 0.25, (2, 3, 37), (True, True, True)),
+                  (torch.float16, torch.float32, 0.0, (5, 37), (False, True, True)),
+                  (torch.float16, torch.float16, 0.25, (1, 3, 37), (True, False, True)),
+                  (torch.float16, torch.float16, 0.0, (4, 37), (True, True, False))]
+
+
+@pytest.mark.parametrize("dtype, adapter_dtype, dropout, shape, need", BACKWARD_CASES)
+def test_a_planned_backward_runs_only_its_kept_launches(monkeypatch, dtype, adapter_dtype,
+                                                         dropout, shape, need, device):
+    """The first backward of a plan's layout keeps its launches (``plans._Grads``, holding
+    none of that call's tensors); the next backward of that layout builds and decides
+    nothing, launches only the kernels of the gradients autograd needs (dS and dB always,
+    dA, dx) and runs no torch op but allocations and the casts to the inputs' dtypes; its
+    gradients equal the custom op's bit for bit (the same kernels, configs, arguments and
+    dropout seed)."""
+    from bench_host import stubbed_launches
+
+    from fastlora.choice import plans
+    from spies import count_launches, torch_ops
+
+    torch.manual_seed(0)
+    layer = LoraLinear(37, 29, r=3, lora_alpha=5, adapter_dtype=adapter_dtype, dtype=dtype,
+                       device=device).train()
+    layer.lora_dropout = dropout
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    layer.lora_A.requires_grad_(need[1])
+    layer.lora_B.requires_grad_(need[2])
+    g = generator(9)
+    x = randn(*shape, g=g, device=device, dtype=dtype).requires_grad_(need[0])
+    dy = randn(*shape[:-1], 29, g=g, device=device, dtype=dtype)
+
+    def grads(x, y, dy=dy):
+        inputs = [t for t, n in zip((x, layer.lora_A, layer.lora_B), need) if n]
+        return (y,) + torch.autograd.grad(y, inputs, dy)
+
+    torch.manual_seed(1)
+    x0, dy0 = x.detach().clone().requires_grad_(need[0]), dy.clone()  # the same layouts
+    grads(x0, layer(x0), dy0)  # the first call and backward: the plans are made
+    first = weakref.ref(x0), weakref.ref(dy0)
+    del x0, dy0
+    assert [ref() for ref in first] == [None, None], "a plan holds a call's tensor"
+    made = count_calls(monkeypatch, (plans, "_make_grads"), (dispatch.Chooser, "decide"))
+    y = layer(x)
+    with stubbed_launches(), torch_ops() as ops:
+        grads(x, y)
+    assert ops.ops <= {"aten::empty.memory_format", "aten::_to_copy", "aten::view"}, ops.ops
+    launches = count_launches(monkeypatch)
+    torch.manual_seed(2)
+    y = layer(x)
+    del launches[:]
+    got = grads(x, y)
+    assert made == {"_make_grads": 0, "decide": 0}, made
+    assert launches == (["_lora_dy_kernel"] + ["_lora_da_kernel"] * need[1]
+                        + ["_lora_linear_kernel"] * need[0]), launches
+    torch.manual_seed(2)
+    want = grads(x, functional.lora_linear(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B,
+                                        layer.scaling, dropout_p=dropout, training=True))
+    for name, a, b in zip(("y",) + tuple(n for n, k in zip(("dx", "dA", "dB"), need) if k),
+                          got, want):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("impl", ["cublas", "tma"])
+def test_a_planned_backward_keeps_the_chosen_dx_implementation(monkeypatch, impl, device):
+    """The dx pass runs what the chooser picks for the op's ``LORA_DX`` stage: a plan keeps
+    a non-default implementation as the ``dispatch.Impl`` to call, and its gradients equal
+    the custom op's bit for bit."""
+    from fastlora.choice import plans
+
+    monkeypatch.setenv("FASTLORA_IMPL", impl)
+    layer = make_layer(device)
+    layer.lora_dropout = 0.25
+    layer.train()
+    g = generator(10)
+    x = randn(6, 48, g=g, device=device, requires_grad=True)
+    dy = randn(6, 40, g=g, device=device)
+    for step in range(2):
+        torch.manual_seed(step)
+        got = _grads(layer, x, dy)
+        if step == 0:
+            made = count_calls(monkeypatch, (plans, "_make_grads"))
+    assert made == {"_make_grads": 0}, made
+    (plan,) = [kept.value for kept in layer._plans._plans.values()]
+    (kept,) = plan.backwards.values()
+    assert kept.dx is dispatch.IMPLS[impl]
+    torch.manual_seed(1)
+    want_y = functional.lora_linear(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B,
+                                    layer.scaling, dropout_p=0.25, training=True)
+    want = (want_y,) + torch.autograd.grad(want_y, (x, layer.lora_A, layer.lora_B), dy)
+    for name, a, b in zip(("y", "dx", "dA", "dB"), got, want):
+        assert torch.equal(a, b), name
 
 
 def test_a_frozen_adapter_gives_x_its_gradient(monkeypatch, device):

@@ -15,9 +15,12 @@ argument. All of that depends on
 A steady-state call is a key lookup, a stamp comparison, two allocations and the two
 launches (``kernels.common.Launch``, the arguments but the tensors fixed). A call autograd
 records (adapter or x trainable, the base frozen) runs the same launches inside a plain
-``torch.autograd.Function`` (``_Recorded``) whose backward is the op layer's
-(``fastlora.ops.library.lora_linear_bwd``): the custom op's Python autograd wrapper (pytree
-flattening of 11 arguments, ~150 Python calls) is skipped. A call no plan covers runs
+``torch.autograd.Function`` (``_Recorded``): the custom op's Python autograd wrapper (pytree
+flattening of 11 arguments, ~150 Python calls) is skipped. Its backward runs the op layer's
+backward (``fastlora.ops.library.lora_linear_bwd``: the same kernels, configs and arguments)
+as a plan too (``_Grads``), kept on the forward's plan per backward layout: dy's shape,
+strides, dtype and alignment, which gradients autograd needs, and the switches (the dropout
+seed is there when the plan's dropout is). A call no plan covers runs
 ``fastlora.lora_linear``: the PyTorch backend, autocast, a 4-bit weight, an empty x, a
 trainable base weight or bias, a ``torch.func`` transform, ``torch.compile`` (which traces
 the custom ops), a linear-stage choice not final yet (a CUDA graph being captured before
@@ -30,7 +33,8 @@ import os
 import torch
 
 from . import backend, dispatch
-from .. import functional
+from .. import functional, kernels
+from ..kernels.common import on_device
 from ..ops.cache import Cache, Stamped
 
 __all__ = ["LoraPlans", "MultiPlans", "lora_linear"]
@@ -50,9 +54,10 @@ _functorch_active = torch._C._are_functorch_transforms_active
 
 class _LoraPlan:
     """The launches of one ``lora_linear`` call layout. ``linear``: the fused kernel's
-    ``Launch``, or the chosen ``dispatch.Impl``."""
+    ``Launch``, or the chosen ``dispatch.Impl``; ``backwards``: the ``_Grads`` of the
+    recorded calls' backwards, by backward layout (``_Recorded.backward``)."""
     __slots__ = ("shrink", "linear", "t_shape", "y_shape", "out_shape", "device", "scale",
-                 "dropout_p")
+                 "dropout_p", "backwards")
 
     def __call__(self, x, weight, bias, lora_A, lora_B, seed, generator):
         """The call in eval (nothing for autograd): y ``[..., N]``."""
@@ -66,7 +71,7 @@ class _LoraPlan:
         x2 = x.reshape(self.y_shape[0], -1)
         seed_t = (functional._seed(seed, generator, self.device) if self.dropout_p > 0.0
                   else None)
-        return _Recorded.apply(x2, lora_A, lora_B, (self, weight, bias, seed_t)).view(
+        return _Recorded.apply(x2, lora_A, lora_B, (self, self, weight, bias, seed_t)).view(
             self.out_shape)
 
     def launch(self, x2, weight, bias, lora_A, lora_B, seed_t):
@@ -77,9 +82,7 @@ class _LoraPlan:
         t = torch.empty(self.t_shape, dtype=torch.float32, device=self.device)
         self.shrink(x_ptr=x2, a_ptr=lora_A, t_ptr=t, seed_ptr=seed_t)
         if isinstance(self.linear, dispatch.Impl):
-            from ..kernels import term
-
-            return self.linear.launch(x2, weight.t(), term(t, lora_B.t(), self.scale),
+            return self.linear.launch(x2, weight.t(), kernels.term(t, lora_B.t(), self.scale),
                                       bias), t
         y = torch.empty(self.y_shape, dtype=x2.dtype, device=self.device)
         self.linear(a_ptr=x2, b_ptr=weight.t(), l_ptr=t, lb_ptr=lora_B.t(), bias_ptr=bias,
@@ -88,30 +91,106 @@ class _LoraPlan:
 
 
 class _Recorded(torch.autograd.Function):
-    """A planned call autograd records: forward, the plan's two launches (``plan``: a
-    ``_LoraPlan``, or a ``_Maker`` that makes one); backward, the op layer's own backward
-    (``fastlora.ops.library.lora_linear_bwd``: dx, dA, dB from x, T and the dropout seed, saved as
-    the custom op saves them). The base is frozen (weight and bias need no gradient), so
-    they travel with the plan in ``rest`` = (plan, weight, bias, seed ``[1]`` or None):
-    each argument of ``apply`` costs Python calls."""
+    """A planned call autograd records: forward, the plan's two launches; backward, the
+    plan's ``_Grads`` for the backward's layout (made by its first backward): the op
+    layer's backward (``fastlora.ops.library.lora_linear_bwd``: dx, dA, dB from x, T and
+    the dropout seed, saved as the custom op saves them) as kept launches. The base is
+    frozen (weight and bias need no gradient), so they travel in ``rest`` = (the forward's
+    launcher: the ``_LoraPlan``, or a ``_Maker`` that makes it; the ``_LoraPlan``; weight;
+    bias; seed ``[1]`` or None): each argument of ``apply`` costs Python calls."""
 
     @staticmethod
     def forward(ctx, x2, lora_A, lora_B, rest):
-        plan, weight, bias, seed_t = rest
-        y, t = plan.launch(x2, weight, bias, lora_A, lora_B, seed_t)
+        launcher, plan, weight, bias, seed_t = rest
+        y, t = launcher.launch(x2, weight, bias, lora_A, lora_B, seed_t)
         ctx.save_for_backward(x2, lora_A, lora_B, t, seed_t, weight)
-        ctx.scale, ctx.dropout_p = plan.scale, plan.dropout_p
+        ctx.plan = plan
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        from ..ops.library import lora_linear_bwd
-
         x2, lora_A, lora_B, t, seed_t, weight = ctx.saved_tensors
-        need_x, need_a, need_b = ctx.needs_input_grad[:3]
-        dx, da, db = lora_linear_bwd(dy, x2, weight, lora_A, lora_B, t, ctx.scale,
-                                     ctx.dropout_p, seed_t, need_x, [], None, None)
-        return (dx if need_x else None), (da if need_a else None), (db if need_b else None), None
+        plan, need = ctx.plan, ctx.needs_input_grad[:3]
+        key = (dy.shape, dy.stride(), dy.dtype, dy.data_ptr() & 15, need,
+               tuple(map(_ENV.get, _ENV_KEYS)), _precision())
+        grads = plan.backwards.get(key)
+        if grads is None:
+            grads = _make_grads(dy, plan, key, x2, weight, lora_A, lora_B, t, seed_t, need)
+        return grads(dy, x2, weight, lora_A, lora_B, t, seed_t) + (None,)
+
+
+class _Grads:
+    """The launches of one backward of a ``_LoraPlan``'s layout: ``dy`` (dS and dB, always),
+    ``da`` (when dA is needed, else None), ``dx`` (when dx is needed: the fused kernel's
+    ``Launch`` or the chosen ``dispatch.Impl``, else None); ``need_b``: whether dB is."""
+    __slots__ = ("dy", "da", "dx", "need_b", "ds_shape", "db_shape", "da_shape", "dx_shape",
+                 "dx_dtype", "keep", "dropout_p", "device")
+
+    def __call__(self, dy, x2, weight, lora_A, lora_B, t, seed_t):
+        """(dx ``[M, K]``, dA ``[r, K]``, dB ``[N, r]``; None where not needed) in their inputs'
+        dtypes from dy ``[M, N]``, x2 ``[M, K]``, T ``[M, r]`` fp32 and the seed."""
+        if self.device.type == "cuda" and _cuda_device() != self.device.index:
+            with torch.cuda.device(self.device):
+                return self(dy, x2, weight, lora_A, lora_B, t, seed_t)
+        ds = torch.empty(self.ds_shape, dtype=torch.float32, device=self.device)
+        db = torch.empty(self.db_shape, dtype=torch.float32, device=self.device)
+        self.dy(dy_ptr=dy, b_ptr=lora_B, t_ptr=t, ds_ptr=ds, db_ptr=db)
+        dx = da = None
+        if self.da is not None:
+            da = torch.empty(self.da_shape, dtype=torch.float32, device=self.device)
+            self.da(ds_ptr=ds, x_ptr=x2, da_ptr=da, seed_ptr=seed_t)
+            da = da.to(lora_A.dtype)
+        if isinstance(self.dx, dispatch.Impl):
+            dx = self.dx.launch(dy, weight, kernels.term(ds, lora_A, self.keep, self.dropout_p,
+                                                         seed_t), None, self.dx_dtype)
+        elif self.dx is not None:
+            dx = torch.empty(self.dx_shape, dtype=self.dx_dtype, device=self.device)
+            self.dx(a_ptr=dy, b_ptr=weight, l_ptr=ds, lb_ptr=lora_A, seed_ptr=seed_t,
+                    out_ptr=dx)
+        return dx, da, (db.to(lora_B.dtype) if self.need_b else None)
+
+
+@on_device
+def _make_grads(dy, plan: _LoraPlan, key: tuple, x2, weight, lora_A, lora_B, t, seed_t,
+                need: tuple[bool, bool, bool]) -> _Grads:
+    """A backward layout's first call: the ``_Grads`` of ``lora_linear_bwd``'s launches for
+    it (dx's implementation from ``dispatch.CHOOSER``, as the op's ``dispatch.linear``
+    chooses it), kept in ``plan.backwards[key]`` when that choice is final. ``need``: (dx,
+    dA, dB) needed."""
+    from ..kernels.backward import da_launch, dy_launch
+    from ..kernels.linear import linear_launch
+
+    (m, n), (k, r) = dy.shape, (x2.shape[1], lora_B.shape[1])
+    grads = _Grads()
+    grads.need_b, grads.device, grads.dx_dtype = need[2], plan.device, x2.dtype
+    grads.ds_shape, grads.db_shape, grads.da_shape, grads.dx_shape = (m, r), (n, r), (r, k), (m, k)
+    grads.keep, grads.dropout_p = 1.0 / (1.0 - plan.dropout_p), plan.dropout_p
+    # the launches are made on this call's layouts (fresh outputs; a kept launch holds no
+    # tensor) and run by grads itself, so the chooser's first call of a key times dx's
+    # candidates on ds not computed yet (a timing reads no values)
+    ds = torch.empty(grads.ds_shape, dtype=torch.float32, device=plan.device)
+    db = torch.empty(grads.db_shape, dtype=torch.float32, device=plan.device)
+    grads.dy = dy_launch(dy, lora_B, t, ds, db, plan.scale).without(
+        "dy_ptr", "b_ptr", "t_ptr", "ds_ptr", "db_ptr")
+    grads.da = grads.dx = None
+    if need[1]:
+        da = torch.empty(grads.da_shape, dtype=torch.float32, device=plan.device)
+        grads.da = da_launch(ds, x2, da, lora_A.dtype, plan.dropout_p, seed_t).without(
+            "ds_ptr", "x_ptr", "da_ptr", "seed_ptr")
+    final = True
+    if need[0]:
+        low = kernels.term(ds, lora_A, grads.keep, plan.dropout_p, seed_t)
+        impl, final = dispatch.CHOOSER.decide(
+            dispatch.LinearArgs(dy, weight, low, out_dtype=x2.dtype), dispatch.LORA_DX)
+        if impl.name != dispatch.DEFAULT:
+            grads.dx = impl
+        else:
+            dx = torch.empty(grads.dx_shape, dtype=x2.dtype, device=plan.device)
+            grads.dx = linear_launch(dy, weight, low, None, dx).without(
+                "a_ptr", "b_ptr", "l_ptr", "lb_ptr", "seed_ptr", "out_ptr")
+    if final:
+        plan.backwards[key] = grads
+    return grads
 
 
 class _Maker:
@@ -121,11 +200,8 @@ class _Maker:
 
     def __init__(self, plan: _LoraPlan):
         self.plan, self.final = plan, False
-        self.scale, self.dropout_p = plan.scale, plan.dropout_p
 
     def launch(self, x2, weight, bias, lora_A, lora_B, seed_t):
-        from ..kernels import term
-        from ..kernels.common import on_device
         from ..kernels.linear import linear_launch
         from ..kernels.shrink import shrink_launch
 
@@ -137,7 +213,7 @@ class _Maker:
             shrink = shrink_launch(x2, lora_A, t, plan.dropout_p, seed_t)
             shrink()
             plan.shrink = shrink.without("x_ptr", "a_ptr", "t_ptr", "seed_ptr")
-            low = term(t, lora_B.t(), plan.scale)
+            low = kernels.term(t, lora_B.t(), plan.scale)
             impl, self.final = dispatch.CHOOSER.decide(
                 dispatch.LinearArgs(x2, weight.t(), low, bias), dispatch.FORWARD)
             if impl.name != dispatch.DEFAULT:
@@ -167,14 +243,14 @@ def _make(x, weight, bias, lora_A, lora_B, scaling, p, training, seed, generator
     plan = _LoraPlan()
     plan.dropout_p = p if training else 0.0
     plan.scale = float(scaling)
-    plan.device = x.device
+    plan.device, plan.backwards = x.device, {}
     plan.t_shape, plan.y_shape = (m, a.shape[0]), (m, w.shape[0])
     plan.out_shape = (*x.shape[:-1], w.shape[0])
     maker = _Maker(plan)
     x2 = x.reshape(m, x.shape[-1])
     seed_t = functional._seed(seed, generator, x.device) if plan.dropout_p > 0.0 else None
     if record:
-        y = _Recorded.apply(x2, lora_A, lora_B, (maker, weight, bias, seed_t))
+        y = _Recorded.apply(x2, lora_A, lora_B, (maker, plan, weight, bias, seed_t))
     else:
         y = maker.launch(x2, weight, bias, lora_A, lora_B, seed_t)[0]
     return (plan if maker.final else None), y.view(plan.out_shape)
@@ -284,7 +360,6 @@ def _make_multi(x, weight, bias, layer, routing):
     if (not isinstance(routing, Routing) or not 0 < m or not gathers(m)
             or backend.choose(x, weight, bank.A, bank.B) != "triton"):
         return None, result
-    from ..kernels.common import on_device
     from ..kernels.descriptors import bank_term, dora_bank
     from ..kernels.linear import multi_linear_launch
     from ..kernels.shrink import gather_splits, multi_shrink_launch
