@@ -51,7 +51,7 @@ def _gathered_shrink(x_ptr, a_ptr, rows, row_in, row_off, ranks, rank_in, stride
 
 
 @triton.jit
-def _lora_shrink_kernel(x, a, t, seed, M, K, R, M_BUCKET, dropout_p, keep_scale,
+def _lora_shrink_kernel(x, a, t, M_BUCKET, M, K, R, seed, dropout_p, keep_scale,
                         DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, stride_ts=0, k_chunk=0,
                         segs=None, gathered=None, p=None, MULTI: tl.constexpr = False,
