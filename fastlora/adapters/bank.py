@@ -28,6 +28,7 @@ it once one of them was unloaded or replaced. An index on an empty slot is an er
 from __future__ import annotations
 
 import os
+from collections import namedtuple
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -42,7 +43,12 @@ from ..nn.layers import BNB_4BIT, CONV1D, LINEAR, linear_kind
 from ..choice.plans import MultiPlans
 from .routing import BASE, Routing, Slots
 
-__all__ = ["AdapterBank", "LayerBank", "Prepared"]
+__all__ = ["AdapterBank", "LayerBank", "LayerLayout", "Prepared"]
+
+_STORAGE = ("A", "B", "offsets", "ranks", "scales", "magnitude", "weight_norm", "is_dora")
+# what a CUDA graph over a layer bakes in (``LayerBank.layout``): the kernels' rank bound,
+# then per storage tensor its (address, dtype, shape), None while not allocated
+LayerLayout = namedtuple("LayerLayout", ("rank_bound", *_STORAGE))
 
 
 @dataclass(frozen=True)
@@ -314,17 +320,16 @@ class LayerBank:
 
     def tensors(self) -> tuple[torch.Tensor | None, ...]:
         """Every tensor of the layer's storage (the DoRA ones None until allocated)."""
-        return (self.A, self.B, self.offsets, self.ranks, self.scales, self.magnitude,
-                self.weight_norm, self.is_dora)
+        return tuple(getattr(self, name) for name in _STORAGE)
 
-    def layout(self) -> tuple:
+    def layout(self) -> LayerLayout:
         """What a forward over this layer captured in a CUDA graph bakes in: the kernels'
         rank bound, then the address, dtype and shape of each of ``tensors()`` (None: not
         allocated). Writes in place keep it; ``grow``, a repack and the first DoRA adapter
         (without ``dora``) change it."""
-        return (self.max_rank or max(self._rank + [1]),
-                *(None if t is None else (t.data_ptr(), t.dtype, tuple(t.shape))
-                  for t in self.tensors()))
+        return LayerLayout(self.max_rank or max(self._rank + [1]),
+                           *(None if t is None else (t.data_ptr(), t.dtype, tuple(t.shape))
+                             for t in self.tensors()))
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors() if t is not None)

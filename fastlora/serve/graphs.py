@@ -229,9 +229,6 @@ class GraphDecoder:
         self._routings.clear()
 
 
-_MAGNITUDE = 6  # in LayerBank.layout(): the rank bound, then A, B, offsets, ranks, scales
-
-
 def _why(old: tuple, new: tuple) -> str:
     """What changed between two keys of ``GraphDecoder._current_key``."""
     (old_layout, _), (new_layout, _) = old, new
@@ -244,7 +241,7 @@ def _why(old: tuple, new: tuple) -> str:
     before, after = dict(old_layers), dict(new_layers)
     if before.keys() != after.keys():
         return "the layers some adapter covers changed"
-    if any(before[name][_MAGNITUDE] is None and layer[_MAGNITUDE] is not None
+    if any(before[name].magnitude is None and layer.magnitude is not None
            for name, layer in after.items()):
         return ("a DoRA adapter allocated the bank's DoRA buffers (AdapterPool(dora=True) "
                 "allocates them up front)")
